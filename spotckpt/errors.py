@@ -1,0 +1,101 @@
+"""The exception tree of spotckpt.
+
+Every error spotckpt raises derives from :class:`SpotCkptError`, and its message says what to do::
+
+    SpotCkptError
+    ├── ConfigError (also ValueError)         a bad argument, flag, URI or environment variable
+    ├── StateError (also TypeError)           a value in ``state`` that cannot be checkpointed
+    │                                         (``.key_path`` names it)
+    ├── CheckpointCorruptError                a checkpoint that does not verify (``.path``)
+    │   └── PickleRefusedError                a checkpoint that would need unpickling
+    ├── NoCheckpointError                     restore asked for a step that does not exist
+    ├── SaveError                             a save that could not complete (``.step``);
+    │                                         earlier checkpoints are untouched
+    └── StorageError                          S3 or the local disk failed (``.key``)
+        ├── UploadError                       an object could not be uploaded (``.key``)
+        └── DownloadError                     an object could not be downloaded (``.key``)
+
+Errors raised by background threads (persist, uploader) are kept and raised again, chained, on the
+next ``save()`` / ``wait()`` of the manager.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "SpotCkptError",
+    "ConfigError",
+    "StateError",
+    "CheckpointCorruptError",
+    "PickleRefusedError",
+    "NoCheckpointError",
+    "SaveError",
+    "StorageError",
+    "UploadError",
+    "DownloadError",
+]
+
+
+class SpotCkptError(Exception):
+    """Root of every error spotckpt raises."""
+
+
+class ConfigError(SpotCkptError, ValueError):
+    """A bad argument, command-line flag, URI or ``SPOTCKPT_*`` environment variable."""
+
+
+class StateError(SpotCkptError, TypeError):
+    """A value in the checkpointed ``state`` that spotckpt cannot store.
+
+    ``key_path`` is the path of the value inside ``state``, e.g. ``"optim/state/0/step"``.
+    """
+
+    def __init__(self, message: str, *, key_path: str = "") -> None:
+        super().__init__(message)
+        self.key_path = key_path
+
+
+class CheckpointCorruptError(SpotCkptError):
+    """A checkpoint file or step that does not verify; ``path`` names it (a file, a step
+    directory or an S3 key)."""
+
+    def __init__(self, message: str, *, path: str | Path = "") -> None:
+        super().__init__(message)
+        self.path = str(path)
+
+
+class PickleRefusedError(CheckpointCorruptError):
+    """Loading would unpickle data, and the caller did not opt in with ``allow_pickle=True``."""
+
+
+class NoCheckpointError(SpotCkptError):
+    """A specific step was asked for and no valid checkpoint of it exists."""
+
+    def __init__(self, message: str, *, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class SaveError(SpotCkptError):
+    """A save failed; ``step`` is the step that was being saved. Earlier checkpoints are intact."""
+
+    def __init__(self, message: str, *, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class StorageError(SpotCkptError):
+    """The storage (S3 or the local disk) failed; ``key`` names the object or path."""
+
+    def __init__(self, message: str, *, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class UploadError(StorageError):
+    """An object could not be uploaded to S3."""
+
+
+class DownloadError(StorageError):
+    """An object could not be downloaded from S3."""
