@@ -62,21 +62,24 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
-# Transfer settings, chosen by measurement (benchmarks/bench_s3.py) and for real S3:
-# - 32 MiB parts: real S3 serves ~50-100 MB/s per connection, so throughput comes from many
-#   parts in flight; a 1 GiB file still splits into 32 parts (enough to keep 16 connections busy),
-#   a 100 GiB file into 3,200 (well under S3's 10,000-part limit), and each retried part resends
-#   at most 32 MiB. boto3's 8 MiB default quadruples the requests (per-request cost: TLS, signing,
-#   a part CRC, a server round trip) for no extra parallelism.
-# - 16 concurrent requests: AWS's guidance for single-client throughput is roughly one connection
-#   per 85-90 MB/s up to the NIC; 16 saturates ~10 Gb/s. Memory cost: s3transfer holds at most
-#   ``max_io_queue`` download chunks and reads upload parts from the file (no full copies), so the
-#   bound is ~concurrency x part size = 512 MiB of buffers in the worst case, usually far less.
-# - the same part size for ranged GETs (``multipart_chunksize`` drives both directions).
-PART_SIZE_BYTES = 32 * MiB
+# Transfer settings, chosen for real S3 and checked by measurement (benchmarks/bench_s3.py):
+# - 16 MiB parts / ranges: AWS's guidance for byte-range GETs is 8-16 MB; real S3 serves roughly
+#   50-100 MB/s per connection, so throughput comes from many parts in flight: a 1 GiB file is
+#   64 parts (enough to keep 16 connections busy to the end), a 100 GiB file 6,400 (under S3's
+#   10,000-part limit; s3transfer enlarges parts beyond that), and a retried part resends at most
+#   16 MiB. boto3's 8 MiB default doubles the requests (signing, a part checksum, a round trip
+#   and S3's per-prefix request-rate budget each) for no extra parallelism.
+# - 16 concurrent requests: about one connection per 85-90 MB/s of NIC, so 16 fills ~10 Gb/s;
+#   boto3's default is 10. Memory cost: upload parts are read from the file as they are sent
+#   (no copies held); downloads buffer at most ``max_io_queue`` chunks, so the worst case is about
+#   concurrency x part size = 256 MiB, usually far less.
+# - Measured against moto (a Python server): larger ranges help downloads a lot there because
+#   moto reads the whole object for every ranged GET -- a quirk we do NOT tune for (we stop at
+#   16 MiB); uploads there are bound by the server's per-byte work, so part size matters little.
+PART_SIZE_BYTES = 16 * MiB
 MAX_CONCURRENCY = 16
 #: Objects up to this size go up in one PUT (one request, no multipart bookkeeping).
-MULTIPART_THRESHOLD_BYTES = 32 * MiB
+MULTIPART_THRESHOLD_BYTES = 16 * MiB
 
 _URI_RE = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?$")
 _RETRYABLE_CODES = {
