@@ -664,6 +664,51 @@ class S3Store:
         log.info("step %s downloaded from %s (%d bytes, verified)", step, self.uri, manifest.total_bytes)
         return manifest
 
+    def verify_step(self, step: int, manifest: Manifest | None = None) -> list[str]:
+        """Check every object of a committed step without keeping it: sizes by HEAD, and the
+        CRC32C by the full-object checksum S3 stored at upload when there is one, else by
+        streaming the object through CRC32C. Returns the problems found (empty: valid)."""
+        if manifest is None:
+            manifest = self.read_manifest(step)
+        problems: list[str] = []
+        for rel, ent in sorted(manifest.files.items()):
+            key = self.step_key(step, rel)
+
+            def head(key: str = key) -> dict[str, Any] | None:
+                try:
+                    return self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+                except bce.ClientError as exc:
+                    code, status = _error_code(exc)
+                    if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                        return None
+                    raise
+
+            h = self._retry(head, key, DownloadError)
+            if h is None:
+                problems.append(f"{rel}: missing")
+                continue
+            if int(h["ContentLength"]) != ent.size:
+                problems.append(f"{rel}: {h['ContentLength']} bytes, manifest says {ent.size}")
+                continue
+            stored = h.get("ChecksumCRC32C") if h.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT" else None
+            if stored is not None and "-" not in stored:
+                if stored != ent.crc32c:
+                    problems.append(f"{rel}: CRC32C {stored} in S3, manifest says {ent.crc32c}")
+                continue
+
+            def stream(key: str = key) -> tuple[int, int]:
+                body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"]
+                crc = n = 0
+                for chunk in body.iter_chunks(8 * MiB):
+                    crc = crc32c_update(crc, chunk)
+                    n += len(chunk)
+                return n, crc
+
+            n, crc = self._retry(stream, key, DownloadError)
+            if n != ent.size or crc32c_b64(crc) != ent.crc32c:
+                problems.append(f"{rel}: read {n} bytes with CRC32C {crc32c_b64(crc)}, manifest says {ent.size} / {ent.crc32c}")
+        return problems
+
     def _head(self, key: str) -> int | None:
         try:
             return int(self._client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])

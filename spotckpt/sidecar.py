@@ -15,6 +15,7 @@ restored on return.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -27,16 +28,18 @@ from typing import Any
 
 from .errors import ConfigError, SpotCkptError
 
-__all__ = ["run_sync", "run_command", "DEFAULT_LOCAL_DIR"]
+__all__ = ["run_sync", "run_command", "add_commands"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOCAL_DIR = "/opt/ml/checkpoints"
 _FORWARDED = (signal.SIGTERM, signal.SIGINT)
 
 
 def _default_local_dir(local_dir: str | Path | None) -> Path:
-    return Path(local_dir or os.environ.get("SPOTCKPT_LOCAL_DIR") or DEFAULT_LOCAL_DIR)
+    """The argument, else $SPOTCKPT_LOCAL_DIR, else SageMaker's LocalPath, else the default."""
+    from .config import resolve_local_dir
+
+    return resolve_local_dir(local_dir)
 
 
 def _make_uploader(local_dir: Path, s3_uri: str, keep_last: int | None) -> Any:
@@ -49,7 +52,7 @@ def _make_uploader(local_dir: Path, s3_uri: str, keep_last: int | None) -> Any:
 
 
 def run_sync(
-    local_dir: str | Path,
+    local_dir: str | Path | None,
     s3_uri: str,
     *,
     keep_last: int | None = None,
@@ -59,7 +62,7 @@ def run_sync(
     """Upload committed steps of ``local_dir`` to ``s3_uri`` until SIGTERM/SIGINT, then flush
     (for at most ``grace_seconds``) and return 0 (1 if the final flush did not complete).
     ``once``: one reconcile pass, then return."""
-    uploader = _make_uploader(Path(local_dir), s3_uri, keep_last)
+    uploader = _make_uploader(_default_local_dir(local_dir), s3_uri, keep_last)
     if once:
         uploader.sync_once()
         uploader.store.close()
@@ -73,6 +76,7 @@ def run_sync(
 
     previous = {s: signal.signal(s, on_signal) for s in _FORWARDED}
     uploader.start()
+    log.info("spotckpt sync: watching %s -> %s", uploader.local_dir, s3_uri)
     try:
         while not stop.wait(1.0):
             pass
@@ -191,3 +195,57 @@ def run_command(
         if uploader is not None:
             uploader.close(timeout=10)
             uploader.store.close()
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``sync`` and ``run`` to the ``spotckpt`` command line (called by :mod:`spotckpt.cli`)."""
+    s = sub.add_parser(
+        "sync",
+        help="standalone uploader: sync committed steps of --local to --s3; flushes on SIGTERM",
+    )
+    s.add_argument("--local", default=None, help="checkpoint directory (default: $SPOTCKPT_LOCAL_DIR, "
+                   "SageMaker's LocalPath, /opt/ml/checkpoints)")
+    s.add_argument("--s3", default=None, help="s3://bucket/prefix (default: $SPOTCKPT_S3_URI)")
+    s.add_argument("--keep-last", type=int, default=None, help="keep only the newest N steps in S3")
+    s.add_argument("--once", action="store_true", help="one pass, then exit")
+    s.set_defaults(func=_cmd_sync)
+
+    r = sub.add_parser(
+        "run",
+        help="container entrypoint: run CMD in its own process group, forward SIGTERM/SIGINT, "
+        "upload its checkpoints as a sidecar, exit with CMD's code",
+    )
+    r.add_argument("--s3", default=None, help="s3://bucket/prefix (default: $SPOTCKPT_S3_URI; none: no upload)")
+    r.add_argument("--local", default=None, help="checkpoint directory (as for sync)")
+    r.add_argument("--keep-last", type=int, default=None)
+    r.add_argument("--grace-seconds", type=float, default=120.0,
+                   help="after SIGTERM, time until the final upload must be done (SageMaker: 120)")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    r.set_defaults(func=_cmd_run)
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from .config import resolve_s3_uri
+
+    uri = resolve_s3_uri(args.s3)
+    if uri is None:
+        raise ConfigError("spotckpt sync needs --s3 s3://bucket/prefix or SPOTCKPT_S3_URI")
+    return run_sync(_default_local_dir(args.local), uri, keep_last=args.keep_last, once=args.once)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import resolve_s3_uri
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    return run_command(
+        cmd,
+        s3_uri=resolve_s3_uri(args.s3),
+        local_dir=args.local,
+        keep_last=args.keep_last,
+        grace_seconds=args.grace_seconds,
+    )

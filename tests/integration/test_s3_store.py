@@ -59,6 +59,7 @@ def test_roundtrip_multipart_and_full_object_checksum(bucket: str, tmp_path: Pat
     assert store.upload_step(7, tmp_path / "local" / step_dirname(7)) is True
     assert store.list_steps() == [7]
     assert store.read_manifest(7) == man
+    assert store.verify_step(7) == []  # via the stored full-object checksum (multipart file)
     # multipart object carries the manifest's CRC32C as a full-object checksum
     head = store.client.head_object(Bucket=bucket, Key="run1/step-000000000007/rank-00000.safetensors", ChecksumMode="ENABLED")
     assert head["ChecksumCRC32C"] == man.files["rank-00000.safetensors"].crc32c
@@ -127,11 +128,14 @@ def test_download_detects_corrupt_and_truncated_objects(bucket: str, tmp_path: P
     key = "p/step-000000000005/rank-00000.safetensors"
     data = bytearray(store.client.get_object(Bucket=bucket, Key=key)["Body"].read())
     data[1000] ^= 0xFF  # same size, one flipped byte
+    assert store.verify_step(5) == []
     store.client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    assert "CRC32C" in store.verify_step(5)[0]
     with pytest.raises(CheckpointCorruptError, match="CRC32C") as ei:
         store.download_step(5, tmp_path / "r1")
     assert key in ei.value.path
     store.client.put_object(Bucket=bucket, Key=key, Body=bytes(data[:-10]))
+    assert "bytes, manifest says" in store.verify_step(5)[0]
     with pytest.raises(CheckpointCorruptError, match="truncated"):
         store.download_step(5, tmp_path / "r2")
     store.client.put_object(Bucket=bucket, Key="p/step-000000000005/manifest.json", Body=b"{not json")

@@ -93,17 +93,22 @@ def test_sync_flushes_on_sigterm_and_exits_0(bucket: str, tmp_path: Path) -> Non
     local, ready = tmp_path / "ckpt", tmp_path / "ready"
     (tmp_path / "trainer.py").write_text(TRAINER)
     sync = (
-        "import sys\nfrom spotckpt.sidecar import run_sync\n"
+        "import logging, sys\nlogging.basicConfig(level=logging.INFO)\nfrom spotckpt.sidecar import run_sync\n"
         f"sys.exit(run_sync({str(local)!r}, 's3://{bucket}/sync', keep_last=1))\n"
     )
     trainer = subprocess.Popen([sys.executable, str(tmp_path / "trainer.py"), str(local), str(ready), "7"], env=_env())
-    sidecar = subprocess.Popen([sys.executable, "-c", sync], env=_env())
+    sidecar = subprocess.Popen([sys.executable, "-c", sync], env=_env(), stderr=subprocess.PIPE, text=True)
     try:
+        assert sidecar.stderr is not None
+        for line in sidecar.stderr:  # its signal handlers are installed once it says so
+            if "spotckpt sync: watching" in line:
+                break
         _wait_file(ready, trainer)
         trainer.send_signal(signal.SIGTERM)
         assert trainer.wait(timeout=120) == 0
         sidecar.send_signal(signal.SIGTERM)  # right after the commit: the flush must pick it up
-        assert sidecar.wait(timeout=180) == 0
+        _, err = sidecar.communicate(timeout=180)
+        assert sidecar.returncode == 0, err
     finally:
         for p in (trainer, sidecar):
             if p.poll() is None:
@@ -118,3 +123,24 @@ def test_run_exit_codes_and_missing_command(tmp_path: Path) -> None:
         run_command([str(tmp_path / "no-such-program")])
     with pytest.raises(ConfigError):
         run_command([])
+
+
+def test_cli_sync_once_and_run(bucket: str, tmp_path: Path) -> None:
+    from spotckpt.format import step_dirname
+
+    local, ready = tmp_path / "ckpt", tmp_path / "ready"
+    (tmp_path / "trainer.py").write_text(TRAINER)
+    trainer = subprocess.Popen([sys.executable, str(tmp_path / "trainer.py"), str(local), str(ready), "5"], env=_env())
+    _wait_file(ready, trainer)
+    trainer.send_signal(signal.SIGTERM)
+    assert trainer.wait(timeout=120) == 0
+    assert (local / step_dirname(5)).is_dir()
+    cli = [sys.executable, "-m", "spotckpt.cli"]
+    res = subprocess.run([*cli, "sync", "--once", "--local", str(local), "--s3", f"s3://{bucket}/cli"], env=_env(), timeout=180)
+    assert res.returncode == 0
+    assert S3Store(f"s3://{bucket}/cli").list_steps() == [5]
+    res = subprocess.run([*cli, "run", "--", "/bin/sh", "-c", "exit 4"], env=_env(), timeout=180)
+    assert res.returncode == 4
+    res = subprocess.run([*cli, "sync", "--once", "--local", str(local), "--s3", "s3:/broken"], env=_env(), timeout=180,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "s3://bucket/prefix" in res.stderr
