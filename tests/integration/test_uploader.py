@@ -141,3 +141,24 @@ def test_background_error_surfaces(bucket: str, tmp_path: Path) -> None:
             up.raise_if_failed()
     finally:
         up.close(timeout=30)
+
+
+def test_manager_uploads_and_restores_on_an_empty_machine(bucket: str, tmp_path: Path) -> None:
+    """End to end through the public API: save -> wait (in S3) -> fresh local dir -> restore."""
+    from spotckpt.manager import CheckpointManager
+
+    model = torch.nn.Linear(64, 32)
+    uri = f"s3://{bucket}/e2e"
+    with CheckpointManager(local_dir=tmp_path / "a", s3_uri=uri, keep_last=2, async_save=True) as mgr:
+        for step in (1, 2, 3):
+            with torch.no_grad():
+                model.weight.add_(1.0)
+            mgr.save(step, {"model": model, "epoch": step})
+            assert mgr.wait()
+    assert S3Store(uri).list_steps() == [2, 3]
+    fresh = torch.nn.Linear(64, 32)
+    state = {"model": fresh, "epoch": 0}
+    with CheckpointManager(local_dir=tmp_path / "b", s3_uri=uri, keep_last=2) as mgr2:
+        assert mgr2.restore(state) == 3
+    assert state["epoch"] == 3
+    assert torch.equal(fresh.weight, model.weight)
