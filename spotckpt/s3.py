@@ -426,7 +426,7 @@ class S3Store:
                 for job, fut in futures:
                     try:
                         fut.result()
-                    except BaseException as exc:  # noqa: BLE001 - sorted below
+                    except Exception as exc:  # noqa: BLE001 - sorted below
                         if fatal is None and _is_retryable(exc) and attempt < self._attempts:
                             retry.append((job, exc))
                         elif fatal is None:

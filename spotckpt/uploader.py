@@ -31,7 +31,7 @@ from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
-from .errors import SpotCkptError, StorageError
+from .errors import CheckpointCorruptError, SpotCkptError, StorageError
 from .format import MANIFEST_NAME, Manifest, parse_step_dirname, step_dirname
 from .s3 import LocalStepVanishedError, S3Store
 
@@ -103,6 +103,7 @@ class Uploader:
         self._stop = threading.Event()
         self._remote: set[int] = set()  # committed in S3, as of the last listing + our uploads
         self._skipped: set[int] = set()  # superseded locally: retention would delete them anyway
+        self._bad: dict[int, SpotCkptError] = {}  # local steps that do not verify: never uploaded
         self._passes = 0  # completed reconcile passes
         self._error: SpotCkptError | None = None
         self._thread: threading.Thread | None = None
@@ -182,6 +183,8 @@ class Uploader:
             while True:
                 if step in self._remote or step in self._skipped:
                     return True
+                if step in self._bad:
+                    raise copy.copy(self._bad[step]) from self._bad[step]
                 if self._passes > start_pass:
                     if self._error is not None:
                         self.raise_if_failed()
@@ -263,7 +266,7 @@ class Uploader:
             local = _local_steps(self.local_dir)
             remote = set(self.store.list_steps())
             keep = self._retained(set(local) | remote)
-            missing = [s for s in reversed(local) if s not in remote and s in keep]
+            missing = [s for s in reversed(local) if s not in remote and s in keep and s not in self._bad]
             with self._cond:
                 self._remote = remote
                 self._skipped.update(s for s in local if s not in keep and s not in remote)
@@ -288,10 +291,17 @@ class Uploader:
             log.info("local step %s was removed during its upload (local retention); dropping it", step)
             self._drop_orphan(step)
             return
-        except SpotCkptError:
+        except SpotCkptError as exc:
             if not src.exists():
                 log.info("local step %s was removed during its upload; dropping it", step)
                 self._drop_orphan(step)
+                return
+            if isinstance(exc, CheckpointCorruptError):
+                # A damaged local step must not block the others (nor ever reach S3).
+                log.error("local step %s does not verify and is not uploaded: %s", step, exc)
+                with self._cond:
+                    self._bad[step] = exc
+                    self._cond.notify_all()
                 return
             raise
         with self._cond:

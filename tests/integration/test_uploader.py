@@ -162,3 +162,23 @@ def test_manager_uploads_and_restores_on_an_empty_machine(bucket: str, tmp_path:
         assert mgr2.restore(state) == 3
     assert state["epoch"] == 3
     assert torch.equal(fresh.weight, model.weight)
+
+
+def test_damaged_local_step_is_not_uploaded_and_does_not_block_others(bucket: str, tmp_path: Path) -> None:
+    from spotckpt.errors import CheckpointCorruptError
+
+    local = tmp_path / "ckpt"
+    make_step(local, 1)
+    make_step(local, 2)
+    with open(local / step_dirname(2) / "rank-00000.safetensors", "ab") as f:
+        f.write(b"junk")  # size no longer matches the manifest
+    store = S3Store(f"s3://{bucket}/run")
+    up = Uploader(local, store)
+    up.sync_once()
+    assert store.list_steps() == [1]
+    up.start()
+    try:
+        with pytest.raises(CheckpointCorruptError):
+            up.wait_for(2, timeout=30)
+    finally:
+        up.close(timeout=30)
