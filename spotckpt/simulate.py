@@ -458,8 +458,9 @@ class _Simulation:
     # -- summary ---------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         end = max([i.ended or time.time() for i in self.instances] + [time.time()])
-        training = end - self.job_start
-        billable = sum((i.ended or end) - i.started for i in self.instances)
+        # Rounded first, so the savings follow from the two reported figures exactly.
+        training = round(end - self.job_start, 3)
+        billable = round(sum((i.ended or end) - i.started for i in self.instances), 3)
         savings = (1.0 - billable / training) * 100.0 if training > 0 else 0.0
         interruptions = []
         for k, inst in enumerate(self.instances):
