@@ -68,7 +68,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, TextIO
@@ -628,6 +628,10 @@ def simulate(
     sim = _Simulation(cmd, interruptions=interruptions, every=interrupt_every_seconds, seed=seed,
                       grace=grace_seconds, max_wait=max_wait_seconds, json_output=json_output,
                       s3_uri=s3_uri, restart_delay=restart_delay_seconds, stream=stream)
+    # If the simulator itself is terminated, unwind so the trainer's group and the S3 server go too.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_system_exit)
     try:
         rc = sim.run()
         summary = sim.summary()
@@ -640,6 +644,12 @@ def simulate(
         return rc
     finally:
         sim.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_system_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -50,7 +50,7 @@ def test_trainer_ignoring_sigterm_is_killed_and_lost_work_reported(trainer: Path
 
 def test_trainer_ignoring_sigterm_human_summary(trainer: Path) -> None:
     out = io.StringIO()
-    rc = simulate([sys.executable, str(trainer), "300", "0.02", "100000", "ignore"], interruptions=1,
+    rc = simulate([sys.executable, str(trainer), "200", "0.02", "100000", "ignore"], interruptions=1,
                   grace_seconds=0.5, restart_delay_seconds=0.0, stream=out)
     text = out.getvalue()
     assert rc == 0
@@ -72,3 +72,32 @@ def test_max_wait_exceeded(trainer: Path) -> None:
     assert "Completed" not in statuses
     assert doc["outcome"] == "MaxWaitTimeExceeded"
     assert _children_gone(before)
+
+
+def test_simulator_terminated_takes_the_trainer_with_it(trainer: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    sim = subprocess.Popen([sys.executable, "-m", "spotckpt.simulate", "--interruptions", "0", "--",
+                            sys.executable, str(trainer), "100000", "0.02", "1000", "honour"],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        trainers: list[psutil.Process] = []
+        while not trainers and time.monotonic() < deadline:
+            trainers = [p for p in psutil.Process(sim.pid).children(recursive=True)
+                        if str(trainer) in " ".join(p.cmdline())]
+            time.sleep(0.1)
+        assert trainers, "the trainer never started"
+        sim.send_signal(signal.SIGTERM)
+        assert sim.wait(timeout=120) == 128 + signal.SIGTERM
+        gone, alive = psutil.wait_procs(trainers, timeout=30)
+        assert not alive
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+            sim.wait()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from spotckpt.errors import ConfigError
-from spotckpt.simulate import EXIT_MAX_WAIT, add_arguments, main_from_args, simulate
+from spotckpt.simulate import add_arguments, main_from_args, simulate
 
 # A stand-in for a spotckpt trainer: keeps its step in S3 (so a fresh local dir still resumes),
 # prints the restore metric line, writes the progress file the way the manager does, and on
