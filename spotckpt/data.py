@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -298,6 +299,26 @@ def _seed_all(s: int) -> None:
     torch.random.default_generator.manual_seed(s)
 
 
+class _WorkerInit:
+    """``worker_init_fn`` for our workers: ignore SIGTERM, then call the user's function.
+
+    A preemption SIGTERMs the trainer's whole process group (``spotckpt run``/``simulate`` forward
+    it there; an instance shutdown signals every process). A DataLoader worker dying of it makes
+    the main process raise "DataLoader worker ... is killed by signal: Terminated" in the middle
+    of saving the final checkpoint. Workers need no handling of their own: they exit when the
+    iterator shuts them down, or notice their parent is gone, or die with the group's SIGKILL.
+    Picklable (a module-level class), so it works with the ``spawn`` start method too.
+    """
+
+    def __init__(self, user_fn: Any = None) -> None:
+        self.user_fn = user_fn
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.user_fn is not None:
+            self.user_fn(worker_id)
+
+
 _RESERVED = ("sampler", "batch_sampler", "shuffle", "generator")
 
 
@@ -322,7 +343,9 @@ class ResumableDataLoader:
 
     Other keyword arguments go to ``DataLoader`` (``collate_fn``, ``pin_memory``, ``drop_last``,
     ``persistent_workers``, ``worker_init_fn``, ...); ``sampler``, ``batch_sampler``, ``shuffle``
-    and ``generator`` are set by this class. Called from the training loop's thread only.
+    and ``generator`` are set by this class. Worker processes ignore SIGTERM (see
+    :class:`_WorkerInit`), so a preemption signal sent to the whole process group reaches the
+    training loop without killing the loader under it. Called from the training loop's thread only.
     """
 
     def __init__(
@@ -354,6 +377,7 @@ class ResumableDataLoader:
         self._epoch = 0
         self._position = 0  # samples received by the training loop in self._epoch
         self._generation = 0  # only the newest iterator updates the position
+        kw["worker_init_fn"] = _WorkerInit(kw.get("worker_init_fn"))
         self._loader = DataLoader(
             _SeededDataset(dataset, self.seed),
             batch_size=batch_size,

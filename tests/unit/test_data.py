@@ -259,3 +259,26 @@ def test_loader_as_checkpoint_state(kind: str, tmp_path, monkeypatch: pytest.Mon
     rest = [b[:, 0] for b in fresh]
     assert len(seen) + len(rest) == len(reference) == 7
     assert all(torch.equal(a, b) for a, b in zip(seen + rest, reference))
+
+
+def test_workers_survive_sigterm_to_the_group() -> None:
+    """A preemption SIGTERMs the whole process group; the loader's workers must not die of it."""
+    import os
+    import signal
+
+    psutil = pytest.importorskip("psutil")
+    calls = []
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    loader = ResumableDataLoader(AugmentedDataset(40), batch_size=4, seed=0, num_workers=2,
+                                 worker_init_fn=calls.append)  # the user's fn still runs (in workers)
+    reference = list(ResumableDataLoader(AugmentedDataset(40), batch_size=4, seed=0))
+    it = iter(loader)
+    got = [next(it), next(it)]  # one batch from each worker: both have run their init
+    workers = [p for p in me.children() if p.pid not in before]
+    assert len(workers) == 2
+    for w in workers:
+        os.kill(w.pid, signal.SIGTERM)
+    got += list(it)  # no "DataLoader worker ... killed by signal: Terminated"
+    assert len(got) == len(reference) == 10
+    assert all(torch.equal(a, b) for a, b in zip(got, reference))
