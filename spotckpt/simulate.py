@@ -358,8 +358,10 @@ class _Simulation:
                     what = f"resumed from step {inst.restored_step}" + (f" ({src})" if src else "")
                 elif inst.restored_step is not None:
                     what = "no checkpoint yet: starting from step 0"
+                elif inst.number == 1:
+                    what = "progress reported (nothing to restore: a new job)"
                 else:
-                    what = "progress reported"
+                    what = "progress reported (no restore metric line seen)"
                 self.status("Training", what)
             if proc.poll() is not None:
                 return ""

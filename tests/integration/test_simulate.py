@@ -146,3 +146,38 @@ def test_failing_trainer_reports_failed() -> None:
     rc = simulate([sys.executable, "-c", "import sys; sys.exit(7)"], interruptions=1, stream=out)
     assert rc == 7
     assert STATUS_RE.findall(out.getvalue())[-1] == "Failed"
+
+
+@pytest.mark.slow
+def test_toy_example_end_to_end(capfd: pytest.CaptureFixture[str], tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's main job: the real example through the real manager, S3 and two interruptions,
+    ending with the same weights as an uninterrupted run."""
+    pytest.importorskip("spotckpt.s3", reason="needs the S3 layer (merged from the s3 branch)")
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    example = repo / "examples" / "train_toy.py"
+    args = ["--steps", "60", "--workers", "2", "--every-steps", "20"]
+    env = dict(os.environ, PYTHONPATH=str(repo), SPOTCKPT_METRICS="0")
+    env.pop("SPOTCKPT_S3_URI", None)
+    ref = subprocess.run([sys.executable, str(example), *args, "--local-dir", str(tmp_path / "ref")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    digest = re.search(r"weights ([0-9a-f]{16})", ref.stdout).group(1)  # type: ignore[union-attr]
+
+    out = io.StringIO()
+    monkeypatch.setenv("PYTHONPATH", str(repo))
+    monkeypatch.delenv("SPOTCKPT_METRICS", raising=False)  # simulate reads the restore metric line
+    rc = simulate([sys.executable, str(example), *args], interruptions=2, seed=0, grace_seconds=60,
+                  restart_delay_seconds=0.2, stream=out)
+    text = out.getvalue()
+    trainer_output = capfd.readouterr().err
+    assert rc == 0, text + trainer_output
+    one = ["Starting", "Downloading", "Training"]
+    assert STATUS_RE.findall(text) == one + ["Interrupted"] + one + ["Interrupted"] + one + [
+        "Uploading", "Completed"], text
+    assert len(re.findall(r"resumed from step [1-9]\d*", text)) == 2, text
+    assert "TrainingTimeInSeconds" in text and "savings" in text
+    assert f"weights {digest}" in trainer_output  # bitwise the same run
