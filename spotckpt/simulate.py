@@ -296,9 +296,13 @@ class _Simulation:
         return None
 
     def _stalled_restarts(self) -> int:
+        """Trailing restarts, among the finished instances, that resumed from no newer step."""
         count, prev = 0, None
-        for inst in self.instances[1:]:
-            r = inst.restored_step if inst.restored_step is not None else -1
+        for inst in self.instances:
+            if inst.ended is None:
+                continue
+            r = _restored(inst)
+            r = -1 if r is None else r
             count = count + 1 if prev is not None and r <= prev else 0
             prev = r
         return count

@@ -101,3 +101,17 @@ def test_simulator_terminated_takes_the_trainer_with_it(trainer: Path, tmp_path:
         if sim.poll() is None:
             sim.kill()
             sim.wait()
+
+
+def test_interrupt_every_gives_up_on_a_trainer_that_never_saves(trainer: Path) -> None:
+    out = io.StringIO()
+    rc = simulate([sys.executable, str(trainer), "100", "0.02", "100000", "ignore"], interrupt_every_seconds=0.4,
+                  seed=2, grace_seconds=0.3, restart_delay_seconds=0.0, json_output=True, stream=out)
+    doc = json.loads(out.getvalue())
+    assert rc == 0 and doc["outcome"] == "Completed" and doc["final_step"] == 100
+    # Instance 1 starts at 0; instances 2, 3, 4 resume from 0 again (3 stalls): the 5th runs through.
+    assert doc["instances"] == 5
+    assert [i["restored_step"] for i in doc["interruptions"]] == [0, 0, 0, 0]
+    assert all(i["killed_after_grace"] for i in doc["interruptions"])
+    assert doc["lost_steps_total"] == sum(i["last_step_reached"] for i in doc["interruptions"]) > 0
+    assert any("no newer step" in n for n in doc["notes"])
