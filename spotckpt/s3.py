@@ -73,9 +73,11 @@ MiB = 1024 * 1024
 #   boto3's default is 10. Memory cost: upload parts are read from the file as they are sent
 #   (no copies held); downloads buffer at most ``max_io_queue`` chunks, so the worst case is about
 #   concurrency x part size = 256 MiB, usually far less.
-# - Measured against moto (a Python server): larger ranges help downloads a lot there because
-#   moto reads the whole object for every ranged GET -- a quirk we do NOT tune for (we stop at
-#   16 MiB); uploads there are bound by the server's per-byte work, so part size matters little.
+# - Measured against moto (a Python server, benchmarks/bench_s3.py, 2-core VM): downloads ran
+#   ~1.9x boto3's default, partly because moto reads the whole object for every ranged GET (a
+#   quirk we do NOT tune for: we stop at 16 MiB); uploads ran 0.75-1.0x, bound by the server's
+#   per-byte work plus the integrity cost (each part is read once more for its CRC32C, and moto
+#   copies the whole object to compute the full-object checksum). Part size changed little there.
 PART_SIZE_BYTES = 16 * MiB
 MAX_CONCURRENCY = 16
 #: Objects up to this size go up in one PUT (one request, no multipart bookkeeping).

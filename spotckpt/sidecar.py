@@ -62,10 +62,12 @@ def run_sync(
     """Upload committed steps of ``local_dir`` to ``s3_uri`` until SIGTERM/SIGINT, then flush
     (for at most ``grace_seconds``) and return 0 (1 if the final flush did not complete).
     ``once``: one reconcile pass, then return."""
-    uploader = _make_uploader(_default_local_dir(local_dir), s3_uri, keep_last)
     if once:
-        uploader.sync_once()
-        uploader.store.close()
+        uploader = _make_uploader(_default_local_dir(local_dir), s3_uri, keep_last)
+        try:
+            uploader.sync_once()
+        finally:
+            uploader.store.close()
         return 0
     stop = threading.Event()
     got: list[int] = []
@@ -74,10 +76,13 @@ def run_sync(
         got.append(signum)
         stop.set()
 
+    # Handlers first: a SIGTERM during start-up (credentials, HeadBucket) still gets a flush.
     previous = {s: signal.signal(s, on_signal) for s in _FORWARDED}
-    uploader.start()
-    log.info("spotckpt sync: watching %s -> %s", uploader.local_dir, s3_uri)
+    uploader = None
     try:
+        uploader = _make_uploader(_default_local_dir(local_dir), s3_uri, keep_last)
+        uploader.start()
+        log.info("spotckpt sync: watching %s -> %s", uploader.local_dir, s3_uri)
         while not stop.wait(1.0):
             pass
         log.info("signal %s: flushing committed checkpoints to %s", got[0] if got else "?", s3_uri)
@@ -90,8 +95,9 @@ def run_sync(
             log.error("not every committed step reached %s: %s", s3_uri, _missing(uploader))
         return 0 if ok else 1
     finally:
-        uploader.close(timeout=10)
-        uploader.store.close()
+        if uploader is not None:
+            uploader.close(timeout=10)
+            uploader.store.close()
         for s, h in previous.items():
             signal.signal(s, h)
 
