@@ -5,7 +5,8 @@ SIGTERM/SIGINT it flushes what is committed, then exits.
 
 ``run_command``: the container entrypoint. SageMaker's training toolkit does not forward
 SIGTERM to the user process and shell entrypoints swallow it, so this launcher starts CMD in
-its own process group, forwards SIGTERM/SIGINT to that group, runs the uploader as a sidecar
+its own process group, forwards SIGTERM/SIGINT to it (see :func:`forward_signal`: the trainer,
+not its DataLoader workers, unless ``--signal-group``), runs the uploader as a sidecar
 thread that outlives CMD, flushes the upload after CMD exits (bounded by the grace deadline
 once a SIGTERM came: SageMaker sends SIGKILL 120 s after SIGTERM), and exits with CMD's code.
 
@@ -28,11 +29,67 @@ from typing import Any
 
 from .errors import ConfigError, SpotCkptError
 
-__all__ = ["run_sync", "run_command", "add_commands"]
+__all__ = ["run_sync", "run_command", "add_commands", "forward_signal"]
 
 log = logging.getLogger(__name__)
 
 _FORWARDED = (signal.SIGTERM, signal.SIGINT)
+_SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ash", "ksh", "mksh", "busybox"})
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc; empty where /proc is not available)."""
+    out = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            out.append(int(name))
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def forward_signal(pid: int, signum: int, *, whole_group: bool = False) -> None:
+    """Pass ``signum`` on to the trainer started as ``pid`` (a process-group leader).
+
+    By default it goes to the leader -- and, when the leader is a shell (``/bin/sh -c ...``, which
+    would not pass it on), to the shell's direct children -- but not to the rest of the group:
+    PyTorch's DataLoader workers die of a SIGTERM that does not come from their parent, and the
+    trainer would then crash in the middle of its final save. That is also what a container
+    runtime does (``docker stop`` signals PID 1 only). ``whole_group=True`` signals every
+    process of the group instead.
+    """
+    try:
+        if whole_group:
+            os.killpg(pid, signum)
+            return
+        targets = [pid]
+        if _comm(pid) in _SHELLS:
+            targets += _children(pid)
+        for t in targets:
+            try:
+                os.kill(t, signum)
+            except ProcessLookupError:
+                pass
+    except ProcessLookupError:
+        pass
 
 
 def _default_local_dir(local_dir: str | Path | None) -> Path:
@@ -135,6 +192,7 @@ def run_command(
     local_dir: str | Path | None = None,
     keep_last: int | None = None,
     grace_seconds: float = 120.0,
+    signal_group: bool = False,
 ) -> int:
     """Run ``cmd`` as the container's main process; see the module docstring.
 
@@ -155,10 +213,7 @@ def run_command(
         if not first_signal_at:
             first_signal_at.append(time.monotonic())
         if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signum)
-            except ProcessLookupError:
-                pass
+            forward_signal(proc.pid, signum, whole_group=signal_group)
 
     previous = {s: signal.signal(s, on_signal) for s in _FORWARDED}
     try:
@@ -167,7 +222,7 @@ def run_command(
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
             raise ConfigError(f"cannot start {cmd[0]!r}: {exc}; check the command after '--' and PATH") from exc
         if first_signal_at:  # a signal arrived while starting: pass it on now
-            os.killpg(proc.pid, signal.SIGTERM)
+            forward_signal(proc.pid, signal.SIGTERM, whole_group=signal_group)
         rc = proc.wait()
         code = 128 - rc if rc < 0 else rc
         log.info("%s exited with %s", cmd[0], code)
@@ -229,6 +284,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     r.add_argument("--keep-last", type=int, default=None)
     r.add_argument("--grace-seconds", type=float, default=120.0,
                    help="after SIGTERM, time until the final upload must be done (SageMaker: 120)")
+    r.add_argument("--signal-group", action="store_true",
+                   help="forward signals to CMD's whole process group (default: CMD, or the children of "
+                   "a shell CMD, so that DataLoader workers are not killed mid-save)")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     r.set_defaults(func=_cmd_run)
 
@@ -254,4 +312,5 @@ def _cmd_run(args: argparse.Namespace) -> int:
         local_dir=args.local,
         keep_last=args.keep_last,
         grace_seconds=args.grace_seconds,
+        signal_group=args.signal_group,
     )

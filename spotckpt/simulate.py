@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import IO, Any, TextIO
 
 from .errors import ConfigError, SpotCkptError
+from .sidecar import forward_signal
 
 __all__ = ["simulate", "add_arguments", "main_from_args", "EXIT_MAX_WAIT"]
 
@@ -381,12 +382,14 @@ class _Simulation:
         at = f"at step {inst.last_progress[0]}" if inst.last_progress else "before any progress"
         if reason == "interrupt":
             inst.interrupted = True
-            self.status("Interrupted", f"spot interruption {at}: SIGTERM to process group {proc.pid}, "
-                        f"SIGKILL in {self.grace:g} s")
+            self.status("Interrupted", f"spot interruption {at}: SIGTERM to the trainer (pid {proc.pid}), "
+                        f"SIGKILL to its process group in {self.grace:g} s")
         else:
-            self.status("Stopping", f"MaxWaitTimeInSeconds={self.max_wait:g} reached {at}: SIGTERM to process "
-                        f"group {proc.pid}, SIGKILL in {self.grace:g} s")
-        _killpg(proc, signal.SIGTERM)
+            self.status("Stopping", f"MaxWaitTimeInSeconds={self.max_wait:g} reached {at}: SIGTERM to the "
+                        f"trainer (pid {proc.pid}), SIGKILL to its process group in {self.grace:g} s")
+        # Like a container runtime stopping the instance: SIGTERM to the main process (and through
+        # a shell to its children), SIGKILL to everything after the grace.
+        forward_signal(proc.pid, signal.SIGTERM)
         progress = Path(inst.local_dir).parent / "progress"
         kill_at = inst.sigterm_at + self.grace
         while proc.poll() is None and time.time() < kill_at:
