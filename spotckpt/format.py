@@ -16,12 +16,16 @@ This module imports torch but nothing else heavy, and nothing from other spotckp
 from __future__ import annotations
 
 import base64
+import ctypes
 import json
 import math
+import mmap
 import os
 import re
 import struct
+import sys
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -43,6 +47,9 @@ __all__ = [
     "crc32c_update",
     "crc32c_b64",
     "file_crc32c",
+    "file_crc32c_parallel",
+    "crc32c_combine",
+    "io_threads",
     "safe_relpath",
     "SafetensorsFile",
     "TensorSpec",
@@ -114,6 +121,175 @@ def file_crc32c(path: str | Path, *, chunk_bytes: int = IO_CHUNK_BYTES) -> tuple
             crc = crc32c_update(crc, view[:n])
             size += n
     return size, crc
+
+
+# CRC32C combine: the CRC of A+B from crc(A), crc(B) and len(B), so that disjoint byte ranges of
+# one file can be checksummed by different threads. This is zlib's crc32_combine (the multmodp /
+# x2nmodp form of zlib >= 1.2.12) with the reflected Castagnoli polynomial; the pre- and
+# post-inversion of CRC32C cancel out exactly as they do for zlib's CRC-32. Unlike zlib, the
+# table of x^(2^k) is not wrapped at 32 entries: that shortcut holds for CRC-32's polynomial but
+# not for Castagnoli's (combining a 512 MiB range gave wrong CRCs). Neither ``crc32c`` nor
+# ``google_crc32c`` offers a combine.
+
+_CRC32C_POLY_REFLECTED = 0x82F63B78
+
+
+def _gf2_multmodp(a: int, b: int) -> int:
+    """a * b modulo the CRC polynomial, both in the reflected bit order (x^0 is bit 31)."""
+    m = 1 << 31
+    p = 0
+    while True:
+        if a & m:
+            p ^= b
+            if (a & (m - 1)) == 0:
+                break
+        m >>= 1
+        b = (b >> 1) ^ _CRC32C_POLY_REFLECTED if b & 1 else b >> 1
+    return p
+
+
+def _x2n_table() -> tuple[int, ...]:
+    table, p = [], 1 << 30  # x^1
+    for _ in range(67):  # enough for len2 < 2**64 bytes (k runs from 3)
+        table.append(p)  # x^(2^k)
+        p = _gf2_multmodp(p, p)
+    return tuple(table)
+
+
+_X2N = _x2n_table()
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC32C of the concatenation A+B given ``crc1`` = crc(A), ``crc2`` = crc(B), ``len2`` =
+    len(B) in bytes. O(log len2), a few microseconds."""
+    if not 0 <= len2 < 1 << 64:
+        raise ValueError(f"len2 must be in [0, 2**64), got {len2}")
+    p, k, n = 1 << 31, 3, len2  # p = x^0; multiply by x^(8 * len2)
+    while n:
+        if n & 1:
+            p = _gf2_multmodp(_X2N[k], p)
+        n >>= 1
+        k += 1
+    return _gf2_multmodp(p, crc1 & 0xFFFFFFFF) ^ (crc2 & 0xFFFFFFFF)
+
+
+def io_threads() -> int:
+    """Threads for checksumming and restoring one file: the CPUs this process may run on, at
+    most 8 (beyond that, memory bandwidth, not CPU, is the limit)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+#: A file (or one tensor) is split across threads only above this size.
+PARALLEL_MIN_BYTES = 8 * 1024 * 1024
+#: Verification maps a file in windows of this size (bounded address space and RSS).
+VERIFY_WINDOW_BYTES = 64 * 1024 * 1024
+_MADV_POPULATE_READ = 22  # Linux >= 5.14
+
+
+def _libc_madvise() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise = _libc_madvise()
+_populate_ok = _madvise is not None
+
+
+def _populate(mm: mmap.mmap, length: int) -> None:
+    """Fault a fresh read-only mapping in, in the kernel (ctypes releases the GIL). Besides
+    saving a trap per page, this turns a read error (EIO on a bad disk, a file truncated under
+    us) into an OSError; touching such a page would instead kill the process with SIGBUS."""
+    global _populate_ok
+    if not _populate_ok or length == 0:
+        return
+    arr = np.frombuffer(mm, dtype=np.uint8, count=length)
+    try:
+        if _madvise(arr.ctypes.data, length, _MADV_POPULATE_READ) != 0:
+            err = ctypes.get_errno()
+            if err == 22:  # EINVAL: kernel older than 5.14; fall back to plain page faults
+                _populate_ok = False
+                return
+            raise OSError(err, f"reading the file failed ({os.strerror(err)})")
+    finally:
+        del arr
+
+
+def _range_crc32c(fd: int, start: int, end: int) -> int:
+    """CRC32C of bytes [start, end) of ``fd``: checksummed where the page cache holds them, via
+    read-only mappings, so no byte is copied (a read() into a buffer costs a copy and, on a
+    2-core VM, more than doubles the time); pread into a buffer where mapping fails."""
+    crc = 0
+    off = start
+    gran = mmap.ALLOCATIONGRANULARITY
+    while off < end:
+        base = off - off % gran
+        length = min(end, base + VERIFY_WINDOW_BYTES) - base
+        try:
+            mm = mmap.mmap(fd, length, offset=base, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            return _range_crc32c_pread(fd, off, end, crc)
+        try:
+            _populate(mm, length)
+            with memoryview(mm) as mv, mv[off - base :] as part:
+                crc = _crc32c.crc32c(part, crc)
+        finally:
+            mm.close()
+        off = base + length
+    return crc
+
+
+def _range_crc32c_pread(fd: int, start: int, end: int, crc: int = 0) -> int:
+    buf = bytearray(min(IO_CHUNK_BYTES, max(1, end - start)))
+    mv = memoryview(buf)
+    off = start
+    while off < end:
+        n = os.preadv(fd, [mv[: min(len(buf), end - off)]], off)
+        if not n:
+            raise OSError(0, f"file ended at byte {off}, expected {end} (truncated while reading)")
+        crc = _crc32c.crc32c(mv[:n], crc)
+        off += n
+    return crc
+
+
+def file_crc32c_parallel(path: str | Path, *, threads: int | None = None) -> tuple[int, int]:
+    """``(size, crc)`` of a file like :func:`file_crc32c`, but split into ``threads`` disjoint
+    byte ranges (default :func:`io_threads`) checksummed concurrently -- ``crc32c`` and the
+    page faults run without the GIL -- and joined with :func:`crc32c_combine`. Raises OSError
+    when the file cannot be read. The threads (``spotckpt-verify``) end before it returns."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        size = os.fstat(fd).st_size
+        n = threads or io_threads()
+        if n <= 1 or size < PARALLEL_MIN_BYTES:
+            return size, _range_crc32c(fd, 0, size)
+        step = -(-size // n)
+        step += -step % mmap.ALLOCATIONGRANULARITY
+        bounds = [(a, min(size, a + step)) for a in range(0, size, step)]
+        if len(bounds) == 1:
+            return size, _range_crc32c(fd, 0, size)
+        with ThreadPoolExecutor(len(bounds) - 1, thread_name_prefix="spotckpt-verify") as pool:
+            futs = [pool.submit(_range_crc32c, fd, a, b) for a, b in bounds[1:]]
+            try:
+                crc = _range_crc32c(fd, *bounds[0])
+            finally:
+                results = [f.result() for f in futs]  # waits for all before the fd closes
+        for (a, b), c in zip(bounds[1:], results):
+            crc = crc32c_combine(crc, c, b - a)
+        return size, crc
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------- manifest
@@ -377,12 +553,20 @@ class SafetensorsFile:
     """A strictly validated safetensors file opened for reading.
 
     The constructor reads and checks the header; :meth:`read_into` and :meth:`read` copy one
-    tensor's bytes straight from the file into a tensor's memory (``readinto``, no extra copy for
-    contiguous CPU targets). Use as a context manager or call :meth:`close`.
+    tensor's bytes straight from the file into a tensor's memory (positional reads, no extra copy
+    for contiguous CPU targets). A tensor of at least :data:`PARALLEL_MIN_BYTES` is read as
+    ``threads`` disjoint slices at once (default :func:`io_threads`): the caller's thread reads
+    one, helper threads ``spotckpt-restore-read`` the others (``preadv`` releases the GIL), and
+    the call returns when all have landed. One thread uses a reader at a time; the helpers are
+    joined by :meth:`close`. Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, path: str | Path, *, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+    def __init__(
+        self, path: str | Path, *, max_header_bytes: int = MAX_HEADER_BYTES, threads: int | None = None
+    ) -> None:
         self.path = str(path)
+        self._threads = max(1, threads or io_threads())
+        self._pool: ThreadPoolExecutor | None = None
         self._f = open(self.path, "rb", buffering=0)
         try:
             self._parse(max_header_bytes)
@@ -537,16 +721,52 @@ class SafetensorsFile:
         return out
 
     def _readinto(self, s: TensorSpec, view: np.ndarray) -> None:
-        mv = memoryview(view).cast("B")
-        self._f.seek(self._data_start + s.start)
+        # Page cache -> tensor memory is a memcpy inside the kernel; one thread does not saturate
+        # memory bandwidth (2-core VM, 1 GiB: 1 thread 0.15 s, 2 threads 0.11 s), so a large
+        # tensor is read as disjoint slices in parallel. Slices are multiples of 1 MiB.
+        with memoryview(view) as raw, raw.cast("B") as mv:
+            off0 = self._data_start + s.start
+            n = len(mv)
+            parts = self._threads if n >= PARALLEL_MIN_BYTES and hasattr(os, "preadv") else 1
+            if parts == 1:
+                self._pread_exact(mv, off0, s.name)
+                return
+            step = -(-n // parts)
+            step += -step % (1 << 20)
+            bounds = [(a, min(n, a + step)) for a in range(0, n, step)]
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._threads - 1, thread_name_prefix="spotckpt-restore-read")
+            futs: list[Future[None]] = [
+                self._pool.submit(self._pread_exact, mv[a:b], off0 + a, s.name) for a, b in bounds[1:]
+            ]
+            try:
+                a, b = bounds[0]
+                self._pread_exact(mv[a:b], off0 + a, s.name)
+            finally:
+                for f in futs:  # every slice has landed (or failed) before the target is used
+                    f.exception()
+            for f in futs:
+                f.result()
+
+    def _pread_exact(self, mv: memoryview, offset: int, name: str) -> None:
+        fd = self._f.fileno()
         got = 0
+        if not hasattr(os, "preadv"):  # not Linux/BSD: one thread, seek + readinto
+            self._f.seek(offset)
         while got < len(mv):
-            n = self._f.readinto(mv[got:])
-            if not n:
-                raise self._bad(f"tensor {s.name!r} is truncated")
-            got += n
+            if hasattr(os, "preadv"):
+                k = os.preadv(fd, [mv[got:]], offset + got)
+            else:
+                k = self._f.readinto(mv[got:])
+            if not k:
+                raise self._bad(f"tensor {name!r} is truncated")
+            got += k
 
     def close(self) -> None:
+        """Join the helper threads, then close the file. Idempotent."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._f.close()
 
     def __enter__(self) -> SafetensorsFile:

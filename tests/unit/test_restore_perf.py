@@ -1,0 +1,196 @@
+"""The fast restore path: CRC32C combine, multi-threaded verification and reads, and the safety
+property it must keep -- a step that fails verification never touches the live state."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import crc32c
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import spotckpt.format as fmt
+from spotckpt import CheckpointManager
+from spotckpt.errors import CheckpointCorruptError
+from spotckpt.format import (
+    SafetensorsFile,
+    crc32c_combine,
+    file_crc32c,
+    file_crc32c_parallel,
+    write_safetensors,
+)
+from spotckpt.local import LocalStore
+
+# ----------------------------------------------------------------------------- CRC combine
+
+
+@pytest.mark.parametrize("len_a", [0, 1, 7, 4096, 100_003])
+@pytest.mark.parametrize("len_b", [0, 1, 3, 8, 65_537, 1_000_001])
+def test_crc32c_combine_matches_concatenation(len_a: int, len_b: int) -> None:
+    rng = np.random.default_rng(len_a * 31 + len_b)
+    a = rng.integers(0, 256, len_a, dtype=np.uint8).tobytes()
+    b = rng.integers(0, 256, len_b, dtype=np.uint8).tobytes()
+    assert crc32c_combine(crc32c.crc32c(a), crc32c.crc32c(b), len(b)) == crc32c.crc32c(a + b)
+
+
+@pytest.mark.parametrize("len_b", [(1 << 29) + 3, (1 << 32) + 1])
+def test_crc32c_combine_large_second_part(len_b: int) -> None:
+    # zlib wraps its x^(2^k) table at 32 entries; for Castagnoli that is wrong from 512 MiB on.
+    a = b"spotckpt"
+    if len_b > 1 << 30:
+        # A 4 GiB buffer is too much for a unit test: build crc(zeros(len_b)) from halves and
+        # check associativity, which a wrong table breaks too.
+        half = len_b // 2
+        z1 = crc32c.crc32c(bytes(half))
+        zb = crc32c_combine(z1, crc32c.crc32c(bytes(len_b - half)), len_b - half)
+        assert crc32c_combine(crc32c_combine(crc32c.crc32c(a), z1, half), crc32c.crc32c(bytes(len_b - half)),
+                              len_b - half) == crc32c_combine(crc32c.crc32c(a), zb, len_b)
+        return
+    zeros = bytes(len_b)  # calloc'ed: reading it maps the shared zero page
+    assert crc32c_combine(crc32c.crc32c(a), crc32c.crc32c(zeros), len_b) == crc32c.crc32c(zeros, crc32c.crc32c(a))
+
+
+def test_crc32c_combine_rejects_negative_length() -> None:
+    with pytest.raises(ValueError):
+        crc32c_combine(0, 0, -1)
+
+
+# ------------------------------------------------------------------ parallel file checksum
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4097, (3 << 20) + 11])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_file_crc32c_parallel_equals_sequential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, threads: int
+) -> None:
+    # Small windows and threshold so that ranges and windows start at unaligned offsets.
+    monkeypatch.setattr(fmt, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(fmt, "VERIFY_WINDOW_BYTES", 1 << 20)
+    p = tmp_path / "f.bin"
+    p.write_bytes(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes())
+    assert file_crc32c_parallel(p, threads=threads) == file_crc32c(p) == (size, crc32c.crc32c(p.read_bytes()))
+
+
+def test_file_crc32c_parallel_falls_back_to_pread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_mmap(*a: object, **k: object) -> None:
+        raise OSError(19, "mmap not supported here")
+
+    monkeypatch.setattr(fmt, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(fmt.mmap, "mmap", no_mmap)
+    p = tmp_path / "f.bin"
+    p.write_bytes(os.urandom((2 << 20) + 5))
+    assert file_crc32c_parallel(p, threads=2) == file_crc32c(p)
+
+
+# ---------------------------------------------------------------------- parallel reads
+
+
+def test_read_into_in_parallel_slices_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fmt, "PARALLEL_MIN_BYTES", 1)
+    g = torch.Generator().manual_seed(3)
+    tensors = {
+        "a": torch.randn(3 * 1024 * 1024 + 17, generator=g),  # ~12 MiB, odd length
+        "b": torch.randint(0, 255, (5,), dtype=torch.uint8, generator=g),
+        "c": torch.randn(0),
+        "d": torch.randn(1000, 513, generator=g).to(torch.bfloat16),
+    }
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    with SafetensorsFile(tmp_path / "x.safetensors", threads=3) as r:
+        for name, want in tensors.items():
+            target = torch.full_like(want, 7)
+            r.read_into(name, target)
+            assert torch.equal(target, want), name
+            assert torch.equal(r.read(name), want), name
+    assert not [t for t in threading.enumerate() if t.name.startswith("spotckpt-restore-read")]
+
+
+def test_truncation_seen_by_a_helper_thread_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fmt, "PARALLEL_MIN_BYTES", 1)
+    t = torch.randn(4 * 1024 * 1024)  # 16 MiB: the last slice is read by a helper
+    p = tmp_path / "x.safetensors"
+    write_safetensors(p, {"t": t})
+    with SafetensorsFile(p, threads=2) as r:
+        os.truncate(p, p.stat().st_size - 1024)
+        with pytest.raises(CheckpointCorruptError, match="truncated"):
+            r.read_into("t", torch.empty_like(t))
+
+
+# ------------------------------------------------------------- verify before any write
+
+
+class _Big(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6 * 1024 * 1024))  # 24 MiB: split across threads
+        self.b = nn.Parameter(torch.randn(10))
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("older_step", [False, True])
+def test_corrupt_second_half_never_touches_live_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, older_step: bool
+) -> None:
+    monkeypatch.setattr(fmt, "io_threads", lambda: 2)  # split even on a 1-CPU runner
+    monkeypatch.setattr(fmt, "VERIFY_WINDOW_BYTES", 4 << 20)
+    torch.manual_seed(0)
+    model = _Big()
+    state = {"model": model}
+    with CheckpointManager(tmp_path, async_save=False, install_signal_handlers=False, metrics=False) as mgr:
+        if older_step:
+            mgr.save(1, state, blocking=True)
+            step1 = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            model.w.add_(1.0)
+        mgr.save(2, state, blocking=True)
+    st_file = tmp_path / "step-000000000002" / "rank-00000.safetensors"
+    size = st_file.stat().st_size
+    _flip_byte(st_file, size * 3 // 4)  # in the range the second verify thread checksums
+
+    check = LocalStore(tmp_path).verify_step(2)
+    assert not check.ok and "CRC32C" in check.problems[0]
+
+    with torch.no_grad():
+        model.w.fill_(-3.0)
+        model.b.fill_(-3.0)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    with CheckpointManager(tmp_path, async_save=False, install_signal_handlers=False, metrics=False) as mgr:
+        got = mgr.restore(state)
+    if older_step:
+        assert got == 1
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, step1[k]), k
+    else:
+        assert got is None
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, live[k]), k  # not one byte written
+    assert not [t for t in threading.enumerate() if t.name.startswith(("spotckpt-verify", "spotckpt-restore-read"))]
+
+
+def test_restore_of_a_large_split_step_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fmt, "io_threads", lambda: 3)
+    torch.manual_seed(1)
+    model = _Big()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {"model": model, "extra": torch.randn(3 * 1024 * 1024)}
+    extra = state["extra"].clone()
+    with CheckpointManager(tmp_path, async_save=False, install_signal_handlers=False, metrics=False) as mgr:
+        mgr.save(4, state, blocking=True)
+    with torch.no_grad():
+        model.w.zero_()
+        state["extra"].zero_()
+    with CheckpointManager(tmp_path, async_save=False, install_signal_handlers=False, metrics=False) as mgr:
+        assert mgr.restore(state) == 4
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    assert torch.equal(state["extra"], extra)
