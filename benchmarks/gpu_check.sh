@@ -29,7 +29,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("gpu", p.name, round(p.total_memory / 2**30, 1), "GiB")
-for m in ("crc32c", "torchsnapshot", "matplotlib", "psutil", "spotckpt"):
+for m in ("crc32c", "torchsnapshot", "matplotlib", "psutil", "spotckpt.manager"):
     try:
         importlib.import_module(m); print(m, "ok")
     except Exception as e:  # noqa: BLE001

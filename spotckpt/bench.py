@@ -843,8 +843,11 @@ def render_plot(result: dict[str, Any], path: str) -> None:
                 color="#d62728")
         ax.barh([i - 0.2 for i in y], dur, height=0.4, label="durable / total", color="#1f77b4")
         for i, r in enumerate(rows):
-            if "error" in r:
-                ax.text(0, i, "  n/a", va="center", fontsize=8)
+            if "error" in r:  # x in axes fraction: a log axis has no 0
+                ax.text(0.01, i, "n/a (see save.md)", va="center", fontsize=8,
+                        transform=ax.get_yaxis_transform())
+            if i and r["kind"] != rows[i - 1]["kind"] and "restore" in (r["kind"], rows[i - 1]["kind"]):
+                ax.axhline(i - 0.5, color="grey", lw=0.8)
         ax.set_yticks(y)
         ax.set_yticklabels(labels, fontsize=8)
         ax.invert_yaxis()
