@@ -31,7 +31,7 @@ import crc32c as _crc32c
 import numpy as np
 import torch
 
-from .errors import CheckpointCorruptError, StateError
+from .errors import CheckpointCorruptError, PickleRefusedError, StateError
 
 __all__ = [
     "FORMAT",
@@ -46,6 +46,7 @@ __all__ = [
     "safe_relpath",
     "SafetensorsFile",
     "TensorSpec",
+    "CrcWriter",
     "plan_safetensors",
     "write_safetensors",
     "tensor_byte_view",
@@ -316,7 +317,7 @@ def tensor_byte_view(t: torch.Tensor) -> np.ndarray:
     return flat.view(torch.uint8).numpy()
 
 
-class _CrcWriter:
+class CrcWriter:
     """Writes to a raw file, extending a CRC32C over everything written."""
 
     def __init__(self, f: BinaryIO) -> None:
@@ -358,7 +359,7 @@ def write_safetensors(
         ((n, tensors[n].dtype, tuple(tensors[n].shape), _nbytes(tensors[n])) for n in names), metadata
     )
     with open(path, "wb", buffering=0) as f:
-        w = _CrcWriter(f)  # type: ignore[arg-type]
+        w = CrcWriter(f)  # type: ignore[arg-type]
         w.write(header)
         for n in names:
             t = tensors[n].detach()
@@ -468,11 +469,11 @@ class SafetensorsFile:
         """
         s = self._spec(name)
         if target.dtype != s.dtype or tuple(target.shape) != s.shape:
-            raise CheckpointCorruptError(
+            raise StateError(
                 f"{self.path}: tensor {name!r} is {s.dtype}{list(s.shape)} in the checkpoint but "
                 f"{target.dtype}{list(target.shape)} in the live state; build the model/optimizer "
                 "with the same configuration as when it was saved",
-                path=self.path,
+                key_path=name,
             )
         if target.device.type == "cpu" and target.is_contiguous():
             self._readinto(s, tensor_byte_view(target))
@@ -530,6 +531,7 @@ _TAGS = (
     "__dtype__",
     "__size__",
     "__device__",
+    "__pickle__",
 )
 
 
@@ -541,10 +543,19 @@ def encode_tree(
     obj: Any,
     path: str,
     add_tensor: Callable[[str, torch.Tensor], str],
+    *,
+    allow_pickle: bool = False,
 ) -> Any:
     """JSON-able form of ``obj``; each tensor is handed to ``add_tensor(key_path, tensor)``,
     which returns the name it is stored under. Raise :class:`StateError` naming the key path of
-    an unsupported value."""
+    an unsupported value -- unless ``allow_pickle``, which stores such a value pickled (and the
+    loader must opt in too)."""
+    if allow_pickle:
+        def rec(o: Any, p: str) -> Any:
+            return encode_tree(o, p, add_tensor, allow_pickle=True)
+    else:
+        def rec(o: Any, p: str) -> Any:
+            return encode_tree(o, p, add_tensor)
     if obj is None or isinstance(obj, (bool, str)):
         return obj
     if isinstance(obj, int):
@@ -591,19 +602,23 @@ def encode_tree(
     if isinstance(obj, (bytes, bytearray)):
         return {"__bytes__": base64.b64encode(bytes(obj)).decode("ascii")}
     if isinstance(obj, tuple):
-        return {"__tuple__": [encode_tree(v, f"{path}/{i}", add_tensor) for i, v in enumerate(obj)]}
+        return {"__tuple__": [rec(v, f"{path}/{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
-        return [encode_tree(v, f"{path}/{i}", add_tensor) for i, v in enumerate(obj)]
+        return [rec(v, f"{path}/{i}") for i, v in enumerate(obj)]
     if isinstance(obj, dict):
         plain = all(isinstance(k, str) for k in obj) and not (len(obj) == 1 and next(iter(obj)).startswith("__"))
         if plain:
-            return {k: encode_tree(v, f"{path}/{_key_str(k)}", add_tensor) for k, v in obj.items()}
+            return {k: rec(v, f"{path}/{_key_str(k)}") for k, v in obj.items()}
         items = []
         for k, v in obj.items():
             if not (k is None or isinstance(k, (str, int, float, bool, tuple))):
                 raise StateError(f"{path}: dict key {k!r} of type {type(k).__name__} is not supported", key_path=path)
-            items.append([encode_tree(k, f"{path}/<key>", add_tensor), encode_tree(v, f"{path}/{_key_str(k)}", add_tensor)])
+            items.append([rec(k, f"{path}/<key>"), rec(v, f"{path}/{_key_str(k)}")])
         return {"__dict__": items}
+    if allow_pickle:
+        import pickle
+
+        return {"__pickle__": base64.b64encode(pickle.dumps(obj, protocol=4)).decode("ascii")}
     raise StateError(
         f"{path}: value of type {type(obj).__module__}.{type(obj).__qualname__} cannot be "
         "checkpointed; store tensors, numbers, strings, lists/tuples/dicts of them, numpy arrays, "
@@ -612,8 +627,15 @@ def encode_tree(
     )
 
 
-def decode_tree(doc: Any, get_tensor: Callable[[str], torch.Tensor], *, source: str = "tree") -> Any:
-    """Inverse of :func:`encode_tree`; ``get_tensor(name)`` supplies stored tensors."""
+def decode_tree(
+    doc: Any,
+    get_tensor: Callable[[str], torch.Tensor],
+    *,
+    source: str = "tree",
+    allow_pickle: bool = False,
+) -> Any:
+    """Inverse of :func:`encode_tree`; ``get_tensor(name)`` supplies stored tensors. A pickled
+    value raises :class:`PickleRefusedError` unless ``allow_pickle``."""
 
     def bad(why: str) -> CheckpointCorruptError:
         return CheckpointCorruptError(f"{source}: {why}; the checkpoint is damaged", path=source)
@@ -627,6 +649,17 @@ def decode_tree(doc: Any, get_tensor: Callable[[str], torch.Tensor], *, source: 
             raise bad(f"unexpected JSON value {type(d).__name__}")
         if len(d) == 1:
             (tag, val), = d.items()
+            if tag == "__pickle__":
+                if not allow_pickle:
+                    raise PickleRefusedError(
+                        f"{source}: the checkpoint holds a pickled value; unpickling runs code "
+                        "from the file, so it is refused -- pass allow_pickle=True only for "
+                        "checkpoints you trust",
+                        path=source,
+                    )
+                import pickle
+
+                return pickle.loads(base64.b64decode(val, validate=True))  # noqa: S301 - opted in
             if tag in _TAGS:
                 try:
                     return _decode_tag(tag, val, dec, get_tensor)

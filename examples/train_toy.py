@@ -1,0 +1,120 @@
+"""A small real training loop wrapped with spotckpt: stop it (SIGTERM) at any moment and start it
+again -- it continues from the step it saved, with the same weights, optimizer, schedule, random
+numbers and data order, so the final weights equal those of an uninterrupted run.
+
+    python examples/train_toy.py --local-dir /tmp/ckpt --steps 400
+    # Ctrl-C / kill -TERM <pid>, then run the same command again
+
+Checkpoints go to --local-dir (default: $SPOTCKPT_LOCAL_DIR, SageMaker's LocalPath or
+/opt/ml/checkpoints) and, with --s3-uri or $SPOTCKPT_S3_URI, to S3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+
+import torch
+from torch import nn
+
+import spotckpt
+from spotckpt.data import ResumableDataLoader
+
+
+def make_dataset(n: int = 4096, dim: int = 32, seed: int = 1234) -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    w = torch.randn(dim, 1, generator=g)
+    y = (x @ w + 0.1 * torch.randn(n, 1, generator=g)).squeeze(1)
+    return torch.utils.data.TensorDataset(x, y)
+
+
+class NoisyDataset(torch.utils.data.Dataset):
+    """Adds random augmentation noise per sample, so data-loader RNG handling matters."""
+
+    def __init__(self, base: torch.utils.data.TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
+        x, y = self.base[i]
+        return x + 0.01 * torch.randn_like(x), y
+
+
+def weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=400, help="total optimizer steps")
+    p.add_argument("--every-steps", type=int, default=25, help="checkpoint every N steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step (demo pacing)")
+    p.add_argument("--local-dir", default=None)
+    p.add_argument("--s3-uri", default=None)
+    p.add_argument("--keep-last", type=int, default=3)
+    p.add_argument("--sync-save", action="store_true", help="blocking saves instead of async")
+    p.add_argument("--print-every", type=int, default=25)
+    args = p.parse_args(argv)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, args.hidden), nn.GELU(), nn.Dropout(0.1),
+        nn.Linear(args.hidden, args.hidden), nn.GELU(), nn.Dropout(0.1),
+        nn.Linear(args.hidden, 1),
+    )
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=3e-3, total_steps=args.steps)
+    loader = ResumableDataLoader(NoisyDataset(make_dataset()), batch_size=args.batch_size, shuffle=True,
+                                 seed=7, num_workers=args.workers, drop_last=True)
+    state = {"model": model, "optim": optim, "sched": sched, "loader": loader,
+             "rng": spotckpt.RNGState(), "losses": []}
+
+    with spotckpt.CheckpointManager(local_dir=args.local_dir, s3_uri=args.s3_uri, every_steps=args.every_steps,
+                                    keep_last=args.keep_last, async_save=not args.sync_save) as mgr:
+        start = mgr.restore(state) or 0
+        print(f"train_toy: starting at step {start} of {args.steps}", flush=True)
+        step = start
+        it = iter(loader)
+        while step < args.steps:
+            try:
+                x, y = next(it)
+            except StopIteration:
+                it = iter(loader)
+                continue
+            model.train()
+            loss = nn.functional.mse_loss(model(x).squeeze(1), y)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            sched.step()
+            step += 1
+            state["losses"].append(round(float(loss), 6))
+            if step % args.print_every == 0:
+                print(f"train_toy: step {step} loss {float(loss):.5f}", flush=True)
+            if args.step_sleep:
+                time.sleep(args.step_sleep)
+            mgr.maybe_save(step, state)
+            if mgr.preempted:
+                print(f"train_toy: preempted at step {step}; checkpoint is durable, exiting 0", flush=True)
+                return 0
+        mgr.save(step, state)
+        mgr.wait()
+    print(f"train_toy: done at step {step}; final loss {state['losses'][-1]:.5f}; "
+          f"weights {weights_digest(model)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The ``spotckpt`` command line.
+
+    spotckpt ls DIR|s3://...           committed steps: size, created, valid/corrupt
+    spotckpt verify DIR|s3://...       the same with every CRC32C checked; exit 1 if the newest is bad
+    spotckpt restore SRC --to DIR      copy the newest valid (or --step) step from SRC into DIR
+    spotckpt sync --local DIR --s3 URI standalone uploader (sidecar); flushes on SIGTERM
+    spotckpt run [--s3 URI] -- CMD     container entrypoint: forwards signals, uploads, exits with CMD
+    spotckpt simulate [...] -- CMD     the managed-spot lifecycle on one machine
+    spotckpt bench [...]               checkpoint benchmarks side by side with the peers
+
+Only this module configures logging handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, SpotCkptError
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepRow:
+    step: int
+    files: int
+    size: int
+    created: str
+    status: str  # "valid", "unchecked" or "corrupt: <why>"
+
+    @property
+    def ok(self) -> bool:
+        return not self.status.startswith("corrupt")
+
+
+def _human(n: int) -> str:
+    f = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if f < 1024 or unit == "TiB":
+            return f"{f:.0f} {unit}" if unit == "B" else f"{f:.1f} {unit}"
+        f /= 1024
+    return str(n)
+
+
+def _local_rows(root: Path, *, checksums: bool) -> list[StepRow]:
+    from .local import LocalStore
+
+    if not root.is_dir():
+        raise ConfigError(f"{root} is not a directory; pass the checkpoint directory (e.g. /opt/ml/checkpoints)")
+    store = LocalStore(root, create=False, cleanup=False)
+    rows = []
+    for s in store.committed_steps():
+        check = store.verify_step(s, checksums=checksums)
+        m = check.manifest
+        status = "valid" if check.ok and checksums else ("ok (sizes)" if check.ok else "corrupt: " + check.problems[0])
+        rows.append(StepRow(s, len(m.files) if m else 0, m.total_bytes if m else 0, m.created if m else "-", status))
+    return rows
+
+
+def _s3_rows(uri: str, *, checksums: bool) -> list[StepRow]:
+    from .s3 import S3Store
+
+    store = S3Store(uri)
+    try:
+        store.check_access()
+        rows = []
+        for s in store.list_steps():
+            try:
+                m = store.read_manifest(s)
+            except SpotCkptError as exc:
+                rows.append(StepRow(s, 0, 0, "-", f"corrupt: {exc}"))
+                continue
+            status = "ok (manifest)"
+            if checksums:
+                problems = store.verify_step(s, m)
+                status = "valid" if not problems else "corrupt: " + problems[0]
+            rows.append(StepRow(s, len(m.files), m.total_bytes, m.created, status))
+        return rows
+    finally:
+        store.close()
+
+
+def _rows(src: str, *, checksums: bool) -> list[StepRow]:
+    if src.startswith("s3://"):
+        return _s3_rows(src, checksums=checksums)
+    return _local_rows(Path(src), checksums=checksums)
+
+
+def _print_table(rows: list[StepRow], out=sys.stdout) -> None:  # type: ignore[no-untyped-def]
+    if not rows:
+        print("no committed steps", file=out)
+        return
+    print(f"{'STEP':>12}  {'FILES':>5}  {'SIZE':>10}  {'CREATED':<24}  STATUS", file=out)
+    for r in rows:
+        print(f"{r.step:>12}  {r.files:>5}  {_human(r.size):>10}  {r.created:<24}  {r.status}", file=out)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    rows = _rows(args.src, checksums=False)
+    _print_table(rows)
+    return 1 if rows and not rows[-1].ok else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    rows = _rows(args.src, checksums=True)
+    _print_table(rows)
+    if rows and not rows[-1].ok:
+        print(f"the newest step ({rows[-1].step}) is corrupt; restore will use the newest valid one", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Copy a verified step into ``--to`` (committed there atomically)."""
+    from .format import MANIFEST_NAME
+    from .local import LocalStore, verify_files
+
+    dest = LocalStore(Path(args.to))
+    src: str = args.src
+    if src.startswith("s3://"):
+        from .s3 import S3Store
+
+        store = S3Store(src)
+        try:
+            store.check_access()
+            steps = [args.step] if args.step is not None else sorted(store.list_steps(), reverse=True)
+            for s in steps:
+                if s in dest.committed_steps() and dest.verify_step(s).ok:
+                    print(f"step {s} is already in {dest.root}")
+                    return 0
+                staging = dest.begin(s)
+                try:
+                    bar = _progress_bar(f"step {s}")
+                    m = store.download_step(s, staging, progress=bar.update if bar else None)
+                    if bar:
+                        bar.close()
+                    dest.commit(staging, m)
+                except SpotCkptError as exc:
+                    dest.abort(staging)
+                    print(f"step {s}: {exc}", file=sys.stderr)
+                    if args.step is not None:
+                        return 1
+                    continue
+                print(f"restored step {s} from {src} into {dest.step_path(s)}")
+                return 0
+        finally:
+            store.close()
+        print(f"no valid step in {src}", file=sys.stderr)
+        return 1
+    import shutil
+
+    srcs = LocalStore(Path(src), create=False, cleanup=False)
+    steps = [args.step] if args.step is not None else sorted(srcs.committed_steps(), reverse=True)
+    for s in steps:
+        check = srcs.verify_step(s)
+        if not check.ok or check.manifest is None:
+            print(f"step {s}: {'; '.join(check.problems)}", file=sys.stderr)
+            continue
+        staging = dest.begin(s)
+        for rel in check.manifest.files:
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(check.path / rel, staging / rel)
+        if verify_files(staging, check.manifest):
+            dest.abort(staging)
+            print(f"step {s}: copy did not verify", file=sys.stderr)
+            return 1
+        (staging / MANIFEST_NAME).unlink(missing_ok=True)
+        dest.commit(staging, check.manifest)
+        print(f"restored step {s} from {src} into {dest.step_path(s)}")
+        return 0
+    print(f"no valid step in {src}", file=sys.stderr)
+    return 1
+
+
+def _progress_bar(desc: str):  # type: ignore[no-untyped-def]
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spotckpt", description="Checkpoints for spot training.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("ls", help="list committed steps of a directory or s3:// prefix")
+    s.add_argument("src", help="checkpoint directory or s3://bucket/prefix")
+    s.set_defaults(func=cmd_ls)
+
+    s = sub.add_parser("verify", help="check every file's size and CRC32C; exit 1 if the newest step is bad")
+    s.add_argument("src", help="checkpoint directory or s3://bucket/prefix")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("restore", help="copy the newest valid step (or --step) into a local directory")
+    s.add_argument("src", help="checkpoint directory or s3://bucket/prefix")
+    s.add_argument("--to", required=True, help="local checkpoint directory to commit the step into")
+    s.add_argument("--step", type=int, default=None)
+    s.set_defaults(func=cmd_restore)
+
+    _add_optional_commands(sub)
+    return p
+
+
+def _add_optional_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Commands implemented in their own modules (sidecar, simulate, bench)."""
+    try:
+        from . import sidecar
+    except ImportError:
+        sidecar = None  # type: ignore[assignment]
+    if sidecar is not None:
+        sidecar.add_commands(sub)
+    try:
+        from . import simulate
+    except ImportError:
+        simulate = None  # type: ignore[assignment]
+    if simulate is not None:
+        s = sub.add_parser("simulate", help="run CMD through a local managed-spot lifecycle with interruptions")
+        simulate.add_arguments(s)
+        s.set_defaults(func=simulate.main_from_args)
+    try:
+        from . import bench
+    except ImportError:
+        bench = None  # type: ignore[assignment]
+    if bench is not None:
+        s = sub.add_parser("bench", help="checkpoint benchmarks side by side with torch.save, DCP, torchsnapshot",
+                           add_help=False)
+        s.add_argument("bench_args", nargs=argparse.REMAINDER)
+        s.set_defaults(func=lambda a: bench.main(a.bench_args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    logging.getLogger("spotckpt.metrics").setLevel(logging.WARNING)  # already on stderr
+    try:
+        return int(args.func(args) or 0)
+    except SpotCkptError as exc:
+        print(f"spotckpt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""The local store: staging, atomic commit, retention and the committed-step scan.
+
+Commit protocol (readers trust only committed paths)::
+
+    begin(step)            mkdir <staging_root>/<pid>-<uuid>-step-N/   (same filesystem as root)
+    ... writers fill it, fsync each file ...
+    commit(staging, step)  write manifest.json (fsync), fsync the staging dir,
+                           rename -> <root>/step-N, fsync <root>
+    delete_step(step)      rename <root>/step-N -> <staging_root>/<pid>-<uuid>-deleting-N,
+                           fsync <root>, then remove the data
+
+A ``step-*`` directory therefore exists under ``root`` only when complete, and a kill at any point
+leaves either the old or the new set of committed steps plus garbage in ``staging_root``, which the
+next :class:`LocalStore` removes (entries whose owning process is gone).
+
+``staging_root`` is a sibling of ``root`` (``<parent>/.<name>.spotckpt-staging``) so that tools that
+sync ``root`` (SageMaker's checkpoint sync) never see work in progress. When the sibling cannot be
+used -- the parent is not writable, or ``root`` is a mount point and rename fails with ``EXDEV`` --
+a hidden ``root/.spotckpt-staging`` is used instead; the scan ignores hidden entries.
+
+Threads: one writer (the manager's persist thread or the caller) per staging directory; scans and
+reads may run concurrently from any thread (the uploader).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CheckpointCorruptError, ConfigError, SaveError, StorageError
+from .format import (
+    MANIFEST_NAME,
+    Manifest,
+    crc32c_b64,
+    file_crc32c,
+    parse_step_dirname,
+    step_dirname,
+)
+
+__all__ = ["LocalStore", "StepCheck", "fsync_dir", "write_file_durably"]
+
+log = logging.getLogger(__name__)
+
+_STAGING_SUFFIX = ".spotckpt-staging"
+_HIDDEN_STAGING = ".spotckpt-staging"
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: str | Path, data: bytes) -> None:
+    with open(path, "wb", buffering=0) as f:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view) :]
+        os.fsync(f.fileno())
+
+
+@dataclass(frozen=True)
+class StepCheck:
+    """Result of verifying one committed step: ``problems`` is empty when it is valid."""
+
+    step: int
+    path: Path
+    manifest: Manifest | None
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LocalStore:
+    """Committed steps under ``root`` and their staging area."""
+
+    def __init__(self, root: str | Path, *, create: bool = True, cleanup: bool = True) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self._check_root(create)
+        self.staging_root = self._choose_staging()
+        if cleanup:
+            self.cleanup_stale_staging()
+
+    # -- setup ---------------------------------------------------------------------------
+    def _check_root(self, create: bool) -> None:
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise ConfigError(
+                f"checkpoint directory {root} exists and is not a directory; pass another "
+                "local_dir or set SPOTCKPT_LOCAL_DIR"
+            )
+        if not root.exists():
+            if not create:
+                raise ConfigError(f"checkpoint directory {root} does not exist")
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot create checkpoint directory {root} ({exc.strerror}); pass a writable "
+                    "local_dir or set SPOTCKPT_LOCAL_DIR"
+                ) from exc
+        if create and not os.access(root, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"checkpoint directory {root} is not writable by this user; fix its permissions "
+                "or pass another local_dir / SPOTCKPT_LOCAL_DIR"
+            )
+
+    def _choose_staging(self) -> Path:
+        sibling = self.root.parent / f".{self.root.name}{_STAGING_SUFFIX}"
+        hidden = self.root / _HIDDEN_STAGING
+        try:
+            sibling.mkdir(exist_ok=True)
+            probe = sibling / f"probe-{os.getpid()}-{uuid.uuid4().hex}"
+            probe.mkdir()
+            target = self.root / f".probe-{uuid.uuid4().hex}"
+            try:
+                os.rename(probe, target)
+            except OSError:
+                shutil.rmtree(probe, ignore_errors=True)
+                raise
+            os.rmdir(target)
+            return sibling
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EACCES, errno.EPERM, errno.EROFS):
+                log.debug("sibling staging %s unusable: %s", sibling, exc)
+            log.info("spotckpt: staging inside %s (%s)", hidden, exc.strerror or exc)
+        try:
+            hidden.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create a staging directory next to or inside {self.root} ({exc.strerror}); "
+                "make the checkpoint directory writable"
+            ) from exc
+        return hidden
+
+    def cleanup_stale_staging(self) -> list[Path]:
+        """Remove staging entries left by processes that are gone (or by this one)."""
+        removed: list[Path] = []
+        try:
+            entries = list(self.staging_root.iterdir())
+        except FileNotFoundError:
+            return removed
+        for entry in entries:
+            pid_s = entry.name.split("-", 1)[0]
+            if pid_s.isdigit() and int(pid_s) != os.getpid() and _pid_alive(int(pid_s)):
+                continue
+            if pid_s.isdigit() or entry.name.startswith("probe-"):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        if removed:
+            log.info("spotckpt: removed %d stale staging entries under %s", len(removed), self.staging_root)
+        for leftover in self.root.glob(".probe-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        return removed
+
+    # -- scan ----------------------------------------------------------------------------
+    def step_path(self, step: int) -> Path:
+        return self.root / step_dirname(step)
+
+    def committed_steps(self) -> list[int]:
+        """Committed steps, ascending (directories named ``step-<12 digits>``)."""
+        steps = []
+        try:
+            with os.scandir(self.root) as it:
+                for e in it:
+                    s = parse_step_dirname(e.name)
+                    if s is not None and e.is_dir(follow_symlinks=False):
+                        steps.append(s)
+        except FileNotFoundError:
+            return []
+        return sorted(steps)
+
+    def read_manifest(self, step: int) -> Manifest:
+        path = self.step_path(step) / MANIFEST_NAME
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise CheckpointCorruptError(
+                f"{path} is missing; the step directory is incomplete", path=path
+            ) from exc
+        except OSError as exc:
+            raise CheckpointCorruptError(f"{path}: cannot read ({exc.strerror})", path=path) from exc
+        m = Manifest.from_bytes(data, source=str(path))
+        if m.step != step:
+            raise CheckpointCorruptError(
+                f"{path} says step {m.step} but lives in {step_dirname(step)}; the directory was "
+                "renamed by hand -- rename it back or delete it",
+                path=path,
+            )
+        return m
+
+    def verify_step(self, step: int, *, checksums: bool = True) -> StepCheck:
+        """Check the manifest, then every listed file's size and (by default) CRC32C."""
+        path = self.step_path(step)
+        try:
+            manifest = self.read_manifest(step)
+        except CheckpointCorruptError as exc:
+            return StepCheck(step, path, None, (str(exc),))
+        return StepCheck(step, path, manifest, tuple(verify_files(path, manifest, checksums=checksums)))
+
+    # -- write ---------------------------------------------------------------------------
+    def begin(self, step: int) -> Path:
+        """A fresh staging directory for ``step`` (same filesystem as ``root``)."""
+        d = self.staging_root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}-{step_dirname(step)}"
+        try:
+            self.staging_root.mkdir(exist_ok=True)
+            d.mkdir()
+        except OSError as exc:
+            raise SaveError(
+                f"cannot create staging directory {d} ({exc.strerror}); check free space and "
+                "permissions of the checkpoint volume",
+                step=step,
+            ) from exc
+        return d
+
+    def commit(self, staging: Path, manifest: Manifest) -> Path:
+        """Write the manifest into ``staging`` and rename it into place atomically."""
+        step = manifest.step
+        target = self.step_path(step)
+        try:
+            write_file_durably(staging / MANIFEST_NAME, manifest.to_bytes())
+            fsync_dir(staging)
+            if target.exists():
+                raise SaveError(
+                    f"step {step} is already committed at {target}; a committed step is never "
+                    "replaced -- save under a new step number",
+                    step=step,
+                )
+            os.rename(staging, target)
+            fsync_dir(self.root)
+        except SaveError:
+            self.abort(staging)
+            raise
+        except OSError as exc:
+            self.abort(staging)
+            raise SaveError(
+                f"could not commit step {step} into {self.root} ({exc.strerror}); earlier "
+                "checkpoints are intact -- free disk space or check the volume",
+                step=step,
+            ) from exc
+        return target
+
+    def abort(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def delete_step(self, step: int) -> None:
+        """Un-commit ``step`` atomically (rename out of ``root``), then delete its data."""
+        src = self.step_path(step)
+        trash = self.staging_root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}-deleting-{step_dirname(step)}"
+        try:
+            os.rename(src, trash)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot remove {src} ({exc.strerror})", key=str(src)) from exc
+        fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def prune(self, keep_last: int | None, *, protect: int | None = None) -> list[int]:
+        """Delete the oldest committed steps beyond ``keep_last``. The newest valid step (by a
+        manifest check) and ``protect`` are never deleted. Returns the deleted steps."""
+        if not keep_last:
+            return []
+        steps = self.committed_steps()
+        if len(steps) <= keep_last:
+            return []
+        newest_valid = None
+        for s in reversed(steps):
+            try:
+                self.read_manifest(s)
+            except CheckpointCorruptError:
+                continue
+            newest_valid = s
+            break
+        keep = set(steps[-keep_last:]) | {newest_valid, protect}
+        deleted = []
+        for s in steps:
+            if s in keep:
+                continue
+            self.delete_step(s)
+            deleted.append(s)
+        if deleted:
+            log.info("spotckpt: retention removed local steps %s", deleted)
+        return deleted
+
+
+def verify_files(step_dir: Path, manifest: Manifest, *, checksums: bool = True) -> list[str]:
+    """Problems with the data files of ``step_dir`` against ``manifest`` (empty list = valid)."""
+    problems = []
+    for rel, ent in manifest.files.items():
+        p = step_dir / rel
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            problems.append(f"{p}: missing")
+            continue
+        if st.st_size != ent.size:
+            problems.append(f"{p}: size {st.st_size}, manifest says {ent.size} (truncated?)")
+            continue
+        if checksums:
+            _, crc = file_crc32c(p)
+            if crc32c_b64(crc) != ent.crc32c:
+                problems.append(f"{p}: CRC32C {crc32c_b64(crc)} != {ent.crc32c} in manifest (corrupt)")
+    return problems

@@ -1,0 +1,162 @@
+"""Staging: capture the state's tensors into host memory reused across saves, so that training
+goes on while the bytes are checksummed, written, fsynced, committed and uploaded.
+
+One save moves through these states (the manager runs them; see ``CheckpointManager.save``)::
+
+    ready_for_staging  the buffer is free (the previous save's persist has finished)
+    staging            training thread: Stager.stage() copies every tensor into its slice of the
+                       buffer -- a memcpy for CPU tensors; for CUDA tensors non_blocking copies
+                       into pinned memory on a side stream, ordered after the work already queued
+                       and before any later work on the current stream (so an optimizer step
+                       cannot change a tensor before it is copied)
+    ready_for_io       save() has returned; the job is queued for the persist thread
+    io                 persist thread: StagedTensors.wait_ready(), then write_to(): the
+                       safetensors header and the buffer in large sequential writes, CRC32C in
+                       the same pass (the GIL is released by both), fsync; then commit
+    done               Stager.release(): the buffer is ready_for_staging again
+
+The buffer is laid out exactly as the safetensors data area, so persisting is one sequential
+write. It is allocated once and grown only when the state grows: peak extra host memory is about
+one copy of the state, flat over any number of saves.
+
+Threads: ``stage`` and ``release`` are called by one thread at a time (the manager serialises
+them with its own lock); ``StagedTensors.wait_ready`` / ``write_to`` run on the persist thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .format import CrcWriter, FileEntry, TensorSpec, crc32c_b64, plan_safetensors, tensor_byte_view
+
+__all__ = ["Stager", "StagedTensors"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StagedTensors:
+    """A captured set of tensors: the safetensors header and the data area in host memory."""
+
+    header: bytes
+    specs: list[TensorSpec]
+    data: torch.Tensor  # uint8, exactly the data area
+    events: list[Any] = field(default_factory=list)  # torch.cuda.Event per device used
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def wait_ready(self) -> None:
+        """Block until every device-to-host copy has landed (persist thread)."""
+        for ev in self.events:
+            ev.synchronize()
+
+    def write_to(self, path: str | Path, *, fsync: bool = True) -> FileEntry:
+        """Write header + data to ``path`` with CRC32C in the same pass; fsync."""
+        self.wait_ready()
+        with open(path, "wb", buffering=0) as f:
+            w = CrcWriter(f)
+            w.write(self.header)
+            if self.nbytes:
+                w.write(tensor_byte_view(self.data))
+            if fsync:
+                os.fsync(f.fileno())
+        return FileEntry(size=w.size, crc32c=crc32c_b64(w.crc))
+
+
+class Stager:
+    """Copies tensors into one host buffer reused across saves (pinned when CUDA tensors are
+    staged). Memory cost: the size of the largest state staged so far."""
+
+    def __init__(self, *, pin_memory: bool | None = None) -> None:
+        self._pin = pin_memory
+        self._buf: torch.Tensor | None = None
+        self._streams: dict[int, Any] = {}
+        self.in_use = False
+
+    @property
+    def capacity_bytes(self) -> int:
+        return 0 if self._buf is None else self._buf.numel()
+
+    def _buffer(self, nbytes: int, cuda: bool) -> torch.Tensor:
+        pin = self._pin if self._pin is not None else (cuda and torch.cuda.is_available())
+        buf = self._buf
+        if buf is None or buf.numel() < nbytes or (pin and not buf.is_pinned()):
+            self._buf = None  # let the old one go before allocating the new one
+            log.debug("spotckpt: allocating a %d-byte staging buffer (pinned=%s)", nbytes, pin)
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=bool(pin))
+            self._buf = buf
+        return buf
+
+    def stage(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> StagedTensors:
+        """Copy ``tensors`` into the buffer (training thread). The caller must ``release`` the
+        previous StagedTensors before staging again."""
+        if self.in_use:
+            raise RuntimeError("Stager.stage() called while the previous staged save is still in use")
+        items = [(n, t.dtype, tuple(t.shape), t.numel() * t.element_size()) for n, t in tensors.items()]
+        header, specs = plan_safetensors(items, metadata)
+        total = specs[-1].end if specs else 0
+        any_cuda = any(t.device.type == "cuda" for t in tensors.values())
+        buf = self._buffer(total, any_cuda)
+        data = buf[:total]
+        events: dict[int, Any] = {}
+        with torch.no_grad():
+            for spec, t in zip(specs, tensors.values()):
+                if spec.nbytes == 0:
+                    continue
+                dst = data[spec.start : spec.end]
+                src = t.detach()
+                if src.device.type == "cuda":
+                    self._copy_cuda(dst, src, spec, events)
+                else:
+                    _copy_cpu(dst, src, spec)
+        self.in_use = True
+        return StagedTensors(header=header, specs=specs, data=data, events=list(events.values()))
+
+    def _copy_cuda(self, dst: torch.Tensor, src: torch.Tensor, spec: TensorSpec, events: dict[int, Any]) -> None:
+        dev = src.device.index if src.device.index is not None else torch.cuda.current_device()
+        stream = self._streams.get(dev)
+        if stream is None:
+            stream = self._streams[dev] = torch.cuda.Stream(device=dev)
+        current = torch.cuda.current_stream(dev)
+        if dev not in events:
+            stream.wait_stream(current)  # copies see every kernel queued before save()
+        with torch.cuda.stream(stream):
+            if not src.is_contiguous():
+                src = src.contiguous()
+            dst.copy_(src.reshape(-1).view(torch.uint8), non_blocking=True)
+            src.record_stream(stream)
+        ev = events.get(dev)
+        if ev is None:
+            ev = events[dev] = torch.cuda.Event()
+        ev.record(stream)
+        # Later work on the training stream (an optimizer step) waits for the copy.
+        current.wait_event(ev)
+
+    def release(self, staged: StagedTensors) -> None:
+        """Mark the buffer free again (after the staged bytes were written)."""
+        self.in_use = False
+
+    def close(self) -> None:
+        self._buf = None
+        self._streams.clear()
+        self.in_use = False
+
+
+def _copy_cpu(dst: torch.Tensor, src: torch.Tensor, spec: TensorSpec) -> None:
+    if src.is_contiguous():
+        dst.copy_(src.reshape(-1).view(torch.uint8))
+        return
+    itemsize = src.element_size()
+    if dst.storage_offset() % itemsize == 0:
+        dst.view(src.dtype).view(src.shape).copy_(src)  # strided copy, no temporary
+    else:
+        dst.copy_(src.contiguous().reshape(-1).view(torch.uint8))

@@ -1,0 +1,222 @@
+"""From a user's ``state`` mapping to (tree, tensors) and back, in place.
+
+``state`` values may be
+
+- *stateful* objects with ``state_dict()`` / ``load_state_dict()`` (modules, optimizers, schedulers,
+  GradScaler, resumable data loaders and samplers, :class:`RNGState`),
+- tensors (restored in place, so references held elsewhere see the restored values),
+- plain JSON-like values (restored by replacing ``state[key]``).
+
+:func:`capture` runs on the training thread and copies nothing: it returns the live tensors by
+name plus a JSON-able tree in which every non-tensor value is already snapshotted.
+:func:`apply` loads a verified step into ``state``: module parameters and buffers are read from
+the file straight into their existing memory (no second full copy); everything else goes through
+``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CheckpointCorruptError, StateError
+from .format import FORMAT, SafetensorsFile, decode_tree, encode_tree
+
+__all__ = ["RNGState", "Snapshot", "capture", "apply", "is_stateful"]
+
+log = logging.getLogger(__name__)
+
+
+class RNGState:
+    """Every random number generator a training loop draws from: Python's ``random``, numpy's
+    global generator, torch's CPU generator and, when CUDA is initialised, every CUDA device's.
+
+    Put one in ``state`` (``"rng": spotckpt.RNGState()``): saving captures the generators at that
+    moment, restoring sets them, so dropout masks and shuffles after a resume are those an
+    uninterrupted run would have drawn.
+    """
+
+    def __init__(self, *, cuda: bool = True) -> None:
+        self.cuda = cuda
+
+    def state_dict(self) -> dict[str, Any]:
+        sd: dict[str, Any] = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+        }
+        if self.cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
+            sd["cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+        return sd
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        try:
+            random.setstate(_as_tuple(sd["python"]))
+            np.random.set_state(_as_tuple(sd["numpy"]))
+            torch.set_rng_state(sd["torch"].to(torch.uint8))
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointCorruptError(f"RNG state in the checkpoint is malformed ({exc})") from exc
+        cuda_states = sd.get("cuda")
+        if cuda_states and self.cuda and torch.cuda.is_available():
+            n = torch.cuda.device_count()
+            if len(cuda_states) != n:
+                log.warning(
+                    "spotckpt: checkpoint has RNG states for %d CUDA devices, this machine has %d; "
+                    "restoring the first %d",
+                    len(cuda_states),
+                    n,
+                    min(n, len(cuda_states)),
+                )
+            for i, s in enumerate(cuda_states[:n]):
+                torch.cuda.set_rng_state(s.to(torch.uint8), i)
+
+
+def _as_tuple(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_as_tuple(x) for x in v)
+    if isinstance(v, tuple):
+        return tuple(_as_tuple(x) if isinstance(x, list) else x for x in v)
+    return v
+
+
+def is_stateful(obj: Any) -> bool:
+    return (
+        not isinstance(obj, torch.Tensor)
+        and callable(getattr(obj, "state_dict", None))
+        and callable(getattr(obj, "load_state_dict", None))
+    )
+
+
+@dataclass
+class Snapshot:
+    """What one writer stores: the JSON tree and the tensors it names (live, not copied)."""
+
+    tree: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def capture(state: Mapping[str, Any], *, step: int, rank: int = 0, allow_pickle: bool = False) -> Snapshot:
+    """Snapshot ``state``'s structure and non-tensor values; collect its tensors by name."""
+    if not isinstance(state, Mapping):
+        raise StateError(f"state must be a dict of name -> value, got {type(state).__name__}")
+    tensors: dict[str, torch.Tensor] = {}
+
+    def add(path: str, t: torch.Tensor) -> str:
+        name = path
+        n = 1
+        while name in tensors:
+            n += 1
+            name = f"{path}#{n}"
+        tensors[name] = t
+        return name
+
+    keys: dict[str, Any] = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not key:
+            raise StateError(f"state keys must be non-empty strings, got {key!r}", key_path=repr(key))
+        if is_stateful(value):
+            try:
+                sd = value.state_dict()
+            except Exception as exc:
+                raise StateError(
+                    f"{key}: {type(value).__name__}.state_dict() failed ({exc})", key_path=key
+                ) from exc
+            keys[key] = {"kind": "stateful", "value": encode_tree(sd, key, add, allow_pickle=allow_pickle)}
+        elif isinstance(value, torch.Tensor):
+            keys[key] = {"kind": "tensor", "value": encode_tree(value, key, add)}
+        else:
+            keys[key] = {"kind": "value", "value": encode_tree(value, key, add, allow_pickle=allow_pickle)}
+    tree = {"format": FORMAT, "step": step, "rank": rank, "keys": keys}
+    return Snapshot(tree=tree, tensors=tensors)
+
+
+def apply(
+    state: MutableMapping[str, Any],
+    tree: Mapping[str, Any],
+    reader: SafetensorsFile,
+    *,
+    allow_pickle: bool = False,
+    bounce: torch.Tensor | None = None,
+    source: str = "tree",
+) -> None:
+    """Load a verified step's tree and tensors into ``state`` in place."""
+    if not isinstance(tree, Mapping) or tree.get("format") != FORMAT or not isinstance(tree.get("keys"), dict):
+        raise CheckpointCorruptError(f"{source}: not a {FORMAT} tree", path=source)
+    saved: dict[str, Any] = tree["keys"]
+    missing = [k for k in state if k not in saved]
+    if missing:
+        log.warning("spotckpt: keys %s are not in the checkpoint; they keep their current values", missing)
+
+    def get(name: str) -> torch.Tensor:
+        return reader.read(name)
+
+    for key, entry in saved.items():
+        if not isinstance(entry, dict) or "value" not in entry:
+            raise CheckpointCorruptError(f"{source}: entry {key!r} is malformed", path=source)
+        kind, doc = entry.get("kind"), entry["value"]
+        live = state.get(key)
+        if kind == "stateful":
+            if live is None or not is_stateful(live):
+                log.warning("spotckpt: checkpoint key %r has no stateful object in state; skipped", key)
+                continue
+            if isinstance(live, torch.nn.Module) and _load_module_in_place(live, doc, reader, bounce):
+                continue
+            sd = decode_tree(doc, get, source=source, allow_pickle=allow_pickle)
+            try:
+                live.load_state_dict(sd)
+            except Exception as exc:
+                raise StateError(
+                    f"{key}: {type(live).__name__}.load_state_dict() rejected the checkpoint ({exc}); "
+                    "build it with the same configuration as when it was saved",
+                    key_path=key,
+                ) from exc
+        elif kind == "tensor":
+            if isinstance(live, torch.Tensor) and isinstance(doc, dict) and "__tensor__" in doc:
+                with torch.no_grad():
+                    reader.read_into(doc["__tensor__"], live, bounce=bounce)
+            else:
+                state[key] = decode_tree(doc, get, source=source)
+        elif kind == "value":
+            state[key] = decode_tree(doc, get, source=source, allow_pickle=allow_pickle)
+        else:
+            raise CheckpointCorruptError(f"{source}: entry {key!r} has unknown kind {kind!r}", path=source)
+
+
+def _load_module_in_place(
+    module: torch.nn.Module, doc: Any, reader: SafetensorsFile, bounce: torch.Tensor | None
+) -> bool:
+    """Read a module's saved tensors straight into its parameters and buffers. Returns False
+    (caller falls back to ``load_state_dict``) when the layouts do not line up one to one."""
+    if not isinstance(doc, dict):
+        return False
+    if any(
+        getattr(m, "_load_state_dict_pre_hooks", None) or getattr(m, "_load_state_dict_post_hooks", None)
+        for m in module.modules()
+    ):
+        return False  # hooks may transform what is loaded: let load_state_dict run them
+    live = module.state_dict()
+    if set(live) != set(doc):
+        return False
+    plan = []
+    for k, ref in doc.items():
+        t = live[k]
+        if not (isinstance(ref, dict) and len(ref) == 1 and "__tensor__" in ref and isinstance(t, torch.Tensor)):
+            return False
+        spec = reader.specs.get(ref["__tensor__"])
+        if spec is None or spec.dtype != t.dtype or spec.shape != tuple(t.shape):
+            return False
+        plan.append((ref["__tensor__"], t))
+    with torch.no_grad():
+        for name, t in plan:
+            reader.read_into(name, t, bounce=bounce)
+    return True

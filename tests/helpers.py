@@ -1,0 +1,45 @@
+"""Helpers shared by tests: deterministic states whose content is a function of the step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from spotckpt.local import LocalStore
+
+
+def step_state(step: int, *, numel: int = 1 << 16, n: int = 4) -> dict[str, object]:
+    """A state whose every value is determined by ``step`` (so a restore can be checked)."""
+    g = torch.Generator().manual_seed(step)
+    return {
+        "weights": {f"w{i}": torch.randn(numel, generator=g) for i in range(n)},
+        "step_tensor": torch.full((3,), float(step)),
+        "meta": {"step": step, "name": f"s{step}"},
+    }
+
+
+def empty_state(*, numel: int = 1 << 16, n: int = 4) -> dict[str, object]:
+    return {
+        "weights": {f"w{i}": torch.zeros(numel) for i in range(n)},
+        "step_tensor": torch.zeros(3),
+        "meta": None,
+    }
+
+
+def assert_state_is_step(state: dict[str, object], step: int, *, numel: int = 1 << 16, n: int = 4) -> None:
+    want = step_state(step, numel=numel, n=n)
+    assert state["meta"] == want["meta"], (state["meta"], step)
+    assert torch.equal(state["step_tensor"], want["step_tensor"])  # type: ignore[arg-type]
+    for k, v in want["weights"].items():  # type: ignore[union-attr]
+        assert torch.equal(state["weights"][k], v), k  # type: ignore[index]
+
+
+def assert_all_steps_verify(root: Path) -> list[int]:
+    """The invariant of every fault test: each committed step verifies completely."""
+    store = LocalStore(root, create=False, cleanup=False)
+    steps = store.committed_steps()
+    for s in steps:
+        check = store.verify_step(s)
+        assert check.ok, (s, check.problems)
+    return steps

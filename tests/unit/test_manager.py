@@ -1,0 +1,284 @@
+"""CheckpointManager on the local disk: round trips, async isolation, policy, errors, threads."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from torch import nn
+
+import spotckpt
+import spotckpt.format as format_mod
+from spotckpt import CheckpointManager, RNGState
+from spotckpt.errors import ConfigError, SaveError, StateError
+from tests.helpers import assert_all_steps_verify, assert_state_is_step, empty_state, step_state
+
+
+def _train_state(seed: int = 0) -> dict[str, object]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.2), nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", enabled=True) if hasattr(torch.amp, "GradScaler") else None
+    st: dict[str, object] = {"model": model, "optim": opt, "sched": sched, "rng": RNGState(), "epoch": 0,
+                             "ema": torch.zeros(4)}
+    if scaler is not None:
+        st["scaler"] = scaler
+    return st
+
+
+def _train(st: dict[str, object], steps: int) -> list[float]:
+    model, opt, sched = st["model"], st["optim"], st["sched"]
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(16, 8)
+        loss = model(x).pow(2).mean()  # type: ignore[operator]
+        opt.zero_grad()  # type: ignore[union-attr]
+        loss.backward()
+        opt.step()  # type: ignore[union-attr]
+        sched.step()  # type: ignore[union-attr]
+        st["ema"].mul_(0.9).add_(loss.detach())  # type: ignore[union-attr]
+        st["epoch"] = int(st["epoch"]) + 1  # type: ignore[call-overload]
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_resume_continues_identically(tmp_path: Path, async_save: bool) -> None:
+    ref = _train_state()
+    _train(ref, 5)
+    expected_tail = _train(ref, 4)
+
+    st = _train_state()
+    _train(st, 5)
+    with CheckpointManager(tmp_path, async_save=async_save, metrics=False) as mgr:
+        mgr.save(5, st)
+    fresh = _train_state(seed=99)
+    with CheckpointManager(tmp_path, metrics=False) as mgr:
+        assert mgr.restore(fresh) == 5
+        assert mgr.latest_step() == 5 and mgr.all_steps() == [5]
+    assert fresh["epoch"] == 5
+    assert _train(fresh, 4) == expected_tail
+    for (k, a), b in zip(ref["model"].state_dict().items(), fresh["model"].state_dict().values()):  # type: ignore[union-attr]
+        assert torch.equal(a, b), k
+    assert torch.equal(ref["ema"], fresh["ema"])  # type: ignore[arg-type]
+
+
+def test_tensor_values_restore_in_place(tmp_path: Path) -> None:
+    st = {"t": torch.arange(5.0)}
+    with CheckpointManager(tmp_path, metrics=False) as mgr:
+        mgr.save(1, st)
+    target = torch.zeros(5)
+    alias = target.view(5)
+    with CheckpointManager(tmp_path, metrics=False) as mgr:
+        mgr.restore({"t": target})
+    assert torch.equal(alias, torch.arange(5.0))
+
+
+def test_state_mutated_after_save_never_leaks_into_it(tmp_path: Path) -> None:
+    st = step_state(1)
+    with CheckpointManager(tmp_path, keep_last=None, metrics=False) as mgr:
+        for step in range(1, 6):
+            cur = step_state(step)
+            for k, v in cur["weights"].items():  # type: ignore[union-attr]
+                st["weights"][k].copy_(v)  # type: ignore[index]
+            st["step_tensor"].copy_(cur["step_tensor"])  # type: ignore[union-attr]
+            st["meta"] = cur["meta"]
+            mgr.save(step, st)
+            # scribble over everything right after save() returned
+            for v in st["weights"].values():  # type: ignore[union-attr]
+                v.fill_(-1.0)
+            st["step_tensor"].fill_(-1.0)  # type: ignore[union-attr]
+            st["meta"]["name"] = "scribbled"  # type: ignore[index]
+        mgr.wait()
+    assert assert_all_steps_verify(tmp_path) == [1, 2, 3, 4, 5]
+    for step in range(1, 6):
+        target = empty_state()
+        with CheckpointManager(tmp_path, metrics=False) as mgr:
+            assert mgr.restore(target, step=step) == step
+        assert_state_is_step(target, step)
+
+
+def test_maybe_save_policy_and_keep_last(tmp_path: Path) -> None:
+    st = step_state(0, numel=16)
+    with CheckpointManager(tmp_path, every_steps=3, keep_last=2, metrics=False) as mgr:
+        saved = []
+        for s in range(1, 11):
+            if mgr.maybe_save(s, st):
+                saved.append(s)
+            mgr.wait()
+        assert saved == [3, 6, 9]
+        assert mgr.all_steps() == [6, 9]
+        assert mgr.stats.saves == 3
+
+
+def test_every_seconds_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import spotckpt.manager as manager_mod
+
+    now = [1000.0]
+    monkeypatch.setattr(manager_mod.time, "monotonic", lambda: now[0])
+    st = step_state(0, numel=16)
+    with CheckpointManager(tmp_path, every_steps=None, every_seconds=60, metrics=False) as mgr:
+        assert not mgr.maybe_save(1, st)
+        now[0] += 61
+        assert mgr.maybe_save(2, st)
+        mgr.wait()
+        now[0] += 30
+        assert not mgr.maybe_save(3, st)
+        now[0] += 31
+        assert mgr.maybe_save(4, st)
+    assert assert_all_steps_verify(tmp_path) == [2, 4]
+
+
+def test_unsupported_value_raises_state_error_naming_key(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, metrics=False) as mgr:
+        with pytest.raises(StateError) as ei:
+            mgr.save(1, {"good": 1, "cfg": {"fn": lambda x: x}})
+        assert ei.value.key_path == "cfg/fn"
+        assert mgr.all_steps() == []
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        CheckpointManager(tmp_path, every_steps=0)
+    with pytest.raises(ConfigError):
+        CheckpointManager(tmp_path, keep_last=0)
+    with pytest.raises(ConfigError):
+        CheckpointManager(tmp_path, s3_uri="bucket/prefix")
+    f = tmp_path / "f"
+    f.write_text("x")
+    with pytest.raises(spotckpt.SpotCkptError, match=str(f)):
+        CheckpointManager(f)
+
+
+def test_local_dir_discovery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "config"
+    cfg.mkdir()
+    (cfg / "checkpointconfig.json").write_text('{"LocalPath": "%s"}' % (tmp_path / "sm"))
+    monkeypatch.setenv("SPOTCKPT_SAGEMAKER_CONFIG_DIR", str(cfg))
+    monkeypatch.delenv("SPOTCKPT_LOCAL_DIR", raising=False)
+    with CheckpointManager(metrics=False) as mgr:
+        assert mgr.local_dir == tmp_path / "sm"
+    monkeypatch.setenv("SPOTCKPT_LOCAL_DIR", str(tmp_path / "env"))
+    with CheckpointManager(metrics=False) as mgr:
+        assert mgr.local_dir == tmp_path / "env"
+    with CheckpointManager(tmp_path / "arg", metrics=False) as mgr:
+        assert mgr.local_dir == tmp_path / "arg"
+
+
+def test_corrupt_newest_falls_back_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with CheckpointManager(tmp_path, keep_last=None, metrics=False) as mgr:
+        for s in (1, 2, 3):
+            mgr.save(s, step_state(s))
+    f3 = tmp_path / "step-000000000003" / "rank-00000.safetensors"
+    raw = bytearray(f3.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    f3.write_bytes(bytes(raw))
+    (tmp_path / "step-000000000002" / "rank-00000.tree.json").write_text("{}")
+    target = empty_state()
+    with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path, metrics=False) as mgr:
+        assert mgr.restore(target) == 1
+    assert_state_is_step(target, 1)
+    assert "rank-00000.safetensors" in caplog.text and "step 3" in caplog.text
+
+
+def test_persist_error_surfaces_and_previous_step_stays_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with CheckpointManager(tmp_path, metrics=False) as mgr:
+        mgr.save(1, step_state(1))
+        mgr.wait()
+        real = format_mod.CrcWriter.write
+        calls = {"n": 0}
+
+        def failing(self: format_mod.CrcWriter, data: object) -> None:
+            calls["n"] += 1
+            if calls["n"] > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(self, data)
+
+        monkeypatch.setattr(format_mod.CrcWriter, "write", failing)
+        mgr.save(2, step_state(2))  # async: fails in the persist thread
+        with pytest.raises(SaveError, match="disk is full"):
+            mgr.wait()
+        monkeypatch.setattr(format_mod.CrcWriter, "write", real)
+        with pytest.raises(SaveError, match="disk is full"):  # blocking: raised right away
+            monkeypatch.setattr(format_mod.CrcWriter, "write", failing)
+            calls["n"] = 0
+            mgr.save(3, step_state(3), blocking=True)
+        monkeypatch.setattr(format_mod.CrcWriter, "write", real)
+        assert mgr.all_steps() == [1]
+        assert list(mgr.local.staging_root.iterdir()) == []  # staging removed
+        mgr.save(4, step_state(4))
+    assert assert_all_steps_verify(tmp_path) == [1, 4]
+
+
+def test_no_buffer_growth_over_20_saves(tmp_path: Path) -> None:
+    numel = 2 << 20  # 8 MiB per tensor, 32 MiB state
+    st = step_state(0, numel=numel)
+    proc = psutil.Process()
+    rss = []
+    with CheckpointManager(tmp_path, keep_last=1, metrics=False) as mgr:
+        for s in range(1, 21):
+            mgr.save(s, st)
+            mgr.wait()
+            gc.collect()
+            rss.append(proc.memory_info().rss)
+        assert mgr._stager.capacity_bytes == 4 * numel * 4 + 3 * 4  # one buffer, never regrown
+    growth = max(rss[5:]) - rss[4]
+    assert growth < 16 << 20, [r >> 20 for r in rss]
+
+
+def test_close_joins_every_thread(tmp_path: Path) -> None:
+    before = {t.name for t in threading.enumerate()}
+    mgr = CheckpointManager(tmp_path, metrics=False)
+    mgr.save(1, step_state(1, numel=64))
+    mgr.close()
+    after = {t.name for t in threading.enumerate() if t.name.startswith("spotckpt-")}
+    assert after <= before
+    with pytest.raises(spotckpt.SpotCkptError, match="closed"):
+        mgr.save(2, step_state(2, numel=64))
+
+
+def test_sigterm_handler_chains_and_is_restored(tmp_path: Path) -> None:
+    seen = []
+    prev = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
+    try:
+        mgr = CheckpointManager(tmp_path, metrics=False, grace_seconds=30)
+        assert not mgr.preemption_requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert mgr.preemption_requested and seen == [signal.SIGTERM]
+        left = mgr.watcher.seconds_left()
+        assert left is not None and 0 < left <= 30
+        st = step_state(7, numel=64)
+        assert mgr.maybe_save(7, st)  # not a policy step: saved because of the preemption
+        assert mgr.preempted
+        assert not mgr.maybe_save(8, st)
+        mgr.close()
+        assert signal.getsignal(signal.SIGTERM) is not None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM, signal.SIGTERM]  # our handler is gone, the old one is back
+        target = empty_state(numel=64)
+        with CheckpointManager(tmp_path, metrics=False) as m2:
+            assert m2.restore(target) == 7
+        assert_state_is_step(target, 7, numel=64)
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
+def test_metric_lines_are_stable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with CheckpointManager(tmp_path, metrics=True) as mgr:
+        mgr.save(3, step_state(3, numel=64))
+        mgr.wait()
+        mgr.restore(empty_state(numel=64))
+    err = capsys.readouterr().err
+    assert "spotckpt event=save step=3 stall_s=" in err
+    assert "spotckpt event=durable_local step=3 seconds=" in err
+    assert "spotckpt event=restore step=3 seconds=" in err
+    assert mgr.stats.saves == 1 and mgr.stats.restored_step == 3
