@@ -10,7 +10,8 @@
 # and prints the JSON. Without CUDA it falls back to a small CPU state so it can be tried anywhere.
 #
 # Knobs (env): GPU_GIB (4), SIZES (CPU fp32 MiB list on top of the GPU state, default none),
-# REPS (2), DIR (where checkpoints are written, default /tmp), BENCH_TIMEOUT (seconds, 480).
+# REPS (2), DIR (where checkpoints are written: /tmp, or benchmarks/out/tmp when /tmp is a
+# tmpfs), BENCH_TIMEOUT (seconds, 480).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out-gpu}"
@@ -38,13 +39,20 @@ PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/gpu.txt" 2>&1 || true
 cat "$OUT/gpu.txt"
 
+# checkpoints go to a real disk: if /tmp is a tmpfs, fsync would be free; use the checkout's disk
+if [ -z "${DIR:-}" ]; then
+    DIR=/tmp
+    if [ "$(stat -f -c %T /tmp 2>/dev/null)" = tmpfs ]; then
+        DIR=benchmarks/out/tmp; mkdir -p "$DIR"
+    fi
+fi
 SIZES="${SIZES:-none}"
 if ! "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     [ "$SIZES" = none ] && SIZES="${CPU_FALLBACK_SIZES:-32}"
     echo "gpu_check: no CUDA here; running the CPU state(s) $SIZES MiB instead"
 fi
 timeout "${BENCH_TIMEOUT:-480}" "$PY" benchmarks/bench_save.py --sizes "$SIZES" \
-    --gpu-gib "${GPU_GIB:-4}" --reps "${REPS:-2}" --out "$OUT" --dir "${DIR:-/tmp}" \
+    --gpu-gib "${GPU_GIB:-4}" --reps "${REPS:-2}" --out "$OUT" --dir "$DIR" \
     --timeout 240 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
 echo "=== $OUT/save.json (exit $rc)"

@@ -45,11 +45,13 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -575,9 +577,13 @@ def machine_info(base_dir: str) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
         info["cuda_version"] = torch.version.cuda
+    with contextlib.suppress(OSError):
+        info["loadavg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
     for mod in ("torchsnapshot", "numpy"):
         try:
-            info[mod] = __import__(mod).__version__
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                info[mod] = __import__(mod).__version__
         except Exception as exc:  # noqa: BLE001 - recorded, not fatal
             info[mod] = f"unavailable: {exc!r}"[:200]
     return info
@@ -606,21 +612,25 @@ def _spawn_worker(spec: StateSpec, row: str, *, reps: int, base_dir: str,
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONWARNINGS", "ignore")
     t0 = time.perf_counter()
+    # run this file as a script (not ``-m spotckpt.bench``): rows that do not need spotckpt
+    # still run where the package's own dependencies are missing (e.g. a bare GPU image)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", payload],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        # run this file as a script (not ``-m spotckpt.bench``): rows that do not need spotckpt
-        # still run where the package's own dependencies are missing (e.g. a bare GPU image)
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", payload],
-                              capture_output=True, text=True, env=env, timeout=timeout_s)
+        stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"row": row, "state": spec.key, "error": f"worker timed out after {timeout_s:.0f}s"}
-    finally:
+    finally:  # on a timeout, Ctrl-C or SIGTERM, never leave a worker writing gigabytes behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
-    for line in reversed(proc.stdout.splitlines()):
+    for line in reversed(stdout.splitlines()):
         if line.startswith(MARKER):
             rec = json.loads(line[len(MARKER):])
             rec["worker_wall_s"] = round(time.perf_counter() - t0, 2)
             return rec
-    tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
+    tail = (stderr or stdout or "").strip().splitlines()[-3:]
     return {"row": row, "state": spec.key,
             "error": f"worker exited {proc.returncode}: {' | '.join(tail)}"[:500]}
 
@@ -652,6 +662,7 @@ def run_suite(specs: Sequence[StateSpec], *, rows: Sequence[str], reps: int, bas
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every row for every state, each in its own worker; returns the JSON-ready result."""
     t0 = time.perf_counter()
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     os.makedirs(base_dir, exist_ok=True)
     data_dir = tempfile.mkdtemp(prefix="spotckpt-bench-", dir=base_dir)
     results: list[dict[str, Any]] = []
@@ -670,6 +681,7 @@ def run_suite(specs: Sequence[StateSpec], *, rows: Sequence[str], reps: int, bas
                 if progress is not None:
                     progress(_progress_line(spec, rec))
         info = machine_info(data_dir)
+        info["loadavg_1_5_15_at_start"] = load_start and [round(x, 2) for x in load_start]
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     return {
@@ -756,6 +768,11 @@ def _fmt_s(x: float | None) -> str:
     return "–" if x is None else (f"{x:.3f}" if x >= 0.01 else f"{x:.4f}")
 
 
+def _load(m: dict[str, Any]) -> str:
+    a, b = m.get("loadavg_1_5_15_at_start"), m.get("loadavg_1_5_15_at_end")
+    return f"{a[0]:.1f} at start, {b[0]:.1f} at end" if a and b else "unknown"
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     """The tables for the README: one per state, then the targets as ratios."""
     m = result["machine"]
@@ -765,13 +782,18 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         f"Machine: {m.get('cpu_model', '?')}, {m.get('cpu_count')} cores, {ram:.0f} GiB RAM"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
-        + f"; torch {m.get('torch')}; data on {m.get('data_fs')}; {result['created']}.",
+        + f"; torch {m.get('torch')}; data on {m.get('data_fs')}; {result['created']}; "
+        f"load average (1 min) {_load(m)}.",
         f"Best of {result['reps']} after one warm-up call, each row in its own process; page "
         "cache not dropped (restores read from memory). Stall = time the caller is held; "
         "durable = until the saver's fsyncs returned. Peak RSS Δ = kernel high-water mark over "
         "the row minus RSS before it.",
-        "",
     ]
+    load = (m.get("loadavg_1_5_15_at_start") or [0.0])[0]
+    if m.get("cpu_count") and load > m["cpu_count"]:
+        lines.append(f"**Warning: the machine was busy (load {load:.1f} on {m['cpu_count']} cores) "
+                     "when this run started: timings are inflated and noisy.**")
+    lines.append("")
     for st in result["states"]:
         key = st["key"]
         rows = [r for r in result["rows"] if r["state"] == key]
@@ -918,6 +940,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``spotckpt bench`` and ``benchmarks/bench_save.py``; returns an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `spotckpt bench -- --sizes 256` hands the separator on
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
@@ -938,8 +963,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"spotckpt bench: {len(specs)} state(s) x {len(rows)} row(s), reps={args.reps}, "
           f"data under {args.dir}", flush=True)
-    result = run_suite(specs, rows=rows, reps=args.reps, base_dir=args.dir,
-                       timeout_s=args.timeout, progress=lambda s: print(s, flush=True))
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # unwinds through the worker's kill and the temp dir's removal
+
+    prev = None
+    if threading.current_thread() is threading.main_thread():
+        prev = signal.signal(signal.SIGTERM, on_term)
+    try:
+        result = run_suite(specs, rows=rows, reps=args.reps, base_dir=args.dir,
+                           timeout_s=args.timeout, progress=lambda s: print(s, flush=True))
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
     paths = write_outputs(result, args.out, plot=not args.no_plot)
     print(render_markdown(result))
     print(f"wrote {', '.join(paths.values())} in {result['wall_s']:.0f}s", flush=True)

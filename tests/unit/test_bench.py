@@ -153,5 +153,44 @@ def test_peak_rss_sees_a_transient_allocation() -> None:
 
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     assert bench.main(["--rows", "nope", "--out", str(tmp_path)]) == 2
+    assert bench.main(["--", "--rows", "nope", "--out", str(tmp_path)]) == 2  # CLI separator
     assert bench.main(["--reps", "0", "--out", str(tmp_path)]) == 2
     assert bench.main(["--sizes", "none", "--gpu-gib", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_sigterm_kills_the_worker_and_removes_its_data(tmp_path: Path) -> None:
+    """`timeout` (as in gpu_check.sh) sends SIGTERM: no worker may keep writing after it."""
+    import signal
+    import subprocess
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    data = tmp_path / "data"
+    data.mkdir()
+    script = Path(bench.__file__).resolve().parents[1] / "benchmarks" / "bench_save.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--sizes", "64", "--rows", "dcp_save",
+                             "--reps", "1000", "--out", str(tmp_path / "out"), "--dir", str(data),
+                             "--no-plot"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 120
+        workers: list = []
+        while not workers and time.monotonic() < deadline:  # a worker has started writing
+            workers = [c for c in parent.children(recursive=True)
+                       if any("dcp-" in p for p in _files_under(data))]
+            time.sleep(0.2)
+        assert workers, "the worker never started writing"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive
+        assert list(data.iterdir()) == []
+        assert not (tmp_path / "out" / "save.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _files_under(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("*")]
