@@ -506,8 +506,6 @@ def _restore_timer(ctx: _Ctx, fn: Callable[[], None], probe: dict[str, Any]) -> 
 
 def run_worker(spec: StateSpec, row: str, *, reps: int, workdir: str) -> dict[str, Any]:
     """Build the state, run one row (warm-up + ``reps``), return its record. Runs in a worker."""
-    import torch
-
     t_build = time.perf_counter()
     state = build_state(spec)
     nbytes = _nbytes(state)
@@ -540,7 +538,6 @@ def run_worker(spec: StateSpec, row: str, *, reps: int, workdir: str) -> dict[st
         peak_rss_delta_bytes=max(0, peak - base),
         rss_base_bytes=base,
     )
-    del torch
     return rec
 
 
