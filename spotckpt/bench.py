@@ -329,7 +329,24 @@ def _row_impl(name: str, ctx: _Ctx) -> tuple[Callable[[], None], RowFn, Callable
             def copy() -> None:
                 for k, v in state.items():
                     host[k].copy_(v, non_blocking=ctx.cuda)
-            return prep_host, timed(copy), nothing
+
+            if ctx.cuda:
+                return prep_host, timed(copy), nothing
+            copy_default = timed(copy)
+
+            def copy_best() -> dict[str, float]:
+                # A floor is the best copy this machine can do: torch's default intra-op threads
+                # and one thread, whichever is faster (on a busy or small machine, OpenMP
+                # threads fighting for cores can make the default several times slower).
+                a = copy_default()
+                n = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    b = copy_default()
+                finally:
+                    torch.set_num_threads(n)
+                return a if a["stall"] <= b["stall"] else b
+            return prep_host, copy_best, nothing
 
         def clone() -> None:
             out = {k: (v.cpu() if ctx.cuda else v.clone()) for k, v in state.items()}
