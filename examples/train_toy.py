@@ -100,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             optim.step()
             sched.step()
             step += 1
-            state["losses"].append(round(float(loss), 6))
+            loss_value = loss.item()
+            state["losses"].append(loss_value)
             if step % args.print_every == 0:
-                print(f"train_toy: step {step} loss {float(loss):.5f}", flush=True)
+                print(f"train_toy: step {step} loss {loss_value:.5f}", flush=True)
             if args.step_sleep:
                 time.sleep(args.step_sleep)
             mgr.maybe_save(step, state)
@@ -111,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         mgr.save(step, state)
         mgr.wait()
+    losses = hashlib.sha256(repr(state["losses"]).encode()).hexdigest()[:16]
     print(f"train_toy: done at step {step}; final loss {state['losses'][-1]:.5f}; "
-          f"weights {weights_digest(model)}", flush=True)
+          f"weights {weights_digest(model)}; losses {losses}", flush=True)
     return 0
 
 

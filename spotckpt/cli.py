@@ -93,7 +93,8 @@ def _rows(src: str, *, checksums: bool) -> list[StepRow]:
     return _local_rows(Path(src), checksums=checksums)
 
 
-def _print_table(rows: list[StepRow], out=sys.stdout) -> None:  # type: ignore[no-untyped-def]
+def _print_table(rows: list[StepRow], out=None) -> None:  # type: ignore[no-untyped-def]
+    out = out or sys.stdout
     if not rows:
         print("no committed steps", file=out)
         return

@@ -478,6 +478,16 @@ class SafetensorsFile:
         if target.device.type == "cpu" and target.is_contiguous():
             self._readinto(s, tensor_byte_view(target))
             return
+        if (
+            target.device.type == "cuda"
+            and target.is_contiguous()
+            and bounce is not None
+            and bounce.is_pinned()
+            and bounce.numel() >= 2
+            and s.nbytes
+        ):
+            self._read_into_cuda(s, target, bounce)
+            return
         if bounce is not None and bounce.numel() * bounce.element_size() >= s.nbytes:
             buf = bounce.view(torch.uint8).reshape(-1)[: s.nbytes]
         else:
@@ -486,6 +496,38 @@ class SafetensorsFile:
         src = buf.view(s.dtype).reshape(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)
         with torch.no_grad():
             target.copy_(src, non_blocking=False)
+
+    def _read_into_cuda(self, s: TensorSpec, target: torch.Tensor, bounce: torch.Tensor) -> None:
+        """File -> pinned bounce buffer (two halves, alternating) -> device, so reading the
+        next chunk overlaps the host-to-device copy of the previous one."""
+        halves = bounce.view(torch.uint8).reshape(-1)
+        half = halves.numel() // 2
+        bufs = (halves[:half], halves[half : 2 * half])
+        events = [torch.cuda.Event(), torch.cuda.Event()]
+        used = [False, False]
+        dst = target.reshape(-1).view(torch.uint8)
+        stream = torch.cuda.current_stream(target.device)
+        self._f.seek(self._data_start + s.start)
+        off, i = 0, 0
+        while off < s.nbytes:
+            n = min(half, s.nbytes - off)
+            if used[i]:
+                events[i].synchronize()  # that half's previous copy has landed
+            mv = memoryview(tensor_byte_view(bufs[i][:n])).cast("B")
+            got = 0
+            while got < n:
+                k = self._f.readinto(mv[got:])
+                if not k:
+                    raise self._bad(f"tensor {s.name!r} is truncated")
+                got += k
+            dst[off : off + n].copy_(bufs[i][:n], non_blocking=True)
+            events[i].record(stream)
+            used[i] = True
+            off += n
+            i ^= 1
+        for ev, u in zip(events, used):
+            if u:
+                ev.synchronize()
 
     def read(self, name: str) -> torch.Tensor:
         """A new CPU tensor holding tensor ``name``."""

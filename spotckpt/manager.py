@@ -187,6 +187,7 @@ class CheckpointManager:
             rank=self.rank,
             verify=self.verify_on_restore,
             allow_pickle=self.allow_pickle,
+            bounce=_bounce_buffer_for(state),
             progress=_progress_logger(),
         )
         if res is None:
@@ -451,6 +452,19 @@ class CheckpointManager:
                 self.close()
             except SpotCkptError as close_exc:
                 log.error("spotckpt: while closing after an error: %s", close_exc)
+
+
+#: Pinned host memory through which restore feeds CUDA tensors (two alternating halves).
+RESTORE_BOUNCE_BYTES = 128 * 1024 * 1024
+
+
+def _bounce_buffer_for(state: MutableMapping[str, Any]) -> Any:
+    """A pinned bounce buffer when CUDA is in use (restoring into device tensors), else None."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return torch.empty(RESTORE_BOUNCE_BYTES, dtype=torch.uint8, pin_memory=True)
 
 
 def _progress_logger() -> Callable[[int], None]:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import CheckpointCorruptError, NoCheckpointError, SpotCkptError
+from .errors import CheckpointCorruptError, NoCheckpointError, PickleRefusedError, SpotCkptError
 from .format import MAX_JSON_BYTES, Manifest, SafetensorsFile, data_file_names
 from .local import LocalStore, verify_files
 from .torch_state import apply
@@ -122,6 +122,8 @@ def restore_newest(
                 try:
                     load_step(state, check.path, check.manifest, rank=rank, verify=False,
                               allow_pickle=allow_pickle, bounce=bounce)
+                except PickleRefusedError:
+                    raise
                 except CheckpointCorruptError as exc:
                     log.warning("spotckpt: skipping local step %d: %s", s, exc)
                 else:
@@ -171,6 +173,8 @@ def _restore_remote(
         raise
     try:
         load_step(state, path, manifest, rank=rank, verify=False, allow_pickle=allow_pickle, bounce=bounce)
+    except PickleRefusedError:
+        raise
     except CheckpointCorruptError as exc:
         log.warning("spotckpt: skipping S3 step %d: %s", s, exc)
         return None

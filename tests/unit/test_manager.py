@@ -282,3 +282,19 @@ def test_metric_lines_are_stable(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "spotckpt event=durable_local step=3 seconds=" in err
     assert "spotckpt event=restore step=3 seconds=" in err
     assert mgr.stats.saves == 1 and mgr.stats.restored_step == 3
+
+
+def test_pickle_needs_explicit_opt_in_on_both_sides(tmp_path: Path) -> None:
+    st = {"tags": {"a", "b"}}
+    with CheckpointManager(tmp_path, metrics=False) as mgr:
+        with pytest.raises(StateError, match="tags"):
+            mgr.save(1, st)
+    with CheckpointManager(tmp_path, metrics=False, allow_pickle=True) as mgr:
+        mgr.save(2, st)
+    with CheckpointManager(tmp_path, metrics=False) as mgr:
+        with pytest.raises(spotckpt.PickleRefusedError, match="allow_pickle=True"):
+            mgr.restore({"tags": None})
+    target: dict[str, object] = {"tags": None}
+    with CheckpointManager(tmp_path, metrics=False, allow_pickle=True) as mgr:
+        assert mgr.restore(target) == 2
+    assert target["tags"] == {"a", "b"}

@@ -1,0 +1,148 @@
+"""S3 transfer benchmark: boto3 upload_file/download_file with the default TransferConfig vs
+spotckpt's S3Store.upload_step/download_step, same bytes, same moto server, same run.
+
+    PYTHONPATH=. python benchmarks/bench_s3.py [--mb 1024] [--repeats 2]
+
+Starts moto's ThreadedMotoServer on 127.0.0.1 (in a child process), writes one step (one safetensors file of --mb MiB
+plus its manifest), then alternates the two paths ``--repeats`` times per direction and reports
+the best and median throughput of each. Writes benchmarks/out/s3.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+_SERVER = """
+import logging, signal, sys, threading
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+from moto.server import ThreadedMotoServer
+srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+srv.start()
+print(*srv.get_host_and_port(), flush=True)
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+threading.Event().wait()
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=int(os.environ.get("MB", "1024")), help="step size in MiB (env MB)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "s3.json"))
+    args = ap.parse_args()
+
+    # The server runs in its own process (still moto's ThreadedMotoServer on 127.0.0.1): in the
+    # benchmark's own process it would share one GIL with the client, which penalizes every
+    # client thread and measures the fake server's contention rather than the transfer settings.
+    srv = subprocess.Popen([sys.executable, "-c", _SERVER], stdout=subprocess.PIPE, text=True)
+    assert srv.stdout is not None
+    host, port = srv.stdout.readline().split()
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+    )
+    import boto3
+    import torch
+    from boto3.s3.transfer import TransferConfig
+
+    from spotckpt.format import MANIFEST_NAME, Manifest, step_dirname, write_safetensors
+    from spotckpt.s3 import MAX_CONCURRENCY, PART_SIZE_BYTES, S3Store
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="bench")
+    size = args.mb * 1024 * 1024
+    work = Path(tempfile.mkdtemp(prefix="bench-s3-"))
+    step_dir = work / "local" / step_dirname(1)
+    step_dir.mkdir(parents=True)
+    data = torch.randint(0, 255, (size,), dtype=torch.uint8)
+    ent = write_safetensors(step_dir / "rank-00000.safetensors", {"w": data})
+    del data
+    (step_dir / MANIFEST_NAME).write_bytes(Manifest(step=1, files={"rank-00000.safetensors": ent}).to_bytes())
+    path = step_dir / "rank-00000.safetensors"
+    nbytes = ent.size
+    print(f"step: {nbytes / 1e6:.0f} MB in one file; moto at {host}:{port}", flush=True)
+
+    times: dict[str, list[float]] = {k: [] for k in ("boto3_up", "spot_up", "boto3_down", "spot_down")}
+    default_cfg = TransferConfig()
+    for r in range(args.repeats):
+        t = time.perf_counter()
+        s3.upload_file(str(path), "bench", f"boto3/{r}.bin", Config=default_cfg)
+        times["boto3_up"].append(time.perf_counter() - t)
+
+        store = S3Store(f"s3://bench/spot{r}")
+        t = time.perf_counter()
+        assert store.upload_step(1, step_dir) is True
+        times["spot_up"].append(time.perf_counter() - t)
+
+        dl = work / f"boto3-{r}.bin"
+        t = time.perf_counter()
+        s3.download_file("bench", f"boto3/{r}.bin", str(dl), Config=default_cfg)
+        times["boto3_down"].append(time.perf_counter() - t)
+        dl.unlink()
+
+        dest = work / f"restore-{r}"
+        t = time.perf_counter()
+        store.download_step(1, dest)  # includes the CRC32C verification and fsyncs
+        times["spot_down"].append(time.perf_counter() - t)
+        shutil.rmtree(dest)
+        store.close()
+        for prefix in (f"boto3/{r}", f"spot{r}/"):
+            for o in s3.list_objects_v2(Bucket="bench", Prefix=prefix).get("Contents", []):
+                s3.delete_object(Bucket="bench", Key=o["Key"])
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+
+    def mbps(secs: float) -> float:
+        return nbytes / secs / 1e6
+
+    res = {
+        k: {"best_s": min(v), "median_s": statistics.median(v), "best_MBps": mbps(min(v)), "median_MBps": mbps(statistics.median(v))}
+        for k, v in times.items()
+    }
+    ratio_up = res["spot_up"]["median_MBps"] / res["boto3_up"]["median_MBps"]
+    ratio_down = res["spot_down"]["median_MBps"] / res["boto3_down"]["median_MBps"]
+    print()
+    print(f"{'path':44s} {'median s':>9s} {'median MB/s':>12s} {'best MB/s':>10s}")
+    labels = {
+        "boto3_up": "boto3 upload_file (default TransferConfig)",
+        "spot_up": f"S3Store.upload_step ({PART_SIZE_BYTES >> 20} MiB x {MAX_CONCURRENCY})",
+        "boto3_down": "boto3 download_file (default TransferConfig)",
+        "spot_down": "S3Store.download_step (+CRC32C verify, fsync)",
+    }
+    for k, lab in labels.items():
+        print(f"{lab:44s} {res[k]['median_s']:9.2f} {res[k]['median_MBps']:12.1f} {res[k]['best_MBps']:10.1f}")
+    print(f"\nupload ratio   spotckpt / boto3 default: {ratio_up:.2f}x")
+    print(f"download ratio spotckpt / boto3 default: {ratio_down:.2f}x")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "bytes": nbytes, "repeats": args.repeats, "results": res, "raw_seconds": times,
+        "ratio_upload": ratio_up, "ratio_download": ratio_down,
+        "spotckpt_part_size_bytes": PART_SIZE_BYTES, "spotckpt_concurrency": MAX_CONCURRENCY,
+        "boto3_default": {"multipart_chunksize": default_cfg.multipart_chunksize, "max_concurrency": default_cfg.max_request_concurrency},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "server": "moto ThreadedMotoServer on 127.0.0.1, in its own process",
+    }, indent=1))
+    print(f"wrote {out}")
+    shutil.rmtree(work)
+    srv.terminate()
+    srv.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

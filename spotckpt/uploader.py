@@ -1,0 +1,333 @@
+"""The uploader: keeps ``<s3_uri>`` in step with the committed steps of ``local_dir``.
+
+Events are hints, the scan is the truth. A watchdog ``Observer`` on ``local_dir`` wakes the
+upload thread when a committed ``step-*`` directory appears (by atomic rename: a moved or
+created directory event); independently, the upload thread reconciles ``local_dir`` against
+S3 every ``scan_interval_seconds``. So an inotify overflow, a missed event or a restart never
+loses a checkpoint: the uploader keeps no state but what is in S3 and ``local_dir``.
+
+One reconcile pass (upload thread)::
+
+    scan local committed steps, list committed S3 steps
+    -> skip local steps that retention (keep_last over local + S3) would delete anyway
+    -> upload the newest missing step (data first, manifest last; S3Store.upload_step)
+    -> rescan (a newer step may have been committed meanwhile), until nothing is missing
+    -> S3 retention: delete all but the newest keep_last (manifest first, then data)
+
+Threads: ``spotckpt-uploader`` runs passes; ``spotckpt-uploader-watch`` is the watchdog
+observer (it only calls :meth:`Uploader.notify`). Any thread may call ``notify``,
+``wait_for``, ``flush``, ``uploaded_steps``, ``error``; the owner calls ``start`` and ``close``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+
+from .errors import CheckpointCorruptError, SpotCkptError, StorageError
+from .format import MANIFEST_NAME, Manifest, parse_step_dirname, step_dirname
+from .s3 import LocalStepVanishedError, S3Store
+
+__all__ = ["Uploader"]
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR_RE = re.compile(r"^step-\d{12}$")
+
+
+def _local_steps(root: Path) -> list[int]:
+    """Committed steps under ``root`` (a ``step-XXXXXXXXXXXX`` dir holding a manifest), ascending."""
+    steps = []
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:
+        return []
+    for p in entries:
+        step = parse_step_dirname(p.name)
+        if step is not None and (p / MANIFEST_NAME).is_file():
+            steps.append(step)
+    return sorted(steps)
+
+
+def _read_local_manifest(root: Path, step: int) -> Manifest:
+    path = root / step_dirname(step) / MANIFEST_NAME
+    return Manifest.from_bytes(path.read_bytes(), source=str(path))
+
+
+class _Handler(FileSystemEventHandler):
+    """watchdog event handler (runs on the observer thread): wake the uploader for step dirs."""
+
+    def __init__(self, uploader: Uploader) -> None:
+        super().__init__()
+        self._uploader = uploader
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        path = getattr(event, "dest_path", "") or getattr(event, "src_path", "")
+        name = Path(str(path)).name
+        if event.event_type in ("moved", "created", "closed") and (_STEP_DIR_RE.match(name) or name == MANIFEST_NAME):
+            self._uploader.notify()
+
+
+class Uploader:
+    """Uploads committed local steps to S3, newest first, with S3 retention.
+
+    ``keep_last``: keep only that many newest steps in S3 (None: keep all); local steps that
+    would fall outside it are not uploaded at all.
+    """
+
+    def __init__(
+        self,
+        local_dir: Path,
+        store: S3Store,
+        *,
+        keep_last: int | None = None,
+        scan_interval_seconds: float = 5.0,
+    ) -> None:
+        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+            from .errors import ConfigError
+
+            raise ConfigError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
+        self.local_dir = Path(local_dir)
+        self.store = store
+        self.keep_last = keep_last
+        self.scan_interval_seconds = scan_interval_seconds
+        self._cond = threading.Condition()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._remote: set[int] = set()  # committed in S3, as of the last listing + our uploads
+        self._skipped: set[int] = set()  # superseded locally: retention would delete them anyway
+        self._bad: dict[int, SpotCkptError] = {}  # local steps that do not verify: never uploaded
+        self._passes = 0  # completed reconcile passes
+        self._error: SpotCkptError | None = None
+        self._thread: threading.Thread | None = None
+        self._observer: Any = None
+
+    # --------------------------------------------------------------------- owner thread
+
+    def start(self) -> None:
+        """Start the upload thread and the watchdog observer (call once)."""
+        if self._thread is not None:
+            raise RuntimeError("Uploader.start() called twice")
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name="spotckpt-uploader", daemon=True)
+        self._thread.start()
+        try:
+            from watchdog.observers import Observer
+
+            obs = Observer()
+            obs.name = "spotckpt-uploader-watch"
+            obs.daemon = True
+            obs.schedule(_Handler(self), str(self.local_dir), recursive=False)
+            obs.start()
+            self._observer = obs
+        except Exception as exc:  # noqa: BLE001 - e.g. inotify watch limit: the scan still works
+            log.warning("file watching on %s unavailable (%s); relying on the periodic scan", self.local_dir, exc)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop watching and join the threads (an upload in flight finishes first, bounded
+        by ``timeout``). Does not flush: call :meth:`flush` first for that."""
+        self._stop.set()
+        self._wake.set()
+        if self._observer is not None:
+            try:
+                self._observer.stop()
+                self._observer.join(timeout)
+            except Exception:  # noqa: BLE001
+                log.debug("watchdog observer did not stop cleanly", exc_info=True)
+            self._observer = None
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("uploader still busy after %.1fs; an upload may be left incomplete", timeout or 0)
+        with self._cond:
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------------ any thread
+
+    def notify(self, step: int | None = None) -> None:
+        """A hint that a step was committed locally: run a reconcile pass soon."""
+        self._wake.set()
+
+    @property
+    def error(self) -> SpotCkptError | None:
+        """The failure of the latest pass (cleared by a later successful pass)."""
+        with self._cond:
+            return self._error
+
+    def raise_if_failed(self) -> None:
+        """Raise the background error (a copy of it, same type, chained to the original)."""
+        err = self.error
+        if err is not None:
+            raise copy.copy(err) from err
+
+    def uploaded_steps(self) -> list[int]:
+        """Steps known to be committed in S3 (as of the last pass), ascending."""
+        with self._cond:
+            return sorted(self._remote)
+
+    def wait_for(self, step: int, timeout: float | None = None) -> bool:
+        """Wait until ``step``'s manifest is in S3, or the step was skipped or removed locally
+        because a newer one supersedes it. False on timeout; raises the background error if a
+        pass fails meanwhile."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.notify()
+        with self._cond:
+            start_pass = self._passes
+            while True:
+                if step in self._remote or step in self._skipped:
+                    return True
+                if step in self._bad:
+                    raise copy.copy(self._bad[step]) from self._bad[step]
+                if self._passes > start_pass:
+                    if self._error is not None:
+                        self.raise_if_failed()
+                    if self._superseded(step):
+                        return True
+                if self._stop.is_set() and (self._thread is None or not self._thread.is_alive()):
+                    return False
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left if left is not None else 1.0)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every step committed locally right now is in S3 (or skipped), and one
+        full pass (so S3 retention too) has completed since the call."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            start_pass = self._passes
+        for step in reversed(_local_steps(self.local_dir)):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self.wait_for(step, left):
+                return False
+        self.notify()
+        with self._cond:
+            while self._passes <= start_pass:
+                if self._thread is None or not self._thread.is_alive():
+                    return False
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left if left is not None else 1.0)
+            if self._error is not None:
+                self.raise_if_failed()
+        return True
+
+    def _superseded(self, step: int) -> bool:
+        """Called with the lock held: the step is gone locally and a newer one exists."""
+        if (self.local_dir / step_dirname(step)).exists():
+            return False
+        newer = [s for s in (self._remote | set(_local_steps(self.local_dir))) if s > step]
+        return bool(newer)
+
+    # ------------------------------------------------------------------- upload thread
+
+    def sync_once(self) -> None:
+        """One reconcile pass in the calling thread (for ``spotckpt sync --once``; do not use
+        while started). Raises the pass's error."""
+        self._pass()
+        self.raise_if_failed()
+
+    def _run(self) -> None:
+        try:
+            self.store.cleanup_incomplete_uploads()
+        except SpotCkptError as exc:
+            log.warning("could not clean up incomplete multipart uploads: %s", exc)
+        while not self._stop.is_set():
+            self._pass()
+            self._wake.wait(self.scan_interval_seconds)
+            self._wake.clear()
+
+    def _pass(self) -> None:
+        err: SpotCkptError | None = None
+        try:
+            self._reconcile()
+        except SpotCkptError as exc:
+            err = exc
+            log.error("S3 upload pass failed (will retry in %.0fs): %s", self.scan_interval_seconds, exc)
+        except Exception as exc:  # noqa: BLE001 - surface anything as a SpotCkptError
+            err = StorageError(f"uploader failed unexpectedly: {type(exc).__name__}: {exc}")
+            err.__cause__ = exc
+            log.exception("S3 upload pass failed")
+        with self._cond:
+            self._error = err
+            self._passes += 1
+            self._cond.notify_all()
+
+    def _reconcile(self) -> None:
+        while not self._stop.is_set():
+            local = _local_steps(self.local_dir)
+            remote = set(self.store.list_steps())
+            keep = self._retained(set(local) | remote)
+            missing = [s for s in reversed(local) if s not in remote and s in keep and s not in self._bad]
+            with self._cond:
+                self._remote = remote
+                self._skipped.update(s for s in local if s not in keep and s not in remote)
+                self._cond.notify_all()
+            if not missing:
+                break
+            self._upload(missing[0])
+        self._apply_retention()
+
+    def _retained(self, steps: set[int]) -> set[int]:
+        ordered = sorted(steps, reverse=True)
+        return set(ordered if self.keep_last is None else ordered[: self.keep_last])
+
+    def _upload(self, step: int) -> None:
+        src = self.local_dir / step_dirname(step)
+        try:
+            manifest = _read_local_manifest(self.local_dir, step)
+            self.store.upload_step(step, src, manifest)
+        except (LocalStepVanishedError, FileNotFoundError):
+            if src.exists():
+                raise
+            log.info("local step %s was removed during its upload (local retention); dropping it", step)
+            self._drop_orphan(step)
+            return
+        except SpotCkptError as exc:
+            if not src.exists():
+                log.info("local step %s was removed during its upload; dropping it", step)
+                self._drop_orphan(step)
+                return
+            if isinstance(exc, CheckpointCorruptError):
+                # A damaged local step must not block the others (nor ever reach S3).
+                log.error("local step %s does not verify and is not uploaded: %s", step, exc)
+                with self._cond:
+                    self._bad[step] = exc
+                    self._cond.notify_all()
+                return
+            raise
+        with self._cond:
+            self._remote.add(step)
+            self._cond.notify_all()
+
+    def _drop_orphan(self, step: int) -> None:
+        """Delete data objects a vanished step left behind, unless its manifest made it."""
+        if step in self.store.list_steps():
+            with self._cond:
+                self._remote.add(step)
+            return
+        try:
+            self.store.delete_step(step)
+        except SpotCkptError as exc:
+            log.warning("could not delete leftover objects of step %s: %s", step, exc)
+
+    def _apply_retention(self) -> None:
+        if self.keep_last is None:
+            return
+        remote = self.store.list_steps()
+        doomed = remote[: -self.keep_last] if len(remote) > self.keep_last else []
+        for step in doomed:  # never the newest: keep_last >= 1
+            self.store.delete_step(step)
+        if doomed:
+            with self._cond:
+                self._remote.difference_update(doomed)
+                self._skipped.update(doomed)
+                self._cond.notify_all()

@@ -1,0 +1,42 @@
+"""`spotckpt run` passes SIGTERM to the trainer without killing its DataLoader workers (a
+SIGTERM from anyone but their parent kills PyTorch's workers, which would crash the trainer in
+the middle of its final save); through `/bin/sh -c` too."""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import assert_all_steps_verify
+
+CHILD = Path(__file__).with_name("loader_child.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("via_shell", [False, True])
+def test_run_forwards_sigterm_to_trainer_not_to_loader_workers(tmp_path: Path, via_shell: bool) -> None:
+    trainer = [sys.executable, str(CHILD), str(tmp_path / "ckpt")]
+    cmd = ["/bin/sh", "-c", shlex.join(trainer) + "; echo shell-after"] if via_shell else trainer
+    proc = subprocess.Popen([sys.executable, "-m", "spotckpt.cli", "run", "--", *cmd],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout is not None
+    seen = 0
+    deadline = time.monotonic() + 120
+    while seen < 20 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        seen += line.startswith("at ")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert "preempted" in out, err[-3000:]
+    assert "killed by signal" not in err
+    if not via_shell:
+        assert proc.returncode == 0, err[-3000:]
+    steps = assert_all_steps_verify(tmp_path / "ckpt")
+    assert len(steps) == 1 and steps[0] >= 20

@@ -1,0 +1,89 @@
+"""SIGTERM: the trainer saves the current step synchronously, exits 0, and resumes from it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from spotckpt import CheckpointManager
+from tests.helpers import assert_all_steps_verify, assert_state_is_step, empty_state
+
+REPO = Path(__file__).resolve().parents[2]
+CHILD = Path(__file__).with_name("saver_child.py")
+
+
+def _wait_for_line(proc: subprocess.Popen[str], prefix: str, count: int = 1) -> list[str]:
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.strip())
+        if sum(1 for ln in lines if ln.startswith(prefix)) >= count:
+            return lines
+    raise AssertionError(f"child never printed {count}x {prefix!r}: {lines[-5:]}")
+
+
+def test_sigterm_saves_current_step_and_exits_zero(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, str(CHILD), str(tmp_path), "async", "--policy", "--numel", "4096",
+                             "--step-sleep", "0.01"], stdout=subprocess.PIPE, text=True)
+    try:
+        _wait_for_line(proc, "at ", count=20)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    preempted = [ln for ln in out.splitlines() if ln.startswith("preempted ")]
+    assert len(preempted) == 1, out
+    step = int(preempted[0].split()[1])
+    assert step >= 20
+    assert assert_all_steps_verify(tmp_path) == [step]  # the policy never saved: only the final save
+    target = empty_state(numel=4096)
+    with CheckpointManager(tmp_path, metrics=False) as mgr:
+        assert mgr.restore(target) == step
+    assert_state_is_step(target, step, numel=4096)
+
+
+def _toy(local: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(REPO / "examples" / "train_toy.py"), "--local-dir", str(local),
+                             "--steps", "120", "--print-every", "1", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+
+
+def _final_digest(out: str) -> str:
+    done = [ln for ln in out.splitlines() if ln.startswith("train_toy: done")]
+    assert done, out[-2000:]
+    return done[-1].rsplit("weights ", 1)[1]
+
+
+def test_train_toy_stopped_with_sigterm_continues_from_saved_step(tmp_path: Path) -> None:
+    ref = _toy(tmp_path / "ref")
+    ref_out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0
+
+    proc = _toy(tmp_path / "run", "--step-sleep", "0.02", "--workers", "2")
+    try:
+        lines = _wait_for_line(proc, "train_toy: step", count=40)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    pre = [ln for ln in (lines + out.splitlines()) if "preempted at step" in ln]
+    assert pre, out
+    stopped = int(pre[0].split("preempted at step ")[1].split(";")[0])
+    assert 40 <= stopped < 120
+
+    again = _toy(tmp_path / "run", "--workers", "2")
+    out2, _ = again.communicate(timeout=300)
+    assert again.returncode == 0
+    assert f"train_toy: starting at step {stopped} of 120" in out2
+    assert _final_digest(out2) == _final_digest(ref_out)  # the same run, bit for bit
