@@ -51,7 +51,7 @@ if ! "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)
     [ "$SIZES" = none ] && SIZES="${CPU_FALLBACK_SIZES:-32}"
     echo "gpu_check: no CUDA here; running the CPU state(s) $SIZES MiB instead"
 fi
-timeout "${BENCH_TIMEOUT:-480}" "$PY" benchmarks/bench_save.py --sizes "$SIZES" \
+timeout -k 30 "${BENCH_TIMEOUT:-480}" "$PY" benchmarks/bench_save.py --sizes "$SIZES" \
     --gpu-gib "${GPU_GIB:-4}" --reps "${REPS:-2}" --out "$OUT" --dir "$DIR" \
     --timeout 240 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}

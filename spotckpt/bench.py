@@ -150,7 +150,12 @@ class PeakRSS:
         self._thread: threading.Thread | None = None
         try:
             self._clear()
-            self._hwm()
+            probe = bytearray(32 * MIB)  # zero-filled: every page touched, then freed
+            del probe
+            self._clear()
+            # some kernels (gVisor) accept the write but do not reset the mark: check it did
+            if self._hwm() > _rss_bytes() + 16 * MIB:
+                raise ValueError("writing /proc/self/clear_refs does not reset VmHWM here")
         except (OSError, ValueError):
             self.method = "sampled-2ms"
             self._thread = threading.Thread(target=self._sample, name="spotckpt-bench-rss",
@@ -680,20 +685,25 @@ def run_suite(specs: Sequence[StateSpec], *, rows: Sequence[str], reps: int, bas
     os.makedirs(base_dir, exist_ok=True)
     data_dir = tempfile.mkdtemp(prefix="spotckpt-bench-", dir=base_dir)
     results: list[dict[str, Any]] = []
+    interrupted = False
     try:
-        for spec in specs:
-            for row in rows:
+        for spec, row in ((spec, row) for spec in specs for row in rows):
+            try:
                 rec = _spawn_worker(spec, row, reps=reps, base_dir=data_dir, timeout_s=timeout_s)
-                rdef = ROW_BY_NAME[row]
-                rec["label"] = (rdef.gpu_label if spec.device == "cuda" and rdef.gpu_label
-                                else rdef.label)
-                rec["kind"] = rdef.kind
-                rec["size_mib"] = spec.size_mib
-                if "error" not in rec:
-                    rec["gbps"] = rec["bytes"] / rec["durable_s"] / 1e9
-                results.append(rec)
-                if progress is not None:
-                    progress(_progress_line(spec, rec))
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM (`timeout`): keep what was measured
+                interrupted = True
+                log.warning("spotckpt bench: interrupted during %s / %s", spec.key, row)
+                break
+            rdef = ROW_BY_NAME[row]
+            rec["label"] = (rdef.gpu_label if spec.device == "cuda" and rdef.gpu_label
+                            else rdef.label)
+            rec["kind"] = rdef.kind
+            rec["size_mib"] = spec.size_mib
+            if "error" not in rec:
+                rec["gbps"] = rec["bytes"] / rec["durable_s"] / 1e9
+            results.append(rec)
+            if progress is not None:
+                progress(_progress_line(spec, rec))
         info = machine_info(data_dir)
         info["loadavg_1_5_15_at_start"] = load_start and [round(x, 2) for x in load_start]
     finally:
@@ -714,6 +724,7 @@ def run_suite(specs: Sequence[StateSpec], *, rows: Sequence[str], reps: int, bas
             "the start of the row, over warm-up and reps",
             "stall = time the caller is held; durable = until the saver's fsyncs returned",
         ],
+        "interrupted": interrupted,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
 
@@ -803,6 +814,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "durable = until the saver's fsyncs returned. Peak RSS Δ = kernel high-water mark over "
         "the row minus RSS before it.",
     ]
+    if result.get("interrupted"):
+        lines.append("**Interrupted (Ctrl-C / SIGTERM): only the rows below were measured.**")
     load = (m.get("loadavg_1_5_15_at_start") or [0.0])[0]
     if m.get("cpu_count") and load > m["cpu_count"]:
         lines.append(f"**Warning: the machine was busy (load {load:.1f} on {m['cpu_count']} cores) "
@@ -867,7 +880,14 @@ def render_plot(result: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    states = result["states"]
+    states = [st for st in result["states"]
+              if any(r["state"] == st["key"] for r in result["rows"])]
+    if not states:  # interrupted before the first row finished
+        fig = plt.figure(figsize=(6, 2))
+        fig.text(0.5, 0.5, "no rows were measured", ha="center")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     fig, axes = plt.subplots(1, len(states), figsize=(6.5 * len(states), 6), squeeze=False)
     for ax, st in zip(axes[0], states):
         rows = [r for r in result["rows"] if r["state"] == st["key"]]

@@ -159,7 +159,8 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
 
 
 def test_sigterm_kills_the_worker_and_removes_its_data(tmp_path: Path) -> None:
-    """`timeout` (as in gpu_check.sh) sends SIGTERM: no worker may keep writing after it."""
+    """`timeout` (as in gpu_check.sh) sends SIGTERM: no worker may keep writing after it, and
+    the rows measured so far still reach the reports."""
     import signal
     import subprocess
     import time
@@ -169,8 +170,8 @@ def test_sigterm_kills_the_worker_and_removes_its_data(tmp_path: Path) -> None:
     data.mkdir()
     script = Path(bench.__file__).resolve().parents[1] / "benchmarks" / "bench_save.py"
     proc = subprocess.Popen([sys.executable, str(script), "--sizes", "64", "--rows", "dcp_save",
-                             "--reps", "1000", "--out", str(tmp_path / "out"), "--dir", str(data),
-                             "--no-plot"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--reps", "1000", "--out", str(tmp_path / "out"), "--dir", str(data)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         parent = psutil.Process(proc.pid)
         deadline = time.monotonic() + 120
@@ -185,7 +186,11 @@ def test_sigterm_kills_the_worker_and_removes_its_data(tmp_path: Path) -> None:
         gone, alive = psutil.wait_procs(workers, timeout=30)
         assert not alive
         assert list(data.iterdir()) == []
-        assert not (tmp_path / "out" / "save.json").exists()
+        # what was measured before the signal is still written, marked as interrupted
+        result = json.loads((tmp_path / "out" / "save.json").read_text())
+        assert result["interrupted"] is True
+        assert "Interrupted" in (tmp_path / "out" / "save.md").read_text()
+        assert (tmp_path / "out" / "save.png").read_bytes()[:4] == b"\x89PNG"
     finally:
         if proc.poll() is None:
             proc.kill()
