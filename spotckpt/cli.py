@@ -207,40 +207,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step", type=int, default=None)
     s.set_defaults(func=cmd_restore)
 
-    _add_optional_commands(sub)
+    _add_commands_of_other_modules(sub)
     return p
 
 
-def _add_optional_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_commands_of_other_modules(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Commands implemented in their own modules (sidecar, simulate, bench)."""
-    try:
-        from . import sidecar
-    except ImportError:
-        sidecar = None  # type: ignore[assignment]
-    if sidecar is not None:
-        sidecar.add_commands(sub)
-    try:
-        from . import simulate
-    except ImportError:
-        simulate = None  # type: ignore[assignment]
-    if simulate is not None:
-        s = sub.add_parser("simulate", help="run CMD through a local managed-spot lifecycle with interruptions")
-        simulate.add_arguments(s)
-        s.set_defaults(func=simulate.main_from_args)
-    try:
-        from . import bench
-    except ImportError:
-        bench = None  # type: ignore[assignment]
-    if bench is not None:
-        s = sub.add_parser("bench", help="checkpoint benchmarks side by side with torch.save, DCP, torchsnapshot",
-                           add_help=False)
-        s.add_argument("bench_args", nargs=argparse.REMAINDER)
-        s.set_defaults(func=lambda a: bench.main(a.bench_args))
+    from . import bench, sidecar, simulate
+
+    sidecar.add_commands(sub)
+    s = sub.add_parser("simulate", help="run CMD through a local managed-spot lifecycle with interruptions")
+    simulate.add_arguments(s)
+    s.set_defaults(func=simulate.main_from_args)
+    s = sub.add_parser("bench", help="checkpoint benchmarks side by side with torch.save, DCP, torchsnapshot "
+                       "(options: spotckpt bench --help)", add_help=False)
+    s.set_defaults(func=lambda a: bench.main(a.bench_args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = extra  # everything after `bench` belongs to the benchmark's own parser
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -155,7 +155,7 @@ class CheckpointManager:
     def _start_imds(self) -> None:
         from .preemption import ImdsPoller  # type: ignore[attr-defined]
 
-        self._imds = ImdsPoller(self._watcher)
+        self._imds = ImdsPoller(self._watcher, interval_seconds=env_float("SPOTCKPT_IMDS_INTERVAL_SECONDS", 5.0) or 5.0)
         self._imds.start()
 
     # -- properties ----------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path: Path) -> None:
 
 def _toy(local: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, str(REPO / "examples" / "train_toy.py"), "--local-dir", str(local),
-                             "--steps", "120", "--print-every", "1", *extra],
+                             "--steps", "80", "--hidden", "64", "--print-every", "1", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
 
 
@@ -70,7 +70,7 @@ def test_train_toy_stopped_with_sigterm_continues_from_saved_step(tmp_path: Path
 
     proc = _toy(tmp_path / "run", "--step-sleep", "0.02", "--workers", "2")
     try:
-        lines = _wait_for_line(proc, "train_toy: step", count=40)
+        lines = _wait_for_line(proc, "train_toy: step", count=30)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -80,10 +80,10 @@ def test_train_toy_stopped_with_sigterm_continues_from_saved_step(tmp_path: Path
     pre = [ln for ln in (lines + out.splitlines()) if "preempted at step" in ln]
     assert pre, out
     stopped = int(pre[0].split("preempted at step ")[1].split(";")[0])
-    assert 40 <= stopped < 120
+    assert 30 <= stopped < 80
 
     again = _toy(tmp_path / "run", "--workers", "2")
     out2, _ = again.communicate(timeout=300)
     assert again.returncode == 0
-    assert f"train_toy: starting at step {stopped} of 120" in out2
+    assert f"train_toy: starting at step {stopped} of 80" in out2
     assert _final_digest(out2) == _final_digest(ref_out)  # the same run, bit for bit

@@ -232,3 +232,31 @@ def test_endpoint_from_env_and_validation(monkeypatch: pytest.MonkeyPatch) -> No
         ImdsPoller(w, endpoint="169.254.169.254")
     with pytest.raises(ConfigError):
         ImdsPoller(w, interval_seconds=0)
+
+
+def test_manager_turns_a_spot_notice_into_the_final_save(imds: FakeImds, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spotckpt import CheckpointManager
+
+    monkeypatch.setenv("SPOTCKPT_IMDS_ENDPOINT", imds.url)
+    monkeypatch.setenv("SPOTCKPT_IMDS_INTERVAL_SECONDS", "0.05")
+    when = datetime.now(timezone.utc) + timedelta(seconds=100)
+    imds.action = {"action": "terminate", "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    state = {"w": torch_ones()}
+    with CheckpointManager(tmp_path, imds=True, every_steps=10**6, metrics=False, install_signal_handlers=False) as mgr:
+        deadline = time.monotonic() + 30
+        step = 0
+        while not mgr.preemption_requested and time.monotonic() < deadline:
+            step += 1
+            assert not mgr.maybe_save(step, state)
+            time.sleep(0.02)
+        assert mgr.preemption_requested and "spot notice" in mgr.watcher.reason
+        left = mgr.watcher.seconds_left()
+        assert left is not None and 80 < left <= 100
+        assert mgr.maybe_save(step + 1, state) and mgr.preempted
+        assert mgr.all_steps() == [step + 1]
+
+
+def torch_ones():  # type: ignore[no-untyped-def]
+    import torch
+
+    return torch.ones(4)

@@ -67,3 +67,13 @@ def test_bad_input_gives_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     assert ei.value.code == 2
     with pytest.raises(SystemExit):
         main(["no-such-command"])
+
+
+def test_bench_options_reach_the_benchmark_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ei:
+        main(["bench", "--help"])
+    assert ei.value.code == 0
+    assert "--sizes" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as ei:
+        main(["ls", "/tmp", "--sizes", "1"])  # options of one command are refused by the others
+    assert ei.value.code == 2
