@@ -65,6 +65,9 @@ def test_kill9_never_leaves_a_broken_step(tmp_path: Path, mode: str, trials: int
         target = empty_state(numel=NUMEL)
         with CheckpointManager(d, metrics=False, install_signal_handlers=False) as mgr:
             got = mgr.restore(target)
+        if not steps:  # killed before the first (async) save was committed: nothing to restore
+            assert got is None and last_committed == 0 and (mode == "async" or reported <= 0), (trial, reported)
+            continue
         assert got is not None and got == steps[-1], (trial, got, steps)
         assert_state_is_step(target, got, numel=NUMEL)
         if mode == "sync" and reported > 0:
