@@ -488,6 +488,9 @@ def _row_impl(name: str, ctx: _Ctx) -> tuple[Callable[[], None], RowFn, Callable
                 ctx.sync()
                 t0 = time.perf_counter()
                 mgr.save(step[0], state)
+                # On a GPU save() returns before the pinned copy has run, but the training stream
+                # waits for it: count the stall until the device is free again.
+                ctx.sync()
                 stall = time.perf_counter() - t0
                 mgr.wait()
                 return {"stall": stall, "durable": time.perf_counter() - t0}

@@ -62,3 +62,15 @@ def test_module_on_gpu_restores_in_place(tmp_path: Path) -> None:
     assert torch.equal(m2.weight, m.weight) and torch.equal(m2.bias, m.bias)
     s1, s2 = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
     assert torch.equal(s1["exp_avg"], s2["exp_avg"]) and s2["exp_avg"].device.type == "cuda"
+
+
+def test_blocking_save_of_device_tensors_goes_through_pinned_staging(tmp_path: Path) -> None:
+    st = {"w": torch.arange(1 << 20, device="cuda", dtype=torch.float32)}
+    with CheckpointManager(tmp_path, metrics=False) as mgr:
+        mgr.save(5, st, blocking=True)
+        assert mgr.all_steps() == [5]
+        assert mgr._stager._buf is not None and mgr._stager._buf.is_pinned() and not mgr._stager.in_use
+    target = {"w": torch.zeros_like(st["w"])}
+    with CheckpointManager(tmp_path, metrics=False) as mgr:
+        assert mgr.restore(target) == 5
+    assert torch.equal(target["w"], st["w"])
