@@ -116,7 +116,9 @@ class CheckpointManager:
             self._watcher.install()
         self._stager = Stager()
         self._lock = threading.Lock()
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        # Items for the persist thread: a _Job to write, an int = "apply retention, keeping this
+        # step" (off the save's critical path), None = stop.
+        self._queue: queue.Queue[_Job | int | None] = queue.Queue()
         self._pending: _Job | None = None
         self._bg_error: BaseException | None = None
         self._last_saved_step: int | None = None
@@ -296,19 +298,34 @@ class CheckpointManager:
     # -- persist (persist thread) ---------------------------------------------------------
     def _persist_loop(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
+            item = self._queue.get()
             try:
-                self._persist(job.step, job.tree, job.staged.write_to, job.t_start, job.staged.nbytes)
-            except BaseException as exc:  # noqa: BLE001 - surfaced on the next save()/wait()
-                job.error = exc
-                self._bg_error = exc
-                log.error("spotckpt: background save of step %d failed: %s", job.step, exc)
+                if item is None:
+                    return
+                if isinstance(item, int):
+                    self._prune(item)
+                else:
+                    self._persist_job(item)
             finally:
-                with self._lock:
-                    self._stager.release(job.staged)
-                job.done.set()
+                self._queue.task_done()
+
+    def _persist_job(self, job: _Job) -> None:
+        try:
+            self._persist(job.step, job.tree, job.staged.write_to, job.t_start, job.staged.nbytes)
+        except BaseException as exc:  # noqa: BLE001 - surfaced on the next save()/wait()
+            job.error = exc
+            self._bg_error = exc
+            log.error("spotckpt: background save of step %d failed: %s", job.step, exc)
+        finally:
+            with self._lock:
+                self._stager.release(job.staged)
+            job.done.set()
+
+    def _prune(self, protect: int) -> None:
+        try:
+            self.local.prune(self.keep_last, protect=protect)
+        except SpotCkptError as exc:
+            log.warning("spotckpt: local retention failed: %s", exc)
 
     def _persist(
         self,
@@ -348,12 +365,10 @@ class CheckpointManager:
         took = time.perf_counter() - t0
         self.stats.last_durable_local_s = took
         self._metrics.emit("durable_local", step=step, seconds=took, bytes=nbytes)
-        try:
-            self.local.prune(self.keep_last, protect=step)
-        except SpotCkptError as exc:
-            log.warning("spotckpt: local retention failed: %s", exc)
         if self._uploader is not None:
             self._uploader.notify(step)
+        if self.keep_last:
+            self._queue.put(step)  # retention runs on the persist thread, after this save
 
     def _wait_pending(self) -> None:
         job = self._pending
@@ -379,6 +394,8 @@ class CheckpointManager:
         job = self._pending
         if job is not None and not job.done.wait(timeout):
             return False
+        if timeout is None:
+            self._queue.join()  # retention of the last save has run too
         self._raise_bg_error()
         if self._uploader is not None and self._last_saved_step is not None:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())

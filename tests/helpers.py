@@ -43,3 +43,30 @@ def assert_all_steps_verify(root: Path) -> list[int]:
         check = store.verify_step(s)
         assert check.ok, (s, check.problems)
     return steps
+
+
+def write_step(root: Path, step: int, nbytes: int = 64 * 1024, *, seed: int = 0, nfiles: int = 1):  # type: ignore[no-untyped-def]
+    """Write a committed step of random bytes the way the real writer does (staging dir,
+    fsync, rename into ``root``); ``nfiles`` safetensors files plus a tree. Returns its Manifest."""
+    import os
+    import tempfile
+
+    from spotckpt.format import MANIFEST_NAME, FileEntry, Manifest, crc32c_b64, file_crc32c, step_dirname
+    from spotckpt.format import write_safetensors
+
+    root.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=root.parent, prefix=".stage-"))
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    files = {}
+    for r in range(nfiles):
+        name = f"rank-{r:05d}.safetensors"
+        files[name] = write_safetensors(stage / name, {"w": torch.randint(0, 255, (nbytes,), dtype=torch.uint8, generator=g)})
+    (stage / "rank-00000.tree.json").write_bytes(b'{"step": %d}' % step)
+    size, crc = file_crc32c(stage / "rank-00000.tree.json")
+    files["rank-00000.tree.json"] = FileEntry(size, crc32c_b64(crc))
+    man = Manifest(step=step, files=files)
+    with open(stage / MANIFEST_NAME, "wb") as f:
+        f.write(man.to_bytes())
+        os.fsync(f.fileno())
+    os.rename(stage, root / step_dirname(step))
+    return man

@@ -7,21 +7,19 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import botocore.exceptions as bce
 import pytest
-import torch
 from boto3.s3.transfer import TransferConfig
 from botocore.awsrequest import AWSResponse
 
-from spotckpt.format import MANIFEST_NAME, FileEntry, Manifest, crc32c_b64, file_crc32c, step_dirname, write_safetensors
+from spotckpt.format import MANIFEST_NAME, Manifest, step_dirname
 from spotckpt.s3 import S3Store, make_client
 from spotckpt.uploader import Uploader
+from tests.helpers import write_step
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]
@@ -29,22 +27,7 @@ SMALL_PARTS = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 
 
 
 def make_step(root: Path, step: int, nbytes: int, *, nfiles: int = 2) -> Manifest:
-    root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=root.parent, prefix=".stage-"))
-    g = torch.Generator().manual_seed(step)
-    files = {}
-    for r in range(nfiles):
-        name = f"rank-{r:05d}.safetensors"
-        files[name] = write_safetensors(stage / name, {"w": torch.randint(0, 255, (nbytes,), dtype=torch.uint8, generator=g)})
-    (stage / "rank-00000.tree.json").write_bytes(b'{"step": %d}' % step)
-    size, crc = file_crc32c(stage / "rank-00000.tree.json")
-    files["rank-00000.tree.json"] = FileEntry(size, crc32c_b64(crc))
-    man = Manifest(step=step, files=files)
-    with open(stage / MANIFEST_NAME, "wb") as f:
-        f.write(man.to_bytes())
-        os.fsync(f.fileno())
-    os.rename(stage, root / step_dirname(step))
-    return man
+    return write_step(root, step, nbytes, nfiles=nfiles)
 
 
 class _Raw:

@@ -3,41 +3,21 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import boto3
 import pytest
-import torch
 
 from spotckpt.errors import CheckpointCorruptError, ConfigError, StorageError, UploadError
-from spotckpt.format import MANIFEST_NAME, Manifest, file_crc32c, step_dirname, write_safetensors
+from spotckpt.format import MANIFEST_NAME, Manifest, step_dirname
 from spotckpt.s3 import S3Store, parse_s3_uri
+from tests.helpers import write_step
 
 MiB = 1024 * 1024
 
 
 def make_step(root: Path, step: int, nbytes: int = 64 * 1024, *, seed: int = 0) -> Manifest:
-    """Write a committed step the way the real writer does: into a staging dir, then rename."""
-    root.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed + step)
-    stage = Path(tempfile.mkdtemp(dir=root.parent, prefix=".stage-"))
-    files = {
-        "rank-00000.safetensors": write_safetensors(
-            stage / "rank-00000.safetensors", {"w": torch.randint(0, 255, (nbytes,), dtype=torch.uint8, generator=g)}
-        )
-    }
-    (stage / "rank-00000.tree.json").write_bytes(b'{"w": {"__tensor__": "w"}, "step": %d}' % step)
-    size, crc = file_crc32c(stage / "rank-00000.tree.json")
-    from spotckpt.format import FileEntry, crc32c_b64
-
-    files["rank-00000.tree.json"] = FileEntry(size, crc32c_b64(crc))
-    man = Manifest(step=step, files=files)
-    with open(stage / MANIFEST_NAME, "wb") as f:
-        f.write(man.to_bytes())
-        os.fsync(f.fileno())
-    os.rename(stage, root / step_dirname(step))
-    return man
+    return write_step(root, step, nbytes, seed=seed)
 
 
 def test_parse_s3_uri() -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 
@@ -12,32 +10,16 @@ import pytest
 import torch
 
 from spotckpt.errors import StorageError
-from spotckpt.format import MANIFEST_NAME, FileEntry, Manifest, crc32c_b64, file_crc32c, step_dirname, write_safetensors
+from spotckpt.format import MANIFEST_NAME, Manifest, step_dirname
 from spotckpt.s3 import S3Store
 from spotckpt.uploader import Uploader
+from tests.helpers import write_step
 
 MiB = 1024 * 1024
 
 
 def make_step(root: Path, step: int, nbytes: int = 32 * 1024, *, seed: int = 0) -> Manifest:
-    """Write a committed step as the real writer does: staging dir, fsync, rename into place."""
-    root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=root.parent, prefix=".stage-"))
-    g = torch.Generator().manual_seed(seed * 1000 + step)
-    files = {
-        "rank-00000.safetensors": write_safetensors(
-            stage / "rank-00000.safetensors", {"w": torch.randint(0, 255, (nbytes,), dtype=torch.uint8, generator=g)}
-        )
-    }
-    (stage / "rank-00000.tree.json").write_bytes(b'{"step": %d}' % step)
-    size, crc = file_crc32c(stage / "rank-00000.tree.json")
-    files["rank-00000.tree.json"] = FileEntry(size, crc32c_b64(crc))
-    man = Manifest(step=step, files=files)
-    with open(stage / MANIFEST_NAME, "wb") as f:
-        f.write(man.to_bytes())
-        os.fsync(f.fileno())
-    os.rename(stage, root / step_dirname(step))
-    return man
+    return write_step(root, step, nbytes, seed=seed)
 
 
 def verify_s3(store: S3Store, tmp: Path) -> list[int]:
