@@ -98,6 +98,8 @@ ROWS: tuple[RowDef, ...] = (
     RowDef(name="torchsnapshot_restore", label="torchsnapshot restore", kind="restore",
            group="torchsnapshot"),
     RowDef(name="spotckpt_restore", label="spotckpt restore", kind="restore", group="spotckpt"),
+    RowDef(name="spotckpt_restore_noverify", label="spotckpt restore, verify_on_restore=False",
+           kind="restore", group="spotckpt"),
 )
 ROW_BY_NAME = {r.name: r for r in ROWS}
 
@@ -472,11 +474,12 @@ def _row_impl(name: str, ctx: _Ctx) -> tuple[Callable[[], None], RowFn, Callable
                         t.copy_(holder[k])
         return sprep, _restore_timer(ctx, srestore, probe), nothing
 
-    if name in ("spotckpt_async", "spotckpt_blocking", "spotckpt_restore"):
+    if name in ("spotckpt_async", "spotckpt_blocking", "spotckpt_restore", "spotckpt_restore_noverify"):
         from spotckpt import CheckpointManager  # type: ignore[attr-defined]
 
         local_dir = os.path.join(ctx.workdir, "spotckpt")
-        mgr = CheckpointManager(local_dir=local_dir, s3_uri=None, keep_last=2, async_save=True)
+        mgr = CheckpointManager(local_dir=local_dir, s3_uri=None, keep_last=2, async_save=True,
+                                verify_on_restore=name != "spotckpt_restore_noverify")
         step = [0]
 
         def finish() -> None:

@@ -54,7 +54,7 @@ def test_smoke_json_has_every_row_and_machine_info(smoke: tuple[dict, Path]) -> 
     if importlib.util.find_spec("torchsnapshot") is not None:
         must_run += ["torchsnapshot_take", "torchsnapshot_restore"]
     if _spotckpt_importable():
-        must_run += ["spotckpt_async", "spotckpt_blocking", "spotckpt_restore"]
+        must_run += ["spotckpt_async", "spotckpt_blocking", "spotckpt_restore", "spotckpt_restore_noverify"]
     for name in EXPECTED_ROWS:
         rec = rows[name]
         if name in must_run:
