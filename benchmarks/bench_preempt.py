@@ -36,17 +36,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-_SERVER = """
-import logging, signal, sys, threading
-logging.getLogger("werkzeug").setLevel(logging.ERROR)
-from moto.server import ThreadedMotoServer
-srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-srv.start()
-print(*srv.get_host_and_port(), flush=True)
-signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
-threading.Event().wait()
-"""
+import moto_server  # noqa: E402  (benchmarks/moto_server.py)
+
 
 
 def child(local_dir: str, s3_uri: str, mb: int, step_seconds: float) -> int:
@@ -85,9 +78,7 @@ def main() -> int:
         return child(args.child[0], args.child[1], args.mb, args.step_seconds)
 
     rng = random.Random(args.seed)
-    srv = subprocess.Popen([sys.executable, "-c", _SERVER], stdout=subprocess.PIPE, text=True)
-    assert srv.stdout is not None
-    host, port = srv.stdout.readline().split()
+    srv, host, port = moto_server.start()
     env = dict(
         os.environ,
         AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",

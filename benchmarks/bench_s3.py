@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,17 +30,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-_SERVER = """
-import logging, signal, sys, threading
-logging.getLogger("werkzeug").setLevel(logging.ERROR)
-from moto.server import ThreadedMotoServer
-srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-srv.start()
-print(*srv.get_host_and_port(), flush=True)
-signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
-threading.Event().wait()
-"""
+import moto_server  # noqa: E402  (benchmarks/moto_server.py)
+
 
 
 def main() -> int:
@@ -57,9 +48,7 @@ def main() -> int:
     # The server runs in its own process (still moto's ThreadedMotoServer on 127.0.0.1): in the
     # benchmark's own process it would share one GIL with the client, which penalizes every
     # client thread and measures the fake server's contention rather than the transfer settings.
-    srv = subprocess.Popen([sys.executable, "-c", _SERVER], stdout=subprocess.PIPE, text=True)
-    assert srv.stdout is not None
-    host, port = srv.stdout.readline().split()
+    srv, host, port = moto_server.start()
     os.environ.update(
         AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
         AWS_ENDPOINT_URL=f"http://{host}:{port}",
