@@ -153,7 +153,6 @@ def test_toy_example_end_to_end(capfd: pytest.CaptureFixture[str], tmp_path: Pat
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's main job: the real example through the real manager, S3 and two interruptions,
     ending with the same weights as an uninterrupted run."""
-    pytest.importorskip("spotckpt.s3", reason="needs the S3 layer (merged from the s3 branch)")
     import os
     import subprocess
 
@@ -170,7 +169,8 @@ def test_toy_example_end_to_end(capfd: pytest.CaptureFixture[str], tmp_path: Pat
     out = io.StringIO()
     monkeypatch.setenv("PYTHONPATH", str(repo))
     monkeypatch.delenv("SPOTCKPT_METRICS", raising=False)  # simulate reads the restore metric line
-    rc = simulate([sys.executable, str(example), *args], interruptions=2, seed=0, grace_seconds=60,
+    # paced (0.05 s a step, which changes no result) so both interruptions land mid-training
+    rc = simulate([sys.executable, str(example), *args, "--step-sleep", "0.05"], interruptions=2, seed=0, grace_seconds=60,
                   restart_delay_seconds=0.2, stream=out)
     text = out.getvalue()
     trainer_output = capfd.readouterr().err
