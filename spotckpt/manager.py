@@ -135,6 +135,7 @@ class CheckpointManager:
 
         self._store: Any = None
         self._uploader: Any = None
+        self._save_started: dict[int, float] = {}  # step -> perf_counter() at save(), until in S3
         if self.s3_uri is not None:
             self._start_s3()
         self._imds: Any = None
@@ -151,8 +152,24 @@ class CheckpointManager:
 
         self._store = S3Store(self.s3_uri)
         self._store.check_access()
-        self._uploader = Uploader(self.local_dir, self._store, keep_last=self.keep_last)
+        self._uploader = Uploader(self.local_dir, self._store, keep_last=self.keep_last,
+                                  on_uploaded=self._on_uploaded)
         self._uploader.start()
+
+    def _on_uploaded(self, step: int, seconds: float, nbytes: int) -> None:
+        """Uploader thread: a step's manifest is in S3. ``since_save_s`` runs from ``save()``."""
+        with self._lock:
+            t0 = self._save_started.get(step)
+            for s in [s for s in self._save_started if s <= step]:  # older ones were skipped
+                del self._save_started[s]
+        since = time.perf_counter() - t0 if t0 is not None else None
+        self.stats.uploads += 1
+        if since is not None:
+            self.stats.last_durable_s3_s = since
+        fields: dict[str, Any] = {"step": step, "seconds": seconds, "bytes": nbytes}
+        if since is not None:
+            fields["since_save_s"] = since
+        self._metrics.emit("durable_s3", **fields)
 
     def _start_imds(self) -> None:
         from .preemption import ImdsPoller  # type: ignore[attr-defined]
@@ -247,6 +264,9 @@ class CheckpointManager:
             stall = time.perf_counter() - t0
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
+        if self._uploader is not None:
+            with self._lock:
+                self._save_started[step] = t0
         self.stats.saves += 1
         self.stats.last_save_step = step
         self.stats.last_stall_s = stall
@@ -399,12 +419,8 @@ class CheckpointManager:
         self._raise_bg_error()
         if self._uploader is not None and self._last_saved_step is not None:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            t0 = time.perf_counter()
             ok = bool(self._uploader.wait_for(self._last_saved_step, timeout=left))
             self._uploader.raise_if_failed()
-            if ok:
-                self.stats.uploads += 1
-                self.stats.last_durable_s3_s = time.perf_counter() - t0
             return ok
         return True
 

@@ -4,7 +4,7 @@ Lines look like::
 
     spotckpt event=save step=1200 stall_s=0.0812 bytes=1073741824 blocking=0
     spotckpt event=durable_local step=1200 seconds=1.532 bytes=1073741824
-    spotckpt event=durable_s3 step=1200 seconds=9.871
+    spotckpt event=durable_s3 step=1200 seconds=8.3390 bytes=1073750012 since_save_s=9.8710
     spotckpt event=restore step=1200 seconds=0.913 source=s3 bytes=1073741824
     spotckpt event=preempted step=1234 reason=signal_SIGTERM
 

@@ -27,6 +27,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -89,7 +90,10 @@ class Uploader:
         *,
         keep_last: int | None = None,
         scan_interval_seconds: float = 5.0,
+        on_uploaded: Callable[[int, float, int], None] | None = None,
     ) -> None:
+        """``on_uploaded(step, seconds, bytes)`` is called on the upload thread each time a step's
+        manifest lands in S3 (``seconds``: that step's upload, data and manifest)."""
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             from .errors import ConfigError
 
@@ -98,6 +102,7 @@ class Uploader:
         self.store = store
         self.keep_last = keep_last
         self.scan_interval_seconds = scan_interval_seconds
+        self._on_uploaded = on_uploaded
         self._cond = threading.Condition()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -284,7 +289,8 @@ class Uploader:
         src = self.local_dir / step_dirname(step)
         try:
             manifest = _read_local_manifest(self.local_dir, step)
-            self.store.upload_step(step, src, manifest)
+            t0 = time.perf_counter()
+            uploaded = self.store.upload_step(step, src, manifest)
         except (LocalStepVanishedError, FileNotFoundError):
             if src.exists():
                 raise
@@ -307,6 +313,11 @@ class Uploader:
         with self._cond:
             self._remote.add(step)
             self._cond.notify_all()
+        if uploaded and self._on_uploaded is not None:
+            try:
+                self._on_uploaded(step, time.perf_counter() - t0, manifest.total_bytes)
+            except Exception:  # noqa: BLE001 - a metrics callback must not stop uploads
+                log.exception("on_uploaded callback failed")
 
     def _drop_orphan(self, step: int) -> None:
         """Delete data objects a vanished step left behind, unless its manifest made it."""
