@@ -440,10 +440,6 @@ _ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
 _ST_ITEMSIZE = {st: torch.empty((), dtype=dt).element_size() for dt, st in _DTYPE_TO_ST.items()}
 
 
-def supported_dtype(dtype: torch.dtype) -> bool:
-    return dtype in _DTYPE_TO_ST
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     """Where one tensor lives in a safetensors file: dtype, shape, byte range of the data area."""
@@ -510,11 +506,6 @@ class CrcWriter:
             while written < len(part):
                 written += self.f.write(part[written:])
             self.size += len(part)
-
-
-def fsync_file(f: BinaryIO) -> None:
-    f.flush()
-    os.fsync(f.fileno())
 
 
 def write_safetensors(

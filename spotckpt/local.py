@@ -42,7 +42,15 @@ from .format import (
     step_dirname,
 )
 
-__all__ = ["LocalStore", "StepCheck", "fsync_dir", "write_file_durably"]
+__all__ = [
+    "LocalStore",
+    "StepCheck",
+    "fsync_dir",
+    "write_file_durably",
+    "scan_committed_steps",
+    "read_step_manifest",
+    "verify_files",
+]
 
 log = logging.getLogger(__name__)
 
@@ -178,35 +186,10 @@ class LocalStore:
 
     def committed_steps(self) -> list[int]:
         """Committed steps, ascending (directories named ``step-<12 digits>``)."""
-        steps = []
-        try:
-            with os.scandir(self.root) as it:
-                for e in it:
-                    s = parse_step_dirname(e.name)
-                    if s is not None and e.is_dir(follow_symlinks=False):
-                        steps.append(s)
-        except FileNotFoundError:
-            return []
-        return sorted(steps)
+        return scan_committed_steps(self.root)
 
     def read_manifest(self, step: int) -> Manifest:
-        path = self.step_path(step) / MANIFEST_NAME
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as exc:
-            raise CheckpointCorruptError(
-                f"{path} is missing; the step directory is incomplete", path=path
-            ) from exc
-        except OSError as exc:
-            raise CheckpointCorruptError(f"{path}: cannot read ({exc.strerror})", path=path) from exc
-        m = Manifest.from_bytes(data, source=str(path))
-        if m.step != step:
-            raise CheckpointCorruptError(
-                f"{path} says step {m.step} but lives in {step_dirname(step)}; the directory was "
-                "renamed by hand -- rename it back or delete it",
-                path=path,
-            )
-        return m
+        return read_step_manifest(self.root, step)
 
     def verify_step(self, step: int, *, checksums: bool = True) -> StepCheck:
         """Check the manifest, then every listed file's size and (by default) CRC32C."""
@@ -301,6 +284,45 @@ class LocalStore:
         if deleted:
             log.info("spotckpt: retention removed local steps %s", deleted)
         return deleted
+
+
+def scan_committed_steps(root: Path, *, require_manifest: bool = False) -> list[int]:
+    """Committed steps under ``root``, ascending: directories named ``step-<12 digits>`` (and,
+    with ``require_manifest``, holding a ``manifest.json``). Creates nothing: read-only users
+    such as the uploader call it without a :class:`LocalStore`."""
+    steps = []
+    try:
+        with os.scandir(root) as it:
+            for e in it:
+                s = parse_step_dirname(e.name)
+                if s is None or not e.is_dir(follow_symlinks=False):
+                    continue
+                if require_manifest and not os.path.isfile(os.path.join(e.path, MANIFEST_NAME)):
+                    continue
+                steps.append(s)
+    except FileNotFoundError:
+        return []
+    return sorted(steps)
+
+
+def read_step_manifest(root: Path, step: int) -> Manifest:
+    """The validated manifest of committed ``step`` under ``root``; CheckpointCorruptError if
+    it is missing, unreadable, malformed or names another step."""
+    path = root / step_dirname(step) / MANIFEST_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CheckpointCorruptError(f"{path} is missing; the step directory is incomplete", path=path) from exc
+    except OSError as exc:
+        raise CheckpointCorruptError(f"{path}: cannot read ({exc.strerror})", path=path) from exc
+    m = Manifest.from_bytes(data, source=str(path))
+    if m.step != step:
+        raise CheckpointCorruptError(
+            f"{path} says step {m.step} but lives in {step_dirname(step)}; the directory was "
+            "renamed by hand -- rename it back or delete it",
+            path=path,
+        )
+    return m
 
 
 def verify_files(step_dir: Path, manifest: Manifest, *, checksums: bool = True) -> list[str]:

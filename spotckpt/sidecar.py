@@ -160,10 +160,10 @@ def run_sync(
 
 
 def _missing(uploader: Any) -> str:
-    from .uploader import _local_steps
+    from .local import scan_committed_steps
 
     done = set(uploader.uploaded_steps())
-    left = [s for s in _local_steps(uploader.local_dir) if s not in done]
+    left = [s for s in scan_committed_steps(uploader.local_dir, require_manifest=True) if s not in done]
     return f"local steps not in S3: {left}" if left else "unknown"
 
 

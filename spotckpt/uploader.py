@@ -26,14 +26,15 @@ import logging
 import re
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from .errors import CheckpointCorruptError, SpotCkptError, StorageError
-from .format import MANIFEST_NAME, Manifest, parse_step_dirname, step_dirname
+from .format import MANIFEST_NAME, step_dirname
+from .local import read_step_manifest, scan_committed_steps
 from .s3 import LocalStepVanishedError, S3Store
 
 __all__ = ["Uploader"]
@@ -41,25 +42,6 @@ __all__ = ["Uploader"]
 log = logging.getLogger(__name__)
 
 _STEP_DIR_RE = re.compile(r"^step-\d{12}$")
-
-
-def _local_steps(root: Path) -> list[int]:
-    """Committed steps under ``root`` (a ``step-XXXXXXXXXXXX`` dir holding a manifest), ascending."""
-    steps = []
-    try:
-        entries = list(root.iterdir())
-    except FileNotFoundError:
-        return []
-    for p in entries:
-        step = parse_step_dirname(p.name)
-        if step is not None and (p / MANIFEST_NAME).is_file():
-            steps.append(step)
-    return sorted(steps)
-
-
-def _read_local_manifest(root: Path, step: int) -> Manifest:
-    path = root / step_dirname(step) / MANIFEST_NAME
-    return Manifest.from_bytes(path.read_bytes(), source=str(path))
 
 
 class _Handler(FileSystemEventHandler):
@@ -208,7 +190,7 @@ class Uploader:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             start_pass = self._passes
-        for step in reversed(_local_steps(self.local_dir)):
+        for step in reversed(scan_committed_steps(self.local_dir, require_manifest=True)):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self.wait_for(step, left):
                 return False
@@ -229,7 +211,7 @@ class Uploader:
         """Called with the lock held: the step is gone locally and a newer one exists."""
         if (self.local_dir / step_dirname(step)).exists():
             return False
-        newer = [s for s in (self._remote | set(_local_steps(self.local_dir))) if s > step]
+        newer = [s for s in (self._remote | set(scan_committed_steps(self.local_dir, require_manifest=True))) if s > step]
         return bool(newer)
 
     # ------------------------------------------------------------------- upload thread
@@ -268,7 +250,7 @@ class Uploader:
 
     def _reconcile(self) -> None:
         while not self._stop.is_set():
-            local = _local_steps(self.local_dir)
+            local = scan_committed_steps(self.local_dir, require_manifest=True)
             remote = set(self.store.list_steps())
             keep = self._retained(set(local) | remote)
             missing = [s for s in reversed(local) if s not in remote and s in keep and s not in self._bad]
@@ -288,7 +270,7 @@ class Uploader:
     def _upload(self, step: int) -> None:
         src = self.local_dir / step_dirname(step)
         try:
-            manifest = _read_local_manifest(self.local_dir, step)
+            manifest = read_step_manifest(self.local_dir, step)
             t0 = time.perf_counter()
             uploaded = self.store.upload_step(step, src, manifest)
         except (LocalStepVanishedError, FileNotFoundError):
