@@ -29,7 +29,18 @@ from .config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sage
 from .errors import ConfigError, SaveError, SpotCkptError, StateError
 from .format import FileEntry, Manifest, crc32c_b64, crc32c_update, data_file_names, write_safetensors
 from .local import LocalStore, write_file_durably
-from .metrics import MetricsSink, Stats
+from .events import (
+    DurableLocalEvent,
+    DurableS3Event,
+    EventBus,
+    JsonLinesListener,
+    Listener,
+    PreemptedEvent,
+    ProgressEvent,
+    RestoreEvent,
+    SaveEvent,
+)
+from .metrics import MetricsListener, Stats
 from .preemption import DEFAULT_GRACE_SECONDS, PreemptionWatcher
 from .restore import RestoreResult, restore_newest
 from .stage import StagedTensors, Stager
@@ -110,7 +121,18 @@ class CheckpointManager:
             log.info("spotckpt: SageMaker syncs %s to S3 itself; spotckpt uploads nothing", self.local_dir)
 
         self.stats = Stats()
-        self._metrics = MetricsSink(enabled=metrics if metrics is not None else env_bool("SPOTCKPT_METRICS", True))
+        self.events = EventBus()
+        self.events.subscribe(self.stats)
+        self.events.subscribe(MetricsListener(enabled=metrics if metrics is not None else env_bool("SPOTCKPT_METRICS", True)))
+        self._events_file: JsonLinesListener | None = None
+        events_path = os.environ.get("SPOTCKPT_EVENTS_FILE")
+        if events_path:
+            try:
+                self._events_file = JsonLinesListener(events_path)
+            except OSError as exc:
+                log.warning("spotckpt: cannot write events to %s (%s)", events_path, exc)
+            else:
+                self.events.subscribe(self._events_file)
         self._watcher = PreemptionWatcher(grace_seconds=grace)
         if install_signal_handlers:
             self._watcher.install()
@@ -125,13 +147,6 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         self._preempted = False
         self._closed = False
-        self._progress_fd: int | None = None
-        progress = os.environ.get("SPOTCKPT_PROGRESS_FILE")
-        if progress:
-            try:
-                self._progress_fd = os.open(progress, os.O_WRONLY | os.O_CREAT, 0o644)
-            except OSError as exc:
-                log.warning("spotckpt: cannot write progress file %s (%s)", progress, exc)
 
         self._store: Any = None
         self._uploader: Any = None
@@ -163,13 +178,7 @@ class CheckpointManager:
             for s in [s for s in self._save_started if s <= step]:  # older ones were skipped
                 del self._save_started[s]
         since = time.perf_counter() - t0 if t0 is not None else None
-        self.stats.uploads += 1
-        if since is not None:
-            self.stats.last_durable_s3_s = since
-        fields: dict[str, Any] = {"step": step, "seconds": seconds, "bytes": nbytes}
-        if since is not None:
-            fields["since_save_s"] = since
-        self._metrics.emit("durable_s3", **fields)
+        self.events.emit(DurableS3Event(step=step, seconds=seconds, bytes=nbytes, since_save_s=since))
 
     def _start_imds(self) -> None:
         from .preemption import ImdsPoller  # type: ignore[attr-defined]
@@ -213,13 +222,9 @@ class CheckpointManager:
             log.info("spotckpt: no checkpoint in %s%s; starting fresh", self.local_dir,
                      f" or {self.s3_uri}" if self.s3_uri else "")
             return None
-        self.stats.restores += 1
-        self.stats.restored_step = res.step
-        self.stats.restore_source = res.source
-        self.stats.restore_s = res.seconds
         self._last_saved_step = res.step
         self._last_save_time = time.monotonic()
-        self._metrics.emit("restore", step=res.step, seconds=res.seconds, source=res.source, bytes=res.bytes)
+        self.events.emit(RestoreEvent(step=res.step, seconds=res.seconds, source=res.source, bytes=res.bytes))
         return res.step
 
     # -- save ----------------------------------------------------------------------------
@@ -267,20 +272,15 @@ class CheckpointManager:
         if self._uploader is not None:
             with self._lock:
                 self._save_started[step] = t0
-        self.stats.saves += 1
-        self.stats.last_save_step = step
-        self.stats.last_stall_s = stall
-        self.stats.total_stall_s += stall
-        self.stats.max_stall_s = max(self.stats.max_stall_s, stall)
-        self.stats.bytes_saved += snap.nbytes
-        self._metrics.emit("save", step=step, stall_s=stall, bytes=snap.nbytes, blocking=blocking)
+        self.events.emit(SaveEvent(step=step, stall_s=stall, bytes=snap.nbytes, blocking=blocking))
 
     def maybe_save(self, step: int, state: MutableMapping[str, Any]) -> bool:
         """Save when the policy says so (``every_steps`` / ``every_seconds``) or when the job is
         being preempted -- then synchronously, flushed (and uploaded within the deadline), and
         ``preempted`` becomes True. Returns whether a save was made."""
         self._check_open()
-        self._write_progress(step)
+        if self.events.active:
+            self.events.emit(ProgressEvent(step=step))
         if self._preempted:
             return False
         if self._watcher.requested:
@@ -299,8 +299,7 @@ class CheckpointManager:
         return True
 
     def _final_save(self, step: int, state: MutableMapping[str, Any]) -> bool:
-        self._metrics.emit("preempted", step=step, reason=self._watcher.reason or "requested")
-        self.stats.preempted_at_step = step
+        self.events.emit(PreemptedEvent(step=step, reason=self._watcher.reason or "requested"))
         saved = False
         if step != self._last_saved_step:
             self.save(step, state, blocking=True)
@@ -382,9 +381,7 @@ class CheckpointManager:
         except BaseException:
             self.local.abort(staging)
             raise
-        took = time.perf_counter() - t0
-        self.stats.last_durable_local_s = took
-        self._metrics.emit("durable_local", step=step, seconds=took, bytes=nbytes)
+        self.events.emit(DurableLocalEvent(step=step, seconds=time.perf_counter() - t0, bytes=nbytes))
         if self._uploader is not None:
             self._uploader.notify(step)
         if self.keep_last:
@@ -435,15 +432,6 @@ class CheckpointManager:
             steps |= set(self._store.list_steps())
         return sorted(steps)
 
-    # -- progress file (for `spotckpt simulate`) -------------------------------------------
-    def _write_progress(self, step: int) -> None:
-        fd = self._progress_fd
-        if fd is not None:
-            try:
-                os.pwrite(fd, f"{step} {time.time():.3f}\n".ljust(48).encode(), 0)
-            except OSError:
-                pass
-
     # -- lifecycle -------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
@@ -474,9 +462,8 @@ class CheckpointManager:
                 self._imds.close()
             self._watcher.uninstall()
             self._stager.close()
-            if self._progress_fd is not None:
-                os.close(self._progress_fd)
-                self._progress_fd = None
+            if self._events_file is not None:
+                self._events_file.close()
         exc = self._bg_error
         self._bg_error = None
         if exc is not None:

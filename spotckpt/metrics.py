@@ -1,20 +1,23 @@
-"""One line per save, upload and restore, in a stable ``key=value`` format.
+"""Listeners that turn :mod:`spotckpt.events` into figures: metric lines and ``mgr.stats``.
 
-Lines look like::
+:class:`MetricsListener` prints one line per save, upload, restore and preemption in a stable
+``key=value`` format::
 
     spotckpt event=save step=1200 stall_s=0.0812 bytes=1073741824 blocking=0
-    spotckpt event=durable_local step=1200 seconds=1.532 bytes=1073741824
+    spotckpt event=durable_local step=1200 seconds=1.5320 bytes=1073741824
     spotckpt event=durable_s3 step=1200 seconds=8.3390 bytes=1073750012 since_save_s=9.8710
-    spotckpt event=restore step=1200 seconds=0.913 source=s3 bytes=1073741824
+    spotckpt event=restore step=1200 seconds=0.9130 source=s3://bucket/job bytes=1073741824
     spotckpt event=preempted step=1234 reason=signal_SIGTERM
 
 so SageMaker ``MetricDefinitions`` can scrape them, e.g.
 ``{"Name": "ckpt:stall_s", "Regex": "event=save .*stall_s=([0-9.]+)"}``. Keys and event names are
 part of the public contract: new keys may be added at the end, existing ones never change.
+Progress events are not printed.
 
-Lines go to the logger ``spotckpt.metrics`` (INFO) and, unless ``SPOTCKPT_METRICS=0``, straight
-to stderr, because SageMaker scrapes the container's output and the library must not configure
-logging handlers.
+Lines go to the logger ``spotckpt.metrics`` (INFO) and, when enabled, straight to stderr, because
+SageMaker scrapes the container's output and the library must not configure logging handlers.
+
+:class:`Stats` (``mgr.stats``) keeps the same figures as counters; it is a listener too.
 """
 
 from __future__ import annotations
@@ -25,7 +28,17 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
-__all__ = ["Stats", "format_line", "MetricsSink"]
+from .events import (
+    DurableLocalEvent,
+    DurableS3Event,
+    Event,
+    PreemptedEvent,
+    ProgressEvent,
+    RestoreEvent,
+    SaveEvent,
+)
+
+__all__ = ["Stats", "format_line", "MetricsListener"]
 
 log = logging.getLogger("spotckpt.metrics")
 
@@ -43,16 +56,18 @@ def format_line(event: str, **fields: Any) -> str:
     return " ".join(["spotckpt", f"event={event}", *(f"{k}={_fmt(v)}" for k, v in fields.items())])
 
 
-class MetricsSink:
-    """Writes metric lines; thread-safe (called from the training and background threads)."""
+class MetricsListener:
+    """Writes the metric line of each event (any thread; one lock around the stream)."""
 
     def __init__(self, *, stream: TextIO | None = None, enabled: bool = True) -> None:
         self._stream = stream
         self.enabled = enabled
         self._lock = threading.Lock()
 
-    def emit(self, event: str, **fields: Any) -> str:
-        line = format_line(event, **fields)
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, ProgressEvent):
+            return
+        line = format_line(event.name, **event.fields())
         log.info("%s", line)
         if self.enabled:
             stream = self._stream or sys.stderr
@@ -62,12 +77,12 @@ class MetricsSink:
                     stream.flush()
                 except (OSError, ValueError):
                     pass
-        return line
 
 
 @dataclass
 class Stats:
-    """Counters of one CheckpointManager (``mgr.stats``); the same figures as the metric lines."""
+    """Counters of one CheckpointManager (``mgr.stats``); the same figures as the metric lines.
+    Updated as a listener of the manager's events, plus ``saves_skipped`` by the manager."""
 
     saves: int = 0
     saves_skipped: int = 0
@@ -84,7 +99,28 @@ class Stats:
     restore_source: str | None = None
     restore_s: float | None = None
     preempted_at_step: int | None = None
-    lost_steps: int | None = None
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, SaveEvent):
+            self.saves += 1
+            self.last_save_step = event.step
+            self.last_stall_s = event.stall_s
+            self.total_stall_s += event.stall_s
+            self.max_stall_s = max(self.max_stall_s, event.stall_s)
+            self.bytes_saved += event.bytes
+        elif isinstance(event, DurableLocalEvent):
+            self.last_durable_local_s = event.seconds
+        elif isinstance(event, DurableS3Event):
+            self.uploads += 1
+            if event.since_save_s is not None:
+                self.last_durable_s3_s = event.since_save_s
+        elif isinstance(event, RestoreEvent):
+            self.restores += 1
+            self.restored_step = event.step
+            self.restore_source = event.source
+            self.restore_s = event.seconds
+        elif isinstance(event, PreemptedEvent):
+            self.preempted_at_step = event.step
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,7 @@ S3 is moto's server embedded on 127.0.0.1 (a bucket is created) unless ``s3_uri`
 ``$AWS_ENDPOINT_URL`` is set (then a bucket ``spotckpt-simulate`` is created there if needed).
 CMD's environment: ``SPOTCKPT_LOCAL_DIR`` (the fresh dir), ``SPOTCKPT_S3_URI``
 (``s3://<bucket>/<job>``), ``AWS_ENDPOINT_URL`` and dummy credentials (embedded server only),
-``SPOTCKPT_PROGRESS_FILE`` (the manager writes ``"<step> <unix_time>"`` there on every
+``SPOTCKPT_EVENTS_FILE`` (the manager appends a ``progress`` event there on every
 ``maybe_save``), ``TRAINING_JOB_NAME`` and ``PYTHONUNBUFFERED=1``.
 
 When interruptions happen (seeded, ``random.Random(seed)``): never before the instance has made
@@ -152,18 +152,18 @@ class _Output:
 
 
 def _read_progress(path: Path) -> tuple[int, float] | None:
-    """``"<step> <unix_time>"`` from the progress file (first line; the rest may be padding)."""
+    """The newest ``progress`` event (step, unix time) in the trainer's events file."""
+    from .events import ProgressEvent, parse_event_line
+
     try:
-        text = path.read_text("utf-8", "replace")
+        lines = path.read_bytes().splitlines()
     except OSError:
         return None
-    parts = text.split("\n", 1)[0].split()
-    if len(parts) < 2:
-        return None
-    try:
-        return int(parts[0]), float(parts[1])
-    except ValueError:
-        return None
+    for line in reversed(lines):
+        ev = parse_event_line(line)
+        if isinstance(ev, ProgressEvent) and ev.step is not None:
+            return ev.step, ev.time
+    return None
 
 
 class _Simulation:
@@ -312,12 +312,12 @@ class _Simulation:
         inst_dir = self.work / f"instance-{n}"
         local_dir = inst_dir / "checkpoints"
         local_dir.mkdir(parents=True)
-        progress = inst_dir / "progress"
+        progress = inst_dir / "events.jsonl"
         inst = _Instance(number=n, local_dir=str(local_dir), started=time.time())
         self.instances.append(inst)
         self.status("Starting", f"instance {n}: fresh empty local dir {local_dir}")
         env = dict(self.env, SPOTCKPT_LOCAL_DIR=str(local_dir), SPOTCKPT_S3_URI=self.s3_uri,
-                   SPOTCKPT_PROGRESS_FILE=str(progress), TRAINING_JOB_NAME=self.job, PYTHONUNBUFFERED="1")
+                   SPOTCKPT_EVENTS_FILE=str(progress), TRAINING_JOB_NAME=self.job, PYTHONUNBUFFERED="1")
         delay = self._plan_delay(n)
         log_file = open(inst_dir / "output.log", "wb")  # noqa: SIM115 - closed below
         try:

@@ -40,7 +40,7 @@ FAKE_TRAINER = textwrap.dedent(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
         signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
-    fd = os.open(os.environ["SPOTCKPT_PROGRESS_FILE"], os.O_WRONLY | os.O_CREAT, 0o644)
+    fd = os.open(os.environ["SPOTCKPT_EVENTS_FILE"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def save(step):
         d = os.path.join(local, f"step-{step:012d}")
@@ -50,7 +50,7 @@ FAKE_TRAINER = textwrap.dedent(
 
     for step in range(start, total):
         time.sleep(step_s)
-        os.pwrite(fd, f"{step + 1} {time.time():.3f}\\n".ljust(48).encode(), 0)
+        os.write(fd, ('{"event":"progress","time":%.3f,"step":%d}\\n' % (time.time(), step + 1)).encode())
         if stop or (step + 1) % save_every == 0 or step + 1 == total:
             save(step + 1)
         if stop:

@@ -228,7 +228,7 @@ def _manager(tmp_path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-unty
     import spotckpt
 
     monkeypatch.delenv("SPOTCKPT_S3_URI", raising=False)
-    monkeypatch.delenv("SPOTCKPT_PROGRESS_FILE", raising=False)
+    monkeypatch.delenv("SPOTCKPT_EVENTS_FILE", raising=False)
     return spotckpt.CheckpointManager(local_dir=tmp_path / "ckpt", s3_uri=None, every_steps=None,
                                       async_save=False, install_signal_handlers=False, metrics=False)
 
