@@ -5,10 +5,13 @@ manifest last, CRC32C end to end), SIGTERM turned into a final durable checkpoin
 that resumes exactly where training stopped.
 """
 
+from ._version import __version__
 from .errors import (
     CheckpointCorruptError,
+    ClosedError,
     ConfigError,
     DownloadError,
+    LocalStepVanishedError,
     NoCheckpointError,
     PickleRefusedError,
     SaveError,
@@ -20,8 +23,6 @@ from .errors import (
 from .manager import CheckpointManager
 from .torch_state import RNGState
 
-__version__ = "0.1.0"
-
 __all__ = [
     "CheckpointManager",
     "RNGState",
@@ -31,9 +32,11 @@ __all__ = [
     "CheckpointCorruptError",
     "PickleRefusedError",
     "NoCheckpointError",
+    "ClosedError",
     "SaveError",
     "StorageError",
     "UploadError",
     "DownloadError",
+    "LocalStepVanishedError",
     "__version__",
 ]

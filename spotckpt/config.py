@@ -27,7 +27,6 @@ __all__ = [
     "resolve_local_dir",
     "resolve_s3_uri",
     "env_float",
-    "env_int",
     "env_bool",
 ]
 
@@ -113,16 +112,6 @@ def env_float(name: str, default: float | None) -> float | None:
         return float(raw)
     except ValueError as exc:
         raise ConfigError(f"${name} must be a number, got {raw!r}") from exc
-
-
-def env_int(name: str, default: int | None) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ConfigError(f"${name} must be an integer, got {raw!r}") from exc
 
 
 def env_bool(name: str, default: bool) -> bool:

@@ -7,12 +7,15 @@ Every error spotckpt raises derives from :class:`SpotCkptError`, and its message
     ├── StateError (also TypeError)           a value in ``state`` that cannot be checkpointed
     │                                         (``.key_path`` names it)
     ├── CheckpointCorruptError                a checkpoint that does not verify (``.path``)
-    │   └── PickleRefusedError                a checkpoint that would need unpickling
-    ├── NoCheckpointError                     restore asked for a step that does not exist
+    ├── PickleRefusedError                    a checkpoint that would need unpickling, and the
+    │                                         caller did not opt in (a policy refusal, not damage)
+    ├── NoCheckpointError                     restore asked for a step that does not exist (``.step``)
+    ├── ClosedError (also RuntimeError)       a closed CheckpointManager (or its stager) was used
     ├── SaveError                             a save that could not complete (``.step``);
     │                                         earlier checkpoints are untouched
     └── StorageError                          S3 or the local disk failed (``.key``)
         ├── UploadError                       an object could not be uploaded (``.key``)
+        │   └── LocalStepVanishedError        the local step vanished during its upload
         └── DownloadError                     an object could not be downloaded (``.key``)
 
 Errors raised by background threads (persist, uploader) are kept and raised again, chained, on the
@@ -30,10 +33,12 @@ __all__ = [
     "CheckpointCorruptError",
     "PickleRefusedError",
     "NoCheckpointError",
+    "ClosedError",
     "SaveError",
     "StorageError",
     "UploadError",
     "DownloadError",
+    "LocalStepVanishedError",
 ]
 
 
@@ -65,8 +70,19 @@ class CheckpointCorruptError(SpotCkptError):
         self.path = str(path)
 
 
-class PickleRefusedError(CheckpointCorruptError):
-    """Loading would unpickle data, and the caller did not opt in with ``allow_pickle=True``."""
+class PickleRefusedError(SpotCkptError):
+    """Loading would unpickle data, and the caller did not opt in with ``allow_pickle=True``.
+
+    Not corruption: the step is intact, so a restore does not fall back to an older step; it
+    stops and says how to opt in. ``path`` names the file."""
+
+    def __init__(self, message: str, *, path: str | Path = "") -> None:
+        super().__init__(message)
+        self.path = str(path)
+
+
+class ClosedError(SpotCkptError, RuntimeError):
+    """A :class:`~spotckpt.CheckpointManager` (or a part of it) was used after ``close()``."""
 
 
 class NoCheckpointError(SpotCkptError):
@@ -95,6 +111,10 @@ class StorageError(SpotCkptError):
 
 class UploadError(StorageError):
     """An object could not be uploaded to S3."""
+
+
+class LocalStepVanishedError(UploadError):
+    """The local step directory disappeared during its upload (local retention removed it)."""
 
 
 class DownloadError(StorageError):
