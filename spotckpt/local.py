@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,14 +38,18 @@ from .format import (
     MANIFEST_NAME,
     Manifest,
     crc32c_b64,
+    crc32c_update,
     file_crc32c_parallel,
     parse_step_dirname,
     step_dirname,
 )
+from .policy import RetentionPolicy, doomed
 
 __all__ = [
     "LocalStore",
+    "LocalIO",
     "StepCheck",
+    "copy_file_durably",
     "fsync_dir",
     "write_file_durably",
     "scan_committed_steps",
@@ -66,12 +71,50 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def copy_file_durably(
+    src: str | Path, dst: str | Path, *, chunk_bytes: int = 8 << 20, progress: Callable[[int], None] | None = None
+) -> tuple[int, int]:
+    """Copy ``src`` to ``dst`` (created), CRC32C of the bytes in the same pass, fsync ``dst``.
+    Returns (size, crc32c)."""
+    size = crc = 0
+    buf = bytearray(chunk_bytes)
+    view = memoryview(buf)
+    with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:
+        while True:
+            n = fi.readinto(view)
+            if not n:
+                break
+            chunk = view[:n]
+            crc = crc32c_update(crc, chunk)
+            while chunk:
+                chunk = chunk[fo.write(chunk) :]
+            size += n
+            if progress is not None:
+                progress(n)
+        os.fsync(fo.fileno())
+    return size, crc
+
+
 def write_file_durably(path: str | Path, data: bytes) -> None:
     with open(path, "wb", buffering=0) as f:
         view = memoryview(data)
         while view:
             view = view[f.write(view) :]
         os.fsync(f.fileno())
+
+
+class LocalIO:
+    """The filesystem operations the commit protocol relies on, in one seam: tests pass a
+    subclass that fails at a chosen point instead of patching ``os`` process-wide."""
+
+    def rename(self, src: Path, dst: Path) -> None:
+        os.rename(src, dst)
+
+    def fsync_dir(self, path: Path) -> None:
+        fsync_dir(path)
+
+    def write_file(self, path: Path, data: bytes) -> None:
+        write_file_durably(path, data)
 
 
 @dataclass(frozen=True)
@@ -101,7 +144,9 @@ def _pid_alive(pid: int) -> bool:
 class LocalStore:
     """Committed steps under ``root`` and their staging area."""
 
-    def __init__(self, root: str | Path, *, create: bool = True, cleanup: bool = True) -> None:
+    def __init__(self, root: str | Path, *, create: bool = True, cleanup: bool = True,
+                 io: LocalIO | None = None) -> None:
+        self.io = io or LocalIO()
         self.root = Path(root).expanduser().absolute()
         self._check_root(create)
         self.staging_root = self._choose_staging()
@@ -141,7 +186,7 @@ class LocalStore:
             probe.mkdir()
             target = self.root / f".probe-{uuid.uuid4().hex}"
             try:
-                os.rename(probe, target)
+                self.io.rename(probe, target)
             except OSError:
                 shutil.rmtree(probe, ignore_errors=True)
                 raise
@@ -184,9 +229,18 @@ class LocalStore:
     def step_path(self, step: int) -> Path:
         return self.root / step_dirname(step)
 
+    def is_committed(self, step: int) -> bool:
+        return self.step_path(step).is_dir()
+
     def committed_steps(self) -> list[int]:
         """Committed steps, ascending (directories named ``step-<12 digits>``)."""
         return scan_committed_steps(self.root)
+
+    list_steps = committed_steps  # the StepSource name (spotckpt.store)
+
+    @property
+    def uri(self) -> str:
+        return str(self.root)
 
     def read_manifest(self, step: int) -> Manifest:
         return read_step_manifest(self.root, step)
@@ -216,27 +270,26 @@ class LocalStore:
         return d
 
     def commit(self, staging: Path, manifest: Manifest) -> Path:
-        """Write the manifest into ``staging`` and rename it into place atomically."""
+        """Write the manifest into ``staging`` and rename it into place atomically.
+
+        A committed step is never replaced: when ``step`` is already committed, ``staging`` is
+        discarded and the existing path returned (the same no-op as saving it again)."""
         step = manifest.step
         target = self.step_path(step)
+        io = self.io
         try:
-            write_file_durably(staging / MANIFEST_NAME, manifest.to_bytes())
-            fsync_dir(staging)
-            if target.exists():
-                raise SaveError(
-                    f"step {step} is already committed at {target}; a committed step is never "
-                    "replaced -- save under a new step number",
-                    step=step,
-                )
-            os.rename(staging, target)
-            fsync_dir(self.root)
-        except SaveError:
-            self.abort(staging)
-            raise
+            if self.is_committed(step):
+                log.info("spotckpt: step %d is already committed in %s; not saving it again", step, self.root)
+                self.abort(staging)
+                return target
+            io.write_file(staging / MANIFEST_NAME, manifest.to_bytes())
+            io.fsync_dir(staging)
+            io.rename(staging, target)
+            io.fsync_dir(self.root)
         except OSError as exc:
             self.abort(staging)
             raise SaveError(
-                f"could not commit step {step} into {self.root} ({exc.strerror}); earlier "
+                f"could not commit step {step} into {self.root} ({exc.strerror or exc}); earlier "
                 "checkpoints are intact -- free disk space or check the volume",
                 step=step,
             ) from exc
@@ -250,21 +303,19 @@ class LocalStore:
         src = self.step_path(step)
         trash = self.staging_root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}-deleting-{step_dirname(step)}"
         try:
-            os.rename(src, trash)
+            self.io.rename(src, trash)
         except FileNotFoundError:
             return
         except OSError as exc:
             raise StorageError(f"cannot remove {src} ({exc.strerror})", key=str(src)) from exc
-        fsync_dir(self.root)
+        self.io.fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def prune(self, keep_last: int | None, *, protect: int | None = None) -> list[int]:
-        """Delete the oldest committed steps beyond ``keep_last``. The newest valid step (by a
+    def prune(self, retention: RetentionPolicy, *, protect: int | None = None) -> list[int]:
+        """Delete the committed steps ``retention`` does not keep. The newest valid step (by a
         manifest check) and ``protect`` are never deleted. Returns the deleted steps."""
-        if not keep_last:
-            return []
         steps = self.committed_steps()
-        if len(steps) <= keep_last:
+        if not doomed(retention, steps):
             return []
         newest_valid = None
         for s in reversed(steps):
@@ -274,16 +325,46 @@ class LocalStore:
                 continue
             newest_valid = s
             break
-        keep = set(steps[-keep_last:]) | {newest_valid, protect}
-        deleted = []
-        for s in steps:
-            if s in keep:
-                continue
+        deleted = doomed(retention, steps, protect=(newest_valid, protect))
+        for s in deleted:
             self.delete_step(s)
-            deleted.append(s)
         if deleted:
             log.info("spotckpt: retention removed local steps %s", deleted)
         return deleted
+
+    # -- read out ------------------------------------------------------------------------
+    def download_step(
+        self, step: int, dest_dir: Path, manifest: Manifest | None = None, *,
+        progress: Callable[[int], None] | None = None,
+    ) -> Manifest:
+        """Copy committed ``step`` into ``dest_dir`` (a staging directory of another store):
+        every data file copied with its CRC32C computed in the same pass and fsynced, then
+        checked against the manifest. The same contract as ``S3Store.download_step``, so a
+        local directory can be the source of :func:`spotckpt.restore.import_step`.
+        CheckpointCorruptError when the source does not verify."""
+        src = self.step_path(step)
+        m = manifest if manifest is not None else self.read_manifest(step)
+        for rel, ent in m.files.items():
+            out = dest_dir / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                size, crc = copy_file_durably(src / rel, out, progress=progress)
+            except FileNotFoundError as exc:
+                raise CheckpointCorruptError(f"{src / rel}: missing", path=src / rel) from exc
+            except OSError as exc:
+                what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+                raise StorageError(
+                    f"copying {src / rel} to {out} failed: {what}; nothing was committed -- free "
+                    "space on the destination or check both volumes",
+                    key=str(src / rel),
+                ) from exc
+            if size != ent.size or crc32c_b64(crc) != ent.crc32c:
+                raise CheckpointCorruptError(
+                    f"{src / rel}: size {size} / CRC32C {crc32c_b64(crc)}, manifest says "
+                    f"{ent.size} / {ent.crc32c} (corrupt)",
+                    path=src / rel,
+                )
+        return m
 
 
 def scan_committed_steps(root: Path, *, require_manifest: bool = False) -> list[int]:

@@ -100,12 +100,18 @@ def _default_local_dir(local_dir: str | Path | None) -> Path:
 
 
 def _make_uploader(local_dir: Path, s3_uri: str, keep_last: int | None) -> Any:
+    from .policy import retention_from
     from .s3 import S3Store
     from .uploader import Uploader
 
+    retention = retention_from(keep_last)  # validated before anything is started
     store = S3Store(s3_uri)
-    store.check_access()
-    return Uploader(local_dir, store, keep_last=keep_last)
+    try:
+        store.check_access()
+    except BaseException:
+        store.close()
+        raise
+    return Uploader(local_dir, store, retention=retention)
 
 
 def run_sync(

@@ -32,16 +32,29 @@ from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
-from .errors import CheckpointCorruptError, SpotCkptError, StorageError
+from .errors import CheckpointCorruptError, LocalStepVanishedError, SpotCkptError, StorageError
 from .format import MANIFEST_NAME, step_dirname
 from .local import read_step_manifest, scan_committed_steps
-from .s3 import LocalStepVanishedError, S3Store
+from .policy import KeepAll, RetentionPolicy, doomed
+from .store import RemoteStore
 
 __all__ = ["Uploader"]
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR_RE = re.compile(r"^step-\d{12}$")
+
+
+class _StopRaceFilter(logging.Filter):
+    """Drops the one message watchdog's inotify emitter logs (at ERROR) when it is stopped while
+    an event is in flight -- a benign race inside watchdog at every shutdown, which users saw as
+    an error. Anything else from watchdog passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+_STOP_RACE_FILTER = _StopRaceFilter()
 
 
 class _Handler(FileSystemEventHandler):
@@ -59,30 +72,27 @@ class _Handler(FileSystemEventHandler):
 
 
 class Uploader:
-    """Uploads committed local steps to S3, newest first, with S3 retention.
+    """Uploads committed local steps to a :class:`~spotckpt.store.RemoteStore` (S3), newest
+    first, with retention there.
 
-    ``keep_last``: keep only that many newest steps in S3 (None: keep all); local steps that
-    would fall outside it are not uploaded at all.
+    ``retention`` (default: keep all) decides which steps S3 keeps; local steps that would fall
+    outside it are not uploaded at all.
     """
 
     def __init__(
         self,
         local_dir: Path,
-        store: S3Store,
+        store: RemoteStore,
         *,
-        keep_last: int | None = None,
+        retention: RetentionPolicy | None = None,
         scan_interval_seconds: float = 5.0,
         on_uploaded: Callable[[int, float, int], None] | None = None,
     ) -> None:
         """``on_uploaded(step, seconds, bytes)`` is called on the upload thread each time a step's
         manifest lands in S3 (``seconds``: that step's upload, data and manifest)."""
-        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-            from .errors import ConfigError
-
-            raise ConfigError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
         self.local_dir = Path(local_dir)
         self.store = store
-        self.keep_last = keep_last
+        self.retention = retention if retention is not None else KeepAll()
         self.scan_interval_seconds = scan_interval_seconds
         self._on_uploaded = on_uploaded
         self._cond = threading.Condition()
@@ -108,6 +118,7 @@ class Uploader:
         try:
             from watchdog.observers import Observer
 
+            logging.getLogger("watchdog.observers.inotify").addFilter(_STOP_RACE_FILTER)  # idempotent
             obs = Observer()
             obs.name = "spotckpt-uploader-watch"
             obs.daemon = True
@@ -252,7 +263,7 @@ class Uploader:
         while not self._stop.is_set():
             local = scan_committed_steps(self.local_dir, require_manifest=True)
             remote = set(self.store.list_steps())
-            keep = self._retained(set(local) | remote)
+            keep = self.retention.kept(set(local) | remote)
             missing = [s for s in reversed(local) if s not in remote and s in keep and s not in self._bad]
             with self._cond:
                 self._remote = remote
@@ -262,10 +273,6 @@ class Uploader:
                 break
             self._upload(missing[0])
         self._apply_retention()
-
-    def _retained(self, steps: set[int]) -> set[int]:
-        ordered = sorted(steps, reverse=True)
-        return set(ordered if self.keep_last is None else ordered[: self.keep_last])
 
     def _upload(self, step: int) -> None:
         src = self.local_dir / step_dirname(step)
@@ -313,14 +320,14 @@ class Uploader:
             log.warning("could not delete leftover objects of step %s: %s", step, exc)
 
     def _apply_retention(self) -> None:
-        if self.keep_last is None:
+        if isinstance(self.retention, KeepAll):
             return
         remote = self.store.list_steps()
-        doomed = remote[: -self.keep_last] if len(remote) > self.keep_last else []
-        for step in doomed:  # never the newest: keep_last >= 1
+        gone = doomed(self.retention, remote, protect=remote[-1:])  # never the newest
+        for step in gone:
             self.store.delete_step(step)
-        if doomed:
+        if gone:
             with self._cond:
-                self._remote.difference_update(doomed)
-                self._skipped.update(doomed)
+                self._remote.difference_update(gone)
+                self._skipped.update(gone)
                 self._cond.notify_all()

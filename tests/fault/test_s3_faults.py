@@ -18,6 +18,7 @@ from botocore.awsrequest import AWSResponse
 
 from spotckpt.format import MANIFEST_NAME, Manifest, step_dirname
 from spotckpt.s3 import S3Store, make_client
+from spotckpt.policy import KeepLast
 from spotckpt.uploader import Uploader
 from tests.helpers import write_step
 
@@ -71,7 +72,7 @@ def test_uploads_and_downloads_complete_despite_injected_faults(bucket: str, tmp
     store = S3Store(f"s3://{bucket}/f", client=client, transfer_config=SMALL_PARTS, retry_attempts=8, retry_backoff_seconds=0.05)
     local = tmp_path / "ckpt"
     mans = {s: make_step(local, s, 6 * MiB) for s in (1, 2)}
-    up = Uploader(local, store, keep_last=1)
+    up = Uploader(local, store, retention=KeepLast(1))
     up.sync_once()
     assert store.list_steps() == [2]
     got = store.download_step(2, tmp_path / "restore")

@@ -12,6 +12,7 @@ import torch
 from spotckpt.errors import StorageError
 from spotckpt.format import MANIFEST_NAME, Manifest, step_dirname
 from spotckpt.s3 import S3Store
+from spotckpt.policy import KeepLast
 from spotckpt.uploader import Uploader
 from tests.helpers import write_step
 
@@ -34,7 +35,7 @@ def test_watchdog_uploads_new_steps_and_applies_retention(bucket: str, tmp_path:
     local = tmp_path / "ckpt"
     store = S3Store(f"s3://{bucket}/run")
     # long scan interval: the watchdog event is what wakes the uploader here
-    up = Uploader(local, store, keep_last=2, scan_interval_seconds=3600)
+    up = Uploader(local, store, retention=KeepLast(2), scan_interval_seconds=3600)
     up.start()
     try:
         for step in (10, 20, 30):
@@ -62,7 +63,7 @@ def test_scan_finds_steps_without_events_newest_first_and_skips_doomed(bucket: s
             order.append(params["Key"].split("/")[1])
 
     store.client.meta.events.register("before-parameter-build.s3.PutObject", record)
-    up = Uploader(local, store, keep_last=2, scan_interval_seconds=0.2)
+    up = Uploader(local, store, retention=KeepLast(2), scan_interval_seconds=0.2)
     up.sync_once()  # no threads, no events: the scan alone
     assert order == [step_dirname(5), step_dirname(4)]  # newest first; 1-3 never uploaded
     assert store.list_steps() == [4, 5]

@@ -11,7 +11,8 @@ import pytest
 import spotckpt.local as local_mod
 from spotckpt.errors import ConfigError, SaveError
 from spotckpt.format import FileEntry, Manifest, crc32c_b64, crc32c_update
-from spotckpt.local import LocalStore
+from spotckpt.local import LocalIO, LocalStore
+from spotckpt.policy import KeepAll, KeepLast
 
 
 def _commit(store: LocalStore, step: int, payload: bytes = b"data") -> Path:
@@ -39,25 +40,42 @@ def test_commit_is_atomic_and_staging_is_a_sibling(tmp_path: Path) -> None:
 def test_committed_step_is_never_replaced(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "c")
     _commit(store, 1, b"first")
-    with pytest.raises(SaveError):
-        _commit(store, 1, b"second")
+    # committing the same step again is a no-op, as saving it again is in the manager
+    assert _commit(store, 1, b"second") == store.step_path(1)
     assert (store.step_path(1) / "rank-00000.bin").read_bytes() == b"first"
     assert len(list(store.staging_root.iterdir())) == 0
 
 
-def test_exdev_falls_back_to_hidden_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_rename = os.rename
+class _CrossDeviceIO(LocalIO):
+    """Renames out of the sibling staging dir fail with EXDEV, as across a mount point."""
 
-    def rename(src: str | Path, dst: str | Path) -> None:
-        if Path(src).parent != Path(dst).parent and ".spotckpt-staging" in str(src) and "/.c." in str(src):
+    def rename(self, src: Path, dst: Path) -> None:
+        if Path(src).parent != Path(dst).parent and "/.c.spotckpt-staging" in str(src):
             raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real_rename(src, dst)
+        super().rename(src, dst)
 
-    monkeypatch.setattr(local_mod.os, "rename", rename)
-    store = LocalStore(tmp_path / "c")
+
+def test_exdev_falls_back_to_hidden_staging(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "c", io=_CrossDeviceIO())
     assert store.staging_root == tmp_path / "c" / ".spotckpt-staging"
     _commit(store, 3)
     assert store.committed_steps() == [3]  # the hidden staging dir is not a step
+
+
+class _FailingRenameIO(LocalIO):
+    def rename(self, src: Path, dst: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_a_failed_commit_rename_leaves_nothing_and_says_what_to_do(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "c")
+    _commit(store, 1, b"first")
+    store.io = _FailingRenameIO()
+    with pytest.raises(SaveError, match="earlier checkpoints are intact") as ei:
+        _commit(store, 2, b"second")
+    assert ei.value.step == 2
+    assert store.committed_steps() == [1] and store.verify_step(1).ok
+    assert list(store.staging_root.iterdir()) == []
 
 
 def test_retention_keeps_newest_and_uncommits_atomically(tmp_path: Path) -> None:
@@ -66,11 +84,12 @@ def test_retention_keeps_newest_and_uncommits_atomically(tmp_path: Path) -> None
         _commit(store, s)
     # corrupt the newest manifest: the newest *valid* step must survive retention
     (store.step_path(6) / "manifest.json").write_text("{garbage")
-    deleted = store.prune(2)
+    deleted = store.prune(KeepLast(2))
     assert deleted == [1, 2, 3, 4]
     assert store.committed_steps() == [5, 6]
     (store.step_path(6) / "manifest.json").unlink()
-    assert store.prune(1) == []  # 5 is the newest valid one
+    assert store.prune(KeepLast(1)) == []  # 5 is the newest valid one
+    assert store.prune(KeepAll()) == []
     assert store.committed_steps() == [5, 6]
 
 
