@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError, SpotCkptError
 
@@ -119,63 +120,45 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    """Copy a verified step into ``--to`` (committed there atomically)."""
-    from .format import MANIFEST_NAME
-    from .local import LocalStore, verify_files
+    """Copy the newest valid (or ``--step``) step of SRC into ``--to``, verified, committed there
+    atomically (:func:`spotckpt.restore.import_step`)."""
+    from .local import LocalStore
+    from .restore import import_step
 
     dest = LocalStore(Path(args.to))
     src: str = args.src
     if src.startswith("s3://"):
         from .s3 import S3Store
 
-        store = S3Store(src)
-        try:
-            store.check_access()
-            steps = [args.step] if args.step is not None else sorted(store.list_steps(), reverse=True)
-            for s in steps:
-                if s in dest.committed_steps() and dest.verify_step(s).ok:
-                    print(f"step {s} is already in {dest.root}")
-                    return 0
-                staging = dest.begin(s)
-                try:
-                    bar = _progress_bar(f"step {s}")
-                    m = store.download_step(s, staging, progress=bar.update if bar else None)
-                    if bar:
-                        bar.close()
-                    dest.commit(staging, m)
-                except SpotCkptError as exc:
-                    dest.abort(staging)
-                    print(f"step {s}: {exc}", file=sys.stderr)
-                    if args.step is not None:
-                        return 1
-                    continue
-                print(f"restored step {s} from {src} into {dest.step_path(s)}")
+        source: Any = S3Store(src)
+        source.check_access()
+    else:
+        if not Path(src).is_dir():
+            raise ConfigError(f"{src} is not a directory; pass a checkpoint directory or s3://bucket/prefix")
+        source = LocalStore(Path(src), create=False, cleanup=False)
+    try:
+        steps = [args.step] if args.step is not None else sorted(source.list_steps(), reverse=True)
+        for s in steps:
+            if dest.is_committed(s) and dest.verify_step(s).ok:
+                print(f"step {s} is already in {dest.root}")
                 return 0
-        finally:
-            store.close()
-        print(f"no valid step in {src}", file=sys.stderr)
-        return 1
-    import shutil
-
-    srcs = LocalStore(Path(src), create=False, cleanup=False)
-    steps = [args.step] if args.step is not None else sorted(srcs.committed_steps(), reverse=True)
-    for s in steps:
-        check = srcs.verify_step(s)
-        if not check.ok or check.manifest is None:
-            print(f"step {s}: {'; '.join(check.problems)}", file=sys.stderr)
-            continue
-        staging = dest.begin(s)
-        for rel in check.manifest.files:
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(check.path / rel, staging / rel)
-        if verify_files(staging, check.manifest):
-            dest.abort(staging)
-            print(f"step {s}: copy did not verify", file=sys.stderr)
-            return 1
-        (staging / MANIFEST_NAME).unlink(missing_ok=True)
-        dest.commit(staging, check.manifest)
-        print(f"restored step {s} from {src} into {dest.step_path(s)}")
-        return 0
+            bar = _progress_bar(f"step {s}")
+            try:
+                import_step(dest, source, s, replace=dest.is_committed(s), progress=bar.update if bar is not None else None)
+            except SpotCkptError as exc:
+                print(f"step {s}: {exc}", file=sys.stderr)
+                if args.step is not None:
+                    return 1
+                continue
+            finally:
+                if bar is not None:
+                    bar.close()
+            print(f"restored step {s} from {src} into {dest.step_path(s)}")
+            return 0
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
     print(f"no valid step in {src}", file=sys.stderr)
     return 1
 

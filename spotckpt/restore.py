@@ -17,32 +17,19 @@ import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from .errors import CheckpointCorruptError, NoCheckpointError, PickleRefusedError, SpotCkptError
+from .errors import CheckpointCorruptError, NoCheckpointError
 from .format import MAX_JSON_BYTES, Manifest, SafetensorsFile, data_file_names
 from .local import LocalStore, verify_files
+from .store import StepSource
 from .torch_state import apply
 
-__all__ = ["RemoteStore", "RestoreResult", "load_step", "restore_newest"]
+__all__ = ["RestoreResult", "import_step", "load_step", "restore_newest"]
 
 log = logging.getLogger(__name__)
-
-
-class RemoteStore(Protocol):
-    """What restore needs from a remote copy (implemented by :class:`spotckpt.s3.S3Store`)."""
-
-    uri: str
-
-    def list_steps(self) -> list[int]: ...
-
-    def read_manifest(self, step: int) -> Manifest: ...
-
-    def download_step(
-        self, step: int, dest_dir: Path, manifest: Manifest | None = None, *, progress: Callable[[int], None] | None = None
-    ) -> Manifest: ...
 
 
 @dataclass(frozen=True)
@@ -92,7 +79,7 @@ def load_step(
 def restore_newest(
     state: MutableMapping[str, Any],
     local: LocalStore,
-    remote: RemoteStore | None = None,
+    remote: StepSource | None = None,
     *,
     step: int | None = None,
     rank: int = 0,
@@ -122,8 +109,6 @@ def restore_newest(
                 try:
                     load_step(state, check.path, check.manifest, rank=rank, verify=False,
                               allow_pickle=allow_pickle, bounce=bounce)
-                except PickleRefusedError:
-                    raise
                 except CheckpointCorruptError as exc:
                     log.warning("spotckpt: skipping local step %d: %s", s, exc)
                 else:
@@ -140,10 +125,39 @@ def restore_newest(
     return None
 
 
+def import_step(
+    dest: LocalStore,
+    source: StepSource,
+    step: int,
+    *,
+    replace: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Path, Manifest]:
+    """Copy committed ``step`` from ``source`` (an S3 prefix or another local directory) into
+    ``dest`` and commit it there: every file lands in a staging directory, fsynced and verified
+    against the manifest, and only then is the step renamed into place. Any failure removes the
+    staging directory and leaves ``dest`` as it was. With ``replace``, a (corrupt) local copy of
+    the step is un-committed right before the verified one takes its place.
+
+    Raises CheckpointCorruptError when the source does not verify, StorageError (S3) or
+    SaveError (local disk) when copying fails."""
+    staging = dest.begin(step)
+    try:
+        manifest = source.download_step(step, staging, progress=progress)
+        if replace:
+            log.warning("spotckpt: replacing local step %d with the verified copy from %s", step, source.uri)
+            dest.delete_step(step)
+        path = dest.commit(staging, manifest)
+    except BaseException:
+        dest.abort(staging)
+        raise
+    return path, manifest
+
+
 def _restore_remote(
     state: MutableMapping[str, Any],
     local: LocalStore,
-    remote: RemoteStore,
+    remote: StepSource,
     s: int,
     *,
     rank: int,
@@ -152,29 +166,11 @@ def _restore_remote(
     progress: Callable[[int], None] | None,
     replace_local: bool,
 ) -> tuple[Path, Manifest] | None:
-    staging = local.begin(s)
+    # The download is verified; it is committed locally before loading, so the step that is
+    # loaded is also one the uploader sees (already in S3) and the next restart finds locally.
     try:
-        manifest = remote.download_step(s, staging, progress=progress)
-        # download_step verified sizes and CRC32C; loading from staging would leave a step that
-        # is loaded but not committed, so commit first (the uploader sees it already in S3).
-        if replace_local:
-            log.warning("spotckpt: replacing corrupt local step %d with its S3 copy", s)
-            local.delete_step(s)
-        path = local.commit(staging, manifest)
-    except CheckpointCorruptError as exc:
-        local.abort(staging)
-        log.warning("spotckpt: skipping S3 step %d: %s", s, exc)
-        return None
-    except SpotCkptError:
-        local.abort(staging)
-        raise
-    except BaseException:
-        local.abort(staging)
-        raise
-    try:
+        path, manifest = import_step(local, remote, s, replace=replace_local, progress=progress)
         load_step(state, path, manifest, rank=rank, verify=False, allow_pickle=allow_pickle, bounce=bounce)
-    except PickleRefusedError:
-        raise
     except CheckpointCorruptError as exc:
         log.warning("spotckpt: skipping S3 step %d: %s", s, exc)
         return None
