@@ -4,9 +4,11 @@ Threads and who calls what:
 
 - the *training thread* (the one that constructs the manager) calls every public method:
   ``restore``, ``save``, ``maybe_save``, ``wait``, ``latest_step``, ``all_steps``, ``close``;
-- ``spotckpt-persist`` writes staged saves: safetensors + tree, fsync, commit, local retention,
-  then tells the uploader;
-- the uploader's threads (``spotckpt-upload``, the watchdog observer) copy committed steps to S3;
+- ``spotckpt-persist`` (:mod:`spotckpt.persist`) writes async saves: safetensors + tree, fsync,
+  commit, then tells the uploader; local retention runs there too, after each save;
+- the uploader's threads (``spotckpt-uploader``, and ``spotckpt-uploader-watch``, the watchdog
+  observer) copy committed steps to S3;
+- listeners of ``mgr.events`` run on the thread that emits (see :mod:`spotckpt.events`);
 - the SIGTERM handler (main thread, between bytecodes) only sets a flag and a deadline.
 
 Errors of background threads are kept and raised, chained, from the next ``save()`` / ``wait()``.
@@ -14,69 +16,60 @@ Errors of background threads are kept and raised, chained, from the next ``save(
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, MutableMapping
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ._version import __version__
 from .config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
-from .errors import ConfigError, SaveError, SpotCkptError, StateError
-from .format import FileEntry, Manifest, crc32c_b64, crc32c_update, data_file_names, write_safetensors
-from .local import LocalStore, write_file_durably
+from .errors import ClosedError, ConfigError, SaveError, SpotCkptError
 from .events import (
     DurableLocalEvent,
     DurableS3Event,
     EventBus,
     JsonLinesListener,
-    Listener,
     PreemptedEvent,
     ProgressEvent,
     RestoreEvent,
     SaveEvent,
 )
+from .format import write_safetensors
+from .local import LocalStore
 from .metrics import MetricsListener, Stats
+from .persist import PersistWorker, PruneJob, SaveJob, write_step
+from .policy import KeepAll, RetentionPolicy, SaveContext, SavePolicy, retention_from, save_policy_from
 from .preemption import DEFAULT_GRACE_SECONDS, PreemptionWatcher
 from .restore import RestoreResult, restore_newest
-from .stage import StagedTensors, Stager
+from .stage import Stager
+from .store import RemoteStore
 from .torch_state import capture
 
 __all__ = ["CheckpointManager"]
 
 log = logging.getLogger(__name__)
 
-_VERSION = "0.1.0"
-
-
-class _Job:
-    """One save on its way to disk (persist thread)."""
-
-    __slots__ = ("step", "tree", "staged", "t_start", "done", "error")
-
-    def __init__(self, step: int, tree: dict[str, Any], staged: StagedTensors, t_start: float) -> None:
-        self.step = step
-        self.tree = tree
-        self.staged = staged
-        self.t_start = t_start
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-
 
 class CheckpointManager:
     """Saves ``state`` atomically under ``local_dir``, syncs to ``s3_uri``, restores the newest
     valid step, and turns SIGTERM into a final durable checkpoint.
 
-    See DESIGN.md, "Public API". Keyword arguments beyond the documented ones:
+    The documented arguments are those of the public API (README, "Use it"). Beyond them:
     ``grace_seconds`` (SIGTERM to SIGKILL, default 120), ``verify_on_restore`` (CRC32C of every
     file before loading, default True), ``allow_pickle`` (store/load values that only pickle can
     represent; off by default, as checkpoints come back from S3), ``install_signal_handlers``,
     ``imds`` (poll the EC2 spot notice; default from ``$SPOTCKPT_IMDS``), ``metrics`` (metric
-    lines on stderr; default from ``$SPOTCKPT_METRICS``, on).
+    lines on stderr; default from ``$SPOTCKPT_METRICS``, on), ``save_policy`` and ``retention``
+    (objects from :mod:`spotckpt.policy`, replacing ``every_steps``/``every_seconds`` and
+    ``keep_last``), ``remote_store`` (any :class:`spotckpt.store.RemoteStore` instead of the S3
+    store of ``s3_uri``) and ``clock`` (a monotonic clock for ``every_seconds``).
+
+    Construction is all or nothing: when it raises, nothing it started is left running and the
+    signal handlers are the ones from before.
     """
 
     def __init__(
@@ -94,81 +87,82 @@ class CheckpointManager:
         install_signal_handlers: bool = True,
         imds: bool | None = None,
         metrics: bool | None = None,
+        save_policy: SavePolicy | None = None,
+        retention: RetentionPolicy | None = None,
+        remote_store: RemoteStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
         rank: int = 0,
     ) -> None:
-        if every_steps is not None and (not isinstance(every_steps, int) or every_steps < 1):
-            raise ConfigError(f"every_steps must be a positive int or None, got {every_steps!r}")
-        if every_seconds is not None and not every_seconds > 0:
-            raise ConfigError(f"every_seconds must be > 0 or None, got {every_seconds!r}")
-        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-            raise ConfigError(f"keep_last must be a positive int or None (keep all), got {keep_last!r}")
         if rank != 0:
             raise ConfigError("only a single writer (rank 0) is supported in this version")
-        self.every_steps = every_steps
-        self.every_seconds = every_seconds
-        self.keep_last = keep_last
+        self.save_policy: SavePolicy = save_policy if save_policy is not None else save_policy_from(every_steps, every_seconds)
+        self.retention: RetentionPolicy = retention if retention is not None else retention_from(keep_last)
         self.async_save = async_save
         self.verify_on_restore = verify_on_restore
         self.allow_pickle = allow_pickle
         self.rank = rank
+        self._clock = clock
         grace = grace_seconds if grace_seconds is not None else env_float("SPOTCKPT_GRACE_SECONDS", DEFAULT_GRACE_SECONDS)
-
-        self.local = LocalStore(resolve_local_dir(local_dir))
-        self.local_dir = self.local.root
-        self.s3_uri = resolve_s3_uri(s3_uri)
-        sm = sagemaker_info()
-        if self.s3_uri is None and sm.checkpoint_sync_active:
-            log.info("spotckpt: SageMaker syncs %s to S3 itself; spotckpt uploads nothing", self.local_dir)
 
         self.stats = Stats()
         self.events = EventBus()
         self.events.subscribe(self.stats)
         self.events.subscribe(MetricsListener(enabled=metrics if metrics is not None else env_bool("SPOTCKPT_METRICS", True)))
-        self._events_file: JsonLinesListener | None = None
-        events_path = os.environ.get("SPOTCKPT_EVENTS_FILE")
-        if events_path:
-            try:
-                self._events_file = JsonLinesListener(events_path)
-            except OSError as exc:
-                log.warning("spotckpt: cannot write events to %s (%s)", events_path, exc)
-            else:
-                self.events.subscribe(self._events_file)
-        self._watcher = PreemptionWatcher(grace_seconds=grace)
-        if install_signal_handlers:
-            self._watcher.install()
-        self._stager = Stager()
         self._lock = threading.Lock()
-        # Items for the persist thread: a _Job to write, an int = "apply retention, keeping this
-        # step" (off the save's critical path), None = stop.
-        self._queue: queue.Queue[_Job | int | None] = queue.Queue()
-        self._pending: _Job | None = None
+        self._pending: SaveJob | None = None
         self._bg_error: BaseException | None = None
         self._last_saved_step: int | None = None
-        self._last_save_time = time.monotonic()
+        self._last_save_time = clock()
         self._preempted = False
         self._closed = False
-
-        self._store: Any = None
-        self._uploader: Any = None
         self._save_started: dict[int, float] = {}  # step -> perf_counter() at save(), until in S3
-        if self.s3_uri is not None:
-            self._start_s3()
+        self._events_file: JsonLinesListener | None = None
+        self._store: RemoteStore | None = None
+        self._uploader: Any = None
         self._imds: Any = None
-        if imds if imds is not None else env_bool("SPOTCKPT_IMDS", False):
-            self._start_imds()
-
-        self._persist_thread = threading.Thread(target=self._persist_loop, name="spotckpt-persist", daemon=True)
-        self._persist_thread.start()
+        self._persist: PersistWorker | None = None
+        self._stager = Stager()
+        self._watcher = PreemptionWatcher(grace_seconds=grace)
+        try:
+            self.local = LocalStore(resolve_local_dir(local_dir))
+            self.local_dir = self.local.root
+            self.s3_uri = remote_store.uri if remote_store is not None else resolve_s3_uri(s3_uri)
+            if self.s3_uri is None and sagemaker_info().checkpoint_sync_active:
+                log.info("spotckpt: SageMaker syncs %s to S3 itself; spotckpt uploads nothing", self.local_dir)
+            events_path = os.environ.get("SPOTCKPT_EVENTS_FILE")
+            if events_path:
+                try:
+                    self._events_file = JsonLinesListener(events_path)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot open $SPOTCKPT_EVENTS_FILE={events_path} for appending "
+                        f"({exc.strerror or exc}); point it at a writable file or unset it"
+                    ) from exc
+                self.events.subscribe(self._events_file)
+            if self.s3_uri is not None:
+                self._start_upload(remote_store)
+            if imds if imds is not None else env_bool("SPOTCKPT_IMDS", False):
+                self._start_imds()
+            self._persist = PersistWorker(prune=self._prune, on_error=self._on_persist_error)
+            if install_signal_handlers:
+                self._watcher.install()  # last: nothing after it can fail
+        except BaseException:
+            self._teardown()
+            raise
 
     # -- optional components ------------------------------------------------------------
-    def _start_s3(self) -> None:
-        from .s3 import S3Store
+    def _start_upload(self, remote_store: RemoteStore | None) -> None:
         from .uploader import Uploader
 
-        self._store = S3Store(self.s3_uri)
-        self._store.check_access()
-        self._uploader = Uploader(self.local_dir, self._store, keep_last=self.keep_last,
-                                  on_uploaded=self._on_uploaded)
+        if remote_store is None:
+            from .s3 import S3Store
+
+            store = S3Store(self.s3_uri)  # type: ignore[arg-type]
+            self._store = store
+            store.check_access()
+        else:
+            self._store = remote_store
+        self._uploader = Uploader(self.local_dir, self._store, retention=self.retention, on_uploaded=self._on_uploaded)
         self._uploader.start()
 
     def _on_uploaded(self, step: int, seconds: float, nbytes: int) -> None:
@@ -181,7 +175,7 @@ class CheckpointManager:
         self.events.emit(DurableS3Event(step=step, seconds=seconds, bytes=nbytes, since_save_s=since))
 
     def _start_imds(self) -> None:
-        from .preemption import ImdsPoller  # type: ignore[attr-defined]
+        from .preemption import ImdsPoller
 
         self._imds = ImdsPoller(self._watcher, interval_seconds=env_float("SPOTCKPT_IMDS_INTERVAL_SECONDS", 5.0) or 5.0)
         self._imds.start()
@@ -223,7 +217,7 @@ class CheckpointManager:
                      f" or {self.s3_uri}" if self.s3_uri else "")
             return None
         self._last_saved_step = res.step
-        self._last_save_time = time.monotonic()
+        self._last_save_time = self._clock()
         self.events.emit(RestoreEvent(step=res.step, seconds=res.seconds, source=res.source, bytes=res.bytes))
         return res.step
 
@@ -231,7 +225,8 @@ class CheckpointManager:
     def save(self, step: int, state: MutableMapping[str, Any], *, blocking: bool | None = None) -> None:
         """Checkpoint ``state`` as ``step``. Asynchronous by default (``async_save``): returns
         once the tensors are copied to host memory; ``blocking=True`` returns once the step is
-        committed locally. A save while the previous one is persisting waits for it."""
+        committed locally. A save while the previous one is persisting waits for it. Saving a
+        step that is already committed is a no-op (logged): a committed step is never replaced."""
         self._check_open()
         self._raise_bg_error()
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -239,56 +234,58 @@ class CheckpointManager:
         blocking = (not self.async_save) if blocking is None else blocking
         t0 = time.perf_counter()
         self._wait_pending()
-        if step == self._last_saved_step or self.local.step_path(step).is_dir():
-            log.info("spotckpt: step %d is already committed; not saving it again", step)
+        if step == self._last_saved_step or self.local.is_committed(step):
+            log.info("spotckpt: step %d is already committed in %s; not saving it again", step, self.local_dir)
             self._last_saved_step = step
             return
         snap = capture(state, step=step, rank=self.rank, allow_pickle=self.allow_pickle)
         meta = {"format": "spotckpt/1", "step": str(step)}
-        if blocking and any(t.device.type != "cpu" for t in snap.tensors.values()):
-            # Device tensors: one pinned device-to-host pass into the staging buffer, then one
-            # sequential write -- much faster than copying tensor by tensor into pageable memory.
-            with self._lock:
-                staged = self._stager.stage(snap.tensors, meta)
-            try:
-                self._persist(step, snap.tree, staged.write_to, t0, snap.nbytes)
-            finally:
-                with self._lock:
-                    self._stager.release(staged)
-            stall = time.perf_counter() - t0
-        elif blocking:
+        if blocking and all(t.device.type == "cpu" for t in snap.tensors.values()):
             # Host tensors: written straight from their memory, no copy at all.
-            self._persist(step, snap.tree, lambda p: write_safetensors(p, snap.tensors, meta), t0, snap.nbytes)
-            stall = time.perf_counter() - t0
+            self._write(step, snap.tree, lambda p: write_safetensors(p, snap.tensors, meta), t0, snap.nbytes)
         else:
+            # Device tensors (blocking: one pinned device-to-host pass, much faster than copying
+            # tensor by tensor into pageable memory) and every async save go through the stager.
             with self._lock:
                 staged = self._stager.stage(snap.tensors, meta)
-                job = _Job(step, snap.tree, staged, t0)
-                self._pending = job
-            self._queue.put(job)
-            stall = time.perf_counter() - t0
+
+            def run() -> None:
+                try:
+                    self._write(step, snap.tree, staged.write_to, t0, staged.nbytes)
+                finally:
+                    with self._lock:
+                        self._stager.release(staged)
+
+            if blocking:
+                run()
+            else:
+                self._pending = SaveJob(step, run)
+        stall = time.perf_counter() - t0
         self._last_saved_step = step
-        self._last_save_time = time.monotonic()
+        self._last_save_time = self._clock()
         if self._uploader is not None:
             with self._lock:
                 self._save_started[step] = t0
         self.events.emit(SaveEvent(step=step, stall_s=stall, bytes=snap.nbytes, blocking=blocking))
+        if not blocking:
+            assert self._persist is not None and self._pending is not None
+            self._persist.submit(self._pending)  # after the save event, so durable_local follows it
 
     def maybe_save(self, step: int, state: MutableMapping[str, Any]) -> bool:
         """Save when the policy says so (``every_steps`` / ``every_seconds``) or when the job is
         being preempted -- then synchronously, flushed (and uploaded within the deadline), and
         ``preempted`` becomes True. Returns whether a save was made."""
         self._check_open()
-        if self.events.active:
-            self.events.emit(ProgressEvent(step=step))
+        self.events.emit(ProgressEvent(step=step))
         if self._preempted:
             return False
         if self._watcher.requested:
             return self._final_save(step, state)
-        due = (self.every_steps is not None and step % self.every_steps == 0) or (
-            self.every_seconds is not None and time.monotonic() - self._last_save_time >= self.every_seconds
-        )
-        if not due or step == self._last_saved_step:
+        if step == self._last_saved_step:
+            return False
+        ctx = SaveContext(step=step, seconds_since_last_save=self._clock() - self._last_save_time,
+                          last_saved_step=self._last_saved_step)
+        if not self.save_policy.should_save(ctx):
             return False
         job = self._pending
         if job is not None and not job.done.is_set():
@@ -304,8 +301,7 @@ class CheckpointManager:
         if step != self._last_saved_step:
             self.save(step, state, blocking=True)
             saved = True
-        left = self._watcher.seconds_left()
-        ok = self.wait(timeout=left)
+        ok = self.wait(timeout=self._watcher.seconds_left())
         if not ok:
             log.warning(
                 "spotckpt: the final checkpoint (step %d) is committed locally but did not reach "
@@ -314,78 +310,24 @@ class CheckpointManager:
         self._preempted = True
         return saved
 
-    # -- persist (persist thread) ---------------------------------------------------------
-    def _persist_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                if isinstance(item, int):
-                    self._prune(item)
-                else:
-                    self._persist_job(item)
-            finally:
-                self._queue.task_done()
-
-    def _persist_job(self, job: _Job) -> None:
-        try:
-            self._persist(job.step, job.tree, job.staged.write_to, job.t_start, job.staged.nbytes)
-        except BaseException as exc:  # noqa: BLE001 - surfaced on the next save()/wait()
-            job.error = exc
-            self._bg_error = exc
-            log.error("spotckpt: background save of step %d failed: %s", job.step, exc)
-        finally:
-            with self._lock:
-                self._stager.release(job.staged)
-            job.done.set()
-
-    def _prune(self, protect: int) -> None:
-        try:
-            self.local.prune(self.keep_last, protect=protect)
-        except SpotCkptError as exc:
-            log.warning("spotckpt: local retention failed: %s", exc)
-
-    def _persist(
-        self,
-        step: int,
-        tree: dict[str, Any],
-        write_tensors: Callable[[Path], FileEntry],
-        t0: float,
-        nbytes: int,
-    ) -> None:
-        st_name, tree_name = data_file_names(self.rank)
-        staging = self.local.begin(step)
-        try:
-            files = {st_name: write_tensors(staging / st_name)}
-            tree_bytes = json.dumps(tree, separators=(",", ":"), allow_nan=False).encode("utf-8")
-            write_file_durably(staging / tree_name, tree_bytes)
-            files[tree_name] = FileEntry(len(tree_bytes), crc32c_b64(crc32c_update(0, tree_bytes)))
-            manifest = Manifest(step=step, files=files, extra={"writer": f"spotckpt {_VERSION}", "world_size": 1})
-            self.local.commit(staging, manifest)
-        except SpotCkptError:
-            self.local.abort(staging)
-            raise
-        except OSError as exc:
-            self.local.abort(staging)
-            what = "the disk is full" if exc.errno == 28 else (exc.strerror or str(exc))
-            raise SaveError(
-                f"could not write step {step} to {self.local_dir}: {what}; the partial save was "
-                "removed and earlier checkpoints are intact -- free space on the checkpoint "
-                "volume or lower keep_last",
-                step=step,
-            ) from exc
-        except (ValueError, TypeError) as exc:
-            self.local.abort(staging)
-            raise StateError(f"could not serialise step {step}: {exc}") from exc
-        except BaseException:
-            self.local.abort(staging)
-            raise
+    # -- writing (training thread for blocking saves, persist thread for async ones) -------
+    def _write(self, step: int, tree: dict[str, Any], write_tensors: Callable[[Any], Any], t0: float, nbytes: int) -> None:
+        write_step(self.local, step, tree, write_tensors, rank=self.rank,
+                   extra={"writer": f"spotckpt {__version__}", "world_size": 1})
         self.events.emit(DurableLocalEvent(step=step, seconds=time.perf_counter() - t0, bytes=nbytes))
         if self._uploader is not None:
             self._uploader.notify(step)
-        if self.keep_last:
-            self._queue.put(step)  # retention runs on the persist thread, after this save
+        if not isinstance(self.retention, KeepAll) and self._persist is not None:
+            self._persist.submit(PruneJob(step))  # retention runs on the persist thread, after this save
+
+    def _prune(self, protect: int) -> None:
+        try:
+            self.local.prune(self.retention, protect=protect)
+        except SpotCkptError as exc:
+            log.warning("spotckpt: local retention failed: %s", exc)
+
+    def _on_persist_error(self, job: SaveJob, exc: BaseException) -> None:
+        self._bg_error = exc
 
     def _wait_pending(self) -> None:
         job = self._pending
@@ -394,11 +336,14 @@ class CheckpointManager:
             self._raise_bg_error()
 
     def _raise_bg_error(self) -> None:
+        """Raise a background save's error on the caller's thread: a SpotCkptError as a copy of
+        the same class (a failed async save raises what a blocking one would), chained to the
+        original; anything else as SaveError."""
         exc = self._bg_error
         if exc is not None:
             self._bg_error = None
             if isinstance(exc, SpotCkptError):
-                raise SaveError(f"an earlier background save failed: {exc}", step=getattr(exc, "step", None)) from exc
+                raise copy.copy(exc) from exc
             raise SaveError(f"an earlier background save failed: {exc!r}") from exc
         if self._uploader is not None:
             self._uploader.raise_if_failed()
@@ -411,8 +356,8 @@ class CheckpointManager:
         job = self._pending
         if job is not None and not job.done.wait(timeout):
             return False
-        if timeout is None:
-            self._queue.join()  # retention of the last save has run too
+        if timeout is None and self._persist is not None:
+            self._persist.join_queue()  # retention of the last save has run too
         self._raise_bg_error()
         if self._uploader is not None and self._last_saved_step is not None:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -427,6 +372,7 @@ class CheckpointManager:
 
     def all_steps(self) -> list[int]:
         """Committed steps, ascending: local, plus S3 when configured."""
+        self._check_open()
         steps = set(self.local.committed_steps())
         if self._store is not None:
             steps |= set(self._store.list_steps())
@@ -435,7 +381,7 @@ class CheckpointManager:
     # -- lifecycle -------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
-            raise SpotCkptError("this CheckpointManager is closed; create a new one")
+            raise ClosedError("this CheckpointManager is closed; create a new one")
 
     def close(self, *, timeout: float | None = None) -> None:
         """Finish pending work (local save, upload), stop threads, restore signal handlers."""
@@ -447,29 +393,39 @@ class CheckpointManager:
             job = self._pending
             if job is not None:
                 job.done.wait()
-        finally:
-            self._queue.put(None)
-            self._persist_thread.join()
             if self._uploader is not None:
+                if self._persist is not None:
+                    self._persist.join_queue()
                 try:
                     self._uploader.flush(timeout=timeout)
                 except SpotCkptError as exc:
                     err = exc
-                self._uploader.close()
-            if self._store is not None:
-                self._store.close()
-            if self._imds is not None:
-                self._imds.close()
-            self._watcher.uninstall()
-            self._stager.close()
-            if self._events_file is not None:
-                self._events_file.close()
+        finally:
+            self._teardown()
         exc = self._bg_error
         self._bg_error = None
         if exc is not None:
-            raise SaveError(f"a background save failed: {exc}") from exc
+            if isinstance(exc, SpotCkptError):
+                raise copy.copy(exc) from exc
+            raise SaveError(f"a background save failed: {exc!r}") from exc
         if err is not None:
             raise err
+
+    def _teardown(self) -> None:
+        """Stop whatever was started, in reverse order (construction failures and close())."""
+        self._closed = True
+        if self._persist is not None:
+            self._persist.stop()
+        if self._uploader is not None:
+            self._uploader.close()
+        if self._store is not None:
+            self._store.close()
+        if self._imds is not None:
+            self._imds.close()
+        self._watcher.uninstall()
+        self._stager.close()
+        if self._events_file is not None:
+            self._events_file.close()
 
     def __enter__(self) -> CheckpointManager:
         return self

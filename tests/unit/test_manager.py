@@ -120,13 +120,10 @@ def test_maybe_save_policy_and_keep_last(tmp_path: Path) -> None:
         assert mgr.stats.saves == 3
 
 
-def test_every_seconds_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import spotckpt.manager as manager_mod
-
+def test_every_seconds_policy(tmp_path: Path) -> None:
     now = [1000.0]
-    monkeypatch.setattr(manager_mod.time, "monotonic", lambda: now[0])
     st = step_state(0, numel=16)
-    with CheckpointManager(tmp_path, every_steps=None, every_seconds=60, metrics=False) as mgr:
+    with CheckpointManager(tmp_path, every_steps=None, every_seconds=60, metrics=False, clock=lambda: now[0]) as mgr:
         assert not mgr.maybe_save(1, st)
         now[0] += 61
         assert mgr.maybe_save(2, st)
@@ -235,22 +232,90 @@ def test_no_buffer_growth_over_20_saves(tmp_path: Path) -> None:
     assert growth < 16 << 20, [r >> 20 for r in rss]
 
 
+def _spotckpt_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("spotckpt-")}
+
+
 def test_close_joins_every_thread(tmp_path: Path) -> None:
-    before = {t.name for t in threading.enumerate()}
+    before = _spotckpt_threads()  # compared by identity: a thread leaked earlier cannot hide ours
     mgr = CheckpointManager(tmp_path, metrics=False)
     mgr.save(1, step_state(1, numel=64))
+    started = _spotckpt_threads() - before
+    assert {t.name for t in started} >= {"spotckpt-persist"}
     mgr.close()
-    after = {t.name for t in threading.enumerate() if t.name.startswith("spotckpt-")}
-    assert after <= before
-    with pytest.raises(spotckpt.SpotCkptError, match="closed"):
+    assert not any(t.is_alive() for t in started)
+    assert _spotckpt_threads() - before == set()
+    with pytest.raises(spotckpt.ClosedError, match="closed"):
         mgr.save(2, step_state(2, numel=64))
+    with pytest.raises(spotckpt.ClosedError):
+        mgr.restore({})
+
+
+class _MemoryRemote:
+    """A RemoteStore in memory: what the uploader needs, nothing else."""
+
+    uri = "mem://remote"
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def list_steps(self) -> list[int]:
+        return []
+
+    def read_manifest(self, step: int):  # type: ignore[no-untyped-def]
+        raise spotckpt.NoCheckpointError("empty", step=step)
+
+    def download_step(self, step, dest_dir, manifest=None, *, progress=None):  # type: ignore[no-untyped-def]
+        raise spotckpt.NoCheckpointError("empty", step=step)
+
+    def upload_step(self, step, src_dir, manifest=None) -> bool:  # type: ignore[no-untyped-def]
+        return True
+
+    def delete_step(self, step: int) -> None:
+        pass
+
+    def cleanup_incomplete_uploads(self, *, older_than_seconds: float = 3600.0) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_failed_construction_leaves_no_handler_and_no_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that catches the error must keep a process that still dies on SIGTERM (the old
+    manager installed its handler before a later step could raise) and no running uploader."""
+    def handler(signum: int, frame: object) -> None:
+        pass
+
+    prev = signal.signal(signal.SIGTERM, handler)
+    try:
+        before = _spotckpt_threads()
+        remote = _MemoryRemote()
+        monkeypatch.setenv("SPOTCKPT_IMDS_INTERVAL_SECONDS", "soon")  # fails after the uploader started
+        with pytest.raises(ConfigError, match="SPOTCKPT_IMDS_INTERVAL_SECONDS"):
+            CheckpointManager(tmp_path, remote_store=remote, imds=True, metrics=False)
+        assert signal.getsignal(signal.SIGTERM) is handler
+        assert _spotckpt_threads() - before == set()
+        assert remote.closed
+        monkeypatch.setenv("SPOTCKPT_EVENTS_FILE", str(tmp_path / "no" / "such" / "dir" / "events"))
+        with pytest.raises(ConfigError, match="SPOTCKPT_EVENTS_FILE"):
+            CheckpointManager(tmp_path, metrics=False)
+        assert signal.getsignal(signal.SIGTERM) is handler
+        assert _spotckpt_threads() - before == set()
+    finally:
+        signal.signal(signal.SIGTERM, prev)
 
 
 def test_sigterm_handler_chains_and_is_restored(tmp_path: Path) -> None:
     seen = []
-    prev = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
+
+    def handler(signum: int, frame: object) -> None:
+        seen.append(signum)
+
+    prev = signal.signal(signal.SIGTERM, handler)
     try:
         mgr = CheckpointManager(tmp_path, metrics=False, grace_seconds=30)
+        assert signal.getsignal(signal.SIGTERM) is not handler  # ours is installed
         assert not mgr.preemption_requested
         os.kill(os.getpid(), signal.SIGTERM)
         assert mgr.preemption_requested and seen == [signal.SIGTERM]
@@ -261,15 +326,38 @@ def test_sigterm_handler_chains_and_is_restored(tmp_path: Path) -> None:
         assert mgr.preempted
         assert not mgr.maybe_save(8, st)
         mgr.close()
-        assert signal.getsignal(signal.SIGTERM) is not None
+        assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
         os.kill(os.getpid(), signal.SIGTERM)
-        assert seen == [signal.SIGTERM, signal.SIGTERM]  # our handler is gone, the old one is back
+        assert seen == [signal.SIGTERM, signal.SIGTERM]
         target = empty_state(numel=64)
         with CheckpointManager(tmp_path, metrics=False) as m2:
             assert m2.restore(target) == 7
         assert_state_is_step(target, 7, numel=64)
     finally:
         signal.signal(signal.SIGTERM, prev)
+
+
+def test_events_reach_listeners_and_the_events_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spotckpt.events import DurableLocalEvent, ProgressEvent, SaveEvent, parse_event_line
+
+    path = tmp_path / "events.jsonl"
+    monkeypatch.setenv("SPOTCKPT_EVENTS_FILE", str(path))
+    seen: list[object] = []
+    with CheckpointManager(tmp_path / "c", every_steps=2, metrics=False) as mgr:
+        unsubscribe = mgr.events.subscribe(seen.append)
+        mgr.events.subscribe(lambda e: 1 / 0)  # a failing listener never breaks a save
+        for s in (1, 2):
+            mgr.maybe_save(s, step_state(s, numel=64))
+        mgr.wait()
+        unsubscribe()
+        mgr.maybe_save(3, step_state(3, numel=64))
+    kinds = [type(e) for e in seen]
+    assert kinds.count(ProgressEvent) == 2 and kinds.count(SaveEvent) == 1 and kinds.count(DurableLocalEvent) == 1
+    from_file = [parse_event_line(line) for line in path.read_bytes().splitlines()]
+    assert [e.name for e in from_file if e is not None] == ["progress", "progress", "save", "durable_local", "progress"]
+    assert all(e is not None for e in from_file)
+    save = next(e for e in from_file if isinstance(e, SaveEvent))
+    assert save.step == 2 and save.bytes > 0 and save.blocking is False
 
 
 def test_metric_lines_are_stable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
