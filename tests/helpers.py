@@ -1,12 +1,43 @@
-"""Helpers shared by tests: deterministic states whose content is a function of the step."""
+"""Helpers shared by tests: deterministic states whose content is a function of the step,
+the invariant every fault test asserts, and reading a child process's output until a line."""
 
 from __future__ import annotations
 
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from spotckpt.local import LocalStore
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_lines_until(
+    proc: subprocess.Popen[str], done: Callable[[list[str]], bool], *, timeout: float = 120.0, what: str = "",
+) -> list[str]:
+    """Read ``proc``'s stdout line by line until ``done(lines)`` holds; the lines read so far.
+    AssertionError (with the last lines) when the child closes stdout or ``timeout`` passes
+    first -- a test never hangs on a child that stopped talking."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if done(lines):
+            return lines
+    raise AssertionError(f"child never printed {what or 'the expected line'}: {lines[-5:]}")
+
+
+def count_prefix(prefix: str, count: int = 1) -> Callable[[list[str]], bool]:
+    """A ``done`` for :func:`read_lines_until`: ``count`` lines starting with ``prefix`` seen."""
+    return lambda lines: sum(1 for ln in lines if ln.startswith(prefix)) >= count
 
 
 def step_state(step: int, *, numel: int = 1 << 16, n: int = 4) -> dict[str, object]:

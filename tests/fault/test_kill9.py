@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from spotckpt import CheckpointManager
-from tests.helpers import assert_all_steps_verify, assert_state_is_step, empty_state
+from tests.helpers import assert_all_steps_verify, assert_state_is_step, count_prefix, empty_state, read_lines_until
 
 CHILD = Path(__file__).with_name("saver_child.py")
 NUMEL = 1 << 18  # 4 tensors x 1 MiB: big enough that a kill lands mid-write
@@ -32,19 +32,10 @@ def _run_and_kill(d: Path, mode: str, rng: random.Random) -> int:
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     want = rng.randint(1, 4)
-    last = -1
-    seen = 0
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("saved "):
-                last = int(line.split()[1])
-                seen += 1
-                if seen >= want:
-                    break
+        saved = [ln for ln in read_lines_until(proc, count_prefix("saved ", want), what=f"{want} saves")
+                 if ln.startswith("saved ")]
+        last = int(saved[-1].split()[1])
         time.sleep(rng.uniform(0.0, 0.03))
     finally:
         proc.send_signal(signal.SIGKILL)

@@ -8,15 +8,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_all_steps_verify
+from tests.helpers import REPO, assert_all_steps_verify, count_prefix, read_lines_until
 
 CHILD = Path(__file__).with_name("loader_child.py")
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("via_shell", [False, True])
@@ -25,13 +23,7 @@ def test_run_forwards_sigterm_to_trainer_not_to_loader_workers(tmp_path: Path, v
     cmd = ["/bin/sh", "-c", shlex.join(trainer) + "; echo shell-after"] if via_shell else trainer
     proc = subprocess.Popen([sys.executable, "-m", "spotckpt.cli", "run", "--", *cmd],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    assert proc.stdout is not None
-    seen = 0
-    deadline = time.monotonic() + 120
-    while seen < 20 and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read() if proc.stderr else ""
-        seen += line.startswith("at ")
+    read_lines_until(proc, count_prefix("at ", 20), what="20 training steps")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert "preempted" in out, err[-3000:]

@@ -5,28 +5,16 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from spotckpt import CheckpointManager
-from tests.helpers import assert_all_steps_verify, assert_state_is_step, empty_state
+from tests.helpers import REPO, assert_all_steps_verify, assert_state_is_step, count_prefix, empty_state, read_lines_until
 
-REPO = Path(__file__).resolve().parents[2]
 CHILD = Path(__file__).with_name("saver_child.py")
 
 
 def _wait_for_line(proc: subprocess.Popen[str], prefix: str, count: int = 1) -> list[str]:
-    assert proc.stdout is not None
-    lines = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line.strip())
-        if sum(1 for ln in lines if ln.startswith(prefix)) >= count:
-            return lines
-    raise AssertionError(f"child never printed {count}x {prefix!r}: {lines[-5:]}")
+    return read_lines_until(proc, count_prefix(prefix, count), what=f"{count}x {prefix!r}")
 
 
 def test_sigterm_saves_current_step_and_exits_zero(tmp_path: Path) -> None:

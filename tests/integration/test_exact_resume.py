@@ -11,10 +11,9 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO, count_prefix, read_lines_until
 TOY = REPO / "examples" / "train_toy.py"
 STEPS = 90
 
@@ -47,19 +46,9 @@ def test_interrupted_run_is_bitwise_identical(tmp_path: Path, bucket: str) -> No
         proc = _start(tmp_path / f"instance-{i}", env)  # a new machine: empty local dir
         assert proc.stdout is not None
         stop_after = rng.randint(3, 15)  # steps of progress before the interruption
-        seen, first = 0, None
-        lines = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, lines[-5:]
-            lines.append(line)
-            if line.startswith("train_toy: starting at step"):
-                first = int(line.split()[4])
-            if line.startswith("train_toy: step"):
-                seen += 1
-                if seen >= stop_after:
-                    break
+        lines = read_lines_until(proc, count_prefix("train_toy: step", stop_after), timeout=300,
+                                 what=f"{stop_after} training steps")
+        first = next((int(ln.split()[4]) for ln in lines if ln.startswith("train_toy: starting at step")), None)
         assert first == expected_start, (i, first, expected_start)  # resumed from S3, nothing lost
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=300)
