@@ -38,8 +38,10 @@ from .format import (
     Manifest,
     crc32c_b64,
     file_crc32c_parallel,
+    fsync_dir,
     parse_step_dirname,
     step_dirname,
+    write_file_durably,
 )
 
 __all__ = [
@@ -56,22 +58,6 @@ log = logging.getLogger(__name__)
 
 _STAGING_SUFFIX = ".spotckpt-staging"
 _HIDDEN_STAGING = ".spotckpt-staging"
-
-
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_durably(path: str | Path, data: bytes) -> None:
-    with open(path, "wb", buffering=0) as f:
-        view = memoryview(data)
-        while view:
-            view = view[f.write(view) :]
-        os.fsync(f.fileno())
 
 
 @dataclass(frozen=True)
