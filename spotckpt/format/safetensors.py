@@ -15,6 +15,7 @@ import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,13 +240,7 @@ class SafetensorsFile:
         except KeyError:
             raise self._bad(f"tensor {name!r} named by the tree is missing") from None
 
-    def read_into(self, name: str, target: torch.Tensor, *, bounce: torch.Tensor | None = None) -> None:
-        """Copy tensor ``name`` into ``target`` in place (same dtype and shape required).
-
-        A contiguous CPU target is filled by ``readinto``; any other target (non-contiguous or
-        on a device) goes through a CPU buffer: ``bounce`` (e.g. pinned memory) when it is large
-        enough, else a fresh one.
-        """
+    def _checked_spec(self, name: str, target: torch.Tensor) -> TensorSpec:
         s = self._spec(name)
         if target.dtype != s.dtype or tuple(target.shape) != s.shape:
             raise StateError(
@@ -254,6 +249,39 @@ class SafetensorsFile:
                 "with the same configuration as when it was saved",
                 key_path=name,
             )
+        return s
+
+    def read_many(
+        self, pairs: Iterable[tuple[str, torch.Tensor]], *, bounce: torch.Tensor | None = None
+    ) -> None:
+        """:meth:`read_into` for several ``(name, target)`` pairs, faster than one at a time.
+
+        Every name, dtype and shape is checked before any byte is written (StateError or
+        CheckpointCorruptError, live state untouched). Contiguous CPU targets are then filled in
+        one parallel pass: their file ranges, in file order, are cut into one run of about equal
+        size per thread, and the call waits once, for all of them -- not once per tensor, where
+        each wait is set by the slowest thread. Other targets go through :meth:`read_into`.
+        """
+        checked = [(self._checked_spec(name, t), t) for name, t in pairs]
+        direct = [(s, t) for s, t in checked if t.device.type == "cpu" and t.is_contiguous()]
+        with ExitStack() as stack:
+            segs = []
+            for s, t in sorted(direct, key=lambda st: st[0].start):
+                raw = stack.enter_context(memoryview(tensor_byte_view(t)))
+                segs.append((stack.enter_context(raw.cast("B")), self._data_start + s.start, s.name))
+            self._pread_segments(segs)
+        for s, t in checked:
+            if not (t.device.type == "cpu" and t.is_contiguous()):
+                self.read_into(s.name, t, bounce=bounce)
+
+    def read_into(self, name: str, target: torch.Tensor, *, bounce: torch.Tensor | None = None) -> None:
+        """Copy tensor ``name`` into ``target`` in place (same dtype and shape required).
+
+        A contiguous CPU target is filled by ``readinto``; any other target (non-contiguous or
+        on a device) goes through a CPU buffer: ``bounce`` (e.g. pinned memory) when it is large
+        enough, else a fresh one.
+        """
+        s = self._checked_spec(name, target)
         if target.device.type == "cpu" and target.is_contiguous():
             self._readinto(s, tensor_byte_view(target))
             return
@@ -318,27 +346,46 @@ class SafetensorsFile:
 
     def _pread_parallel(self, mv: memoryview, off0: int, name: str) -> None:
         """Fill ``mv`` from file offset ``off0``, as parallel slices when it is large."""
-        n = len(mv)
-        parts = self._threads if n >= _checksums.PARALLEL_MIN_BYTES and hasattr(os, "preadv") else 1
-        if parts == 1:
-            self._pread_exact(mv, off0, name)
-            return
-        step = -(-n // parts)
+        self._pread_segments([(mv, off0, name)])
+
+    def _pread_segments(self, segs: list[tuple[memoryview, int, str]]) -> None:
+        """Fill each ``(view, file offset, tensor name)`` segment. When they add up to at
+        least PARALLEL_MIN_BYTES, the bytes are cut into one run per thread (at multiples of
+        1 MiB of the concatenation); the caller's thread reads the first run, helper threads the
+        others, and this returns once every run has landed (or failed)."""
+        total = sum(len(mv) for mv, _, _ in segs)
+        parts = self._threads if total >= _checksums.PARALLEL_MIN_BYTES and hasattr(os, "preadv") else 1
+        step = -(-total // parts)
         step += -step % (1 << 20)
-        bounds = [(a, min(n, a + step)) for a in range(0, n, step)]
+        runs: list[list[tuple[memoryview, int, str]]] = [[]]
+        room = step
+        for mv, off, name in segs:
+            pos = 0
+            while pos < len(mv):
+                if room == 0:
+                    runs.append([])
+                    room = step
+                k = min(room, len(mv) - pos)
+                runs[-1].append((mv[pos : pos + k], off + pos, name))
+                pos += k
+                room -= k
+        if len(runs) == 1:
+            self._pread_run(runs[0])
+            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._threads - 1, thread_name_prefix="spotckpt-restore-read")
-        futs: list[Future[None]] = [
-            self._pool.submit(self._pread_exact, mv[a:b], off0 + a, name) for a, b in bounds[1:]
-        ]
+        futs: list[Future[None]] = [self._pool.submit(self._pread_run, run) for run in runs[1:]]
         try:
-            a, b = bounds[0]
-            self._pread_exact(mv[a:b], off0 + a, name)
+            self._pread_run(runs[0])
         finally:
-            for f in futs:  # every slice has landed (or failed) before the target is used
+            for f in futs:  # every run has landed (or failed) before a target is used
                 f.exception()
         for f in futs:
             f.result()
+
+    def _pread_run(self, run: list[tuple[memoryview, int, str]]) -> None:
+        for mv, off, name in run:
+            self._pread_exact(mv, off, name)
 
     def _pread_exact(self, mv: memoryview, offset: int, name: str) -> None:
         fd = self._f.fileno()

@@ -16,7 +16,7 @@ from torch import nn
 
 import spotckpt.format.checksums as checksums
 from spotckpt import CheckpointManager
-from spotckpt.errors import CheckpointCorruptError
+from spotckpt.errors import CheckpointCorruptError, StateError
 from spotckpt.format import (
     SafetensorsFile,
     crc32c_combine,
@@ -107,6 +107,38 @@ def test_read_into_in_parallel_slices_is_exact(tmp_path: Path, monkeypatch: pyte
             assert torch.equal(target, want), name
             assert torch.equal(r.read(name), want), name
     assert not [t for t in threading.enumerate() if t.name.startswith("spotckpt-restore-read")]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_read_many_is_exact_across_run_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    # Several tensors of odd sizes: the runs of the threads start and end inside tensors.
+    monkeypatch.setattr(checksums, "PARALLEL_MIN_BYTES", 1)
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"t{i}": torch.randn(300_000 + 77 * i, generator=g) for i in range(7)}
+    tensors["empty"] = torch.randn(0)
+    tensors["bf16"] = torch.randn(999, 3, generator=g).to(torch.bfloat16)
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    targets = {n: torch.full_like(t, 7) for n, t in tensors.items()}
+    targets["t3"] = torch.full((tensors["t3"].numel() * 2,), 7.0)[::2]  # non-contiguous: read_into
+    with SafetensorsFile(tmp_path / "x.safetensors", threads=threads) as r:
+        r.read_many(reversed(list(targets.items())))
+    for n, want in tensors.items():
+        assert torch.equal(targets[n], want), n
+    assert not [t for t in threading.enumerate() if t.name.startswith("spotckpt-restore-read")]
+
+
+def test_read_many_checks_every_shape_before_writing(tmp_path: Path) -> None:
+    tensors = {"a": torch.randn(1000), "b": torch.randn(10)}
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    a, b = torch.zeros(1000), torch.zeros(11)  # b is the wrong shape
+    with SafetensorsFile(tmp_path / "x.safetensors") as r:
+        with pytest.raises(StateError, match="'b'"):
+            r.read_many([("a", a), ("b", b)])
+        with pytest.raises(CheckpointCorruptError, match="missing"):
+            r.read_many([("a", a), ("nope", b)])
+    assert not a.any() and not b.any()
 
 
 def test_truncation_seen_by_a_helper_thread_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
