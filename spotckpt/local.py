@@ -37,11 +37,13 @@ from .errors import CheckpointCorruptError, ConfigError, SaveError, StorageError
 from .format import (
     MANIFEST_NAME,
     Manifest,
+    copy_file_durably,
     crc32c_b64,
-    crc32c_update,
     file_crc32c_parallel,
+    fsync_dir,
     parse_step_dirname,
     step_dirname,
+    write_file_durably,
 )
 from .policy import RetentionPolicy, doomed
 
@@ -49,7 +51,6 @@ __all__ = [
     "LocalStore",
     "LocalIO",
     "StepCheck",
-    "copy_file_durably",
     "fsync_dir",
     "write_file_durably",
     "scan_committed_steps",
@@ -61,46 +62,6 @@ log = logging.getLogger(__name__)
 
 _STAGING_SUFFIX = ".spotckpt-staging"
 _HIDDEN_STAGING = ".spotckpt-staging"
-
-
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def copy_file_durably(
-    src: str | Path, dst: str | Path, *, chunk_bytes: int = 8 << 20, progress: Callable[[int], None] | None = None
-) -> tuple[int, int]:
-    """Copy ``src`` to ``dst`` (created), CRC32C of the bytes in the same pass, fsync ``dst``.
-    Returns (size, crc32c)."""
-    size = crc = 0
-    buf = bytearray(chunk_bytes)
-    view = memoryview(buf)
-    with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:
-        while True:
-            n = fi.readinto(view)
-            if not n:
-                break
-            chunk = view[:n]
-            crc = crc32c_update(crc, chunk)
-            while chunk:
-                chunk = chunk[fo.write(chunk) :]
-            size += n
-            if progress is not None:
-                progress(n)
-        os.fsync(fo.fileno())
-    return size, crc
-
-
-def write_file_durably(path: str | Path, data: bytes) -> None:
-    with open(path, "wb", buffering=0) as f:
-        view = memoryview(data)
-        while view:
-            view = view[f.write(view) :]
-        os.fsync(f.fileno())
 
 
 class LocalIO:
@@ -348,7 +309,7 @@ class LocalStore:
             out = dest_dir / rel
             out.parent.mkdir(parents=True, exist_ok=True)
             try:
-                size, crc = copy_file_durably(src / rel, out, progress=progress)
+                got = copy_file_durably(src / rel, out, progress=progress)
             except FileNotFoundError as exc:
                 raise CheckpointCorruptError(f"{src / rel}: missing", path=src / rel) from exc
             except OSError as exc:
@@ -358,9 +319,9 @@ class LocalStore:
                     "space on the destination or check both volumes",
                     key=str(src / rel),
                 ) from exc
-            if size != ent.size or crc32c_b64(crc) != ent.crc32c:
+            if got != ent:
                 raise CheckpointCorruptError(
-                    f"{src / rel}: size {size} / CRC32C {crc32c_b64(crc)}, manifest says "
+                    f"{src / rel}: size {got.size} / CRC32C {got.crc32c}, manifest says "
                     f"{ent.size} / {ent.crc32c} (corrupt)",
                     path=src / rel,
                 )

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SaveError, SpotCkptError, StateError
-from .format import FileEntry, Manifest, crc32c_b64, crc32c_update, data_file_names
-from .local import LocalStore, write_file_durably
+from .format import FileEntry, Manifest, data_file_names, write_file_durably
+from .local import LocalStore
 
 __all__ = ["write_step", "SaveJob", "PruneJob", "StopJob", "PersistWorker"]
 
@@ -52,8 +52,7 @@ def write_step(
     try:
         files = {st_name: write_tensors(staging / st_name)}
         tree_bytes = json.dumps(tree, separators=(",", ":"), allow_nan=False).encode("utf-8")
-        write_file_durably(staging / tree_name, tree_bytes)
-        files[tree_name] = FileEntry(len(tree_bytes), crc32c_b64(crc32c_update(0, tree_bytes)))
+        files[tree_name] = write_file_durably(staging / tree_name, tree_bytes)
         return local.commit(staging, Manifest(step=step, files=files, extra=dict(extra or {})))
     except SpotCkptError:
         local.abort(staging)

@@ -47,6 +47,7 @@ from .format import (
     safe_relpath,
     step_dirname,
 )
+from .format import fsync_path as _fsync_path
 
 __all__ = [
     "parse_s3_uri",
@@ -227,14 +228,6 @@ class _Job:
     path: Path
     size: int
     extra_args: dict[str, Any]
-
-
-def _fsync_path(path: Path, *, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class S3Store:

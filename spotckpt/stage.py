@@ -26,7 +26,6 @@ them with its own lock); ``StagedTensors.wait_ready`` / ``write_to`` run on the 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .format import CrcWriter, FileEntry, TensorSpec, crc32c_b64, plan_safetensors, tensor_byte_view
+from .format import FileEntry, TensorSpec, plan_safetensors, tensor_byte_view, write_chunks_durably
 
 __all__ = ["Stager", "StagedTensors"]
 
@@ -62,14 +61,8 @@ class StagedTensors:
     def write_to(self, path: str | Path, *, fsync: bool = True) -> FileEntry:
         """Write header + data to ``path`` with CRC32C in the same pass; fsync."""
         self.wait_ready()
-        with open(path, "wb", buffering=0) as f:
-            w = CrcWriter(f)
-            w.write(self.header)
-            if self.nbytes:
-                w.write(tensor_byte_view(self.data))
-            if fsync:
-                os.fsync(f.fileno())
-        return FileEntry(size=w.size, crc32c=crc32c_b64(w.crc))
+        chunks = (self.header, tensor_byte_view(self.data)) if self.nbytes else (self.header,)
+        return write_chunks_durably(path, chunks, fsync=fsync)
 
 
 class Stager:

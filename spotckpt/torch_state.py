@@ -160,16 +160,32 @@ def apply(
     def get(name: str) -> torch.Tensor:
         return reader.read(name)
 
+    # First every tensor that is read straight into live memory (module parameters and buffers,
+    # tensor keys), all shapes checked before the first byte lands, in one parallel pass; then,
+    # in order, the keys that go through load_state_dict or replace state[key].
+    in_place: list[tuple[str, torch.Tensor]] = []
+    rest: list[tuple[str, Any, Any, Any]] = []
     for key, entry in saved.items():
         if not isinstance(entry, dict) or "value" not in entry:
             raise CheckpointCorruptError(f"{source}: entry {key!r} is malformed", path=source)
         kind, doc = entry.get("kind"), entry["value"]
         live = state.get(key)
+        if kind == "stateful" and isinstance(live, torch.nn.Module):
+            plan = _module_in_place_plan(live, doc, reader)
+            if plan is not None:
+                in_place.extend(plan)
+                continue
+        elif kind == "tensor" and isinstance(live, torch.Tensor) and isinstance(doc, dict) and "__tensor__" in doc:
+            in_place.append((doc["__tensor__"], live))
+            continue
+        rest.append((key, kind, doc, live))
+    with torch.no_grad():
+        reader.read_many(in_place, bounce=bounce)
+
+    for key, kind, doc, live in rest:
         if kind == "stateful":
             if live is None or not is_stateful(live):
                 log.warning("spotckpt: checkpoint key %r has no stateful object in state; skipped", key)
-                continue
-            if isinstance(live, torch.nn.Module) and _load_module_in_place(live, doc, reader, bounce):
                 continue
             sd = decode_tree(doc, get, source=source, allow_pickle=allow_pickle)
             try:
@@ -181,42 +197,36 @@ def apply(
                     key_path=key,
                 ) from exc
         elif kind == "tensor":
-            if isinstance(live, torch.Tensor) and isinstance(doc, dict) and "__tensor__" in doc:
-                with torch.no_grad():
-                    reader.read_into(doc["__tensor__"], live, bounce=bounce)
-            else:
-                state[key] = decode_tree(doc, get, source=source)
+            state[key] = decode_tree(doc, get, source=source)
         elif kind == "value":
             state[key] = decode_tree(doc, get, source=source, allow_pickle=allow_pickle)
         else:
             raise CheckpointCorruptError(f"{source}: entry {key!r} has unknown kind {kind!r}", path=source)
 
 
-def _load_module_in_place(
-    module: torch.nn.Module, doc: Any, reader: SafetensorsFile, bounce: torch.Tensor | None
-) -> bool:
-    """Read a module's saved tensors straight into its parameters and buffers. Returns False
-    (caller falls back to ``load_state_dict``) when the layouts do not line up one to one."""
+def _module_in_place_plan(
+    module: torch.nn.Module, doc: Any, reader: SafetensorsFile
+) -> list[tuple[str, torch.Tensor]] | None:
+    """``(stored name, live tensor)`` for each of a module's parameters and buffers, to read
+    the saved tensors straight into them; None (the caller falls back to ``load_state_dict``)
+    when the layouts do not line up one to one. Changes nothing."""
     if not isinstance(doc, dict):
-        return False
+        return None
     if any(
         getattr(m, "_load_state_dict_pre_hooks", None) or getattr(m, "_load_state_dict_post_hooks", None)
         for m in module.modules()
     ):
-        return False  # hooks may transform what is loaded: let load_state_dict run them
+        return None  # hooks may transform what is loaded: let load_state_dict run them
     live = module.state_dict()
     if set(live) != set(doc):
-        return False
+        return None
     plan = []
     for k, ref in doc.items():
         t = live[k]
         if not (isinstance(ref, dict) and len(ref) == 1 and "__tensor__" in ref and isinstance(t, torch.Tensor)):
-            return False
+            return None
         spec = reader.specs.get(ref["__tensor__"])
         if spec is None or spec.dtype != t.dtype or spec.shape != tuple(t.shape):
-            return False
+            return None
         plan.append((ref["__tensor__"], t))
-    with torch.no_grad():
-        for name, t in plan:
-            reader.read_into(name, t, bounce=bounce)
-    return True
+    return plan

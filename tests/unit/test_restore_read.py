@@ -1,8 +1,9 @@
-"""The fast restore path: CRC32C combine, multi-threaded verification and reads, and the safety
+"""The restore read path: CRC32C combine, multi-threaded verification and reads, and the safety
 property it must keep -- a step that fails verification never touches the live state."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -13,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-import spotckpt.format as fmt
+import spotckpt.format.checksums as checksums
 from spotckpt import CheckpointManager
-from spotckpt.errors import CheckpointCorruptError
+from spotckpt.errors import CheckpointCorruptError, StateError
 from spotckpt.format import (
     SafetensorsFile,
     crc32c_combine,
@@ -68,8 +69,8 @@ def test_file_crc32c_parallel_equals_sequential(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, threads: int
 ) -> None:
     # Small windows and threshold so that ranges and windows start at unaligned offsets.
-    monkeypatch.setattr(fmt, "PARALLEL_MIN_BYTES", 1)
-    monkeypatch.setattr(fmt, "VERIFY_WINDOW_BYTES", 1 << 20)
+    monkeypatch.setattr(checksums, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(checksums, "VERIFY_WINDOW_BYTES", 1 << 20)
     p = tmp_path / "f.bin"
     p.write_bytes(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes())
     assert file_crc32c_parallel(p, threads=threads) == file_crc32c(p) == (size, crc32c.crc32c(p.read_bytes()))
@@ -77,10 +78,10 @@ def test_file_crc32c_parallel_equals_sequential(
 
 def test_file_crc32c_parallel_falls_back_to_pread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_mmap(*a: object, **k: object) -> None:
-        raise OSError(19, "mmap not supported here")
+        raise OSError(errno.ENODEV, "mmap not supported here")
 
-    monkeypatch.setattr(fmt, "PARALLEL_MIN_BYTES", 1)
-    monkeypatch.setattr(fmt.mmap, "mmap", no_mmap)
+    monkeypatch.setattr(checksums, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(checksums.mmap, "mmap", no_mmap)
     p = tmp_path / "f.bin"
     p.write_bytes(os.urandom((2 << 20) + 5))
     assert file_crc32c_parallel(p, threads=2) == file_crc32c(p)
@@ -90,7 +91,7 @@ def test_file_crc32c_parallel_falls_back_to_pread(tmp_path: Path, monkeypatch: p
 
 
 def test_read_into_in_parallel_slices_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fmt, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(checksums, "PARALLEL_MIN_BYTES", 1)
     g = torch.Generator().manual_seed(3)
     tensors = {
         "a": torch.randn(3 * 1024 * 1024 + 17, generator=g),  # ~12 MiB, odd length
@@ -108,8 +109,40 @@ def test_read_into_in_parallel_slices_is_exact(tmp_path: Path, monkeypatch: pyte
     assert not [t for t in threading.enumerate() if t.name.startswith("spotckpt-restore-read")]
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_read_many_is_exact_across_run_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    # Several tensors of odd sizes: the runs of the threads start and end inside tensors.
+    monkeypatch.setattr(checksums, "PARALLEL_MIN_BYTES", 1)
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"t{i}": torch.randn(300_000 + 77 * i, generator=g) for i in range(7)}
+    tensors["empty"] = torch.randn(0)
+    tensors["bf16"] = torch.randn(999, 3, generator=g).to(torch.bfloat16)
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    targets = {n: torch.full_like(t, 7) for n, t in tensors.items()}
+    targets["t3"] = torch.full((tensors["t3"].numel() * 2,), 7.0)[::2]  # non-contiguous: read_into
+    with SafetensorsFile(tmp_path / "x.safetensors", threads=threads) as r:
+        r.read_many(reversed(list(targets.items())))
+    for n, want in tensors.items():
+        assert torch.equal(targets[n], want), n
+    assert not [t for t in threading.enumerate() if t.name.startswith("spotckpt-restore-read")]
+
+
+def test_read_many_checks_every_shape_before_writing(tmp_path: Path) -> None:
+    tensors = {"a": torch.randn(1000), "b": torch.randn(10)}
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    a, b = torch.zeros(1000), torch.zeros(11)  # b is the wrong shape
+    with SafetensorsFile(tmp_path / "x.safetensors") as r:
+        with pytest.raises(StateError, match="'b'"):
+            r.read_many([("a", a), ("b", b)])
+        with pytest.raises(CheckpointCorruptError, match="missing"):
+            r.read_many([("a", a), ("nope", b)])
+    assert not a.any() and not b.any()
+
+
 def test_truncation_seen_by_a_helper_thread_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fmt, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(checksums, "PARALLEL_MIN_BYTES", 1)
     t = torch.randn(4 * 1024 * 1024)  # 16 MiB: the last slice is read by a helper
     p = tmp_path / "x.safetensors"
     write_safetensors(p, {"t": t})
@@ -141,8 +174,8 @@ def _flip_byte(path: Path, offset: int) -> None:
 def test_corrupt_second_half_never_touches_live_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, older_step: bool
 ) -> None:
-    monkeypatch.setattr(fmt, "io_threads", lambda: 2)  # split even on a 1-CPU runner
-    monkeypatch.setattr(fmt, "VERIFY_WINDOW_BYTES", 4 << 20)
+    monkeypatch.setattr(checksums, "io_threads", lambda: 2)  # split even on a 1-CPU runner
+    monkeypatch.setattr(checksums, "VERIFY_WINDOW_BYTES", 4 << 20)
     torch.manual_seed(0)
     model = _Big()
     state = {"model": model}
@@ -178,7 +211,7 @@ def test_corrupt_second_half_never_touches_live_state(
 
 
 def test_restore_of_a_large_split_step_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fmt, "io_threads", lambda: 3)
+    monkeypatch.setattr(checksums, "io_threads", lambda: 3)
     torch.manual_seed(1)
     model = _Big()
     want = {k: v.clone() for k, v in model.state_dict().items()}
