@@ -10,9 +10,12 @@ bash scripts/bootstrap.sh
 log=$(mktemp)
 ref=$(mktemp -d)
 trap 'rm -rf "$log" "$ref"' EXIT
-args=(--steps 120 --workers 2)
-# --step-sleep paces the demo (changes no result) so the interruptions land mid-training
-spotckpt simulate --interruptions 2 --seed "${SEED:-0}" -- python examples/train_toy.py "${args[@]}" --step-sleep 0.02 2> >(tee "$log" >&2)
+steps=120
+args=(--steps "$steps" --workers 2)
+# --total-steps places both interruptions at steps inside the run (never after the last step);
+# --step-sleep paces the demo (changes no result)
+spotckpt simulate --interruptions 2 --total-steps "$steps" --seed "${SEED:-0}" \
+  -- python examples/train_toy.py "${args[@]}" --step-sleep 0.02 2> >(tee "$log" >&2)
 echo
 echo "Reference: the same training, never interrupted"
 done_line=$(SPOTCKPT_METRICS=0 python examples/train_toy.py "${args[@]}" --local-dir "$ref" 2>/dev/null | tail -1)

@@ -1,0 +1,194 @@
+"""``spotckpt simulate``: the managed-spot lifecycle, interruption by interruption, on one machine.
+
+What it does::
+
+    Starting     a new "instance": a fresh, EMPTY local checkpoint dir
+    Downloading  CMD started in its own process group; it restores the newest checkpoint from S3
+    Training     the trainer restored a step or made progress (its events file says so)
+    Interrupted  SIGTERM to CMD; SIGKILL to its process group after the grace if it still runs
+    (Starting -> Downloading -> Training -> Interrupted)* ...
+    Uploading    CMD exited 0: the checkpoints committed in S3 are listed
+    Completed
+  or Stopping -> MaxWaitTimeExceeded when ``max_wait_seconds`` runs out,
+  or Failed when CMD exits non-zero without being interrupted.
+
+CMD's environment: ``SPOTCKPT_LOCAL_DIR`` (the fresh dir), ``SPOTCKPT_S3_URI``
+(``s3://<bucket>/<job>``), ``SPOTCKPT_EVENTS_FILE`` (the manager appends its events there as JSON
+lines: the simulator follows the trainer through them only, not through its output),
+``TRAINING_JOB_NAME``, ``PYTHONUNBUFFERED=1``, and with the embedded S3 server
+``AWS_ENDPOINT_URL`` and dummy credentials.
+
+The parts, one module each:
+
+- :mod:`.s3env`    where checkpoints go: moto's server embedded on 127.0.0.1, or an endpoint
+  from the AWS configuration (``--s3``, ``$AWS_ENDPOINT_URL``); the committed steps at the end
+- :mod:`.process`  one run of CMD: process group, output copied, SIGTERM then SIGKILL after the grace
+- :mod:`.follow`   the trainer's events file, read incrementally
+- :mod:`.schedule` when interruptions happen (always during training; see there)
+- :mod:`.summary`  the recorded data and the summary: training and billable seconds, the savings
+  with the spot-price assumption, lost work and time to resume per interruption (see there)
+- :mod:`.job`      the lifecycle loop that drives them
+
+Exit status: 0 when the final run of CMD exits 0; CMD's status when it fails on its own (1 when it
+died of a signal); 3 for ``MaxWaitTimeExceeded``. Bad input (CMD not found, conflicting options)
+raises :class:`~spotckpt.errors.ConfigError` before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+from typing import Any, TextIO
+
+from ..errors import ConfigError
+from .job import EXIT_MAX_WAIT, Simulation
+from .schedule import Scheduler
+from .summary import format_summary, summary
+
+__all__ = ["simulate", "add_arguments", "main_from_args", "EXIT_MAX_WAIT", "DEFAULT_SPOT_PRICE_RATIO"]
+
+DEFAULT_INTERRUPTIONS = 2
+#: Spot price / on-demand price assumed for ``BillableTimeInSeconds``: 0.3 is 70 % off, typical of
+#: GPU spot capacity (AWS quotes "up to 90 %").
+DEFAULT_SPOT_PRICE_RATIO = 0.3
+
+
+def _resolve_cmd(cmd: list[str]) -> list[str]:
+    if not cmd:
+        raise ConfigError("nothing to run: give the training command after '--', e.g. "
+                          "spotckpt simulate -- python train.py")
+    exe = cmd[0]
+    if os.sep in exe:
+        if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+            raise ConfigError(f"command not found or not executable: {exe!r}")
+    elif shutil.which(exe) is None:
+        raise ConfigError(f"command not found on PATH: {exe!r}; check the command after '--'")
+    return list(cmd)
+
+
+def simulate(
+    cmd: list[str],
+    *,
+    interruptions: int | None = None,
+    interrupt_every_seconds: float | None = None,
+    total_steps: int | None = None,
+    seed: int = 0,
+    grace_seconds: float = 10.0,
+    max_wait_seconds: float | None = None,
+    json_output: bool = False,
+    s3_uri: str | None = None,
+    restart_delay_seconds: float = 1.0,
+    spot_price_ratio: float = DEFAULT_SPOT_PRICE_RATIO,
+    stream: TextIO = sys.stdout,
+) -> int:
+    """Run ``cmd`` through a simulated managed-spot lifecycle; returns the exit status.
+
+    ``total_steps``: the trainer's final step, when known -- interruptions are then placed by step
+    inside the run (see :mod:`.schedule`). ``restart_delay_seconds`` simulates the (unbilled) wait
+    for spot capacity after each interruption. ``spot_price_ratio`` (spot / on-demand price) turns
+    instance seconds into ``BillableTimeInSeconds`` (see :mod:`.summary`). Raises
+    :class:`ConfigError` on bad input before anything is started.
+    """
+    if interruptions is not None and interrupt_every_seconds is not None:
+        raise ConfigError("--interruptions and --interrupt-every conflict: give one of them")
+    if interruptions is None and interrupt_every_seconds is None:
+        interruptions = DEFAULT_INTERRUPTIONS
+    if interruptions is not None and (isinstance(interruptions, bool) or interruptions < 0):
+        raise ConfigError(f"--interruptions must be >= 0, got {interruptions!r}")
+    if interrupt_every_seconds is not None and not interrupt_every_seconds > 0:
+        raise ConfigError(f"--interrupt-every must be > 0 seconds, got {interrupt_every_seconds!r}")
+    if total_steps is not None and (isinstance(total_steps, bool) or total_steps < 1):
+        raise ConfigError(f"--total-steps must be >= 1, got {total_steps!r}")
+    if not grace_seconds > 0:
+        raise ConfigError(f"--grace must be > 0 seconds, got {grace_seconds!r}")
+    if max_wait_seconds is not None and not max_wait_seconds > 0:
+        raise ConfigError(f"--max-wait must be > 0 seconds, got {max_wait_seconds!r}")
+    if not restart_delay_seconds >= 0:
+        raise ConfigError(f"--restart-delay must be >= 0 seconds, got {restart_delay_seconds!r}")
+    if not 0 < spot_price_ratio <= 1:
+        raise ConfigError(f"--spot-price-ratio is spot price / on-demand price, in (0, 1]; got {spot_price_ratio!r}")
+    cmd = _resolve_cmd(cmd)
+    scheduler = Scheduler(interruptions=interruptions, every_seconds=interrupt_every_seconds, seed=seed,
+                          total_steps=total_steps)
+    sim = Simulation(cmd, scheduler=scheduler, s3_uri=s3_uri, grace_s=grace_seconds, max_wait_s=max_wait_seconds,
+                     restart_delay_s=restart_delay_seconds, spot_price_ratio=spot_price_ratio, seed=seed,
+                     json_output=json_output, stream=stream)
+    # If the simulator itself is terminated, unwind so the trainer's group and the S3 server go too.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_system_exit)
+    try:
+        rc = sim.run()
+        s = summary(sim.record())
+        if json_output:
+            stream.write(json.dumps({"events": sim.statuses, **s}, indent=2) + "\n")
+        else:
+            stream.write(format_summary(s))
+        stream.flush()
+        return rc
+    finally:
+        sim.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_system_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``simulate``'s options to ``parser`` (the CLI's subcommand parser)."""
+    parser.add_argument("--interruptions", type=int, default=None, metavar="N",
+                        help=f"interrupt the first N instances once each (default {DEFAULT_INTERRUPTIONS}): at "
+                             "a step inside the run with --total-steps, else 0.5-2 s after first progress")
+    parser.add_argument("--interrupt-every", type=float, default=None, metavar="S", dest="interrupt_every",
+                        help="interrupt every instance about every S seconds of training (U(0.5, 1.5) * S)")
+    parser.add_argument("--total-steps", type=int, default=None, metavar="N", dest="total_steps",
+                        help="the trainer's final step, if known: interruptions land inside the run, never "
+                             "at or after step N")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the interruption times (default 0)")
+    parser.add_argument("--grace", type=float, default=10.0, metavar="S",
+                        help="seconds between SIGTERM and SIGKILL (default 10; SageMaker uses 120)")
+    parser.add_argument("--max-wait", type=float, default=None, metavar="S", dest="max_wait",
+                        help="MaxWaitTimeInSeconds: stop the job (MaxWaitTimeExceeded, exit 3) after S seconds")
+    parser.add_argument("--restart-delay", type=float, default=1.0, metavar="S", dest="restart_delay",
+                        help="simulated, unbilled wait for spot capacity before each restart (default 1)")
+    parser.add_argument("--spot-price-ratio", type=float, default=DEFAULT_SPOT_PRICE_RATIO, metavar="R",
+                        dest="spot_price_ratio",
+                        help=f"spot price / on-demand price (default {DEFAULT_SPOT_PRICE_RATIO:g}, i.e. "
+                             f"{(1 - DEFAULT_SPOT_PRICE_RATIO) * 100:.0f} %% off): BillableTimeInSeconds = "
+                             "instance seconds * R, as SageMaker's billable time reflects the spot discount; "
+                             "1 counts only the unbilled waits")
+    parser.add_argument("--s3", default=None, metavar="S3_URI", dest="s3",
+                        help="use this s3://bucket/prefix (endpoint from the AWS configuration) instead "
+                             "of the embedded S3 server")
+    parser.add_argument("--json", action="store_true", dest="json", help="print one JSON document instead")
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the training command")
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    """Run ``simulate`` from the namespace ``add_arguments`` filled in."""
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    return simulate(cmd, interruptions=args.interruptions, interrupt_every_seconds=args.interrupt_every,
+                    total_steps=args.total_steps, seed=args.seed, grace_seconds=args.grace,
+                    max_wait_seconds=args.max_wait, json_output=args.json, s3_uri=args.s3,
+                    restart_delay_seconds=args.restart_delay, spot_price_ratio=args.spot_price_ratio)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m spotckpt.simulate``: the same as ``spotckpt simulate``."""
+    parser = argparse.ArgumentParser(prog="spotckpt simulate", description=(__doc__ or "").split("\n", 1)[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return main_from_args(args)
+    except ConfigError as exc:
+        print(f"spotckpt simulate: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,106 @@
+"""One run of CMD on a simulated instance: started in its own process group, its output copied,
+stopped like a spot instance (SIGTERM, then SIGKILL to the whole group after the grace).
+
+Threads: the simulator's thread calls every method; two ``spotckpt-sim-output`` threads per
+process copy CMD's stdout and stderr, line by line, to the instance's log file and (unless
+``echo`` is None) to ``echo`` prefixed with ``  | ``. They only copy: the simulator follows the
+trainer through its events file, not its output.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, TextIO
+
+from ..errors import ConfigError
+from ..sidecar import forward_signal
+
+__all__ = ["TrainerProcess"]
+
+_POLL_SECONDS = 0.05
+
+
+class _Copier:
+    def __init__(self, pipe: IO[bytes], log_file: IO[bytes], echo: TextIO | None, lock: threading.Lock) -> None:
+        self._pipe, self._log, self._echo, self._lock = pipe, log_file, echo, lock
+        self.thread = threading.Thread(target=self._run, name="spotckpt-sim-output", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for raw in iter(self._pipe.readline, b""):
+            with self._lock:
+                self._log.write(raw)
+                if self._echo is not None:
+                    try:
+                        self._echo.write(f"  | {raw.decode('utf-8', 'replace').rstrip()}\n")
+                        self._echo.flush()
+                    except (OSError, ValueError):
+                        pass
+        self._pipe.close()
+
+
+class TrainerProcess:
+    """CMD, started at construction (ConfigError when it cannot be started)."""
+
+    def __init__(self, cmd: list[str], *, env: dict[str, str], log_path: Path, echo: TextIO | None,
+                 lock: threading.Lock) -> None:
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in wait()
+        try:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            self._log.close()
+            raise ConfigError(f"cannot start {cmd[0]!r}: {exc}; check the command after '--'") from exc
+        self._copiers = [_Copier(p, self._log, echo, lock) for p in (self.proc.stdout, self.proc.stderr) if p]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self, grace_s: float, *, while_waiting: Callable[[], None]) -> bool:
+        """SIGTERM to CMD (and through a shell to its children), SIGKILL to its whole group if it
+        is still running ``grace_s`` later -- like a container runtime stopping the instance.
+        ``while_waiting`` is called on every poll meanwhile. Returns whether SIGKILL was needed."""
+        forward_signal(self.proc.pid, signal.SIGTERM)
+        kill_at = time.monotonic() + grace_s
+        while self.proc.poll() is None and time.monotonic() < kill_at:
+            while_waiting()  # a trainer may go on training during the grace
+            try:
+                self.proc.wait(timeout=min(_POLL_SECONDS, max(0.001, kill_at - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                pass
+        killed = self.proc.poll() is None
+        if killed:
+            self.kill_group()
+            self.proc.wait()
+        # Whatever CMD spawned in its group goes too: the "instance" is gone.
+        self.kill_group()
+        return killed
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # the group leader's pid was reused; fall back to the process
+            try:
+                self.proc.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def wait(self) -> int:
+        """CMD's exit status once it and the output copiers are done (negative: died of a signal)."""
+        rc = self.proc.wait()
+        for c in self._copiers:
+            c.thread.join()
+        self._log.close()
+        return rc
