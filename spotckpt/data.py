@@ -8,13 +8,18 @@ augmentations. Three things make that hold:
 2. **Position.** :class:`ResumableDataLoader` counts the samples *the training loop received*
    (batches yielded x ``batch_size``), not what workers prefetched, and on restore skips exactly
    those.
-3. **Randomness inside ``__getitem__``.** Before ``dataset[i]`` runs, the python ``random``, numpy
-   and torch (CPU) RNGs of the process that runs it are seeded from ``(seed, epoch, i)``. Sample
-   ``i`` of epoch ``e`` thus gets the same augmentation whatever ``num_workers`` is, whichever
-   worker fetches it, and whether or not the run was interrupted. With ``num_workers=0`` the
-   main process's RNG states are saved and put back around the call, so the training loop's own
-   randomness (dropout, ...) is not disturbed. DataLoader's ``base_seed`` is drawn from the loader's
-   own generator, re-seeded per epoch, so creating an iterator never consumes the global RNG.
+3. **Randomness inside ``__getitem__``.** Before a batch is fetched, the python ``random``, numpy
+   and torch (CPU) RNGs of the process that fetches it are seeded from ``(seed, epoch, start)``,
+   ``start`` being the batch's first position in the epoch; its samples are then fetched in
+   order. A batch is always fetched whole by one process, and a resumed loader starts at a batch
+   boundary, so every sample gets the same augmentation whatever ``num_workers`` is, whichever
+   worker fetches it, and whether or not the run was interrupted (the batch size is part of the
+   state, checked on load). Seeding once per batch instead of once per sample keeps the
+   loader's cost near a plain ``DataLoader``'s (``benchmarks/bench_data.py``). With
+   ``num_workers=0`` the main process's RNG states are saved and put back around each batch, so
+   the training loop's own randomness (dropout, ...) is not disturbed. DataLoader's
+   ``base_seed`` is drawn from the loader's own generator, re-seeded per epoch, so creating an
+   iterator never consumes the global RNG.
 
 State dicts hold ints, strings and bools only (JSON-like), so they go into a checkpoint's JSON tree.
 
@@ -28,9 +33,11 @@ dataset wrapper runs in the DataLoader's worker processes (or the loop's thread 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import random
 import signal
+import sys
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -235,68 +242,168 @@ def _check_compatible(state: Any, expected: dict[str, Any], *, what: str) -> Non
             )
 
 
-class _Keyed(Sampler[tuple[int, int]]):
-    """Wraps a :class:`ResumableSampler` to yield ``(epoch, index)`` keys.
+class _KeyedBatches(Sampler[tuple[int, int, list[int]]]):
+    """Batches of a :class:`ResumableSampler` as ``(epoch, start, indices)`` keys.
 
-    The epoch travels with each index so that worker processes (even persistent ones holding an old
-    copy of the dataset) seed every sample by the epoch it belongs to.
+    ``start`` is the batch's first position in the epoch's order: with the epoch it names the
+    batch, and both travel with it so that worker processes (even persistent ones holding an old
+    copy of the dataset) seed the batch by what it is, not by who fetches it. Slicing the epoch's
+    order keeps the per-sample cost of batching at a list slice. ``drop_last`` drops a short last
+    batch, as ``BatchSampler`` does.
     """
 
-    def __init__(self, inner: ResumableSampler) -> None:
+    def __init__(self, inner: ResumableSampler, batch_size: int, drop_last: bool) -> None:
         self.inner = inner
+        self.batch_size = batch_size
+        self.drop_last = drop_last
 
     def __len__(self) -> int:
-        return len(self.inner)
+        n = self.inner.num_samples
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.inner.epoch
-        for i in self.inner:
-            yield (epoch, i)
+    def __iter__(self) -> Iterator[tuple[int, int, list[int]]]:
+        s, bs = self.inner, self.batch_size
+        if s.position >= s.num_samples and s.num_samples > 0:
+            s.epoch += 1
+            s.position = 0
+        epoch, order = s.epoch, s.indices()
+        n = len(order)
+        while s.position < n:
+            start = s.position
+            end = min(start + bs, n)
+            if self.drop_last and end - start < bs:
+                break
+            s.position = end
+            yield (epoch, start, order[start:end])
+        s.epoch += 1
+        s.position = 0
 
 
 class _SeededDataset(Dataset):
-    """``dataset[(epoch, i)]`` = ``inner[i]`` with every RNG seeded from ``(seed, epoch, i)``.
+    """``dataset[(epoch, start, indices)]`` = the batch ``[inner[i] for i in indices]``, fetched
+    with every RNG seeded from ``(seed, epoch, start)``.
 
-    Runs in DataLoader workers (or in the main process when ``num_workers=0``, where the RNG states
-    are restored afterwards).
+    One seeding per batch, not per sample: the batch is fetched by one process, in one call, in a
+    fixed order, and a resumed loader starts at a batch boundary, so every sample still gets the
+    same random draws whatever ``num_workers`` is and whether or not the run was interrupted.
+    ``__getitems__`` runs in DataLoader workers, or in the training loop's thread with
+    ``num_workers=0``, where :class:`_MainRNG` keeps the loop's own RNG states out of it.
     """
 
     def __init__(self, inner: Dataset, seed: int) -> None:
         self.inner = inner
         self.seed = seed
+        self._main = _MainRNG()
+        self._batched = callable(getattr(inner, "__getitems__", None))
 
     def __len__(self) -> int:
         return len(self.inner)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        return self.__getitems__([key])[0]
-
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
-        """A batch (DataLoader's fetcher calls this when present): the main process's RNG states
-        are saved and restored once per batch, not per sample (numpy's alone costs ~0.1 ms)."""
+    def __getitems__(self, key: tuple[int, int, list[int]]) -> list[Any]:
+        # DataLoader's fetcher passes the whole key the batch sampler yielded
+        epoch, start, indices = key
         if torch.utils.data.get_worker_info() is not None:
-            return self._fetch(keys)
-        saved = (random.getstate(), np.random.get_state(), torch.random.default_generator.get_state())
+            return self._fetch(derive_seed(self.seed, epoch, start), indices)
+        self._main.save()
         try:
-            return self._fetch(keys)
+            return self._fetch(derive_seed(self.seed, epoch, start), indices)
         finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.random.default_generator.set_state(saved[2])
+            self._main.restore()
 
-    def _fetch(self, keys: list[tuple[int, int]]) -> list[Any]:
-        out = []
-        for epoch, i in keys:
-            _seed_all(derive_seed(self.seed, epoch, i))
-            out.append(self.inner[i])
-        return out
+    def _fetch(self, s: int, indices: list[int]) -> list[Any]:
+        random.seed(s)
+        np.random.seed(s & 0xFFFFFFFF)
+        # The CPU generator only: torch.manual_seed would also reseed (and lazily touch) CUDA.
+        torch.random.default_generator.manual_seed(s)
+        if self._batched:
+            return list(self.inner.__getitems__(indices))  # type: ignore[attr-defined]
+        inner = self.inner
+        return [inner[i] for i in indices]
+
+    def __getstate__(self) -> dict[str, Any]:  # to workers: the cached main-process state stays
+        return {"inner": self.inner, "seed": self.seed, "_batched": self._batched}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._main = _MainRNG()
 
 
-def _seed_all(s: int) -> None:
-    random.seed(s)
-    np.random.seed(s & 0xFFFFFFFF)
-    # The CPU generator only: torch.manual_seed would also reseed (and lazily touch) CUDA.
-    torch.random.default_generator.manual_seed(s)
+class _MainRNG:
+    """Saves the training loop's python, numpy and torch (CPU) RNG states before a batch is fetched
+    in its process (``num_workers=0``), and puts them back after.
+
+    ``random.getstate()`` and numpy's ``get_state()`` copy a 2.5 KB Mersenne Twister state through
+    Python objects: tens of microseconds, as much as a whole batch of a cheap dataset. So each
+    state is also read as raw bytes (numpy's through its public ``bit_generator.ctypes``
+    address; python's from the ``random.Random`` object, whose layout is checked against
+    ``getstate()`` once) and compared with what was put back after the previous batch. When the
+    loop has not drawn from that generator since (the common case), the full state taken earlier
+    is still exact and is reused. Where a raw layout does not match (another Python or numpy
+    build), the full calls are used every time. numpy's legacy cached Gaussian cannot be read
+    cheaply: while one is pending the full calls are used, and putting the state back clears the
+    Gaussian the fetch may have cached (one blind spot: a numpy state put back by the loop between
+    two batches that differs from the current one only in its cached Gaussian goes unnoticed).
+    Called from the training loop's thread only.
+    """
+
+    _MT_BYTES = 624 * 4 + 4  # numpy's mt19937_state: uint32 key[624]; int pos
+    _PY_OFFSET = 16  # CPython's RandomObject: PyObject_HEAD; int index; uint32_t state[624]
+
+    def __init__(self) -> None:
+        self._checked = False
+        self._np_addr: int | None = None
+        self._py_addr: int | None = None
+        self._np_raw: bytes | None = None  # raw numpy state matching self._np_full
+        self._np_full: Any = None
+        self._py_raw: bytes | None = None  # raw python state matching self._py_full
+        self._py_full: Any = None
+        self._torch: torch.Tensor | None = None
+
+    def _check_layouts(self) -> None:
+        self._checked = True
+        try:
+            addr = int(np.random.mtrand._rand._bit_generator.ctypes.state_address)
+            full = np.random.get_state(legacy=True)
+            want = (np.asarray(full[1], dtype=np.uint32).tobytes()
+                    + int(full[2]).to_bytes(4, sys.byteorder, signed=True))
+            if full[0] == "MT19937" and ctypes.string_at(addr, self._MT_BYTES) == want:
+                self._np_addr = addr
+        except Exception:  # noqa: BLE001 - any surprise: numpy's full state calls
+            self._np_addr = None
+        try:
+            inst = random._inst  # type: ignore[attr-defined]
+            version, internal, _ = inst.getstate()
+            want = int(internal[-1]).to_bytes(4, sys.byteorder, signed=True) + np.asarray(
+                internal[:-1], dtype=np.uint32).tobytes()
+            addr = id(inst) + self._PY_OFFSET
+            if (sys.implementation.name == "cpython" and len(internal) == 625
+                    and ctypes.string_at(addr, self._MT_BYTES) == want):
+                self._py_addr = addr
+        except Exception:  # noqa: BLE001 - any surprise: random.getstate() every time
+            self._py_addr = None
+
+    def save(self) -> None:
+        if not self._checked:
+            self._check_layouts()
+        self._torch = torch.random.default_generator.get_state()
+        raw = None if self._py_addr is None else ctypes.string_at(self._py_addr, self._MT_BYTES)
+        gauss_next = random._inst.gauss_next  # type: ignore[attr-defined]
+        if raw is None or raw != self._py_raw or gauss_next != self._py_full[2]:
+            self._py_full = random.getstate()
+            self._py_raw = raw
+        raw = None if self._np_addr is None else ctypes.string_at(self._np_addr, self._MT_BYTES)
+        if raw is None or raw != self._np_raw or self._np_full[3]:  # [3]: has_gauss
+            self._np_full = np.random.get_state(legacy=True)
+            self._np_raw = raw
+
+    def restore(self) -> None:
+        torch.random.default_generator.set_state(self._torch)  # type: ignore[arg-type]
+        random.setstate(self._py_full)
+        if self._np_raw is None or self._np_full[3]:
+            np.random.set_state(self._np_full)
+        else:
+            np.random.seed(0)  # clears a Gaussian the fetch may have cached in the RandomState
+            ctypes.memmove(self._np_addr, self._np_raw, self._MT_BYTES)
 
 
 class _WorkerInit:
@@ -371,7 +478,7 @@ class ResumableDataLoader:
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = int(seed)
-        self.drop_last = bool(kw.get("drop_last", False))
+        self.drop_last = bool(kw.pop("drop_last", False))
         self.sampler = ResumableSampler(dataset, shuffle=shuffle, seed=self.seed)  # type: ignore[arg-type]
         self._generator = torch.Generator()
         self._epoch = 0
@@ -380,8 +487,7 @@ class ResumableDataLoader:
         kw["worker_init_fn"] = _WorkerInit(kw.get("worker_init_fn"))
         self._loader = DataLoader(
             _SeededDataset(dataset, self.seed),
-            batch_size=batch_size,
-            sampler=_Keyed(self.sampler),
+            batch_sampler=_KeyedBatches(self.sampler, batch_size, self.drop_last),
             num_workers=num_workers,
             generator=self._generator,
             **kw,
@@ -424,7 +530,7 @@ class ResumableDataLoader:
     def _run(self, generation: int, epoch: int, start: int) -> Iterator[Any]:
         self.sampler.set_epoch(epoch)
         self.sampler.set_position(start)
-        # base_seed (worker seeds) from our generator, never the global RNG; per-sample seeding
+        # base_seed (worker seeds) from our generator, never the global RNG; per-batch seeding
         # makes its value irrelevant to the data, but drawing it must not move the global RNG.
         self._generator.manual_seed(derive_seed(self.seed, epoch, -1))
         end = self._epoch_samples()

@@ -102,6 +102,106 @@ def test_main_process_rng_is_not_disturbed(num_workers: int) -> None:
     assert torch.equal(expect[0], got[0]) and expect[1:] == got[1:]
 
 
+class GaussDataset(Dataset):
+    """Draws Gaussians from numpy's and python's legacy generators, which cache every second one."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor([float(i), float(np.random.randn()), random.gauss(0.0, 1.0),
+                             float(torch.randn(()))])
+
+
+def _main_draws() -> tuple:
+    return (float(np.random.randn()), random.gauss(0.0, 1.0), random.random(),
+            float(np.random.rand()), float(torch.randn(())))
+
+
+def _gaussians() -> tuple:
+    # alternately generates a pair (the generator's state moves) and takes the cached one (only
+    # the cache changes): the loader must notice both
+    return (float(np.random.randn()), random.gauss(0.0, 1.0))
+
+
+@pytest.mark.parametrize("draw_between", [True, False])
+def test_main_process_rng_is_not_disturbed_with_cached_gaussians(draw_between: bool) -> None:
+    """With num_workers=0 the loop's RNGs are put back around every batch, including the pending
+    Gaussians of numpy and python, whether or not the loop draws between batches."""
+
+    def run(with_loader: bool) -> list[tuple]:
+        np.random.seed(11)
+        random.seed(11)
+        torch.manual_seed(11)
+        draws = [_main_draws()]  # one numpy randn: a Gaussian is now cached
+        if with_loader:
+            loader = ResumableDataLoader(GaussDataset(10), batch_size=3, seed=2)
+            for _ in loader:  # batch of 3 leaves a Gaussian cached inside the fetch too
+                if draw_between:
+                    draws.append(_gaussians())
+        elif draw_between:
+            draws += [_gaussians() for _ in range(4)]
+        draws.append(_main_draws())
+        return draws
+
+    assert run(with_loader=True) == run(with_loader=False)
+
+
+def test_main_rng_fast_path_is_used_here() -> None:
+    """On CPython with numpy's MT19937 the raw states are readable, so an untouched generator is
+    not copied through Python objects before every batch (the loader's per-batch cost)."""
+    from spotckpt import data
+
+    main = data._MainRNG()
+    main.save()
+    main.restore()
+    assert main._np_addr is not None and main._py_addr is not None
+    full_np, full_py = main._np_full, main._py_full
+    main.save()  # nothing drew in between: the full states taken before are reused
+    assert main._np_full is full_np and main._py_full is full_py
+    main.restore()
+    np.random.rand()
+    random.random()
+    main.save()  # both drew: taken again
+    assert main._np_full is not full_np and main._py_full is not full_py
+    main.restore()
+
+
+def test_augmentations_are_seeded_per_batch_and_exact() -> None:
+    """The same batch (epoch, start) gives the same values in any loader, whichever batch came
+    before; a different epoch gives different draws."""
+    ds = AugmentedDataset(12)
+    a = ResumableDataLoader(ds, batch_size=4, seed=9)
+    full = list(a)
+    b = ResumableDataLoader(ds, batch_size=4, seed=9)
+    b.load_state_dict({**b.state_dict(), "position": 8})
+    assert torch.equal(next(iter(b)), full[2])
+    second = list(a)  # epoch 1
+    assert not torch.equal(torch.cat(full)[:, 1:], torch.cat(second)[:, 1:])
+
+
+class BatchedDataset(AugmentedDataset):
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.calls: list[list[int]] = []
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        self.calls.append(list(indices))
+        return [self[i] for i in indices]
+
+
+def test_a_dataset_with_getitems_is_fetched_a_batch_at_a_time() -> None:
+    ds = BatchedDataset(10)
+    batches = list(ResumableDataLoader(ds, batch_size=4, seed=0))
+    assert [len(c) for c in ds.calls] == [4, 4, 2]
+    assert [b[:, 0].tolist() for b in batches] == [[float(i) for i in c] for c in ds.calls]
+    plain = list(ResumableDataLoader(AugmentedDataset(10), batch_size=4, seed=0))
+    assert all(torch.equal(x, y) for x, y in zip(batches, plain))
+
+
 def test_epoch_advances_and_set_epoch_keeps_position() -> None:
     loader = ResumableDataLoader(AugmentedDataset(8), batch_size=4, seed=0)
     it = iter(loader)

@@ -1,0 +1,89 @@
+"""``spotckpt bench`` end to end: real worker processes on a tiny state, and SIGTERM mid-run.
+
+No timing is asserted: only that the rows ran in their workers (a restore the worker could not
+verify would be an error record), that the reports hold them, and that nothing is left on the
+disk under test.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spotckpt import bench
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+ROWS = ["memcpy_reused", "torch_save_fsync", "spotckpt_async", "spotckpt_restore"]
+
+
+def test_tiny_run_writes_json_markdown_and_png(tmp_path: Path) -> None:
+    out, data = tmp_path / "out", tmp_path / "data"
+    data.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_save.py"), "--sizes", "2",
+         "--gpu-gib", "0", "--reps", "1", "--rows", ",".join(ROWS), "--out", str(out),
+         "--dir", str(data), "--timeout", "300"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "save.json").read_text())
+    assert result["schema"] == bench.SCHEMA
+    assert [s["key"] for s in result["states"]] == ["cpu-float32-2MiB"]
+    got = {r["row"]: r for r in result["rows"]}
+    assert sorted(got) == sorted(ROWS)
+    for name, rec in got.items():
+        assert "error" not in rec and "skipped" not in rec, (name, rec)
+        assert rec["bytes"] == 2 << 20
+        assert 0 < rec["stall_s"] <= rec["durable_s"]
+        assert rec["worker_wall_s"] > 0
+    for key in ("cpu_model", "cpu_count", "ram_bytes", "torch", "cuda", "data_fs"):
+        assert key in result["machine"]
+    assert result["summary"]["cpu-float32-2MiB"]["spotckpt_stall_over_memcpy"]["value"] > 0
+    md = (out / "save.md").read_text()
+    assert md.strip() in proc.stdout
+    assert "| spotckpt restore | " in md
+    assert (out / "save.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(data.iterdir()) == []  # every worker's temp dir is gone
+
+
+def test_sigterm_kills_the_worker_and_keeps_what_was_measured(tmp_path: Path) -> None:
+    """`timeout` (as in gpu_check.sh) sends SIGTERM: no worker may keep writing after it, and
+    the rows measured so far still reach the reports."""
+    psutil = pytest.importorskip("psutil")
+    data = tmp_path / "data"
+    data.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "benchmarks" / "bench_save.py"), "--sizes", "4",
+         "--rows", "memcpy_reused,dcp_save", "--reps", "1000", "--out", str(tmp_path / "out"),
+         "--dir", str(data)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 300
+        workers: list = []
+        while not workers and time.monotonic() < deadline:  # the dcp_save worker is writing
+            if any("dcp-" in str(p) for p in data.rglob("*")):
+                workers = parent.children(recursive=True)
+            time.sleep(0.2)
+        assert workers, "the worker never started writing"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive
+        assert list(data.iterdir()) == []
+        result = json.loads((tmp_path / "out" / "save.json").read_text())
+        assert result["interrupted"] is True
+        assert [r["row"] for r in result["rows"]] == ["memcpy_reused"]
+        assert "Interrupted" in (tmp_path / "out" / "save.md").read_text()
+        assert (tmp_path / "out" / "save.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
