@@ -9,6 +9,7 @@ from ._version import __version__
 from .errors import (
     CheckpointCorruptError,
     ClosedError,
+    CollectiveError,
     ConfigError,
     DownloadError,
     LocalStepVanishedError,
@@ -33,6 +34,7 @@ __all__ = [
     "PickleRefusedError",
     "NoCheckpointError",
     "ClosedError",
+    "CollectiveError",
     "SaveError",
     "StorageError",
     "UploadError",

@@ -463,6 +463,8 @@ class ResumableDataLoader:
         shuffle: bool = True,
         seed: int = 0,
         num_workers: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
         **kw: Any,
     ) -> None:
         if isinstance(dataset, IterableDataset):
@@ -479,14 +481,18 @@ class ResumableDataLoader:
         self.batch_size = batch_size
         self.seed = int(seed)
         self.drop_last = bool(kw.pop("drop_last", False))
-        self.sampler = ResumableSampler(dataset, shuffle=shuffle, seed=self.seed)  # type: ignore[arg-type]
+        # several ranks (DDP): each takes every num_replicas-th index of one shared permutation,
+        # and seeds its batches apart from the other ranks'
+        self.sampler = ResumableSampler(dataset, shuffle=shuffle, seed=self.seed,  # type: ignore[arg-type]
+                                        num_replicas=num_replicas, rank=rank, drop_last=num_replicas > 1)
+        batch_seed = self.seed if num_replicas == 1 else derive_seed(self.seed, rank)
         self._generator = torch.Generator()
         self._epoch = 0
         self._position = 0  # samples received by the training loop in self._epoch
         self._generation = 0  # only the newest iterator updates the position
         kw["worker_init_fn"] = _WorkerInit(kw.get("worker_init_fn"))
         self._loader = DataLoader(
-            _SeededDataset(dataset, self.seed),
+            _SeededDataset(dataset, batch_seed),
             batch_sampler=_KeyedBatches(self.sampler, batch_size, self.drop_last),
             num_workers=num_workers,
             generator=self._generator,

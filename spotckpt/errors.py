@@ -11,6 +11,8 @@ Every error spotckpt raises derives from :class:`SpotCkptError`, and its message
     │                                         caller did not opt in (a policy refusal, not damage)
     ├── NoCheckpointError                     restore asked for a step that does not exist (``.step``)
     ├── ClosedError (also RuntimeError)       a closed CheckpointManager (or its stager) was used
+    ├── CollectiveError                       another rank failed, died or is out of step
+    │                                         (``.ranks`` names them); raised on every rank
     ├── SaveError                             a save that could not complete (``.step``);
     │                                         earlier checkpoints are untouched
     └── StorageError                          S3 or the local disk failed (``.key``)
@@ -34,6 +36,7 @@ __all__ = [
     "PickleRefusedError",
     "NoCheckpointError",
     "ClosedError",
+    "CollectiveError",
     "SaveError",
     "StorageError",
     "UploadError",
@@ -91,6 +94,16 @@ class NoCheckpointError(SpotCkptError):
     def __init__(self, message: str, *, step: int | None = None) -> None:
         super().__init__(message)
         self.step = step
+
+
+class CollectiveError(SpotCkptError):
+    """Several ranks: an operation failed on another rank, a rank did not arrive within the
+    timeout, or ranks called spotckpt out of step. ``ranks`` lists the ranks at fault (empty
+    when unknown, e.g. a rank that died). Nothing was committed for that operation."""
+
+    def __init__(self, message: str, *, ranks: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.ranks = list(ranks or [])
 
 
 class SaveError(SpotCkptError):

@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +92,11 @@ class StepCheck:
         return not self.problems
 
 
+def _owner_gone(pid_s: str) -> bool:
+    """Whether the process named by a staging entry's pid prefix is gone (not this one)."""
+    return pid_s.isdigit() and int(pid_s) != os.getpid() and not _pid_alive(int(pid_s))
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -143,9 +148,9 @@ class LocalStore:
         hidden = self.root / _HIDDEN_STAGING
         try:
             sibling.mkdir(exist_ok=True)
-            probe = sibling / f"probe-{os.getpid()}-{uuid.uuid4().hex}"
+            probe = sibling / f"{os.getpid()}-probe-{uuid.uuid4().hex}"
             probe.mkdir()
-            target = self.root / f".probe-{uuid.uuid4().hex}"
+            target = self.root / f".probe-{os.getpid()}-{uuid.uuid4().hex}"
             try:
                 self.io.rename(probe, target)
             except OSError:
@@ -167,23 +172,22 @@ class LocalStore:
         return hidden
 
     def cleanup_stale_staging(self) -> list[Path]:
-        """Remove staging entries left by processes that are gone (or by this one)."""
+        """Remove staging entries (and staging probes) left by processes that are gone. Entries
+        of live processes -- other ranks sharing this directory -- are never touched."""
         removed: list[Path] = []
         try:
             entries = list(self.staging_root.iterdir())
         except FileNotFoundError:
-            return removed
+            entries = []
         for entry in entries:
-            pid_s = entry.name.split("-", 1)[0]
-            if pid_s.isdigit() and int(pid_s) != os.getpid() and _pid_alive(int(pid_s)):
-                continue
-            if pid_s.isdigit() or entry.name.startswith("probe-"):
+            if _owner_gone(entry.name.split("-", 1)[0]):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
         if removed:
             log.info("spotckpt: removed %d stale staging entries under %s", len(removed), self.staging_root)
         for leftover in self.root.glob(".probe-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+            if _owner_gone(leftover.name.split("-", 2)[1]):
+                shutil.rmtree(leftover, ignore_errors=True)
         return removed
 
     # -- scan ----------------------------------------------------------------------------
@@ -206,14 +210,15 @@ class LocalStore:
     def read_manifest(self, step: int) -> Manifest:
         return read_step_manifest(self.root, step)
 
-    def verify_step(self, step: int, *, checksums: bool = True) -> StepCheck:
-        """Check the manifest, then every listed file's size and (by default) CRC32C."""
+    def verify_step(self, step: int, *, checksums: bool = True, files: Collection[str] | None = None) -> StepCheck:
+        """Check the manifest, then every listed file's size and (by default) CRC32C -- or,
+        with ``files``, only those (several hosts: the files this host holds or needs)."""
         path = self.step_path(step)
         try:
             manifest = self.read_manifest(step)
         except CheckpointCorruptError as exc:
             return StepCheck(step, path, None, (str(exc),))
-        return StepCheck(step, path, manifest, tuple(verify_files(path, manifest, checksums=checksums)))
+        return StepCheck(step, path, manifest, tuple(verify_files(path, manifest, checksums=checksums, only=files)))
 
     # -- write ---------------------------------------------------------------------------
     def begin(self, step: int) -> Path:
@@ -222,6 +227,21 @@ class LocalStore:
         try:
             self.staging_root.mkdir(exist_ok=True)
             d.mkdir()
+        except OSError as exc:
+            raise SaveError(
+                f"cannot create staging directory {d} ({exc.strerror}); check free space and "
+                "permissions of the checkpoint volume",
+                step=step,
+            ) from exc
+        return d
+
+    def shared_staging(self, step: int, *, owner_pid: int) -> Path:
+        """The staging directory of ``step`` that every rank of one host writes into (several
+        ranks); named after the host leader's process, so stale-staging cleanup knows when it
+        is orphaned. Created if needed, by whichever rank comes first."""
+        d = self.staging_root / f"{owner_pid}-ranks-{step_dirname(step)}"
+        try:
+            d.mkdir(exist_ok=True)
         except OSError as exc:
             raise SaveError(
                 f"cannot create staging directory {d} ({exc.strerror}); check free space and "
@@ -367,7 +387,8 @@ def read_step_manifest(root: Path, step: int) -> Manifest:
     return m
 
 
-def verify_files(step_dir: Path, manifest: Manifest, *, checksums: bool = True) -> list[str]:
+def verify_files(step_dir: Path, manifest: Manifest, *, checksums: bool = True,
+                 only: Collection[str] | None = None) -> list[str]:
     """Problems with the data files of ``step_dir`` against ``manifest`` (empty list = valid).
 
     Sizes first (every file), then CRC32C of every file of the right size, each file checksummed
@@ -379,6 +400,8 @@ def verify_files(step_dir: Path, manifest: Manifest, *, checksums: bool = True) 
     problems = []
     sized = []
     for rel, ent in manifest.files.items():
+        if only is not None and rel not in only:
+            continue
         p = step_dir / rel
         try:
             st = p.stat()

@@ -21,13 +21,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Collection, MutableMapping
 from types import TracebackType
 from typing import Any
 
 from ._version import __version__
 from .config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
-from .errors import ClosedError, ConfigError, SaveError, SpotCkptError
+from .dist import Coordinator, RequestChannel, coordinator_from_torch
+from .errors import ClosedError, CollectiveError, ConfigError, SaveError, SpotCkptError
 from .events import (
     DurableLocalEvent,
     DurableS3Event,
@@ -42,12 +43,21 @@ from .format import write_safetensors
 from .local import LocalStore
 from .metrics import MetricsListener, Stats
 from .persist import PersistWorker, PruneJob, SaveJob, write_step
-from .policy import KeepAll, RetentionPolicy, SaveContext, SavePolicy, retention_from, save_policy_from
+from .policy import (
+    EveryNSeconds,
+    EveryNSteps,
+    KeepAll,
+    RetentionPolicy,
+    SaveContext,
+    SavePolicy,
+    retention_from,
+    save_policy_from,
+)
 from .preemption import DEFAULT_GRACE_SECONDS, PreemptionWatcher
-from .restore import RestoreResult, restore_newest
+from .restore import restore_agreed, restore_newest
 from .stage import Stager
 from .store import RemoteStore
-from .torch_state import capture
+from .torch_state import capture, replicated_keys
 
 __all__ = ["CheckpointManager"]
 
@@ -91,16 +101,20 @@ class CheckpointManager:
         retention: RetentionPolicy | None = None,
         remote_store: RemoteStore | None = None,
         clock: Callable[[], float] = time.monotonic,
-        rank: int = 0,
+        replicated: Collection[str] = (),
+        collective_timeout_seconds: float | None = None,
+        rank: int | None = None,
     ) -> None:
-        if rank != 0:
-            raise ConfigError("only a single writer (rank 0) is supported in this version")
+        self._custom_policy = save_policy is not None
+        self._every_steps = None if save_policy is not None or every_steps is None else EveryNSteps(every_steps)
         self.save_policy: SavePolicy = save_policy if save_policy is not None else save_policy_from(every_steps, every_seconds)
         self.retention: RetentionPolicy = retention if retention is not None else retention_from(keep_last)
         self.async_save = async_save
         self.verify_on_restore = verify_on_restore
         self.allow_pickle = allow_pickle
-        self.rank = rank
+        self.rank = 0
+        self.world_size = 1
+        self._replicated_hint = tuple(replicated)
         self._clock = clock
         grace = grace_seconds if grace_seconds is not None else env_float("SPOTCKPT_GRACE_SECONDS", DEFAULT_GRACE_SECONDS)
 
@@ -121,11 +135,24 @@ class CheckpointManager:
         self._uploader: Any = None
         self._imds: Any = None
         self._persist: PersistWorker | None = None
+        self._coord: Coordinator | None = None
+        self._requests: RequestChannel | None = None
+        self._abandoned = False
+        self._reported: int | None = None  # the save request this rank reported its step for
+        self._sync_step: int | None = None  # the step every rank agreed to save it at
         self._stager = Stager()
         self._watcher = PreemptionWatcher(grace_seconds=grace)
         try:
             self.local = LocalStore(resolve_local_dir(local_dir))
             self.local_dir = self.local.root
+            self._coord = coordinator_from_torch(timeout_seconds=collective_timeout_seconds)
+            if self._coord is not None:
+                self._join_ranks(rank)
+            elif rank not in (None, 0):
+                raise ConfigError(
+                    f"rank={rank} but torch.distributed is not initialised; call "
+                    "init_process_group() first (rank and world size then come from it)"
+                )
             self.s3_uri = remote_store.uri if remote_store is not None else resolve_s3_uri(s3_uri)
             if self.s3_uri is None and sagemaker_info().checkpoint_sync_active:
                 log.info("spotckpt: SageMaker syncs %s to S3 itself; spotckpt uploads nothing", self.local_dir)
@@ -141,14 +168,36 @@ class CheckpointManager:
                 self.events.subscribe(self._events_file)
             if self.s3_uri is not None:
                 self._start_upload(remote_store)
+            if self._coord is not None:
+                self._coord.exchange("construct")  # every rank got here: none failed above
             if imds if imds is not None else env_bool("SPOTCKPT_IMDS", False):
                 self._start_imds()
             self._persist = PersistWorker(prune=self._prune, on_error=self._on_persist_error)
             if install_signal_handlers:
                 self._watcher.install()  # last: nothing after it can fail
-        except BaseException:
+        except BaseException as exc:
+            if self._coord is not None and not isinstance(exc, CollectiveError):
+                try:  # tell the other ranks, so they raise now instead of at a later timeout
+                    self._coord.exchange("construct", error=exc)
+                except BaseException:  # noqa: BLE001 - re-raised below as exc
+                    pass
             self._teardown()
             raise
+
+    # -- several ranks -------------------------------------------------------------------
+    def _join_ranks(self, rank: int | None) -> None:
+        coord = self._coord
+        assert coord is not None
+        if rank is not None and rank != coord.rank:
+            raise ConfigError(f"rank={rank} but torch.distributed says this is rank {coord.rank}; drop rank=")
+        self.rank, self.world_size = coord.rank, coord.world_size
+        coord.set_hosts(str(self.local.root))
+        self._requests = RequestChannel(coord.store, coord.rank, coord.world_size)
+
+    @property
+    def _leader(self) -> bool:
+        """Whether this rank commits, prunes and uploads its host's ``local_dir``."""
+        return self._coord is None or self._coord.is_host_leader
 
     # -- optional components ------------------------------------------------------------
     def _start_upload(self, remote_store: RemoteStore | None) -> None:
@@ -162,7 +211,10 @@ class CheckpointManager:
             store.check_access()
         else:
             self._store = remote_store
-        self._uploader = Uploader(self.local_dir, self._store, retention=self.retention, on_uploaded=self._on_uploaded)
+        if not self._leader:
+            return  # every rank lists and reads S3 (restore); each host's leader uploads its files
+        self._uploader = Uploader(self.local_dir, self._store, retention=self.retention, on_uploaded=self._on_uploaded,
+                                  world_size=self.world_size, writes_manifest=self.rank == 0)
         self._uploader.start()
 
     def _on_uploaded(self, step: int, seconds: float, nbytes: int) -> None:
@@ -201,17 +253,14 @@ class CheckpointManager:
         """Load the newest valid step (local, else S3) into ``state`` in place; return it, or
         None when there is no checkpoint yet."""
         self._check_open()
-        res: RestoreResult | None = restore_newest(
-            state,
-            self.local,
-            self._store,
-            step=step,
-            rank=self.rank,
-            verify=self.verify_on_restore,
-            allow_pickle=self.allow_pickle,
-            bounce=_bounce_buffer_for(state),
-            progress=_progress_logger(),
-        )
+        if self._coord is not None:
+            res = restore_agreed(state, self.local, self._store, self._coord, step=step, verify=self.verify_on_restore,
+                                 allow_pickle=self.allow_pickle, bounce=_bounce_buffer_for(state),
+                                 progress=_progress_logger())
+        else:
+            res = restore_newest(state, self.local, self._store, step=step, rank=self.rank,
+                                 verify=self.verify_on_restore, allow_pickle=self.allow_pickle,
+                                 bounce=_bounce_buffer_for(state), progress=_progress_logger())
         if res is None:
             log.info("spotckpt: no checkpoint in %s%s; starting fresh", self.local_dir,
                      f" or {self.s3_uri}" if self.s3_uri else "")
@@ -226,23 +275,43 @@ class CheckpointManager:
         """Checkpoint ``state`` as ``step``. Asynchronous by default (``async_save``): returns
         once the tensors are copied to host memory; ``blocking=True`` returns once the step is
         committed locally. A save while the previous one is persisting waits for it. Saving a
-        step that is already committed is a no-op (logged): a committed step is never replaced."""
+        step that is already committed is a no-op (logged): a committed step is never replaced.
+        Several ranks: collective, every rank with the same step."""
+        self._save(step, state, blocking=blocking, policy=False)
+
+    def _save(self, step: int, state: MutableMapping[str, Any], *, blocking: bool | None, policy: bool) -> bool:
+        """The save; ``policy``: a policy save, skipped (on every rank) while one is persisting."""
         self._check_open()
-        self._raise_bg_error()
+        err: BaseException | None = None
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ConfigError(f"step must be a non-negative int, got {step!r}")
+            err = ConfigError(f"step must be a non-negative int, got {step!r}")
+        if self._coord is None:
+            if err is not None:
+                raise err
+            self._raise_bg_error()
         blocking = (not self.async_save) if blocking is None else blocking
         t0 = time.perf_counter()
-        self._wait_pending()
-        if step == self._last_saved_step or self.local.is_committed(step):
-            log.info("spotckpt: step %d is already committed in %s; not saving it again", step, self.local_dir)
-            self._last_saved_step = step
-            return
-        snap = capture(state, step=step, rank=self.rank, allow_pickle=self.allow_pickle)
+        keys: set[str] | None = None
+        if self._coord is not None:
+            decision = self._agree_save(step, state, err, policy=policy)
+            if decision is None:
+                return False
+            keys, replicated = decision
+        else:
+            replicated = set()
+            self._wait_pending()
+            if step == self._last_saved_step or self.local.is_committed(step):
+                log.info("spotckpt: step %d is already committed in %s; not saving it again", step, self.local_dir)
+                self._last_saved_step = step
+                return False
+        snap = capture(state, step=step, rank=self.rank, allow_pickle=self.allow_pickle, keys=keys)
         meta = {"format": "spotckpt/1", "step": str(step)}
+        extra = {"writer": f"spotckpt {__version__}", "world_size": self.world_size}
+        if replicated:
+            extra["replicated"] = sorted(replicated)
         if blocking and all(t.device.type == "cpu" for t in snap.tensors.values()):
             # Host tensors: written straight from their memory, no copy at all.
-            self._write(step, snap.tree, lambda p: write_safetensors(p, snap.tensors, meta), t0, snap.nbytes)
+            self._write(step, snap.tree, lambda p: write_safetensors(p, snap.tensors, meta), t0, snap.nbytes, extra)
         else:
             # Device tensors (blocking: one pinned device-to-host pass, much faster than copying
             # tensor by tensor into pageable memory) and every async save go through the stager.
@@ -251,7 +320,7 @@ class CheckpointManager:
 
             def run() -> None:
                 try:
-                    self._write(step, snap.tree, staged.write_to, t0, staged.nbytes)
+                    self._write(step, snap.tree, staged.write_to, t0, staged.nbytes, extra)
                 finally:
                     with self._lock:
                         self._stager.release(staged)
@@ -270,37 +339,126 @@ class CheckpointManager:
         if not blocking:
             assert self._persist is not None and self._pending is not None
             self._persist.submit(self._pending)  # after the save event, so durable_local follows it
+        return True
+
+    def _agree_save(self, step: int, state: MutableMapping[str, Any], err: BaseException | None, *,
+                    policy: bool) -> tuple[set[str] | None, set[str]] | None:
+        """Several ranks: check that every rank saves the same step and the same structure, and
+        decide together whether to skip it. Returns (keys this rank writes, replicated keys), or
+        None to skip (on every rank)."""
+        coord = self._coord
+        assert coord is not None
+        replicated = replicated_keys(state, self._replicated_hint)
+        job = self._pending
+        busy = job is not None and not job.done.is_set()
+        if not policy:
+            try:
+                self._wait_pending()
+            except SpotCkptError as exc:
+                err = err or exc
+            busy = False
+        elif err is None and self._bg_error is not None:
+            try:
+                self._raise_bg_error()
+            except SpotCkptError as exc:
+                err = exc
+        mine = {"step": step, "keys": sorted(map(str, state)), "replicated": sorted(replicated), "busy": busy,
+                "committed": step == self._last_saved_step or self.local.is_committed(step)}
+        recs = coord.exchange("save", mine, error=err)
+        if len({r["step"] for r in recs}) > 1:
+            raise ConfigError("ranks passed different steps to save(): "
+                              + ", ".join(f"rank {i}: {r['step']}" for i, r in enumerate(recs))
+                              + "; every rank must save the same step -- nothing was saved")
+        for name in ("keys", "replicated"):
+            odd = [i for i, r in enumerate(recs) if r[name] != recs[0][name]]
+            if odd:
+                raise ConfigError(f"ranks {odd} passed state with other {name} than rank 0 "
+                                  f"({recs[odd[0]][name]} vs {recs[0][name]}); every rank must pass the "
+                                  "same structure -- nothing was saved")
+        if policy and any(r["busy"] for r in recs):
+            self.stats.saves_skipped += 1
+            log.info("spotckpt: skipping the policy save of step %d: a rank is still writing the last one", step)
+            return None
+        if policy:
+            self._wait_pending()
+        if any(r["committed"] for r in recs):
+            log.info("spotckpt: step %d is already committed; not saving it again", step)
+            self._last_saved_step = step
+            return None
+        return (None if self.rank == 0 else set(state) - replicated), replicated
 
     def maybe_save(self, step: int, state: MutableMapping[str, Any]) -> bool:
         """Save when the policy says so (``every_steps`` / ``every_seconds``) or when the job is
         being preempted -- then synchronously, flushed (and uploaded within the deadline), and
-        ``preempted`` becomes True. Returns whether a save was made."""
+        ``preempted`` becomes True. Returns whether a save was made. Several ranks: call it on
+        every rank every step; a preemption noticed on any rank becomes a save of one agreed
+        step on all of them (see :class:`spotckpt.dist.RequestChannel`)."""
         self._check_open()
         self.events.emit(ProgressEvent(step=step))
         if self._preempted:
             return False
+        if self._coord is not None:
+            return self._maybe_save_ranks(step, state)
         if self._watcher.requested:
-            return self._final_save(step, state)
-        if step == self._last_saved_step:
-            return False
-        ctx = SaveContext(step=step, seconds_since_last_save=self._clock() - self._last_save_time,
-                          last_saved_step=self._last_saved_step)
-        if not self.save_policy.should_save(ctx):
+            return self._final_save(step, state, self._watcher.reason or "requested")
+        if step == self._last_saved_step or not self.save_policy.should_save(self._context(step)):
             return False
         job = self._pending
         if job is not None and not job.done.is_set():
             self.stats.saves_skipped += 1
             log.info("spotckpt: skipping the policy save of step %d: step %d is still being written", step, job.step)
             return False
-        self.save(step, state)
-        return True
+        return self._save(step, state, blocking=None, policy=True)
 
-    def _final_save(self, step: int, state: MutableMapping[str, Any]) -> bool:
-        self.events.emit(PreemptedEvent(step=step, reason=self._watcher.reason or "requested"))
-        saved = False
-        if step != self._last_saved_step:
-            self.save(step, state, blocking=True)
-            saved = True
+    def _context(self, step: int) -> SaveContext:
+        return SaveContext(step=step, seconds_since_last_save=self._clock() - self._last_save_time,
+                           last_saved_step=self._last_saved_step)
+
+    def _maybe_save_ranks(self, step: int, state: MutableMapping[str, Any]) -> bool:
+        """Several ranks. Step-count policies are the same on every rank, so every rank saves
+        at those steps without talking; anything else (preemption on one rank, rank 0's clock,
+        a custom policy evaluated on rank 0) becomes a request that every rank saves at the
+        agreed step. Per step, without a request: one local read."""
+        ch = self._requests
+        assert ch is not None
+        req = ch.pending()
+        if req is None:
+            if self._watcher.requested:
+                req = ch.post("preempt", self._watcher.reason or "requested")
+            elif self.rank == 0 and step != self._last_saved_step and self._rank0_policy_due(step):
+                req = ch.post("policy", f"rank 0's policy at step {step}")
+        if req is not None:
+            if self._reported != req.seq:
+                ch.report(req, step)
+                self._reported, self._sync_step = req.seq, None
+            if self._sync_step is None:
+                self._sync_step = ch.sync_step(req)
+            if self._sync_step is not None:
+                if step > self._sync_step:
+                    raise CollectiveError(
+                        f"rank {self.rank} is at step {step}, past step {self._sync_step} that the ranks agreed "
+                        "to save at: ranks drift more than a step apart (no per-step collective?)")
+                if step == self._sync_step:
+                    ch.done(req)
+                    self._sync_step = None
+                    if req.kind == "preempt":
+                        return self._final_save(step, state, req.reason)
+                    return self._save(step, state, blocking=None, policy=True)
+        if self._every_steps is not None and step != self._last_saved_step and self._every_steps.should_save(self._context(step)):
+            return self._save(step, state, blocking=None, policy=True)
+        return False
+
+    def _rank0_policy_due(self, step: int) -> bool:
+        """Rank 0: the part of the policy that is not a plain step count (its clock, or a
+        custom policy) says save."""
+        if self._custom_policy:
+            return self.save_policy.should_save(self._context(step))
+        return any(isinstance(p, EveryNSeconds) and p.should_save(self._context(step))
+                   for p in getattr(self.save_policy, "policies", ()))
+
+    def _final_save(self, step: int, state: MutableMapping[str, Any], reason: str) -> bool:
+        self.events.emit(PreemptedEvent(step=step, reason=reason))
+        saved = self._save(step, state, blocking=True, policy=False)
         ok = self.wait(timeout=self._watcher.seconds_left())
         if not ok:
             log.warning(
@@ -311,13 +469,13 @@ class CheckpointManager:
         return saved
 
     # -- writing (training thread for blocking saves, persist thread for async ones) -------
-    def _write(self, step: int, tree: dict[str, Any], write_tensors: Callable[[Any], Any], t0: float, nbytes: int) -> None:
-        write_step(self.local, step, tree, write_tensors, rank=self.rank,
-                   extra={"writer": f"spotckpt {__version__}", "world_size": 1})
+    def _write(self, step: int, tree: dict[str, Any], write_tensors: Callable[[Any], Any], t0: float, nbytes: int,
+               extra: dict[str, Any]) -> None:
+        write_step(self.local, step, tree, write_tensors, rank=self.rank, extra=extra, coord=self._coord)
         self.events.emit(DurableLocalEvent(step=step, seconds=time.perf_counter() - t0, bytes=nbytes))
         if self._uploader is not None:
             self._uploader.notify(step)
-        if not isinstance(self.retention, KeepAll) and self._persist is not None:
+        if not isinstance(self.retention, KeepAll) and self._persist is not None and self._leader:
             self._persist.submit(PruneJob(step))  # retention runs on the persist thread, after this save
 
     def _prune(self, protect: int) -> None:
@@ -351,7 +509,18 @@ class CheckpointManager:
     # -- wait / queries --------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the last save is committed locally and, with S3, uploaded. Returns False
-        when ``timeout`` (seconds) ran out first. Raises a background error, if any."""
+        when ``timeout`` (seconds) ran out first. Raises a background error, if any. Several
+        ranks: collective; True only when the step is durable for every rank."""
+        if self._coord is None:
+            return self._wait_here(timeout)
+        ok, err = False, None
+        try:
+            ok = self._wait_here(timeout)
+        except SpotCkptError as exc:
+            err = exc
+        return all(self._coord.exchange("wait", ok, error=err))
+
+    def _wait_here(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         job = self._pending
         if job is not None and not job.done.wait(timeout):
@@ -384,7 +553,8 @@ class CheckpointManager:
             raise ClosedError("this CheckpointManager is closed; create a new one")
 
     def close(self, *, timeout: float | None = None) -> None:
-        """Finish pending work (local save, upload), stop threads, restore signal handlers."""
+        """Finish pending work (local save, upload), stop threads, restore signal handlers.
+        Several ranks: collective (every rank closes), unless closing after an exception."""
         if self._closed:
             return
         self._closed = True
@@ -400,6 +570,8 @@ class CheckpointManager:
                     self._uploader.flush(timeout=timeout)
                 except SpotCkptError as exc:
                     err = exc
+            if self._coord is not None and not self._abandoned:
+                self._coord.exchange("close", error=err)
         finally:
             self._teardown()
         exc = self._bg_error
@@ -422,6 +594,10 @@ class CheckpointManager:
             self._store.close()
         if self._imds is not None:
             self._imds.close()
+        if self._requests is not None:
+            self._requests.close()
+        if self._coord is not None:
+            self._coord.close()
         self._watcher.uninstall()
         self._stager.close()
         if self._events_file is not None:
@@ -436,6 +612,7 @@ class CheckpointManager:
         if exc is None:
             self.close()
         else:
+            self._abandoned = True  # the other ranks may be anywhere: no collective on the way out
             try:
                 self.close()
             except SpotCkptError as close_exc:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Collection, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 from .errors import CheckpointCorruptError, StateError
 from .format import FORMAT, SafetensorsFile, decode_tree, encode_tree
 
-__all__ = ["RNGState", "Snapshot", "capture", "apply", "is_stateful"]
+__all__ = ["RNGState", "Snapshot", "capture", "apply", "is_stateful", "replicated_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,10 @@ class Snapshot:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-def capture(state: Mapping[str, Any], *, step: int, rank: int = 0, allow_pickle: bool = False) -> Snapshot:
-    """Snapshot ``state``'s structure and non-tensor values; collect its tensors by name."""
+def capture(state: Mapping[str, Any], *, step: int, rank: int = 0, allow_pickle: bool = False,
+            keys: Collection[str] | None = None) -> Snapshot:
+    """Snapshot ``state``'s structure and non-tensor values; collect its tensors by name. With
+    ``keys``, only those keys of ``state`` (several ranks: replicated keys on one rank only)."""
     if not isinstance(state, Mapping):
         raise StateError(f"state must be a dict of name -> value, got {type(state).__name__}")
     tensors: dict[str, torch.Tensor] = {}
@@ -120,8 +122,10 @@ def capture(state: Mapping[str, Any], *, step: int, rank: int = 0, allow_pickle:
         tensors[name] = t
         return name
 
-    keys: dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for key, value in state.items():
+        if keys is not None and key not in keys:
+            continue
         if not isinstance(key, str) or not key:
             raise StateError(f"state keys must be non-empty strings, got {key!r}", key_path=repr(key))
         if is_stateful(value):
@@ -131,12 +135,12 @@ def capture(state: Mapping[str, Any], *, step: int, rank: int = 0, allow_pickle:
                 raise StateError(
                     f"{key}: {type(value).__name__}.state_dict() failed ({exc})", key_path=key
                 ) from exc
-            keys[key] = {"kind": "stateful", "value": encode_tree(sd, key, add, allow_pickle=allow_pickle)}
+            out[key] = {"kind": "stateful", "value": encode_tree(sd, key, add, allow_pickle=allow_pickle)}
         elif isinstance(value, torch.Tensor):
-            keys[key] = {"kind": "tensor", "value": encode_tree(value, key, add)}
+            out[key] = {"kind": "tensor", "value": encode_tree(value, key, add)}
         else:
-            keys[key] = {"kind": "value", "value": encode_tree(value, key, add, allow_pickle=allow_pickle)}
-    tree = {"format": FORMAT, "step": step, "rank": rank, "keys": keys}
+            out[key] = {"kind": "value", "value": encode_tree(value, key, add, allow_pickle=allow_pickle)}
+    tree = {"format": FORMAT, "step": step, "rank": rank, "keys": out}
     return Snapshot(tree=tree, tensors=tensors)
 
 
@@ -148,12 +152,17 @@ def apply(
     allow_pickle: bool = False,
     bounce: torch.Tensor | None = None,
     source: str = "tree",
+    keys: Collection[str] | None = None,
 ) -> None:
-    """Load a verified step's tree and tensors into ``state`` in place."""
+    """Load a verified step's tree and tensors into ``state`` in place. With ``keys``, only those
+    keys are considered (several ranks: this rank's own keys from its file, the replicated ones
+    from the file of the rank that wrote them)."""
     if not isinstance(tree, Mapping) or tree.get("format") != FORMAT or not isinstance(tree.get("keys"), dict):
         raise CheckpointCorruptError(f"{source}: not a {FORMAT} tree", path=source)
     saved: dict[str, Any] = tree["keys"]
-    missing = [k for k in state if k not in saved]
+    if keys is not None:
+        saved = {k: v for k, v in saved.items() if k in keys}
+    missing = [k for k in state if k not in saved and (keys is None or k in keys)]
     if missing:
         log.warning("spotckpt: keys %s are not in the checkpoint; they keep their current values", missing)
 
@@ -202,6 +211,26 @@ def apply(
             state[key] = decode_tree(doc, get, source=source, allow_pickle=allow_pickle)
         else:
             raise CheckpointCorruptError(f"{source}: entry {key!r} has unknown kind {kind!r}", path=source)
+
+
+def replicated_keys(state: Mapping[str, Any], hint: Collection[str] = ()) -> set[str]:
+    """The keys of ``state`` whose value is the same on every rank, so one rank writes them:
+    a ``DistributedDataParallel`` module, an optimizer over only such modules' parameters, and
+    the keys named in ``hint``. Everything else (RNG, data position, plain values) is per rank."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    out = {k for k in hint if k in state}
+    ddp_params: set[int] = set()
+    for key, value in state.items():
+        if isinstance(value, DistributedDataParallel):
+            out.add(key)
+            ddp_params.update(id(p) for p in value.parameters())
+    for key, value in state.items():
+        if isinstance(value, torch.optim.Optimizer):
+            params = [p for g in value.param_groups for p in g["params"]]
+            if params and all(id(p) in ddp_params for p in params):
+                out.add(key)
+    return out
 
 
 def _module_in_place_plan(

@@ -87,12 +87,16 @@ class Uploader:
         retention: RetentionPolicy | None = None,
         scan_interval_seconds: float = 5.0,
         on_uploaded: Callable[[int, float, int], None] | None = None,
+        world_size: int = 1,
+        writes_manifest: bool = True,
     ) -> None:
         """``on_uploaded(step, seconds, bytes)`` is called on the upload thread each time a step's
         manifest lands in S3 (``seconds``: that step's upload, data and manifest)."""
         self.local_dir = Path(local_dir)
         self.store = store
         self.retention = retention if retention is not None else KeepAll()
+        self.world_size = world_size
+        self.writes_manifest = writes_manifest
         self.scan_interval_seconds = scan_interval_seconds
         self._on_uploaded = on_uploaded
         self._cond = threading.Condition()

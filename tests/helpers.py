@@ -101,3 +101,56 @@ def write_step(root: Path, step: int, nbytes: int = 64 * 1024, *, seed: int = 0,
         os.fsync(f.fileno())
     os.rename(stage, root / step_dirname(step))
     return man
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's store)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch_ranks(
+    argv_of: Callable[[int], list[str]], world_size: int, *, env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> list[subprocess.Popen[str]]:
+    """Start ``world_size`` processes of one torch.distributed job on 127.0.0.1 (RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set as torchrun sets them); ``argv_of(rank)`` is
+    each one's command line. stdout and stderr are pipes (text)."""
+    import os
+
+    port = free_port()
+    procs = []
+    for r in range(world_size):
+        e = dict(os.environ, **(env or {}))
+        e.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SPOTCKPT_METRICS=e.get("SPOTCKPT_METRICS", "0"))
+        procs.append(subprocess.Popen(argv_of(r), env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, cwd=cwd or REPO))
+    return procs
+
+
+def finish_ranks(procs: list[subprocess.Popen[str]], *, timeout: float = 300.0) -> list[tuple[int, str, str]]:
+    """Wait for every rank (killing all of them if one outlives ``timeout``); (code, out, err)."""
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+def result_of(out: str) -> dict:  # type: ignore[type-arg]
+    """The ``result {json}`` line a rank child printed."""
+    import json
+
+    lines = [ln for ln in out.splitlines() if ln.startswith("result ")]
+    assert lines, out[-2000:]
+    return json.loads(lines[-1][len("result "):])  # type: ignore[no-any-return]

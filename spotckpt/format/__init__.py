@@ -48,6 +48,7 @@ from .manifest import (
     parse_step_dirname,
     safe_relpath,
     step_dirname,
+    utc_now_iso,
 )
 from .safetensors import (
     MAX_HEADER_BYTES,
@@ -65,6 +66,7 @@ __all__ = [
     "FileEntry",
     "Manifest",
     "step_dirname",
+    "utc_now_iso",
     "parse_step_dirname",
     "crc32c_update",
     "crc32c_b64",

@@ -30,6 +30,7 @@ __all__ = [
     "parse_step_dirname",
     "safe_relpath",
     "step_dirname",
+    "utc_now_iso",
 ]
 
 FORMAT = "spotckpt/1"
@@ -92,7 +93,8 @@ def safe_relpath(rel: object, *, source: str = "") -> str:
     return rel
 
 
-def _utc_now_iso() -> str:
+def utc_now_iso() -> str:
+    """Now, as the manifest's ``created`` field writes it (ISO-8601 UTC, milliseconds, ``Z``)."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -106,7 +108,7 @@ class Manifest:
 
     step: int
     files: Mapping[str, FileEntry]
-    created: str = field(default_factory=_utc_now_iso)
+    created: str = field(default_factory=utc_now_iso)
     format: str = FORMAT
     extra: Mapping[str, Any] = field(default_factory=dict)
 

@@ -10,7 +10,7 @@ from spotckpt import errors
 PUBLIC = {
     "CheckpointManager", "RNGState", "__version__",
     "SpotCkptError", "ConfigError", "StateError", "CheckpointCorruptError", "PickleRefusedError",
-    "NoCheckpointError", "ClosedError", "SaveError", "StorageError", "UploadError", "DownloadError",
+    "NoCheckpointError", "ClosedError", "CollectiveError", "SaveError", "StorageError", "UploadError", "DownloadError",
     "LocalStepVanishedError",
 }
 

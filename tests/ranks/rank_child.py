@@ -1,0 +1,95 @@
+"""One rank of a small torch.distributed (gloo) job, for the several-ranks tests.
+
+    python rank_child.py SCENARIO LOCAL_DIR [args...]     (RANK, WORLD_SIZE, MASTER_* from the env)
+
+Prints ``result <json>`` on success; errors propagate (the test reads stderr and the exit code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import spotckpt
+
+
+def state_for(step: int, rank: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    net = DistributedDataParallel(nn.Linear(64, 64))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(step * 100 + rank)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(step)))  # same on every rank
+    return {"model": net, "optim": opt, "mine": torch.randn(16, generator=g), "info": {"rank": rank, "step": step}}
+
+
+def main() -> int:
+    scenario, local_dir, *rest = sys.argv[1:]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    kw = {"metrics": False, "keep_last": None, "collective_timeout_seconds": float(os.environ.get("TIMEOUT", "60"))}
+    out: dict[str, object] = {}
+    if scenario == "save":  # save the given steps, blocking or async
+        mode = rest[0]
+        steps = [int(x) for x in rest[1:]]
+        with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
+            for s in steps:
+                mgr.save(s, state_for(s, rank), blocking=mode == "blocking")
+            mgr.wait()
+            out["steps"] = mgr.all_steps()
+    elif scenario == "restore":  # restore into a zeroed state and report what came back
+        st = state_for(0, rank)
+        with torch.no_grad():
+            for p in st["model"].parameters():  # type: ignore[union-attr]
+                p.zero_()
+        st["mine"] = torch.zeros(16)
+        st["info"] = None
+        with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
+            step = mgr.restore(st)
+        out["step"] = step
+        if step is not None:
+            want = state_for(step, rank)
+            out["model_ok"] = all(torch.equal(a, b) for a, b in zip(st["model"].parameters(), want["model"].parameters()))  # type: ignore[union-attr]
+            out["mine_ok"] = torch.equal(st["mine"], want["mine"])  # type: ignore[arg-type]
+            out["info"] = st["info"]
+    elif scenario == "bad-step":  # rank 1 passes another step
+        with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
+            try:
+                mgr.save(5 + rank, state_for(5, rank), blocking=True)
+            except spotckpt.SpotCkptError as exc:
+                out["error"] = type(exc).__name__
+                out["message"] = str(exc)
+            out["steps"] = mgr.all_steps()
+    elif scenario == "die-in-save":  # rank 1 is SIGKILLed in its second save; rank 0 must not hang
+        st = state_for(1, rank)
+        with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
+            mgr.save(1, st, blocking=True)
+            if rank == 1:
+                os.kill(os.getpid(), 9)
+            t0 = time.monotonic()
+            try:
+                mgr.save(2, st, blocking=True)
+            except spotckpt.SpotCkptError as exc:
+                out["error"] = type(exc).__name__
+                out["message"] = str(exc)[:300]
+            out["seconds"] = time.monotonic() - t0
+            out["steps"] = mgr.all_steps()
+            mgr._abandoned = True  # the other rank is gone: no collective close
+    else:
+        raise SystemExit(f"unknown scenario {scenario}")
+    print("result " + json.dumps(out), flush=True)
+    if scenario != "die-in-save":
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
