@@ -66,6 +66,40 @@ def _comm(pid: int) -> str:
         return ""
 
 
+def _is_torchrun(pid: int) -> bool:
+    """Whether ``pid`` is a torchrun agent (``torchrun``, ``python -m torch.distributed.run``)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return False
+    return _names_torchrun(argv)
+
+
+def _names_torchrun(argv: list[str]) -> bool:
+    head = [os.path.basename(a) for a in argv[:2]]
+    return "torchrun" in head or any(a in ("torch.distributed.run", "torch.distributed.launch") for a in argv[:3])
+
+
+def with_torchrun_grace(cmd: list[str], grace_seconds: float) -> list[str]:
+    """``cmd`` with ``--shutdown-timeout`` set from the grace period when ``cmd`` starts torchrun
+    directly and this PyTorch's torchrun has the option (2.13 does; older ones hard-code 30 s)
+    -- so that even a SIGTERM that reaches torchrun itself leaves the workers the whole grace."""
+    if not _names_torchrun(cmd) or any(a.startswith(("--shutdown-timeout", "--shutdown_timeout")) for a in cmd):
+        return cmd
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("torch.distributed.run")
+        text = Path(spec.origin).read_text() if spec is not None and spec.origin else ""
+    except (ImportError, OSError, ValueError):
+        text = ""
+    if "--shutdown-timeout" not in text:
+        return cmd  # older torchrun: forward_signal signals its workers instead
+    at = next(i for i, a in enumerate(cmd) if os.path.basename(a) == "torchrun" or a == "torch.distributed.run") + 1
+    return [*cmd[:at], f"--shutdown-timeout={max(1, int(grace_seconds) - 5)}", *cmd[at:]]
+
+
 def forward_signal(pid: int, signum: int, *, whole_group: bool = False) -> None:
     """Pass ``signum`` on to the trainer started as ``pid`` (a process-group leader).
 
@@ -75,6 +109,11 @@ def forward_signal(pid: int, signum: int, *, whole_group: bool = False) -> None:
     trainer would then crash in the middle of its final save. That is also what a container
     runtime does (``docker stop`` signals PID 1 only). ``whole_group=True`` signals every
     process of the group instead.
+
+    A torchrun agent (started directly or by the shell) is not signalled itself: its workers
+    are. torchrun would pass the signal on and then SIGKILL its workers after its own shutdown
+    timeout (30 s unless set), cutting a large final upload short; signalled directly, the
+    workers save within the whole grace period, exit 0, and torchrun exits 0 after them.
     """
     try:
         if whole_group:
@@ -83,6 +122,10 @@ def forward_signal(pid: int, signum: int, *, whole_group: bool = False) -> None:
         targets = [pid]
         if _comm(pid) in _SHELLS:
             targets += _children(pid)
+        for t in list(targets):
+            if _is_torchrun(t):
+                targets.remove(t)
+                targets += _children(t)
         for t in targets:
             try:
                 os.kill(t, signum)
@@ -224,7 +267,7 @@ def run_command(
     previous = {s: signal.signal(s, on_signal) for s in _FORWARDED}
     try:
         try:
-            proc = subprocess.Popen(cmd, start_new_session=True)
+            proc = subprocess.Popen(with_torchrun_grace(cmd, grace_seconds), start_new_session=True)
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
             raise ConfigError(f"cannot start {cmd[0]!r}: {exc}; check the command after '--' and PATH") from exc
         if first_signal_at:  # a signal arrived while starting: pass it on now

@@ -1,0 +1,56 @@
+"""`spotckpt run -- torchrun ...`: the workers get the whole grace period for their final save,
+not torchrun's 30 s shutdown timeout."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spotckpt.sidecar import _names_torchrun, with_torchrun_grace
+from tests.helpers import REPO, free_port
+
+WORKER = str(Path(__file__).with_name("slow_final_save.py"))
+
+
+def test_torchrun_commands_get_the_grace_as_shutdown_timeout() -> None:
+    assert _names_torchrun(["torchrun", "--nproc_per_node", "2", "t.py"])
+    assert _names_torchrun([sys.executable, "-m", "torch.distributed.run", "t.py"])
+    assert not _names_torchrun(["python", "train.py", "torchrun"])
+    cmd = with_torchrun_grace(["torchrun", "--nproc_per_node", "2", "t.py"], 120)
+    assert cmd[:2] == ["torchrun", "--shutdown-timeout=115"]  # torch 2.13's torchrun has the option
+    assert with_torchrun_grace(["torchrun", "--shutdown-timeout=9", "t.py"], 120)[1] == "--shutdown-timeout=9"
+    assert with_torchrun_grace(["python", "t.py"], 120) == ["python", "t.py"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("via_shell", [False, True])
+def test_final_save_longer_than_torchruns_30s_completes(tmp_path: Path, via_shell: bool) -> None:
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    tr = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+          WORKER, str(tmp_path), "33"]
+    # through a shell, torchrun's command line cannot be changed: its workers are signalled instead
+    cmd = ["/bin/sh", "-c", " ".join(tr)] if via_shell else tr
+    proc = subprocess.Popen([sys.executable, "-m", "spotckpt.cli", "run", "--grace-seconds", "60", "--", *cmd],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout is not None
+    ready = 0
+    deadline = time.monotonic() + 120
+    while ready < 2 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        ready += line.startswith("ready ")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    took = time.monotonic() - t0
+    assert (tmp_path / "saved-0").exists() and (tmp_path / "saved-1").exists(), err[-3000:]
+    assert took >= 33
+    if not via_shell:  # a shell dies of the SIGTERM itself; its torchrun and workers do not
+        assert proc.returncode == 0, err[-3000:]
+    assert "SIGKILL" not in err and "Sending process" not in err
