@@ -38,7 +38,7 @@ import torch
 
 from .errors import CollectiveError, ConfigError
 
-__all__ = ["Coordinator", "HostLayout", "RequestChannel", "Request", "coordinator_from_torch"]
+__all__ = ["Coordinator", "HostLayout", "RequestChannel", "Request", "SaveCheck", "coordinator_from_torch"]
 
 log = logging.getLogger(__name__)
 
@@ -364,3 +364,67 @@ class RequestChannel:
                 break
             seq += 1
         self._thread.join(timeout=10)
+
+
+@dataclass(frozen=True)
+class SaveCheck:
+    """What every rank decided together about one save (:meth:`Coordinator.check_save`)."""
+
+    skip: str | None  # why every rank skips it ("busy", "committed"), or None to save
+
+
+def check_save(coord: Coordinator, *, step: int, keys: list[str], replicated: list[str], busy: bool,
+               committed: bool, error: BaseException | None = None) -> SaveCheck:
+    """Collective at the start of every save: every rank passes the same step and the same
+    structure (else ConfigError on every rank, nothing saved); a policy save is skipped when a
+    rank is still writing the last one; a step committed anywhere is not saved again."""
+    recs = coord.exchange("save", {"step": step, "keys": keys, "replicated": replicated, "busy": busy,
+                                   "committed": committed}, error=error)
+    if len({r["step"] for r in recs}) > 1:
+        raise ConfigError("ranks passed different steps to save(): "
+                          + ", ".join(f"rank {i}: {r['step']}" for i, r in enumerate(recs))
+                          + "; every rank must save the same step -- nothing was saved")
+    for name in ("keys", "replicated"):
+        odd = [i for i, r in enumerate(recs) if r[name] != recs[0][name]]
+        if odd:
+            raise ConfigError(f"ranks {odd} passed state with other {name} than rank 0 "
+                              f"({recs[odd[0]][name]} vs {recs[0][name]}); every rank must pass the "
+                              "same structure -- nothing was saved")
+    if any(r["busy"] for r in recs):
+        return SaveCheck("busy")
+    if any(r["committed"] for r in recs):
+        return SaveCheck("committed")
+    return SaveCheck(None)
+
+
+class SaveAgreement:
+    """The training thread's side of :class:`RequestChannel`: call :meth:`due` every step; it
+    returns the request to save for *now* (at the agreed step), else None. ``ask`` is the
+    request this rank would post itself this step (kind, reason), if any."""
+
+    def __init__(self, channel: RequestChannel) -> None:
+        self.channel = channel
+        self._reported: int | None = None
+        self._sync: int | None = None
+
+    def due(self, step: int, ask: tuple[str, str] | None) -> Request | None:
+        ch = self.channel
+        req = ch.pending()
+        if req is None and ask is not None:
+            req = ch.post(*ask)
+        if req is None:
+            return None
+        if self._reported != req.seq:
+            ch.report(req, step)
+            self._reported, self._sync = req.seq, None
+        if self._sync is None:
+            self._sync = ch.sync_step(req)
+        if self._sync is None or step < self._sync:
+            return None
+        if step > self._sync:
+            raise CollectiveError(
+                f"rank {ch.rank} is at step {step}, past step {self._sync} that the ranks agreed to save "
+                "at: ranks drift more than a step apart (is there a per-step collective?)")
+        ch.done(req)
+        self._sync = None
+        return req

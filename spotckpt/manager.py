@@ -27,7 +27,7 @@ from typing import Any
 
 from ._version import __version__
 from .config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
-from .dist import Coordinator, RequestChannel, coordinator_from_torch
+from .dist import Coordinator, RequestChannel, SaveAgreement, check_save, coordinator_from_torch
 from .errors import ClosedError, CollectiveError, ConfigError, SaveError, SpotCkptError
 from .events import (
     DurableLocalEvent,
@@ -54,7 +54,7 @@ from .policy import (
     save_policy_from,
 )
 from .preemption import DEFAULT_GRACE_SECONDS, PreemptionWatcher
-from .restore import restore_agreed, restore_newest
+from .restore import bounce_buffer_for, progress_logger, restore_agreed, restore_newest
 from .stage import Stager
 from .store import RemoteStore
 from .torch_state import capture, replicated_keys
@@ -138,8 +138,7 @@ class CheckpointManager:
         self._coord: Coordinator | None = None
         self._requests: RequestChannel | None = None
         self._abandoned = False
-        self._reported: int | None = None  # the save request this rank reported its step for
-        self._sync_step: int | None = None  # the step every rank agreed to save it at
+        self._agreement: SaveAgreement | None = None
         self._stager = Stager()
         self._watcher = PreemptionWatcher(grace_seconds=grace)
         try:
@@ -193,6 +192,7 @@ class CheckpointManager:
         self.rank, self.world_size = coord.rank, coord.world_size
         coord.set_hosts(str(self.local.root))
         self._requests = RequestChannel(coord.store, coord.rank, coord.world_size)
+        self._agreement = SaveAgreement(self._requests)
 
     @property
     def _leader(self) -> bool:
@@ -255,12 +255,12 @@ class CheckpointManager:
         self._check_open()
         if self._coord is not None:
             res = restore_agreed(state, self.local, self._store, self._coord, step=step, verify=self.verify_on_restore,
-                                 allow_pickle=self.allow_pickle, bounce=_bounce_buffer_for(state),
-                                 progress=_progress_logger())
+                                 allow_pickle=self.allow_pickle, bounce=bounce_buffer_for(state),
+                                 progress=progress_logger())
         else:
             res = restore_newest(state, self.local, self._store, step=step, rank=self.rank,
                                  verify=self.verify_on_restore, allow_pickle=self.allow_pickle,
-                                 bounce=_bounce_buffer_for(state), progress=_progress_logger())
+                                 bounce=bounce_buffer_for(state), progress=progress_logger())
         if res is None:
             log.info("spotckpt: no checkpoint in %s%s; starting fresh", self.local_dir,
                      f" or {self.s3_uri}" if self.s3_uri else "")
@@ -343,45 +343,26 @@ class CheckpointManager:
 
     def _agree_save(self, step: int, state: MutableMapping[str, Any], err: BaseException | None, *,
                     policy: bool) -> tuple[set[str] | None, set[str]] | None:
-        """Several ranks: check that every rank saves the same step and the same structure, and
-        decide together whether to skip it. Returns (keys this rank writes, replicated keys), or
-        None to skip (on every rank)."""
-        coord = self._coord
-        assert coord is not None
+        """Several ranks: agree on the save (:func:`spotckpt.dist.check_save`). Returns (keys
+        this rank writes, replicated keys), or None to skip it on every rank."""
+        assert self._coord is not None
         replicated = replicated_keys(state, self._replicated_hint)
         job = self._pending
-        busy = job is not None and not job.done.is_set()
-        if not policy:
+        busy = policy and job is not None and not job.done.is_set()
+        if not busy:
             try:
                 self._wait_pending()
             except SpotCkptError as exc:
                 err = err or exc
-            busy = False
-        elif err is None and self._bg_error is not None:
-            try:
-                self._raise_bg_error()
-            except SpotCkptError as exc:
-                err = exc
-        mine = {"step": step, "keys": sorted(map(str, state)), "replicated": sorted(replicated), "busy": busy,
-                "committed": step == self._last_saved_step or self.local.is_committed(step)}
-        recs = coord.exchange("save", mine, error=err)
-        if len({r["step"] for r in recs}) > 1:
-            raise ConfigError("ranks passed different steps to save(): "
-                              + ", ".join(f"rank {i}: {r['step']}" for i, r in enumerate(recs))
-                              + "; every rank must save the same step -- nothing was saved")
-        for name in ("keys", "replicated"):
-            odd = [i for i, r in enumerate(recs) if r[name] != recs[0][name]]
-            if odd:
-                raise ConfigError(f"ranks {odd} passed state with other {name} than rank 0 "
-                                  f"({recs[odd[0]][name]} vs {recs[0][name]}); every rank must pass the "
-                                  "same structure -- nothing was saved")
-        if policy and any(r["busy"] for r in recs):
+        check = check_save(self._coord, step=step, keys=sorted(map(str, state)), replicated=sorted(replicated),
+                           busy=busy, committed=step == self._last_saved_step or self.local.is_committed(step),
+                           error=err)
+        if check.skip == "busy":
             self.stats.saves_skipped += 1
             log.info("spotckpt: skipping the policy save of step %d: a rank is still writing the last one", step)
             return None
-        if policy:
-            self._wait_pending()
-        if any(r["committed"] for r in recs):
+        self._wait_pending()
+        if check.skip == "committed":
             log.info("spotckpt: step %d is already committed; not saving it again", step)
             self._last_saved_step = step
             return None
@@ -419,31 +400,17 @@ class CheckpointManager:
         at those steps without talking; anything else (preemption on one rank, rank 0's clock,
         a custom policy evaluated on rank 0) becomes a request that every rank saves at the
         agreed step. Per step, without a request: one local read."""
-        ch = self._requests
-        assert ch is not None
-        req = ch.pending()
-        if req is None:
-            if self._watcher.requested:
-                req = ch.post("preempt", self._watcher.reason or "requested")
-            elif self.rank == 0 and step != self._last_saved_step and self._rank0_policy_due(step):
-                req = ch.post("policy", f"rank 0's policy at step {step}")
+        assert self._agreement is not None
+        ask = None
+        if self._watcher.requested:
+            ask = ("preempt", self._watcher.reason or "requested")
+        elif self.rank == 0 and step != self._last_saved_step and self._rank0_policy_due(step):
+            ask = ("policy", f"rank 0's policy at step {step}")
+        req = self._agreement.due(step, ask)
         if req is not None:
-            if self._reported != req.seq:
-                ch.report(req, step)
-                self._reported, self._sync_step = req.seq, None
-            if self._sync_step is None:
-                self._sync_step = ch.sync_step(req)
-            if self._sync_step is not None:
-                if step > self._sync_step:
-                    raise CollectiveError(
-                        f"rank {self.rank} is at step {step}, past step {self._sync_step} that the ranks agreed "
-                        "to save at: ranks drift more than a step apart (no per-step collective?)")
-                if step == self._sync_step:
-                    ch.done(req)
-                    self._sync_step = None
-                    if req.kind == "preempt":
-                        return self._final_save(step, state, req.reason)
-                    return self._save(step, state, blocking=None, policy=True)
+            if req.kind == "preempt":
+                return self._final_save(step, state, req.reason)
+            return self._save(step, state, blocking=None, policy=True)
         if self._every_steps is not None and step != self._last_saved_step and self._every_steps.should_save(self._context(step)):
             return self._save(step, state, blocking=None, policy=True)
         return False
@@ -617,30 +584,3 @@ class CheckpointManager:
                 self.close()
             except SpotCkptError as close_exc:
                 log.error("spotckpt: while closing after an error: %s", close_exc)
-
-
-#: Pinned host memory through which restore feeds CUDA tensors (two alternating halves).
-RESTORE_BOUNCE_BYTES = 128 * 1024 * 1024
-
-
-def _bounce_buffer_for(state: MutableMapping[str, Any]) -> Any:
-    """A pinned bounce buffer when CUDA is in use (restoring into device tensors), else None."""
-    import torch
-
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return None
-    return torch.empty(RESTORE_BOUNCE_BYTES, dtype=torch.uint8, pin_memory=True)
-
-
-def _progress_logger() -> Callable[[int], None]:
-    state = {"bytes": 0, "last": time.monotonic()}
-
-    def cb(n: int) -> None:
-        state["bytes"] += n
-        now = time.monotonic()
-        if now - state["last"] > 2.0:
-            state["last"] = now
-            log.info("spotckpt: downloaded %.1f MiB", state["bytes"] / 2**20)
-
-    return cb
-

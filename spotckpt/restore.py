@@ -411,3 +411,28 @@ def _newest_world_size(local: LocalStore, remote: StepSource | None, in_s3: list
             except (CheckpointCorruptError, TypeError, ValueError):
                 continue
     return best
+
+
+#: Pinned host memory through which restore feeds CUDA tensors (two alternating halves).
+RESTORE_BOUNCE_BYTES = 128 * 1024 * 1024
+
+
+def bounce_buffer_for(state: MutableMapping[str, Any]) -> Any:
+    """A pinned bounce buffer when CUDA is in use (restoring into device tensors), else None."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return torch.empty(RESTORE_BOUNCE_BYTES, dtype=torch.uint8, pin_memory=True)
+
+
+def progress_logger() -> Callable[[int], None]:
+    state = {"bytes": 0, "last": time.monotonic()}
+
+    def cb(n: int) -> None:
+        state["bytes"] += n
+        now = time.monotonic()
+        if now - state["last"] > 2.0:
+            state["last"] = now
+            log.info("spotckpt: downloaded %.1f MiB", state["bytes"] / 2**20)
+
+    return cb
+
