@@ -46,6 +46,7 @@ import threading
 from typing import Any, TextIO
 
 from ..errors import ConfigError
+from .process import host_commands
 from .job import EXIT_MAX_WAIT, Simulation
 from .schedule import Scheduler
 from .summary import format_summary, summary
@@ -84,6 +85,8 @@ def simulate(
     s3_uri: str | None = None,
     restart_delay_seconds: float = 1.0,
     spot_price_ratio: float = DEFAULT_SPOT_PRICE_RATIO,
+    hosts: int = 1,
+    interrupt_hosts: str = "one",
     stream: TextIO = sys.stdout,
 ) -> int:
     """Run ``cmd`` through a simulated managed-spot lifecycle; returns the exit status.
@@ -91,7 +94,9 @@ def simulate(
     ``total_steps``: the trainer's final step, when known -- interruptions are then placed by step
     inside the run (see :mod:`.schedule`). ``restart_delay_seconds`` simulates the (unbilled) wait
     for spot capacity after each interruption. ``spot_price_ratio`` (spot / on-demand price) turns
-    instance seconds into ``BillableTimeInSeconds`` (see :mod:`.summary`). Raises
+    instance seconds into ``BillableTimeInSeconds`` (see :mod:`.summary`). ``hosts`` > 1 runs one
+    torchrun agent per simulated host (separate local dirs, one job); an interruption takes
+    ``interrupt_hosts`` ("one" host, at random, or "all") away, as spot capacity does. Raises
     :class:`ConfigError` on bad input before anything is started.
     """
     if interruptions is not None and interrupt_every_seconds is not None:
@@ -112,12 +117,17 @@ def simulate(
         raise ConfigError(f"--restart-delay must be >= 0 seconds, got {restart_delay_seconds!r}")
     if not 0 < spot_price_ratio <= 1:
         raise ConfigError(f"--spot-price-ratio is spot price / on-demand price, in (0, 1]; got {spot_price_ratio!r}")
+    if isinstance(hosts, bool) or not isinstance(hosts, int) or hosts < 1:
+        raise ConfigError(f"--hosts must be an int >= 1, got {hosts!r}")
+    if interrupt_hosts not in ("one", "all"):
+        raise ConfigError(f"--interrupt-hosts is 'one' or 'all', got {interrupt_hosts!r}")
     cmd = _resolve_cmd(cmd)
+    host_commands(cmd, hosts, port=0)  # refuse a command that cannot run on several hosts, now
     scheduler = Scheduler(interruptions=interruptions, every_seconds=interrupt_every_seconds, seed=seed,
                           total_steps=total_steps)
     sim = Simulation(cmd, scheduler=scheduler, s3_uri=s3_uri, grace_s=grace_seconds, max_wait_s=max_wait_seconds,
                      restart_delay_s=restart_delay_seconds, spot_price_ratio=spot_price_ratio, seed=seed,
-                     json_output=json_output, stream=stream)
+                     json_output=json_output, stream=stream, hosts=hosts, interrupt_hosts=interrupt_hosts)
     # If the simulator itself is terminated, unwind so the trainer's group and the S3 server go too.
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -167,6 +177,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s3", default=None, metavar="S3_URI", dest="s3",
                         help="use this s3://bucket/prefix (endpoint from the AWS configuration) instead "
                              "of the embedded S3 server")
+    parser.add_argument("--hosts", type=int, default=1, metavar="N",
+                        help="simulate N hosts of one job (CMD must be torchrun: one agent per host, each with "
+                             "its own fresh local dir)")
+    parser.add_argument("--interrupt-hosts", choices=("one", "all"), default="one", dest="interrupt_hosts",
+                        help="with --hosts: an interruption takes one host (default) or all of them")
     parser.add_argument("--json", action="store_true", dest="json", help="print one JSON document instead")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the training command")
 
@@ -179,7 +194,8 @@ def main_from_args(args: argparse.Namespace) -> int:
     return simulate(cmd, interruptions=args.interruptions, interrupt_every_seconds=args.interrupt_every,
                     total_steps=args.total_steps, seed=args.seed, grace_seconds=args.grace,
                     max_wait_seconds=args.max_wait, json_output=args.json, s3_uri=args.s3,
-                    restart_delay_seconds=args.restart_delay, spot_price_ratio=args.spot_price_ratio)
+                    restart_delay_seconds=args.restart_delay, spot_price_ratio=args.spot_price_ratio,
+                    hosts=args.hosts, interrupt_hosts=args.interrupt_hosts)
 
 
 def _main(argv: list[str] | None = None) -> int:

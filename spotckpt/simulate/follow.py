@@ -16,7 +16,7 @@ from typing import IO
 from ..events import Event, ProgressEvent, RestoreEvent, SaveEvent, parse_event_line
 from .summary import InstanceRecord
 
-__all__ = ["EventsTail", "InstanceTracker"]
+__all__ = ["EventsTail", "MultiTail", "InstanceTracker"]
 
 
 class EventsTail:
@@ -49,6 +49,22 @@ class EventsTail:
         f, self._file = self._file, None
         if f is not None:
             f.close()
+
+
+class MultiTail:
+    """The events of several files (one per simulated host), read together."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.tails = [EventsTail(p) for p in paths]
+
+    def read(self) -> list[Event]:
+        events = [ev for t in self.tails for ev in t.read()]
+        events.sort(key=lambda e: e.time)
+        return events
+
+    def close(self) -> None:
+        for t in self.tails:
+            t.close()
 
 
 class InstanceTracker:

@@ -6,6 +6,7 @@ clock is only used to print timestamps and to map the trainer's event times onto
 
 from __future__ import annotations
 
+import random
 import shutil
 import sys
 import tempfile
@@ -16,8 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from .follow import EventsTail, InstanceTracker
-from .process import TrainerProcess
+from .follow import InstanceTracker, MultiTail
+from .process import HostGroup, TrainerProcess, free_port, host_commands
 from .s3env import SimS3
 from .schedule import Observation, Scheduler, Trigger
 from .summary import InstanceRecord, JobRecord, iso_time
@@ -53,8 +54,11 @@ class Simulation:
 
     def __init__(self, cmd: list[str], *, scheduler: Scheduler, s3_uri: str | None, grace_s: float,
                  max_wait_s: float | None, restart_delay_s: float, spot_price_ratio: float, seed: int,
-                 json_output: bool, stream: TextIO) -> None:
+                 json_output: bool, stream: TextIO, hosts: int = 1, interrupt_hosts: str = "all") -> None:
         self.cmd = cmd
+        self.hosts = hosts
+        self.interrupt_hosts = interrupt_hosts
+        self._rng = random.Random(f"hosts-{seed}")
         self.scheduler = scheduler
         self.grace_s = grace_s
         self.max_wait_s = max_wait_s
@@ -72,7 +76,7 @@ class Simulation:
         self.end_s: float | None = None
         self.lock = threading.Lock()  # one writer at a time on the shared streams
         self.work = Path(tempfile.mkdtemp(prefix="spotckpt-sim-"))
-        self._proc: TrainerProcess | None = None
+        self._proc: TrainerProcess | HostGroup | None = None
 
     # -- output ----------------------------------------------------------------------------
     def status(self, name: str, message: str = "") -> None:
@@ -143,20 +147,28 @@ class Simulation:
     # -- one instance ------------------------------------------------------------------------
     def _run_instance(self, n: int) -> InstanceTracker:
         inst_dir = self.work / f"instance-{n}"
-        local_dir = inst_dir / "checkpoints"
-        local_dir.mkdir(parents=True)
-        events_file = inst_dir / "events.jsonl"
+        host_dirs = [inst_dir] if self.hosts == 1 else [inst_dir / f"host-{h}" for h in range(self.hosts)]
+        for d in host_dirs:
+            (d / "checkpoints").mkdir(parents=True)
         resumed = [t.record().resumed_from for t in self.trackers]
         inst = InstanceTracker(n, started_s=self.clock.now(), from_wall=self.clock.from_wall)
         self.trackers.append(inst)
-        self.status("Starting", f"instance {n}: fresh empty local dir {local_dir}")
+        where = ", ".join(str(d / "checkpoints") for d in host_dirs)
+        self.status("Starting", f"instance {n}: fresh empty local dir{'s' if self.hosts > 1 else ''} {where}")
         trigger = self.scheduler.plan(n, resumed)
-        env = dict(self.s3.env, SPOTCKPT_LOCAL_DIR=str(local_dir), SPOTCKPT_S3_URI=self.s3.s3_uri,
-                   SPOTCKPT_EVENTS_FILE=str(events_file), TRAINING_JOB_NAME=self.job, PYTHONUNBUFFERED="1")
-        tail = EventsTail(events_file)
+        tail = MultiTail([d / "events.jsonl" for d in host_dirs])
+        procs: list[TrainerProcess] = []
         try:
-            self._proc = proc = TrainerProcess(self.cmd, env=env, log_path=inst_dir / "output.log",
-                                               echo=None if self.json_output else sys.stderr, lock=self.lock)
+            for d, cmd in zip(host_dirs, host_commands(self.cmd, self.hosts, port=free_port())):
+                env = dict(self.s3.env, SPOTCKPT_LOCAL_DIR=str(d / "checkpoints"), SPOTCKPT_S3_URI=self.s3.s3_uri,
+                           SPOTCKPT_EVENTS_FILE=str(d / "events.jsonl"), TRAINING_JOB_NAME=self.job,
+                           PYTHONUNBUFFERED="1")
+                procs.append(TrainerProcess(cmd, env=env, log_path=d / "output.log",
+                                            echo=None if self.json_output else sys.stderr, lock=self.lock))
+            proc: TrainerProcess | HostGroup = procs[0] if self.hosts == 1 else HostGroup(procs)
+            if isinstance(proc, HostGroup) and self.interrupt_hosts == "one":
+                proc.interrupt = [self._rng.randrange(self.hosts)]
+            self._proc = proc
             inst.started_s = self.clock.now()
             self.status("Downloading", f"pid {proc.pid}: restoring the newest checkpoint from {self.s3.s3_uri} "
                         "(if any)")
@@ -168,11 +180,16 @@ class Simulation:
             inst.ended_s = self.clock.now()
             inst.exit_code = rc
             self._proc = None
+        except BaseException:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill_group()
+            raise
         finally:
             tail.close()
         return inst
 
-    def _follow(self, inst: InstanceTracker, tail: EventsTail) -> bool:
+    def _follow(self, inst: InstanceTracker, tail: MultiTail) -> bool:
         """Read the trainer's new events; note ``Training`` once it restored or progressed.
         Returns whether a new progress step arrived."""
         advanced = inst.ingest(tail.read(), now_s=self.clock.now())
@@ -187,7 +204,7 @@ class Simulation:
             self.status("Training", what)
         return advanced
 
-    def _watch(self, inst: InstanceTracker, proc: TrainerProcess, tail: EventsTail, trigger: Trigger | None) -> str:
+    def _watch(self, inst: InstanceTracker, proc: TrainerProcess | HostGroup, tail: MultiTail, trigger: Trigger | None) -> str:
         """Wait for exit, the interruption or the wait budget; returns a stop reason ("" = exited)."""
         while True:
             advanced = self._follow(inst, tail)
@@ -202,7 +219,7 @@ class Simulation:
                 return "interrupt"
             time.sleep(_POLL_SECONDS)
 
-    def _stop(self, inst: InstanceTracker, proc: TrainerProcess, tail: EventsTail, reason: str) -> None:
+    def _stop(self, inst: InstanceTracker, proc: TrainerProcess | HostGroup, tail: MultiTail, reason: str) -> None:
         inst.sigterm_s = self.clock.now()
         inst.step_at_sigterm = inst.last_progress_step
         at = f"at step {inst.step_at_sigterm}" if inst.progress else "before any progress"
@@ -212,6 +229,9 @@ class Simulation:
             self.status("Interrupted", f"spot interruption {at}: {then}")
         else:
             self.status("Stopping", f"MaxWaitTimeInSeconds={self.max_wait_s:g} reached {at}: {then}")
+        if isinstance(proc, HostGroup):
+            which = "every host" if len(proc.interrupt) == len(proc.hosts) else f"host {proc.interrupt[0]}"
+            self._say(f"{'':36}spot capacity reclaimed: {which} of {len(proc.hosts)}")
         inst.killed = proc.stop(self.grace_s, while_waiting=lambda: self._follow(inst, tail))
         took = self.clock.now() - inst.sigterm_s
         how = (f"ignored SIGTERM, killed with SIGKILL after {self.grace_s:g} s" if inst.killed

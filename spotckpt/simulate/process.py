@@ -21,7 +21,7 @@ from typing import IO, TextIO
 from ..errors import ConfigError
 from ..sidecar import forward_signal
 
-__all__ = ["TrainerProcess"]
+__all__ = ["TrainerProcess", "HostGroup", "free_port", "host_commands"]
 
 _POLL_SECONDS = 0.05
 
@@ -104,3 +104,75 @@ class TrainerProcess:
             c.thread.join()
         self._log.close()
         return rc
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the simulated hosts' rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def host_commands(cmd: list[str], hosts: int, *, port: int) -> list[list[str]]:
+    """CMD for each of ``hosts`` simulated hosts: one torchrun agent per host, made into the
+    nodes of one job (``--nnodes``, ``--node_rank``, rendezvous on 127.0.0.1:``port``). One host:
+    CMD unchanged. ConfigError when several hosts are asked for a command that is not torchrun."""
+    if hosts == 1:
+        return [list(cmd)]
+    from ..sidecar import _names_torchrun
+
+    if not _names_torchrun(cmd):
+        raise ConfigError("--hosts needs a torchrun command (e.g. -- torchrun --nproc_per_node 2 train.py): "
+                          "each simulated host runs one torchrun agent")
+    at = next(i for i, a in enumerate(cmd) if os.path.basename(a) == "torchrun" or a == "torch.distributed.run") + 1
+    taken = {"--nnodes", "--node_rank", "--node-rank", "--master_addr", "--master-addr", "--master_port",
+             "--master-port", "--rdzv_endpoint", "--rdzv-endpoint"}
+    clash = [a for a in cmd[at:] if a.split("=", 1)[0] in taken]
+    if clash:
+        raise ConfigError(f"with --hosts, simulate sets {', '.join(sorted(taken))} itself; drop {clash}")
+    return [[*cmd[:at], f"--nnodes={hosts}", f"--node_rank={h}", "--master_addr=127.0.0.1",
+             f"--master_port={port}", *cmd[at:]] for h in range(hosts)]
+
+
+class HostGroup:
+    """Several simulated hosts of one instance (one job), with :class:`TrainerProcess`'s
+    interface: the job runs until every host's CMD exited; an interruption SIGTERMs some hosts
+    (``interrupt``: the host indices spot capacity takes away) and SIGKILLs every host still
+    running when the grace is over."""
+
+    def __init__(self, procs: list[TrainerProcess]) -> None:
+        self.hosts = procs
+        self.proc = procs[0].proc
+        self.interrupt: list[int] = list(range(len(procs)))
+
+    @property
+    def pid(self) -> int:
+        return self.hosts[0].pid
+
+    def poll(self) -> int | None:
+        codes = [p.poll() for p in self.hosts]
+        if any(c is None for c in codes):
+            return None
+        return next((c for c in codes if c), 0)
+
+    def stop(self, grace_s: float, *, while_waiting: Callable[[], None]) -> bool:
+        for i in self.interrupt:
+            forward_signal(self.hosts[i].pid, signal.SIGTERM)
+        kill_at = time.monotonic() + grace_s
+        while self.poll() is None and time.monotonic() < kill_at:
+            while_waiting()
+            time.sleep(_POLL_SECONDS)
+        killed = self.poll() is None
+        for p in self.hosts:
+            p.kill_group()
+        return killed
+
+    def kill_group(self) -> None:
+        for p in self.hosts:
+            p.kill_group()
+
+    def wait(self) -> int:
+        codes = [p.wait() for p in self.hosts]
+        return next((c for c in codes if c), 0)
