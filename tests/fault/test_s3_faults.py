@@ -21,6 +21,9 @@ from spotckpt.s3 import S3Store, make_client
 from spotckpt.uploader import Uploader
 from tests.helpers import write_step
 
+# Every S3 test here runs against moto and a real server (SeaweedFS); see tests/conftest.py.
+S3_SERVERS = ("moto", "seaweedfs")
+
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]
 SMALL_PARTS = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=4)

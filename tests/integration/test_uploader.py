@@ -15,6 +15,9 @@ from spotckpt.s3 import S3Store
 from spotckpt.uploader import Uploader
 from tests.helpers import write_step
 
+# Every S3 test here runs against moto and a real server (SeaweedFS); see tests/conftest.py.
+S3_SERVERS = ("moto", "seaweedfs")
+
 MiB = 1024 * 1024
 
 
