@@ -99,3 +99,9 @@ class UploadError(StorageError):
 
 class DownloadError(StorageError):
     """An object could not be downloaded from S3."""
+
+
+# Internal to the S3 upload path (not re-exported by ``spotckpt``, so not in ``__all__``).
+class LocalStepVanishedError(StorageError):
+    """A local step directory disappeared while it was being uploaded (local retention removed
+    it); nothing of it is committed in S3. The uploader treats this as expected and moves on."""

@@ -36,7 +36,14 @@ from botocore.config import Config
 from s3transfer.manager import TransferConfig, TransferManager
 from s3transfer.subscribers import BaseSubscriber
 
-from .errors import CheckpointCorruptError, ConfigError, DownloadError, StorageError, UploadError
+from .errors import (
+    CheckpointCorruptError,
+    ConfigError,
+    DownloadError,
+    LocalStepVanishedError,
+    StorageError,
+    UploadError,
+)
 from .format import (
     MANIFEST_NAME,
     Manifest,
@@ -156,10 +163,6 @@ def default_transfer_config() -> TransferConfig:
         use_threads=True,
         preferred_transfer_client="classic",  # the CRT client ignores custom endpoints
     )
-
-
-class LocalStepVanishedError(UploadError):
-    """The local step directory disappeared during its upload (local retention removed it)."""
 
 
 def _full_object_checksums_supported() -> bool:
