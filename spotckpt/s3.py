@@ -64,42 +64,86 @@ __all__ = [
     "LocalStepVanishedError",
     "PART_SIZE_BYTES",
     "MAX_CONCURRENCY",
+    "usable_cpus",
+    "default_concurrency",
 ]
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
-# Transfer settings, chosen for real S3 and checked by measurement (benchmarks/bench_s3.py):
-# - 16 MiB parts / ranges: AWS's guidance for byte-range GETs is 8-16 MB; real S3 serves roughly
-#   50-100 MB/s per connection, so throughput comes from many parts in flight: a 1 GiB file is
-#   64 parts (enough to keep 16 connections busy to the end), a 100 GiB file 6,400 (under S3's
-#   10,000-part limit; s3transfer enlarges parts beyond that), and a retried part resends at most
-#   16 MiB. boto3's 8 MiB default doubles the requests (signing, a part checksum, a round trip
-#   and S3's per-prefix request-rate budget each) for no extra parallelism.
-# - 16 concurrent requests: about one connection per 85-90 MB/s of NIC, so 16 fills ~10 Gb/s;
-#   boto3's default is 10. Memory cost: upload parts are read from the file as they are sent
-#   (no copies held); downloads buffer at most ``max_io_queue`` chunks, so the worst case is about
-#   concurrency x part size = 256 MiB, usually far less.
-# - Measured against moto (a Python server, benchmarks/bench_s3.py, 2-core VM): downloads ran
-#   ~1.9x boto3's default, partly because moto reads the whole object for every ranged GET (a
-#   quirk we do NOT tune for: we stop at 16 MiB). Uploads end-to-end ran 0.6-1.0x, and profiling
-#   both processes (py-spy on the server, CPU and CompleteMultipartUpload timing per path) shows
-#   why, and why no client setting changes it: the client is not the bottleneck (~2.5 CPU-s per
-#   GiB for either path, CRC32C re-read of each part included, at 16 or 8 threads), moto's single
-#   GIL-bound process is. Its per-byte work in the parts phase (werkzeug's 64 KiB read loop,
-#   copies, a temp file per part, an MD5 ETag) is the same for any part size or concurrency; our
-#   parts phase is still ~1.2-1.4x boto3's. Then moto assembles the object serially in
-#   CompleteMultipartUpload (~5-8 s per GiB, both paths) and, for a FULL_OBJECT checksum only,
-#   accumulates and copies a second 1 GiB buffer before its CRC (MultipartChecksumBuilder.build):
-#   11-22 s per GiB, most of our upload time. Real S3 derives a full-object CRC32C from the part
-#   CRCs (it is linear), at no such cost, and the full-object checksum is what lets ``verify_step``
-#   check a stored object against the manifest by HEAD alone; so we keep it rather
-#   than switch to composite checksums for the test server (even those reach only ~1.2x there).
-#   Part sizes of 8/16/32 MiB and 4/8/16 threads changed little on moto; the values above are
-#   the real-S3 choice.
+# Transfer settings, chosen for real S3 and checked by measurement (benchmarks/bench_s3.py,
+# against SeaweedFS, a server that verifies checksums; README "S3 transfers" has the figures).
+#
+# Part size: 16 MiB parts / ranges. AWS's guidance for byte-range GETs is 8-16 MB; a 1 GiB file
+# is 64 parts (enough to keep every connection busy to the end), a 100 GiB file 6,400 (under
+# S3's 10,000-part limit; s3transfer enlarges parts beyond that), and a retried part resends at
+# most 16 MiB. boto3's 8 MiB default doubles the requests (signing, a part checksum, a round
+# trip and S3's per-prefix request-rate budget each) for no extra parallelism.
+#
+# Concurrency: REQUESTS_PER_CPU (8) requests in flight per usable CPU (affinity mask, cgroup
+# quota), at least MIN_CONCURRENCY (16), at most CONCURRENCY_CEILING (64);
+# $SPOTCKPT_S3_CONCURRENCY overrides it. Why:
+# - Concurrency hides latency: one S3 connection moves roughly 50-100 MB/s, so filling a NIC
+#   takes about one request in flight per 85 MB/s of bandwidth. Even a 2-vCPU instance bursts
+#   to ~10 Gb/s, hence the floor of 16 (16 x ~80 MB/s ~ 10 Gb/s).
+# - Each request costs client CPU: ~1.5 CPU-s per GiB through botocore (HTTP, signing, part
+#   CRC32C; measured), so one core feeds about 5-8 connections at S3's per-connection speed;
+#   beyond 8 per CPU, requests would queue for the CPU rather than for the network.
+# - Ceiling 64: one Python process is GIL-bound at a few GB/s whatever the core count (the
+#   per-chunk Python work of every connection takes the GIL); 64 x ~80 MB/s ~ 5 GB/s (40 Gb/s)
+#   is past that, and more threads only add contention and memory: the worst case is about
+#   concurrency x part size in flight (1 GiB at 64), usually far less (upload parts are read
+#   from the file as they are sent; downloads buffer at most ``max_io_queue`` 256 KiB chunks).
+# This 2-core VM: 2 x 8 = 16 -> 16 requests x 16 MiB. With the server on the same two cores,
+# 4/8/16 were within the run-to-run noise (benchmarks/out/s3.json); 16 is the real-S3 choice.
+# A 100 Gb/s instance (e.g. 64+ vCPUs): 8 x 64 = 512 -> ceiling 64, ~5 GB/s at best from one
+# process, i.e. ~40% of the NIC. Filling it takes several processes (each rank of a job
+# uploads its own files with its own S3Store, so 8 ranks bring 8 x 64 connections) or the CRT
+# transfer client, which spotckpt does not use because it ignores custom endpoints.
 PART_SIZE_BYTES = 16 * MiB
-MAX_CONCURRENCY = 16
+#: Requests in flight per usable CPU, and the floor and ceiling of the total (see "Concurrency"
+#: in the comment above).
+REQUESTS_PER_CPU = 8
+MIN_CONCURRENCY = 16
+CONCURRENCY_CEILING = 64
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, further limited by a cgroup v2 CPU quota
+    (``cpu.max``, as containers get), at least 1."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def default_concurrency(cpus: int | None = None) -> int:
+    """Concurrent requests per transfer: ``$SPOTCKPT_S3_CONCURRENCY`` if set, else
+    ``REQUESTS_PER_CPU`` per usable CPU, between ``MIN_CONCURRENCY`` and ``CONCURRENCY_CEILING``."""
+    env = os.environ.get("SPOTCKPT_S3_CONCURRENCY")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= 1024:
+            raise ConfigError(f"SPOTCKPT_S3_CONCURRENCY={env!r}: expected an integer from 1 to 1024")
+        return n
+    cpus = usable_cpus() if cpus is None else cpus
+    return min(CONCURRENCY_CEILING, max(MIN_CONCURRENCY, REQUESTS_PER_CPU * cpus))
+
+
+#: This machine's choice from its CPUs, computed once at import (``default_transfer_config()``
+#: also honours ``$SPOTCKPT_S3_CONCURRENCY``).
+MAX_CONCURRENCY = min(CONCURRENCY_CEILING, max(MIN_CONCURRENCY, REQUESTS_PER_CPU * usable_cpus()))
 #: Objects up to this size go up in one PUT (one request, no multipart bookkeeping).
 MULTIPART_THRESHOLD_BYTES = 16 * MiB
 
@@ -122,7 +166,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def make_client(*, max_pool_connections: int = MAX_CONCURRENCY + 8, max_attempts: int = 8) -> Any:
+def make_client(*, max_pool_connections: int | None = None, max_attempts: int = 8) -> Any:
     """A boto3 S3 client from the standard chain (credentials, region, ``AWS_ENDPOINT_URL``,
     profiles), with botocore's ``standard`` retry mode and a pool that covers the concurrency.
 
@@ -131,7 +175,7 @@ def make_client(*, max_pool_connections: int = MAX_CONCURRENCY + 8, max_attempts
     session = boto3.session.Session()  # sessions are not thread-safe: one per client
     cfg = Config(
         retries={"mode": "standard", "max_attempts": max_attempts},
-        max_pool_connections=max(max_pool_connections, MAX_CONCURRENCY),
+        max_pool_connections=max(max_pool_connections or 0, default_concurrency() + 8),
         connect_timeout=10,
         read_timeout=60,
         tcp_keepalive=True,
@@ -147,7 +191,7 @@ def default_transfer_config() -> TransferConfig:
     return Boto3TransferConfig(
         multipart_threshold=MULTIPART_THRESHOLD_BYTES,
         multipart_chunksize=PART_SIZE_BYTES,
-        max_concurrency=MAX_CONCURRENCY,
+        max_concurrency=default_concurrency(),
         max_io_queue=1000,
         use_threads=True,
         preferred_transfer_client="classic",  # the CRT client ignores custom endpoints

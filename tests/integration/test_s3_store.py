@@ -191,3 +191,18 @@ def test_cleanup_incomplete_uploads(bucket: str) -> None:
     assert store.cleanup_incomplete_uploads(older_than_seconds=0) == 1
     left = [u["Key"] for u in c.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
     assert left == ["other/thing"]
+
+
+def test_concurrency_follows_the_machine_within_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spotckpt.s3 import CONCURRENCY_CEILING, MIN_CONCURRENCY, default_concurrency, default_transfer_config, usable_cpus
+
+    monkeypatch.delenv("SPOTCKPT_S3_CONCURRENCY", raising=False)
+    assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
+    assert default_concurrency(1) == default_concurrency(2) == MIN_CONCURRENCY == 16
+    assert default_concurrency(4) == 32
+    assert default_concurrency(96) == CONCURRENCY_CEILING == 64
+    monkeypatch.setenv("SPOTCKPT_S3_CONCURRENCY", "5")
+    assert default_concurrency(96) == 5 and default_transfer_config().max_request_concurrency == 5
+    monkeypatch.setenv("SPOTCKPT_S3_CONCURRENCY", "lots")
+    with pytest.raises(ConfigError, match="SPOTCKPT_S3_CONCURRENCY"):
+        default_transfer_config()
