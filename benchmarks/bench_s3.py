@@ -8,7 +8,8 @@
 
     python benchmarks/bench_s3.py [--mb 1024] [--repeats 3] [--server seaweedfs|moto]
 
-Paths alternate within each repeat so a noisy machine hits them alike; medians are reported, with
+Paths alternate within each repeat so a noisy machine hits them alike, each after an ``os.sync()``
+(so no path pays for the previous one's writeback); medians are reported, with
 client CPU-seconds per GiB (``getrusage`` of this process: every client thread, checksums
 included) and the server's CPU. Writes benchmarks/out/s3.json (``--out``). ``--concurrency`` /
 ``--part-mb`` override S3Store's transfer settings (for tuning; the reported rows use the
@@ -77,19 +78,6 @@ class Meter:
         return {"wall_s": wall, "client_cpu_s": c1 - c0, "server_cpu_s": s1 - s0}
 
 
-def drop_page_cache_of(path: Path) -> None:
-    """Evict a file from the page cache (so every download writes into cold pages alike)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    except (OSError, AttributeError):
-        pass
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=int(os.environ.get("MB", "1024")), help="step size in MiB (env MB)")
@@ -142,6 +130,7 @@ def main() -> int:
         rows: dict[str, list[dict[str, float]]] = {}
 
         def record(name: str, fn: Callable[[], object]) -> None:
+            os.sync()  # the previous path's dirty pages are written back now, not during this one
             m = meter(fn)
             rows.setdefault(name, []).append(m)
             print(f"  {name:22s} {m['wall_s']:7.2f} s  {nbytes / m['wall_s'] / 1e6:7.1f} MB/s  "

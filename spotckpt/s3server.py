@@ -181,10 +181,12 @@ class S3Server:
         region: str = "us-east-1",
         ready_timeout_seconds: float = 60.0,
         stop_grace_seconds: float = 5.0,
+        extra_args: Iterable[str] = (),
     ) -> S3Server:
         """Start a server of ``kind`` (``"moto"`` or ``"seaweedfs"``) and wait until it answers
         an authenticated ``ListBuckets``; create ``buckets``. ``workdir`` holds SeaweedFS's data
-        and each server's log (a temporary directory, removed by ``stop()``, when None)."""
+        and each server's log (a temporary directory, removed by ``stop()``, when None).
+        ``extra_args`` go to ``weed mini`` (e.g. ``["-filer.maxMB=16"]``); moto takes none."""
         if kind not in KINDS:
             raise S3ServerError(f"unknown S3 server kind {kind!r}; use one of {', '.join(KINDS)}", key=str(kind))
         owns = workdir is None
@@ -196,7 +198,7 @@ class S3Server:
             if kind == "moto":
                 srv = cls._start_moto(wd, ready_timeout_seconds, common)
             else:
-                srv = cls._start_seaweedfs(wd, ready_timeout_seconds, common)
+                srv = cls._start_seaweedfs(wd, ready_timeout_seconds, common, list(extra_args))
         except BaseException:
             if owns:
                 shutil.rmtree(wd, ignore_errors=True)
@@ -242,7 +244,7 @@ class S3Server:
         return srv
 
     @classmethod
-    def _start_seaweedfs(cls, wd: Path, timeout: float, common: dict[str, Any]) -> S3Server:
+    def _start_seaweedfs(cls, wd: Path, timeout: float, common: dict[str, Any], extra: list[str]) -> S3Server:
         weed = find_weed()
         if weed is None:
             raise S3ServerError(
@@ -264,7 +266,7 @@ class S3Server:
                 *(f"-{svc}.port.grpc={p + _GRPC_OFFSET}" for svc, p in
                   (("s3", s3), ("master", master), ("volume", volume), ("filer", filer), ("admin", admin))),
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-                "-master.telemetry=false",
+                "-master.telemetry=false", *extra,
             ]
             env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
             env.update(AWS_ACCESS_KEY_ID=common["access_key"], AWS_SECRET_ACCESS_KEY=common["secret_key"],
