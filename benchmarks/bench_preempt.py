@@ -11,6 +11,7 @@ parent sends SIGTERM and measures, from the moment of the signal:
 
 - ``to_manifest_s``: until the final step's ``manifest.json`` exists in S3 (the parent polls
   ``list_objects_v2``; a step counts in S3 only once its manifest does, DESIGN.md);
+- ``to_local_commit_s``: until the step is committed under the local dir (the rest is upload);
 - ``to_exit_s``: until the child has exited (it must exit 0 after ``maybe_save`` returns with
   ``preempted`` set).
 
@@ -118,9 +119,11 @@ def main() -> int:
                         raise SystemExit(f"trainer exited early ({proc.returncode}); see {log_path}:\n{log_path.read_text()}")
                 proc.send_signal(signal.SIGTERM)
                 t0 = time.perf_counter()
-                t_manifest = None
+                t_manifest = t_local = None
                 man_key = None
                 while t_manifest is None:
+                    if t_local is None and local.is_dir() and any(p.name.startswith("step-") for p in local.iterdir()):
+                        t_local = time.perf_counter() - t0  # committed locally: the rest is the upload
                     for o in s3.list_objects_v2(Bucket="bench", Prefix=f"{prefix}/").get("Contents", []):
                         if o["Key"].endswith("/" + MANIFEST_NAME):
                             t_manifest, man_key = time.perf_counter() - t0, o["Key"]
@@ -143,9 +146,11 @@ def main() -> int:
             if problems:
                 raise SystemExit(f"run {r}: step {final} in S3 fails verification: {problems}")
             runs.append({"sigterm_at_step": target, "final_step": final, "bytes": nbytes,
+                         "to_local_commit_s": None if t_local is None else round(t_local, 3),
                          "to_manifest_s": round(t_manifest, 3), "to_exit_s": round(t_exit, 3), "exit_code": proc.returncode})
             print(f"repeat {r + 1}/{args.repeats}: SIGTERM at step {target}, final step {final} "
-                  f"({nbytes / 1e6:.0f} MB): manifest in S3 after {t_manifest:.2f} s, exit 0 after {t_exit:.2f} s", flush=True)
+                  f"({nbytes / 1e6:.0f} MB): committed locally after {t_local or float('nan'):.2f} s, manifest in S3 "
+                  f"after {t_manifest:.2f} s, exit 0 after {t_exit:.2f} s", flush=True)
             shutil.rmtree(local, ignore_errors=True)
             for o in s3.list_objects_v2(Bucket="bench", Prefix=f"{prefix}/").get("Contents", []):
                 s3.delete_object(Bucket="bench", Key=o["Key"])
@@ -155,12 +160,16 @@ def main() -> int:
 
     tm = [x["to_manifest_s"] for x in runs]
     te = [x["to_exit_s"] for x in runs]
+    tl = [x["to_local_commit_s"] for x in runs if x["to_local_commit_s"] is not None]
     summary = {
+        "to_local_commit_s": {"median": statistics.median(tl), "min": min(tl), "max": max(tl)} if tl else None,
         "to_manifest_s": {"median": statistics.median(tm), "min": min(tm), "max": max(tm)},
         "to_exit_s": {"median": statistics.median(te), "min": min(te), "max": max(te)},
     }
     print(f"\nSIGTERM -> final {args.mb} MiB step's manifest.json in S3: median {summary['to_manifest_s']['median']:.2f} s "
           f"(min {min(tm):.2f}, max {max(tm):.2f})")
+    if tl:
+        print(f"SIGTERM -> step committed locally:          median {statistics.median(tl):.2f} s (the rest is the upload)")
     print(f"SIGTERM -> trainer exit 0:                  median {summary['to_exit_s']['median']:.2f} s (min {min(te):.2f}, max {max(te):.2f})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
