@@ -1,8 +1,9 @@
 """SIGTERM -> final checkpoint committed in S3: how long it takes for a 1 GiB fp32 state.
 
-    PYTHONPATH=. python benchmarks/bench_preempt.py [--mb 1024] [--repeats 3]
+    python benchmarks/bench_preempt.py [--mb 1024] [--repeats 3] [--server seaweedfs|moto]
 
-Starts moto's ThreadedMotoServer on 127.0.0.1 in its own process, then, per repeat, a trainer
+Starts a local S3 server on 127.0.0.1 in its own process (SeaweedFS, which verifies every
+CRC32C, by default; ``--server moto`` for moto rows, labelled as such), then, per repeat, a trainer
 child process holding ``--mb`` MiB of fp32 weights under
 ``CheckpointManager(local_dir, s3_uri=..., every_steps=10**9)`` that calls ``maybe_save`` every
 step (so no policy save happens: the only checkpoint is the preemption one). At a random step the
@@ -10,6 +11,7 @@ parent sends SIGTERM and measures, from the moment of the signal:
 
 - ``to_manifest_s``: until the final step's ``manifest.json`` exists in S3 (the parent polls
   ``list_objects_v2``; a step counts in S3 only once its manifest does, DESIGN.md);
+- ``to_local_commit_s``: until the step is committed under the local dir (the rest is upload);
 - ``to_exit_s``: until the child has exited (it must exit 0 after ``maybe_save`` returns with
   ``preempted`` set).
 
@@ -36,10 +38,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import moto_server  # noqa: E402  (benchmarks/moto_server.py)
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def child(local_dir: str, s3_uri: str, mb: int, step_seconds: float) -> int:
@@ -71,6 +79,7 @@ def main() -> int:
     ap.add_argument("--min-step", type=int, default=3)
     ap.add_argument("--max-step", type=int, default=40)
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--server", choices=("seaweedfs", "moto"), default="seaweedfs")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "preempt.json"))
     ap.add_argument("--child", nargs=2, metavar=("LOCAL_DIR", "S3_URI"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -78,22 +87,17 @@ def main() -> int:
         return child(args.child[0], args.child[1], args.mb, args.step_seconds)
 
     rng = random.Random(args.seed)
-    srv, host, port = moto_server.start()
-    env = dict(
-        os.environ,
-        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=f"http://{host}:{port}",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    )
-    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")})
-    import boto3
+    from spotckpt.s3server import S3Server
 
+    work = Path(tempfile.mkdtemp(prefix="bench-preempt-"))
+    srv = S3Server.start(args.server, work / "server", buckets=["bench"])
+    env = srv.apply_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    os.environ.update(srv.apply_env())
     from spotckpt.format import MANIFEST_NAME, step_dirname
     from spotckpt.s3 import MAX_CONCURRENCY, PART_SIZE_BYTES, S3Store
 
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket="bench")
-    work = Path(tempfile.mkdtemp(prefix="bench-preempt-"))
+    s3 = srv.client()
     runs = []
     try:
         for r in range(args.repeats):
@@ -115,9 +119,11 @@ def main() -> int:
                         raise SystemExit(f"trainer exited early ({proc.returncode}); see {log_path}:\n{log_path.read_text()}")
                 proc.send_signal(signal.SIGTERM)
                 t0 = time.perf_counter()
-                t_manifest = None
+                t_manifest = t_local = None
                 man_key = None
                 while t_manifest is None:
+                    if t_local is None and local.is_dir() and any(p.name.startswith("step-") for p in local.iterdir()):
+                        t_local = time.perf_counter() - t0  # committed locally: the rest is the upload
                     for o in s3.list_objects_v2(Bucket="bench", Prefix=f"{prefix}/").get("Contents", []):
                         if o["Key"].endswith("/" + MANIFEST_NAME):
                             t_manifest, man_key = time.perf_counter() - t0, o["Key"]
@@ -140,33 +146,38 @@ def main() -> int:
             if problems:
                 raise SystemExit(f"run {r}: step {final} in S3 fails verification: {problems}")
             runs.append({"sigterm_at_step": target, "final_step": final, "bytes": nbytes,
+                         "to_local_commit_s": None if t_local is None else round(t_local, 3),
                          "to_manifest_s": round(t_manifest, 3), "to_exit_s": round(t_exit, 3), "exit_code": proc.returncode})
             print(f"repeat {r + 1}/{args.repeats}: SIGTERM at step {target}, final step {final} "
-                  f"({nbytes / 1e6:.0f} MB): manifest in S3 after {t_manifest:.2f} s, exit 0 after {t_exit:.2f} s", flush=True)
+                  f"({nbytes / 1e6:.0f} MB): committed locally after {t_local or float('nan'):.2f} s, manifest in S3 "
+                  f"after {t_manifest:.2f} s, exit 0 after {t_exit:.2f} s", flush=True)
             shutil.rmtree(local, ignore_errors=True)
             for o in s3.list_objects_v2(Bucket="bench", Prefix=f"{prefix}/").get("Contents", []):
                 s3.delete_object(Bucket="bench", Key=o["Key"])
     finally:
+        srv.stop()
         shutil.rmtree(work, ignore_errors=True)
-        srv.terminate()
-        srv.wait()
 
     tm = [x["to_manifest_s"] for x in runs]
     te = [x["to_exit_s"] for x in runs]
+    tl = [x["to_local_commit_s"] for x in runs if x["to_local_commit_s"] is not None]
     summary = {
+        "to_local_commit_s": {"median": statistics.median(tl), "min": min(tl), "max": max(tl)} if tl else None,
         "to_manifest_s": {"median": statistics.median(tm), "min": min(tm), "max": max(tm)},
         "to_exit_s": {"median": statistics.median(te), "min": min(te), "max": max(te)},
     }
     print(f"\nSIGTERM -> final {args.mb} MiB step's manifest.json in S3: median {summary['to_manifest_s']['median']:.2f} s "
           f"(min {min(tm):.2f}, max {max(tm):.2f})")
+    if tl:
+        print(f"SIGTERM -> step committed locally:          median {statistics.median(tl):.2f} s (the rest is the upload)")
     print(f"SIGTERM -> trainer exit 0:                  median {summary['to_exit_s']['median']:.2f} s (min {min(te):.2f}, max {max(te):.2f})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "state_mib": args.mb, "repeats": args.repeats, "summary": summary, "runs": runs,
         "spotckpt_part_size_bytes": PART_SIZE_BYTES, "spotckpt_concurrency": MAX_CONCURRENCY,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "server": "moto ThreadedMotoServer on 127.0.0.1, in its own process",
+        "machine": {"cpus": os.cpu_count(), "cpu": _cpu_model(), "platform": platform.platform(), "python": platform.python_version()},
+        "server": f"{args.server} on 127.0.0.1, its own process" + (" (moto: not a performance reference)" if args.server == "moto" else ""),
     }, indent=1))
     print(f"wrote {out}")
     return 0

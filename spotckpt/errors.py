@@ -17,8 +17,8 @@ Every error spotckpt raises derives from :class:`SpotCkptError`, and its message
     │                                         earlier checkpoints are untouched
     └── StorageError                          S3 or the local disk failed (``.key``)
         ├── UploadError                       an object could not be uploaded (``.key``)
-        │   └── LocalStepVanishedError        the local step vanished during its upload
-        └── DownloadError                     an object could not be downloaded (``.key``)
+        ├── DownloadError                     an object could not be downloaded (``.key``)
+        └── LocalStepVanishedError            a local step vanished during its upload (retention)
 
 Errors raised by background threads (persist, uploader) are kept and raised again, chained, on the
 next ``save()`` / ``wait()`` of the manager.
@@ -126,9 +126,10 @@ class UploadError(StorageError):
     """An object could not be uploaded to S3."""
 
 
-class LocalStepVanishedError(UploadError):
-    """The local step directory disappeared during its upload (local retention removed it)."""
-
-
 class DownloadError(StorageError):
     """An object could not be downloaded from S3."""
+
+
+class LocalStepVanishedError(StorageError):
+    """A local step directory disappeared while it was being uploaded (local retention removed
+    it); nothing of it is committed in S3. The uploader treats this as expected and moves on."""

@@ -33,10 +33,18 @@ import boto3
 import botocore.exceptions as bce
 from boto3.s3.transfer import TransferConfig as Boto3TransferConfig
 from botocore.config import Config
+from s3transfer.exceptions import RetriesExceededError as S3TransferRetriesExceededError
 from s3transfer.manager import TransferConfig, TransferManager
 from s3transfer.subscribers import BaseSubscriber
 
-from .errors import CheckpointCorruptError, ConfigError, DownloadError, LocalStepVanishedError, StorageError, UploadError
+from .errors import (
+    CheckpointCorruptError,
+    ConfigError,
+    DownloadError,
+    LocalStepVanishedError,
+    StorageError,
+    UploadError,
+)
 from .format import (
     MANIFEST_NAME,
     Manifest,
@@ -57,58 +65,90 @@ __all__ = [
     "LocalStepVanishedError",
     "PART_SIZE_BYTES",
     "MAX_CONCURRENCY",
+    "usable_cpus",
+    "default_concurrency",
 ]
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
-# Transfer settings, chosen for real S3 and checked by measurement (benchmarks/bench_s3.py):
-# - 16 MiB parts / ranges: AWS's guidance for byte-range GETs is 8-16 MB; real S3 serves roughly
-#   50-100 MB/s per connection, so throughput comes from many parts in flight: a 1 GiB file is
-#   64 parts (enough to keep 16 connections busy to the end), a 100 GiB file 6,400 (under S3's
-#   10,000-part limit; s3transfer enlarges parts beyond that), and a retried part resends at most
-#   16 MiB. boto3's 8 MiB default doubles the requests (signing, a part checksum, a round trip
-#   and S3's per-prefix request-rate budget each) for no extra parallelism.
-# - 16 concurrent requests: about one connection per 85-90 MB/s of NIC, so 16 fills ~10 Gb/s;
-#   boto3's default is 10. Memory cost: upload parts are read from the file as they are sent
-#   (no copies held); downloads buffer at most ``max_io_queue`` chunks, so the worst case is about
-#   concurrency x part size = 256 MiB, usually far less.
-# - Measured against moto (a Python server, benchmarks/bench_s3.py, 2-core VM): downloads ran
-#   ~1.9x boto3's default, partly because moto reads the whole object for every ranged GET (a
-#   quirk we do NOT tune for: we stop at 16 MiB). Uploads end-to-end ran 0.6-1.0x, and profiling
-#   both processes (py-spy on the server, CPU and CompleteMultipartUpload timing per path) shows
-#   why, and why no client setting changes it: the client is not the bottleneck (~2.5 CPU-s per
-#   GiB for either path, CRC32C re-read of each part included, at 16 or 8 threads), moto's single
-#   GIL-bound process is. Its per-byte work in the parts phase (werkzeug's 64 KiB read loop,
-#   copies, a temp file per part, an MD5 ETag) is the same for any part size or concurrency; our
-#   parts phase is still ~1.2-1.4x boto3's. Then moto assembles the object serially in
-#   CompleteMultipartUpload (~5-8 s per GiB, both paths) and, for a FULL_OBJECT checksum only,
-#   accumulates and copies a second 1 GiB buffer before its CRC (MultipartChecksumBuilder.build):
-#   11-22 s per GiB, most of our upload time. Real S3 derives a full-object CRC32C from the part
-#   CRCs (it is linear), at no such cost, and the full-object checksum is what lets ``verify_step``
-#   check a stored object against the manifest by HEAD alone; so we keep it rather
-#   than switch to composite checksums for the test server (even those reach only ~1.2x there).
-#   Part sizes of 8/16/32 MiB and 4/8/16 threads changed little on moto; the values above are
-#   the real-S3 choice.
+# Transfer settings, chosen for real S3 and checked by measurement (benchmarks/bench_s3.py,
+# against SeaweedFS, a server that verifies checksums; README "S3 transfers" has the figures).
+#
+# Part size: 16 MiB parts / ranges. AWS's guidance for byte-range GETs is 8-16 MB; a 1 GiB file
+# is 64 parts (enough to keep every connection busy to the end), a 100 GiB file 6,400 (under
+# S3's 10,000-part limit; s3transfer enlarges parts beyond that), and a retried part resends at
+# most 16 MiB. boto3's 8 MiB default doubles the requests (signing, a part checksum, a round
+# trip and S3's per-prefix request-rate budget each) for no extra parallelism.
+#
+# Concurrency: REQUESTS_PER_CPU (8) requests in flight per usable CPU (affinity mask, cgroup
+# quota), at least MIN_CONCURRENCY (16), at most CONCURRENCY_CEILING (64);
+# $SPOTCKPT_S3_CONCURRENCY overrides it. Why:
+# - Concurrency hides latency: one S3 connection moves roughly 50-100 MB/s, so filling a NIC
+#   takes about one request in flight per 85 MB/s of bandwidth. Even a 2-vCPU instance bursts
+#   to ~10 Gb/s, hence the floor of 16 (16 x ~80 MB/s ~ 10 Gb/s).
+# - Each request costs client CPU: ~1.5 CPU-s per GiB through botocore (HTTP, signing, part
+#   CRC32C; measured), so one core feeds about 5-8 connections at S3's per-connection speed;
+#   beyond 8 per CPU, requests would queue for the CPU rather than for the network.
+# - Ceiling 64: one Python process is GIL-bound at a few GB/s whatever the core count (the
+#   per-chunk Python work of every connection takes the GIL); 64 x ~80 MB/s ~ 5 GB/s (40 Gb/s)
+#   is past that, and more threads only add contention and memory: the worst case is about
+#   concurrency x part size in flight (1 GiB at 64), usually far less (upload parts are read
+#   from the file as they are sent; downloads buffer at most ``max_io_queue`` 256 KiB chunks).
+# This 2-core VM: 2 x 8 = 16 -> 16 requests x 16 MiB. With the server on the same two cores,
+# 4/8/16 were within the run-to-run noise (benchmarks/out/s3.json); 16 is the real-S3 choice.
+# A 100 Gb/s instance (e.g. 64+ vCPUs): 8 x 64 = 512 -> ceiling 64, ~5 GB/s at best from one
+# process, i.e. ~40% of the NIC. Filling it takes several processes (each rank of a job
+# uploads its own files with its own S3Store, so 8 ranks bring 8 x 64 connections) or the CRT
+# transfer client, which spotckpt does not use because it ignores custom endpoints.
 PART_SIZE_BYTES = 16 * MiB
-MAX_CONCURRENCY = 16
+#: Requests in flight per usable CPU, and the floor and ceiling of the total (see "Concurrency"
+#: in the comment above).
+REQUESTS_PER_CPU = 8
+MIN_CONCURRENCY = 16
+CONCURRENCY_CEILING = 64
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, further limited by a cgroup v2 CPU quota
+    (``cpu.max``, as containers get), at least 1."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def default_concurrency(cpus: int | None = None) -> int:
+    """Concurrent requests per transfer: ``$SPOTCKPT_S3_CONCURRENCY`` if set, else
+    ``REQUESTS_PER_CPU`` per usable CPU, between ``MIN_CONCURRENCY`` and ``CONCURRENCY_CEILING``."""
+    env = os.environ.get("SPOTCKPT_S3_CONCURRENCY")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= 1024:
+            raise ConfigError(f"SPOTCKPT_S3_CONCURRENCY={env!r}: expected an integer from 1 to 1024")
+        return n
+    cpus = usable_cpus() if cpus is None else cpus
+    return min(CONCURRENCY_CEILING, max(MIN_CONCURRENCY, REQUESTS_PER_CPU * cpus))
+
+
+#: This machine's choice from its CPUs, computed once at import (``default_transfer_config()``
+#: also honours ``$SPOTCKPT_S3_CONCURRENCY``).
+MAX_CONCURRENCY = min(CONCURRENCY_CEILING, max(MIN_CONCURRENCY, REQUESTS_PER_CPU * usable_cpus()))
 #: Objects up to this size go up in one PUT (one request, no multipart bookkeeping).
 MULTIPART_THRESHOLD_BYTES = 16 * MiB
 
 _URI_RE = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?$")
-_RETRYABLE_CODES = {
-    "SlowDown",
-    "InternalError",
-    "ServiceUnavailable",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "Throttling",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "BadGateway",
-    "GatewayTimeout",
-}
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -127,7 +167,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def make_client(*, max_pool_connections: int = MAX_CONCURRENCY + 8, max_attempts: int = 8) -> Any:
+def make_client(*, max_pool_connections: int | None = None, max_attempts: int = 8) -> Any:
     """A boto3 S3 client from the standard chain (credentials, region, ``AWS_ENDPOINT_URL``,
     profiles), with botocore's ``standard`` retry mode and a pool that covers the concurrency.
 
@@ -136,7 +176,7 @@ def make_client(*, max_pool_connections: int = MAX_CONCURRENCY + 8, max_attempts
     session = boto3.session.Session()  # sessions are not thread-safe: one per client
     cfg = Config(
         retries={"mode": "standard", "max_attempts": max_attempts},
-        max_pool_connections=max(max_pool_connections, MAX_CONCURRENCY),
+        max_pool_connections=max(max_pool_connections or 0, default_concurrency() + 8),
         connect_timeout=10,
         read_timeout=60,
         tcp_keepalive=True,
@@ -152,7 +192,7 @@ def default_transfer_config() -> TransferConfig:
     return Boto3TransferConfig(
         multipart_threshold=MULTIPART_THRESHOLD_BYTES,
         multipart_chunksize=PART_SIZE_BYTES,
-        max_concurrency=MAX_CONCURRENCY,
+        max_concurrency=default_concurrency(),
         max_io_queue=1000,
         use_threads=True,
         preferred_transfer_client="classic",  # the CRT client ignores custom endpoints
@@ -171,21 +211,131 @@ def _error_code(exc: BaseException) -> tuple[str, int]:
     return "", 0
 
 
-def _is_retryable(exc: BaseException) -> bool:
-    """5xx, throttling and connection-level failures; never 4xx or local-file problems."""
+# ------------------------------------------------------------------ S3 failures, as a table
+#
+# Every failure the S3 layer can meet is looked up here once, and the entry says both whether
+# it is worth retrying and what the user should do about it (like httpx's mapping of transport
+# exceptions to its own). Lookup order: exception type (first match wins, so specific before
+# general), then the S3 error code of a ClientError, then its HTTP status; anything else is an
+# unexplained, non-retryable failure. Advice is formatted with ``where`` (the s3:// URL),
+# ``endpoint``, ``bucket``, ``code`` and ``exc``.
+
+
+@dataclass(frozen=True)
+class _Failure:
+    advice: str
+    retryable: bool = False
+
+
+_NO_CREDENTIALS = _Failure(
+    "no usable AWS credentials for {where} ({exc}); set AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance/execution role"
+)
+_UNREACHABLE = _Failure(
+    "cannot reach the S3 endpoint {endpoint} for {where} ({exc}); check AWS_ENDPOINT_URL, "
+    "AWS_REGION and the network (VPC endpoint / NAT)",
+    retryable=True,
+)
+_CONNECTION_LOST = _Failure(
+    "the connection to the S3 endpoint {endpoint} broke during a request for {where} ({exc}); "
+    "check the network and the endpoint's health",
+    retryable=True,
+)
+_SERVER_TROUBLE = _Failure(
+    "S3 kept failing for {where}: {code} ({exc}); the service is throttling or unwell -- spread "
+    "the load over more prefixes, or try again later",
+    retryable=True,
+)
+_NO_BUCKET = _Failure("bucket {bucket!r} does not exist at {endpoint}; create it or fix the S3 URI")
+_NOT_FOUND = _Failure("{where} does not exist ({code})")
+_ACCESS_DENIED = _Failure(
+    "access denied to {where} ({code}); grant s3:ListBucket, s3:GetObject, s3:PutObject, "
+    "s3:DeleteObject and s3:AbortMultipartUpload on the bucket/prefix, or check the credentials"
+)
+_EXPIRED = _Failure("the AWS credentials for {where} have expired ({code}); refresh the session token or role")
+_CLOCK_SKEW = _Failure(
+    "S3 refused {where} because this machine's clock is off ({code}); sync the clock (NTP / chrony)",
+    retryable=True,
+)
+_CHECKSUM_MISMATCH = _Failure(
+    "S3 refused {where}: the bytes it received do not match their CRC32C ({code}); the local file "
+    "changed or was damaged during the upload (or something on the way altered it). Nothing of "
+    "this step was committed -- check the local disk and save again"
+)
+_CONFLICT = _Failure(
+    "{where}: a conditional write lost ({code}): another writer got there first; use a separate "
+    "S3 prefix per job/run"
+)
+_UNSUPPORTED = _Failure(
+    "the S3 endpoint {endpoint} does not support a request spotckpt needs for {where} ({code}: "
+    "{exc}); spotckpt needs conditional writes (If-None-Match) and CRC32C checksums"
+)
+_NO_UPLOAD = _Failure(
+    "the multipart upload of {where} was aborted meanwhile ({code}), e.g. by "
+    "cleanup_incomplete_uploads on another host; it is retried",
+    retryable=True,
+)
+
+_EXCEPTION_TABLE: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], _Failure], ...] = (
+    ((bce.NoCredentialsError, bce.PartialCredentialsError, bce.CredentialRetrievalError), _NO_CREDENTIALS),
+    ((bce.EndpointConnectionError, bce.ConnectTimeoutError), _UNREACHABLE),
+    ((bce.ConnectionClosedError, bce.ReadTimeoutError, bce.IncompleteReadError, bce.HTTPClientError,
+      bce.ConnectionError), _CONNECTION_LOST),
+    (S3TransferRetriesExceededError, _CONNECTION_LOST),  # s3transfer gave up re-reading a download stream
+    ((ConnectionError, TimeoutError), _CONNECTION_LOST),  # builtin: ConnectionResetError & co.
+)
+
+_CODE_TABLE: dict[str, _Failure] = {
+    "NoSuchBucket": _NO_BUCKET,
+    "NoSuchKey": _NOT_FOUND,
+    "NoSuchUpload": _NO_UPLOAD,
+    **dict.fromkeys(
+        ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+         "AccountProblem"), _ACCESS_DENIED),
+    **dict.fromkeys(("ExpiredToken", "TokenRefreshRequired", "InvalidToken"), _EXPIRED),
+    **dict.fromkeys(("RequestTimeTooSkewed",), _CLOCK_SKEW),
+    **dict.fromkeys(("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "XAmzContentChecksumMismatch"),
+                    _CHECKSUM_MISMATCH),
+    **dict.fromkeys(("PreconditionFailed", "ConditionalRequestConflict"), _CONFLICT),
+    **dict.fromkeys(("NotImplemented", "InvalidArgument"), _UNSUPPORTED),
+    **dict.fromkeys(
+        ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling",
+         "ThrottlingException", "RequestLimitExceeded", "BadGateway", "GatewayTimeout", "OperationAborted"),
+        _SERVER_TROUBLE),
+}
+
+_UNEXPLAINED = _Failure("S3 request for {where} failed: {code} ({exc})")
+
+
+def _classify(exc: BaseException, *, has_key: bool = True) -> _Failure | None:
+    """The table entry for ``exc``; None for exceptions that are not S3's (a local OSError, a
+    bug) -- those are neither retried nor rephrased."""
     if isinstance(exc, bce.ClientError):
         code, status = _error_code(exc)
-        return status >= 500 or code in _RETRYABLE_CODES
-    if isinstance(exc, (bce.HTTPClientError, bce.ConnectionError, bce.IncompleteReadError)):
-        return True
-    try:
-        from s3transfer.exceptions import RetriesExceededError
+        found = _CODE_TABLE.get(code)
+        if found is not None:
+            return found
+        if status == 404:  # HEAD answers carry no error code, only the status
+            return _NOT_FOUND if has_key else _NO_BUCKET
+        if status == 403:
+            return _ACCESS_DENIED
+        if status == 412:
+            return _CONFLICT
+        if status >= 500:
+            return _SERVER_TROUBLE
+        return _UNEXPLAINED
+    for types, failure in _EXCEPTION_TABLE:
+        if isinstance(exc, types):
+            return failure
+    if isinstance(exc, bce.BotoCoreError):
+        return _UNEXPLAINED
+    return None
 
-        if isinstance(exc, RetriesExceededError):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return isinstance(exc, (ConnectionError, TimeoutError))  # builtin ConnectionResetError etc.
+
+def _is_retryable(exc: BaseException) -> bool:
+    """5xx, throttling and connection-level failures; never 4xx or local-file problems."""
+    failure = _classify(exc)
+    return failure is not None and failure.retryable
 
 
 def _add_part_crc32c(params: dict[str, Any], **_: Any) -> None:
@@ -287,33 +437,17 @@ class S3Store:
     # ------------------------------------------------------------------------ diagnostics
 
     def _storage_error(self, exc: BaseException, key: str, cls: type[StorageError] = StorageError) -> StorageError:
-        """Translate a boto error into a message that says which problem and what to set."""
+        """Translate a boto error into a message that says which problem and what to set
+        (see the table above :func:`_classify`)."""
         where = self._url(key) if key else f"s3://{self.bucket}"
         endpoint = getattr(self._client.meta, "endpoint_url", "?")
-        if isinstance(exc, (bce.NoCredentialsError, bce.PartialCredentialsError, bce.CredentialRetrievalError)):
-            msg = (
-                f"no usable AWS credentials for {where} ({exc}); set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance/execution role"
-            )
-        elif isinstance(exc, (bce.EndpointConnectionError, bce.ConnectTimeoutError, bce.ConnectionClosedError)):
-            msg = (
-                f"cannot reach the S3 endpoint {endpoint} for {where} ({exc}); check "
-                "AWS_ENDPOINT_URL, AWS_REGION and the network (VPC endpoint / NAT)"
-            )
-        elif isinstance(exc, bce.ClientError):
-            code, status = _error_code(exc)
-            if code in ("NoSuchBucket",) or (status == 404 and not key):
-                msg = f"bucket {self.bucket!r} does not exist at {endpoint}; create it or fix the S3 URI"
-            elif code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
-                msg = (
-                    f"access denied to {where} ({code}); grant s3:ListBucket, s3:GetObject, "
-                    "s3:PutObject, s3:DeleteObject and s3:AbortMultipartUpload on the bucket/prefix, "
-                    "or check the credentials"
-                )
-            else:
-                msg = f"S3 request for {where} failed: {code or status} ({exc})"
-        else:
+        code, status = _error_code(exc)
+        failure = _classify(exc, has_key=bool(key))
+        if failure is None:
             msg = f"S3 request for {where} failed: {type(exc).__name__}: {exc}"
+        else:
+            msg = failure.advice.format(where=where, endpoint=endpoint, bucket=self.bucket,
+                                        code=code or status or type(exc).__name__, exc=exc)
         return cls(msg, key=key)
 
     def check_access(self) -> None:
@@ -355,8 +489,7 @@ class S3Store:
             try:
                 return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
             except bce.ClientError as exc:
-                code, status = _error_code(exc)
-                if code in ("NoSuchKey", "404") or status == 404:
+                if _classify(exc) is _NOT_FOUND:
                     return None
                 raise
 
@@ -544,8 +677,7 @@ class S3Store:
                 )
                 return True
             except bce.ClientError as exc:
-                code, status = _error_code(exc)
-                if code not in ("PreconditionFailed", "ConditionalRequestConflict") and status != 412:
+                if _classify(exc) is not _CONFLICT:
                     raise
                 now = self._get_bytes(man_key)
                 if now is not None and self._same_manifest(now, man_bytes):
@@ -681,8 +813,7 @@ class S3Store:
                 try:
                     return self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
                 except bce.ClientError as exc:
-                    code, status = _error_code(exc)
-                    if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                    if _classify(exc) is _NOT_FOUND:
                         return None
                     raise
 
@@ -716,8 +847,7 @@ class S3Store:
         try:
             return int(self._client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
         except bce.ClientError as exc:
-            code, status = _error_code(exc)
-            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            if _classify(exc) is _NOT_FOUND:
                 return None
             raise
 

@@ -16,11 +16,15 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 from botocore.awsrequest import AWSResponse
 
+from spotckpt.errors import UploadError
 from spotckpt.format import MANIFEST_NAME, Manifest, step_dirname
 from spotckpt.s3 import S3Store, make_client
 from spotckpt.policy import KeepLast
 from spotckpt.uploader import Uploader
 from tests.helpers import write_step
+
+# Every S3 test here runs against moto and a real server (SeaweedFS); see tests/conftest.py.
+S3_SERVERS = ("moto", "seaweedfs")
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]
@@ -165,8 +169,6 @@ def test_uploader_killed_mid_upload_leaves_no_manifest_over_incomplete_data(buck
 
 
 def test_upload_gives_up_with_upload_error_naming_the_key(bucket: str, tmp_path: Path) -> None:
-    from spotckpt.errors import UploadError
-
     client = make_client(max_attempts=1)
     faults = FaultInjector(1.0)
     store = S3Store(f"s3://{bucket}/g", client=client, retry_attempts=2, retry_backoff_seconds=0.01)
@@ -177,3 +179,160 @@ def test_upload_gives_up_with_upload_error_naming_the_key(bucket: str, tmp_path:
         store.upload_step(3, local / step_dirname(3))
     assert "step-000000000003/" in ei.value.key
     assert store.list_steps() == []
+
+
+# --------------------------------------------------------------------------------------------
+# A real server checks what moto does not: CRC32C of every part and object, If-None-Match: *.
+
+REAL = pytest.mark.parametrize("s3_server", ["seaweedfs"], indirect=True)
+
+
+def _no_trace_of(store: S3Store, bucket: str, step: int) -> None:
+    """Nothing of ``step`` counts in S3, and no multipart upload is left behind."""
+    assert step not in store.list_steps()
+    assert store.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+@REAL
+def test_real_server_refuses_a_wrong_part_checksum(bucket: str, tmp_path: Path) -> None:
+    store = S3Store(f"s3://{bucket}/parts", transfer_config=SMALL_PARTS, retry_attempts=3, retry_backoff_seconds=0.01)
+    local = tmp_path / "ckpt"
+    make_step(local, 1, 12 * MiB, nfiles=1)  # 3 parts of 5 MiB
+
+    def wrong_crc(params: dict, **_: object) -> None:  # runs after spotckpt's own part-CRC hook
+        if params.get("PartNumber") == 2:
+            params["ChecksumCRC32C"] = "AAAAAA=="
+
+    store.client.meta.events.register("before-parameter-build.s3.UploadPart", wrong_crc)
+    with pytest.raises(UploadError, match=r"do not match their CRC32C \(BadDigest\).*Nothing of this step was committed") as ei:
+        store.upload_step(1, local / step_dirname(1))
+    assert ei.value.key == "parts/step-000000000001/rank-00000.safetensors"
+    assert "after" not in str(ei.value)  # a 400 is final: not retried
+    _no_trace_of(store, bucket, 1)
+    assert "Contents" not in store.client.list_objects_v2(Bucket=bucket, Prefix=ei.value.key)
+
+
+@REAL
+@pytest.mark.parametrize("nbytes", [64 * 1024, 12 * MiB], ids=["put", "multipart"])
+def test_real_server_refuses_an_object_that_does_not_match_its_manifest_crc(bucket: str, tmp_path: Path, nbytes: int) -> None:
+    """The local file changed after its manifest was written (same size): the object goes up
+    with the manifest's CRC32C (single PUT, or the full-object checksum of a multipart upload),
+    and a server that checks refuses it -- moto would store it, and only a download would tell."""
+    store = S3Store(f"s3://{bucket}/obj", transfer_config=SMALL_PARTS, retry_attempts=3, retry_backoff_seconds=0.01)
+    local = tmp_path / "ckpt"
+    make_step(local, 1, 32 * 1024, nfiles=1)
+    Uploader(local, store).sync_once()  # an older committed step, which must stay valid
+    make_step(local, 2, nbytes, nfiles=1)
+    path = local / step_dirname(2) / "rank-00000.safetensors"
+    with open(path, "r+b") as f:
+        f.seek(nbytes // 2)
+        b = f.read(1)
+        f.seek(nbytes // 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(UploadError, match=r"BadDigest") as ei:
+        store.upload_step(2, local / step_dirname(2))
+    assert ei.value.key == "obj/step-000000000002/rank-00000.safetensors"
+    _no_trace_of(store, bucket, 2)
+    assert store.list_steps() == [1] and store.verify_step(1) == []
+    assert "Contents" not in store.client.list_objects_v2(Bucket=bucket, Prefix=ei.value.key)
+
+
+def _race(stores: list[S3Store], dirs: list[Path], step: int) -> list[object]:
+    """Both stores upload ``step``; their manifest PUTs are held until both are about to send,
+    so both pass the "already committed?" check and only If-None-Match: * decides."""
+    barrier = threading.Barrier(len(stores))
+
+    def hold(params: dict, **_: object) -> None:
+        if params["Key"].endswith(MANIFEST_NAME) and "IfNoneMatch" in params:
+            barrier.wait()
+
+    results: list[object] = [None] * len(stores)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = stores[i].upload_step(step, dirs[i])
+        except BaseException as exc:  # noqa: BLE001 - collected for the asserts
+            results[i] = exc
+            barrier.abort()  # never leave the other writer waiting
+
+    for st in stores:
+        st.client.meta.events.register("before-parameter-build.s3.PutObject", hold)
+    threads = [threading.Thread(target=run, args=(i,), name=f"writer-{i}") for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@REAL
+def test_real_server_conditional_manifest_write_same_manifest_is_idempotent(bucket: str, tmp_path: Path) -> None:
+    """Two writers (e.g. a retry racing its own first attempt) commit the same step with the
+    same manifest: one commits it, the other finds it already there; no error."""
+    uri = f"s3://{bucket}/same"
+    local = tmp_path / "ckpt"
+    man = make_step(local, 5, 32 * 1024)
+    results = _race([S3Store(uri), S3Store(uri)], [local / step_dirname(5)] * 2, 5)
+    assert sorted(results, key=str) == [False, True], results
+    store = S3Store(uri)
+    assert store.read_manifest(5) == man and store.verify_step(5) == []
+
+
+@REAL
+def test_real_server_conditional_manifest_write_loses_the_race_cleanly(bucket: str, tmp_path: Path) -> None:
+    """Two writers commit the same step with different manifests (same data, different writer
+    info): exactly one commits; the other gets an UploadError naming the key and saying what to
+    do, and the committed step is the winner's and verifies."""
+    import shutil
+
+    uri = f"s3://{bucket}/race"
+    a = tmp_path / "a"
+    man_a = make_step(a, 6, 32 * 1024)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    man_b = Manifest(step=6, files=dict(man_a.files), created=man_a.created, extra={"writer": "b"})
+    (b / step_dirname(6) / MANIFEST_NAME).write_bytes(man_b.to_bytes())
+    results = _race([S3Store(uri), S3Store(uri)], [a / step_dirname(6), b / step_dirname(6)], 6)
+    winners = [i for i, r in enumerate(results) if r is True]
+    losers = [r for r in results if isinstance(r, UploadError)]
+    assert len(winners) == 1 and len(losers) == 1, results
+    assert "another writer" in str(losers[0]) and "separate S3 prefix" in str(losers[0])
+    assert losers[0].key == "race/step-000000000006/manifest.json"
+    store = S3Store(uri)
+    assert store.read_manifest(6) == (man_a, man_b)[winners[0]]
+    assert store.verify_step(6) == []
+
+
+def _client_error(code: str, status: int, op: str = "PutObject") -> bce.ClientError:
+    return bce.ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, op)
+
+
+@pytest.mark.parametrize(
+    ("exc", "retryable", "says"),
+    [
+        (_client_error("SlowDown", 503), True, "throttling"),
+        (_client_error("WeirdNew5xx", 502), True, "throttling"),
+        (_client_error("RequestTimeTooSkewed", 403), True, "clock"),
+        (_client_error("AccessDenied", 403), False, "grant s3:ListBucket"),
+        (_client_error("403", 403, "HeadObject"), False, "access denied"),
+        (_client_error("BadDigest", 400), False, "CRC32C"),
+        (_client_error("PreconditionFailed", 412), False, "another writer"),
+        (_client_error("NotImplemented", 501), False, "does not support"),
+        (_client_error("NoSuchBucket", 404), False, "create it"),
+        (_client_error("404", 404, "HeadObject"), False, "does not exist"),
+        (bce.EndpointConnectionError(endpoint_url="http://x"), True, "cannot reach"),
+        (bce.ConnectionClosedError(endpoint_url="http://x"), True, "connection"),
+        (bce.NoCredentialsError(), False, "AWS_ACCESS_KEY_ID"),
+        (ConnectionResetError(), True, "connection"),
+        (FileNotFoundError(), False, "FileNotFoundError"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else None,
+)
+def test_s3_failures_are_looked_up_in_one_table(exc: BaseException, retryable: bool, says: str) -> None:
+    from spotckpt.s3 import _is_retryable
+
+    store = S3Store("s3://some-bucket/p", client=make_client())
+    assert _is_retryable(exc) is retryable
+    err = store._storage_error(exc, "p/step-000000000001/x", UploadError)
+    assert isinstance(err, UploadError) and err.key == "p/step-000000000001/x"
+    assert says in str(err)

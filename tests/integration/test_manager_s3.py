@@ -10,6 +10,9 @@ from spotckpt import CheckpointManager
 from spotckpt.s3 import S3Store
 from tests.helpers import assert_state_is_step, empty_state, step_state
 
+# Every S3 test here runs against moto and a real server (SeaweedFS); see tests/conftest.py.
+S3_SERVERS = ("moto", "seaweedfs")
+
 
 def test_wait_means_in_s3_and_upload_metric_line(tmp_path: Path, bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
     uri = f"s3://{bucket}/job"

@@ -16,6 +16,9 @@ from spotckpt.errors import ConfigError
 from spotckpt.s3 import S3Store
 from spotckpt.sidecar import run_command
 
+# Every S3 test here runs against moto and a real server (SeaweedFS); see tests/conftest.py.
+S3_SERVERS = ("moto", "seaweedfs")
+
 REPO = Path(__file__).resolve().parents[2]
 
 # A trainer that traps SIGTERM, then writes a committed step in the format (staging dir, fsync,

@@ -16,6 +16,9 @@ from spotckpt.policy import KeepLast
 from spotckpt.uploader import Uploader
 from tests.helpers import write_step
 
+# Every S3 test here runs against moto and a real server (SeaweedFS); see tests/conftest.py.
+S3_SERVERS = ("moto", "seaweedfs")
+
 MiB = 1024 * 1024
 
 

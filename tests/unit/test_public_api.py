@@ -41,7 +41,7 @@ def test_error_tree() -> None:
     # a refusal by policy is not corruption: restore must not fall back past it
     assert not issubclass(errors.PickleRefusedError, errors.CheckpointCorruptError)
     assert issubclass(errors.UploadError, errors.StorageError) and issubclass(errors.DownloadError, errors.StorageError)
-    assert issubclass(errors.LocalStepVanishedError, errors.UploadError)
+    assert issubclass(errors.LocalStepVanishedError, errors.StorageError)
     assert errors.CheckpointCorruptError("x", path="/p").path == "/p"
     assert errors.PickleRefusedError("x", path="/q").path == "/q"
     assert errors.SaveError("x", step=3).step == 3 and errors.StorageError("x", key="k").key == "k"
