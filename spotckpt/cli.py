@@ -58,9 +58,21 @@ def _local_rows(root: Path, *, checksums: bool) -> list[StepRow]:
     store = LocalStore(root, create=False, cleanup=False)
     rows = []
     for s in store.committed_steps():
-        check = store.verify_step(s, checksums=checksums)
+        try:
+            man = store.read_manifest(s)
+        except SpotCkptError:
+            man = None
+        # several hosts: a host holds its ranks' files (and maybe copies of rank 0's), not all
+        here = None
+        if man is not None and int(man.extra.get("world_size", 1) or 1) > 1:
+            here = {f for f in man.files if (store.step_path(s) / f).exists()}
+        check = store.verify_step(s, checksums=checksums, files=here)
         m = check.manifest
         status = "valid" if check.ok and checksums else ("ok (sizes)" if check.ok else "corrupt: " + check.problems[0])
+        if check.ok and m is not None and here is not None:
+            status += f" ({len(here)} of {len(m.files)} files on this host)"
+            if not here:
+                status = "corrupt: no file of this step is on this host"
         rows.append(StepRow(s, len(m.files) if m else 0, m.total_bytes if m else 0, m.created if m else "-", status))
     return rows
 

@@ -214,7 +214,8 @@ class CheckpointManager:
         if not self._leader:
             return  # every rank lists and reads S3 (restore); each host's leader uploads its files
         self._uploader = Uploader(self.local_dir, self._store, retention=self.retention, on_uploaded=self._on_uploaded,
-                                  world_size=self.world_size, writes_manifest=self.rank == 0)
+                                  world_size=self.world_size, writes_manifest=self.rank == 0,
+                                  await_hosts_seconds=self._coord.timeout_seconds if self._coord else 600.0)
         self._uploader.start()
 
     def _on_uploaded(self, step: int, seconds: float, nbytes: int) -> None:
@@ -530,7 +531,7 @@ class CheckpointManager:
             job = self._pending
             if job is not None:
                 job.done.wait()
-            if self._uploader is not None:
+            if self._uploader is not None and not self._abandoned:
                 if self._persist is not None:
                     self._persist.join_queue()
                 try:
@@ -579,7 +580,10 @@ class CheckpointManager:
         if exc is None:
             self.close()
         else:
-            self._abandoned = True  # the other ranks may be anywhere: no collective on the way out
+            # the other ranks may be anywhere, and an upload may never complete: no collective
+            # and no waiting for S3 on the way out (committed local steps are safe; the next
+            # run's uploader or restore picks them up)
+            self._abandoned = True
             try:
                 self.close()
             except SpotCkptError as close_exc:

@@ -23,7 +23,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -594,15 +594,20 @@ class S3Store:
 
     # ----------------------------------------------------------------------------- upload
 
-    def upload_step(self, step: int, src_dir: Path, manifest: Manifest | None = None) -> bool:
+    def upload_step(self, step: int, src_dir: Path, manifest: Manifest | None = None, *,
+                    files: Collection[str] | None = None, commit: bool = True) -> bool:
         """Upload a committed local step: every data file, then ``manifest.json`` last with
         ``If-None-Match: *``.
 
+        Several hosts: ``files`` limits the upload to the files this host holds, and
+        ``commit=False`` uploads no manifest (one rank commits the step with
+        :meth:`commit_manifest` once :meth:`missing_objects` finds every host's files in S3).
+
         Returns True when this call committed the step, False when S3 already held the same
-        manifest (nothing is uploaded then). Raises UploadError if S3 holds a *different*
-        manifest for this step (another writer), :class:`LocalStepVanishedError` when
-        ``src_dir`` disappears meanwhile, CheckpointCorruptError when a local file does not
-        match its manifest entry.
+        manifest (nothing is uploaded then) or ``commit`` is False. Raises UploadError if S3
+        holds a *different* manifest for this step (another writer),
+        :class:`LocalStepVanishedError` when ``src_dir`` disappears meanwhile,
+        CheckpointCorruptError when a local file does not match its manifest entry.
         """
         src_dir = Path(src_dir)
         local_manifest = src_dir / MANIFEST_NAME
@@ -635,6 +640,8 @@ class S3Store:
         jobs = []
         for rel, ent in sorted(manifest.files.items()):
             safe_relpath(rel, source=str(local_manifest))
+            if files is not None and rel not in files:
+                continue
             path = src_dir / rel
             try:
                 size = path.stat().st_size
@@ -663,6 +670,45 @@ class S3Store:
 
         if not src_dir.exists():
             raise LocalStepVanishedError(f"{src_dir} vanished during its upload; not committing it", key=man_key)
+        if not commit:
+            return False
+        return self.commit_manifest(step, manifest, man_bytes)
+
+    def missing_objects(self, step: int, manifest: Manifest) -> list[str]:
+        """The files of ``manifest`` that are not in S3 yet with the right size and CRC32C
+        (empty: the step can be committed). The CRC32C comes from ``HeadObject`` where S3 keeps
+        it; where it does not (small single-part objects on some servers), from the bytes."""
+        missing = []
+        for rel, ent in sorted(manifest.files.items()):
+            key = self.step_key(step, rel)
+
+            def head(key: str = key) -> dict[str, Any] | None:
+                try:
+                    return self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+                except bce.ClientError as exc:
+                    if _classify(exc) is _NOT_FOUND:
+                        return None
+                    raise
+
+            h = self._retry(head, key, UploadError)
+            if h is None or int(h.get("ContentLength", -1)) != ent.size:
+                missing.append(rel)
+                continue
+            crc = h.get("ChecksumCRC32C")
+            if crc is None:
+                body = self._get_bytes(key)
+                crc = None if body is None else crc32c_b64(crc32c_update(0, body))
+            if crc != ent.crc32c:
+                missing.append(rel)
+        return missing
+
+    def commit_manifest(self, step: int, manifest: Manifest, man_bytes: bytes | None = None) -> bool:
+        """Write ``manifest.json`` of ``step`` with ``If-None-Match: *``: the step counts from
+        now on. True when this call committed it, False when S3 already held the same manifest;
+        UploadError when it holds a different one (another writer)."""
+        if man_bytes is None:
+            man_bytes = manifest.to_bytes()
+        man_key = self.step_key(step, MANIFEST_NAME)
         crc = crc32c_b64(crc32c_update(0, man_bytes))
 
         def put() -> bool:

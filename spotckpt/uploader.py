@@ -32,7 +32,7 @@ from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
-from .errors import CheckpointCorruptError, LocalStepVanishedError, SpotCkptError, StorageError
+from .errors import CheckpointCorruptError, LocalStepVanishedError, SpotCkptError, StorageError, UploadError
 from .format import MANIFEST_NAME, step_dirname
 from .local import read_step_manifest, scan_committed_steps
 from .policy import KeepAll, RetentionPolicy, doomed
@@ -43,6 +43,7 @@ __all__ = ["Uploader"]
 log = logging.getLogger(__name__)
 
 _STEP_DIR_RE = re.compile(r"^step-\d{12}$")
+_AWAIT_MANIFEST_SECONDS = 0.5  # several hosts: how often to look for the other hosts' files
 
 
 class _StopRaceFilter(logging.Filter):
@@ -77,6 +78,11 @@ class Uploader:
 
     ``retention`` (default: keep all) decides which steps S3 keeps; local steps that would fall
     outside it are not uploaded at all.
+
+    Several hosts (``world_size`` > 1; one uploader per host, run by the host's leader rank):
+    each uploads the files its ``local_dir`` holds; only the one with ``writes_manifest`` (rank
+    0's host) writes ``manifest.json``, after every listed object of every host is in S3 with the
+    right size and CRC32C, and applies S3 retention.
     """
 
     def __init__(
@@ -89,6 +95,7 @@ class Uploader:
         on_uploaded: Callable[[int, float, int], None] | None = None,
         world_size: int = 1,
         writes_manifest: bool = True,
+        await_hosts_seconds: float = 600.0,
     ) -> None:
         """``on_uploaded(step, seconds, bytes)`` is called on the upload thread each time a step's
         manifest lands in S3 (``seconds``: that step's upload, data and manifest)."""
@@ -97,6 +104,8 @@ class Uploader:
         self.retention = retention if retention is not None else KeepAll()
         self.world_size = world_size
         self.writes_manifest = writes_manifest
+        self._data_done: set[int] = set()  # several hosts: steps whose files this host uploaded
+        self.await_hosts_seconds = await_hosts_seconds
         self.scan_interval_seconds = scan_interval_seconds
         self._on_uploaded = on_uploaded
         self._cond = threading.Condition()
@@ -185,6 +194,8 @@ class Uploader:
             while True:
                 if step in self._remote or step in self._skipped:
                     return True
+                if step in self._data_done and any(r > step for r in self._remote):
+                    return True  # several hosts: a newer committed step supersedes it
                 if step in self._bad:
                     raise copy.copy(self._bad[step]) from self._bad[step]
                 if self._passes > start_pass:
@@ -244,7 +255,11 @@ class Uploader:
             log.warning("could not clean up incomplete multipart uploads: %s", exc)
         while not self._stop.is_set():
             self._pass()
-            self._wake.wait(self.scan_interval_seconds)
+            # several hosts: while this host's data waits for the manifest another host writes,
+            # look again soon (wait_for() of the final save is waiting on it)
+            with self._cond:
+                awaiting = bool(self._data_done - self._remote)
+            self._wake.wait(_AWAIT_MANIFEST_SECONDS if awaiting else self.scan_interval_seconds)
             self._wake.clear()
 
     def _pass(self) -> None:
@@ -268,7 +283,8 @@ class Uploader:
             local = scan_committed_steps(self.local_dir, require_manifest=True)
             remote = set(self.store.list_steps())
             keep = self.retention.kept(set(local) | remote)
-            missing = [s for s in reversed(local) if s not in remote and s in keep and s not in self._bad]
+            missing = [s for s in reversed(local)
+                       if s not in remote and s in keep and s not in self._bad and s not in self._data_done]
             with self._cond:
                 self._remote = remote
                 self._skipped.update(s for s in local if s not in keep and s not in remote)
@@ -283,7 +299,13 @@ class Uploader:
         try:
             manifest = read_step_manifest(self.local_dir, step)
             t0 = time.perf_counter()
-            uploaded = self.store.upload_step(step, src, manifest)
+            if self.world_size > 1:
+                committed = self._upload_host_part(step, src, manifest)
+                if committed is None:
+                    return  # waiting for the host that writes the manifest
+                uploaded = committed
+            else:
+                uploaded = self.store.upload_step(step, src, manifest)
         except (LocalStepVanishedError, FileNotFoundError):
             if src.exists():
                 raise
@@ -312,6 +334,42 @@ class Uploader:
             except Exception:  # noqa: BLE001 - a metrics callback must not stop uploads
                 log.exception("on_uploaded callback failed")
 
+    def _upload_host_part(self, step: int, src: Path, manifest: Any) -> bool | None:
+        """Several hosts: upload the files this host holds (data only). The host of rank 0 then
+        waits until every file of every host is in S3 with the right size and CRC32C, and only
+        then writes the manifest; the others return None (the step commits when that manifest
+        appears). A host that died mid-upload leaves the step uncommitted; the writer gives up
+        on it once a newer step is committed locally."""
+        here = {rel for rel in manifest.files if (src / rel).is_file()}
+        if step not in self._data_done:
+            self.store.upload_step(step, src, manifest, files=here, commit=False)
+            with self._cond:
+                self._data_done.add(step)
+        if not self.writes_manifest:
+            return None
+        give_up = time.monotonic() + self.await_hosts_seconds
+        while not self._stop.is_set():
+            missing = self.store.missing_objects(step, manifest)
+            if not missing:
+                return bool(self.store.commit_manifest(step, manifest))
+            if time.monotonic() > give_up:
+                with self._cond:
+                    self._skipped.add(step)
+                raise UploadError(
+                    f"step {step}: {', '.join(missing)} did not reach {self.store.uri} from the other hosts "
+                    f"within {self.await_hosts_seconds:.0f} s; the step stays uncommitted in S3 (the older "
+                    "committed steps are intact) -- check the other hosts' logs",
+                    key=missing[0],
+                )
+            if any(s > step for s in scan_committed_steps(self.local_dir, require_manifest=True)):
+                log.warning("step %s: %s never reached S3 from the other hosts; a newer step supersedes it",
+                            step, ", ".join(missing))
+                with self._cond:
+                    self._skipped.add(step)
+                return None
+            self._stop.wait(_AWAIT_MANIFEST_SECONDS)
+        return None
+
     def _drop_orphan(self, step: int) -> None:
         """Delete data objects a vanished step left behind, unless its manifest made it."""
         if step in self.store.list_steps():
@@ -324,8 +382,8 @@ class Uploader:
             log.warning("could not delete leftover objects of step %s: %s", step, exc)
 
     def _apply_retention(self) -> None:
-        if isinstance(self.retention, KeepAll):
-            return
+        if isinstance(self.retention, KeepAll) or not self.writes_manifest:
+            return  # several hosts: the host that commits steps also retires them, once
         remote = self.store.list_steps()
         gone = doomed(self.retention, remote, protect=remote[-1:])  # never the newest
         for step in gone:

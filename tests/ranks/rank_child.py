@@ -35,7 +35,8 @@ def main() -> int:
     scenario, local_dir, *rest = sys.argv[1:]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    kw = {"metrics": False, "keep_last": None, "collective_timeout_seconds": float(os.environ.get("TIMEOUT", "60"))}
+    kw = {"metrics": False, "keep_last": None, "collective_timeout_seconds": float(os.environ.get("TIMEOUT", "60")),
+          "s3_uri": os.environ.get("S3_URI") or None}
     out: dict[str, object] = {}
     if scenario == "save":  # save the given steps, blocking or async
         mode = rest[0]
@@ -83,10 +84,34 @@ def main() -> int:
             out["seconds"] = time.monotonic() - t0
             out["steps"] = mgr.all_steps()
             mgr._abandoned = True  # the other rank is gone: no collective close
+    elif scenario == "die-in-upload":  # rank 1's host is SIGKILLed while its files upload
+        st = state_for(1, rank)
+        with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
+            mgr.save(1, st, blocking=True)
+            mgr.wait()
+            if rank == 1:
+                import botocore.client  # slow every part of rank 1's upload, then die mid-way
+
+                real = botocore.client.BaseClient._make_api_call
+
+                def slow(self, op, params):  # type: ignore[no-untyped-def]
+                    if op in ("PutObject", "UploadPart", "CreateMultipartUpload"):
+                        print("uploading", flush=True)
+                        time.sleep(0.5)
+                        os.kill(os.getpid(), 9)
+                    return real(self, op, params)
+
+                botocore.client.BaseClient._make_api_call = slow
+            mgr.save(2, st, blocking=True)
+            try:
+                out["wait_ok"] = mgr.wait(timeout=15)
+            except spotckpt.SpotCkptError as exc:
+                out["error"] = type(exc).__name__
+            mgr._abandoned = True
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     print("result " + json.dumps(out), flush=True)
-    if scenario != "die-in-save":
+    if scenario not in ("die-in-save", "die-in-upload"):
         dist.destroy_process_group()
     return 0
 
