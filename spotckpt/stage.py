@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .errors import SaveError
 from .format import FileEntry, TensorSpec, plan_safetensors, tensor_byte_view, write_chunks_durably
 
 __all__ = ["Stager", "StagedTensors"]
@@ -93,7 +94,8 @@ class Stager:
         """Copy ``tensors`` into the buffer (training thread). The caller must ``release`` the
         previous StagedTensors before staging again."""
         if self.in_use:
-            raise RuntimeError("Stager.stage() called while the previous staged save is still in use")
+            raise SaveError("Stager.stage() called while the previous staged save is still in use; release() it "
+                            "first (one save at a time per stager)")
         items = [(n, t.dtype, tuple(t.shape), t.numel() * t.element_size()) for n, t in tensors.items()]
         header, specs = plan_safetensors(items, metadata)
         total = specs[-1].end if specs else 0

@@ -32,7 +32,14 @@ from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
-from .errors import CheckpointCorruptError, LocalStepVanishedError, SpotCkptError, StorageError, UploadError
+from .errors import (
+    CheckpointCorruptError,
+    ConfigError,
+    LocalStepVanishedError,
+    SpotCkptError,
+    StorageError,
+    UploadError,
+)
 from .format import MANIFEST_NAME, step_dirname
 from .local import read_step_manifest, scan_committed_steps
 from .policy import KeepAll, RetentionPolicy, doomed
@@ -124,7 +131,7 @@ class Uploader:
     def start(self) -> None:
         """Start the upload thread and the watchdog observer (call once)."""
         if self._thread is not None:
-            raise RuntimeError("Uploader.start() called twice")
+            raise ConfigError("Uploader.start() called twice; create one Uploader per start")
         self.local_dir.mkdir(parents=True, exist_ok=True)
         self._thread = threading.Thread(target=self._run, name="spotckpt-uploader", daemon=True)
         self._thread.start()
