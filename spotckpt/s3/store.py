@@ -1,26 +1,10 @@
-"""S3 transfer layer: one step directory <-> ``<s3_uri>/step-XXXXXXXXXXXX/`` over s3transfer.
-
-This is the only spotckpt module that imports boto3 / botocore / s3transfer.
-
-Layout and commit protocol (DESIGN.md): a step exists in S3 only when its ``manifest.json``
-exists. :meth:`S3Store.upload_step` uploads every data file first, then the manifest, with
-``If-None-Match: *`` so two writers can never silently replace a committed step;
-:meth:`S3Store.delete_step` deletes the manifest first, then the data. Every object carries the
-CRC32C computed at write time (``ChecksumCRC32C``; full-object checksum for multipart uploads),
-and every download is verified again client-side (size and CRC32C), because S3-compatible test
-servers do not always check.
-
-Threads: an :class:`S3Store` may be used from several threads (the boto3 client and the
-s3transfer ``TransferManager`` are thread-safe); the uploader thread uploads and deletes while
-the restore path downloads. Transfers run on the ``TransferManager``'s own worker threads.
-"""
+"""S3Store: one step directory <-> ``<s3_uri>/step-XXXXXXXXXXXX/`` (see the package docstring)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -29,15 +13,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import boto3
 import botocore.exceptions as bce
-from boto3.s3.transfer import TransferConfig as Boto3TransferConfig
-from botocore.config import Config
-from s3transfer.exceptions import RetriesExceededError as S3TransferRetriesExceededError
 from s3transfer.manager import TransferConfig, TransferManager
 from s3transfer.subscribers import BaseSubscriber
 
-from .errors import (
+from ..errors import (
     CheckpointCorruptError,
     ConfigError,
     DownloadError,
@@ -45,7 +25,7 @@ from .errors import (
     StorageError,
     UploadError,
 )
-from .format import (
+from ..format import (
     MANIFEST_NAME,
     Manifest,
     crc32c_b64,
@@ -55,308 +35,19 @@ from .format import (
     safe_relpath,
     step_dirname,
 )
-from .format import fsync_path as _fsync_path
+from ..format import fsync_path as _fsync_path
 
-__all__ = [
-    "parse_s3_uri",
-    "make_client",
-    "default_transfer_config",
-    "S3Store",
-    "LocalStepVanishedError",
-    "PART_SIZE_BYTES",
-    "MAX_CONCURRENCY",
-    "usable_cpus",
-    "default_concurrency",
-]
+from .failures import _CONFLICT, _NOT_FOUND, _classify, _error_code, _is_retryable
+from .settings import (
+    MiB,
+    _add_part_crc32c,
+    _full_object_checksums_supported,
+    default_transfer_config,
+    make_client,
+    parse_s3_uri,
+)
 
 log = logging.getLogger(__name__)
-
-MiB = 1024 * 1024
-
-# Transfer settings, chosen for real S3 and checked by measurement (benchmarks/bench_s3.py,
-# against SeaweedFS, a server that verifies checksums; README "S3 transfers" has the figures).
-#
-# Part size: 16 MiB parts / ranges. AWS's guidance for byte-range GETs is 8-16 MB; a 1 GiB file
-# is 64 parts (enough to keep every connection busy to the end), a 100 GiB file 6,400 (under
-# S3's 10,000-part limit; s3transfer enlarges parts beyond that), and a retried part resends at
-# most 16 MiB. boto3's 8 MiB default doubles the requests (signing, a part checksum, a round
-# trip and S3's per-prefix request-rate budget each) for no extra parallelism.
-#
-# Concurrency: REQUESTS_PER_CPU (8) requests in flight per usable CPU (affinity mask, cgroup
-# quota), at least MIN_CONCURRENCY (16), at most CONCURRENCY_CEILING (64);
-# $SPOTCKPT_S3_CONCURRENCY overrides it. Why:
-# - Concurrency hides latency: one S3 connection moves roughly 50-100 MB/s, so filling a NIC
-#   takes about one request in flight per 85 MB/s of bandwidth. Even a 2-vCPU instance bursts
-#   to ~10 Gb/s, hence the floor of 16 (16 x ~80 MB/s ~ 10 Gb/s).
-# - Each request costs client CPU: ~1.5 CPU-s per GiB through botocore (HTTP, signing, part
-#   CRC32C; measured), so one core feeds about 5-8 connections at S3's per-connection speed;
-#   beyond 8 per CPU, requests would queue for the CPU rather than for the network.
-# - Ceiling 64: one Python process is GIL-bound at a few GB/s whatever the core count (the
-#   per-chunk Python work of every connection takes the GIL); 64 x ~80 MB/s ~ 5 GB/s (40 Gb/s)
-#   is past that, and more threads only add contention and memory: the worst case is about
-#   concurrency x part size in flight (1 GiB at 64), usually far less (upload parts are read
-#   from the file as they are sent; downloads buffer at most ``max_io_queue`` 256 KiB chunks).
-# This 2-core VM: 2 x 8 = 16 -> 16 requests x 16 MiB. With the server on the same two cores,
-# 4/8/16 were within the run-to-run noise (benchmarks/out/s3.json); 16 is the real-S3 choice.
-# A 100 Gb/s instance (e.g. 64+ vCPUs): 8 x 64 = 512 -> ceiling 64, ~5 GB/s at best from one
-# process, i.e. ~40% of the NIC. Filling it takes several processes (each rank of a job
-# uploads its own files with its own S3Store, so 8 ranks bring 8 x 64 connections) or the CRT
-# transfer client, which spotckpt does not use because it ignores custom endpoints.
-PART_SIZE_BYTES = 16 * MiB
-#: Requests in flight per usable CPU, and the floor and ceiling of the total (see "Concurrency"
-#: in the comment above).
-REQUESTS_PER_CPU = 8
-MIN_CONCURRENCY = 16
-CONCURRENCY_CEILING = 64
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, further limited by a cgroup v2 CPU quota
-    (``cpu.max``, as containers get), at least 1."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        n = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
-
-
-def default_concurrency(cpus: int | None = None) -> int:
-    """Concurrent requests per transfer: ``$SPOTCKPT_S3_CONCURRENCY`` if set, else
-    ``REQUESTS_PER_CPU`` per usable CPU, between ``MIN_CONCURRENCY`` and ``CONCURRENCY_CEILING``."""
-    env = os.environ.get("SPOTCKPT_S3_CONCURRENCY")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            n = 0
-        if not 1 <= n <= 1024:
-            raise ConfigError(f"SPOTCKPT_S3_CONCURRENCY={env!r}: expected an integer from 1 to 1024")
-        return n
-    cpus = usable_cpus() if cpus is None else cpus
-    return min(CONCURRENCY_CEILING, max(MIN_CONCURRENCY, REQUESTS_PER_CPU * cpus))
-
-
-#: This machine's choice from its CPUs, computed once at import (``default_transfer_config()``
-#: also honours ``$SPOTCKPT_S3_CONCURRENCY``).
-MAX_CONCURRENCY = min(CONCURRENCY_CEILING, max(MIN_CONCURRENCY, REQUESTS_PER_CPU * usable_cpus()))
-#: Objects up to this size go up in one PUT (one request, no multipart bookkeeping).
-MULTIPART_THRESHOLD_BYTES = 16 * MiB
-
-_URI_RE = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?$")
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/some/prefix/`` -> ``("bucket", "some/prefix")``; ConfigError otherwise."""
-    if not isinstance(uri, str):
-        raise ConfigError(f"S3 URI must be a string like 's3://bucket/prefix', got {uri!r}")
-    m = _URI_RE.match(uri.strip())
-    if not m:
-        raise ConfigError(
-            f"malformed S3 URI {uri!r}: expected 's3://bucket/prefix' (lower-case bucket name, "
-            "3-63 characters); set --s3 / s3_uri / SPOTCKPT_S3_URI accordingly"
-        )
-    bucket, prefix = m.group(1), (m.group(2) or "").strip("/")
-    if "//" in prefix or any(p in (".", "..") for p in prefix.split("/") if prefix):
-        raise ConfigError(f"malformed S3 URI {uri!r}: the prefix must not contain '//', '.' or '..'")
-    return bucket, prefix
-
-
-def make_client(*, max_pool_connections: int | None = None, max_attempts: int = 8) -> Any:
-    """A boto3 S3 client from the standard chain (credentials, region, ``AWS_ENDPOINT_URL``,
-    profiles), with botocore's ``standard`` retry mode and a pool that covers the concurrency.
-
-    The CRT transfer path is deliberately not used: it ignores custom endpoints.
-    """
-    session = boto3.session.Session()  # sessions are not thread-safe: one per client
-    cfg = Config(
-        retries={"mode": "standard", "max_attempts": max_attempts},
-        max_pool_connections=max(max_pool_connections or 0, default_concurrency() + 8),
-        connect_timeout=10,
-        read_timeout=60,
-        tcp_keepalive=True,
-    )
-    try:
-        return session.client("s3", config=cfg)
-    except bce.BotoCoreError as exc:
-        raise ConfigError(f"cannot create an S3 client ({exc}); check AWS_REGION / AWS_PROFILE") from exc
-
-
-def default_transfer_config() -> TransferConfig:
-    """The measured settings above (see the comment on :data:`PART_SIZE_BYTES`)."""
-    return Boto3TransferConfig(
-        multipart_threshold=MULTIPART_THRESHOLD_BYTES,
-        multipart_chunksize=PART_SIZE_BYTES,
-        max_concurrency=default_concurrency(),
-        max_io_queue=1000,
-        use_threads=True,
-        preferred_transfer_client="classic",  # the CRT client ignores custom endpoints
-    )
-
-
-def _full_object_checksums_supported() -> bool:
-    return "ChecksumType" in TransferManager.ALLOWED_UPLOAD_ARGS
-
-
-def _error_code(exc: BaseException) -> tuple[str, int]:
-    if isinstance(exc, bce.ClientError):
-        err = exc.response.get("Error", {})
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
-        return str(err.get("Code", "")), int(status)
-    return "", 0
-
-
-# ------------------------------------------------------------------ S3 failures, as a table
-#
-# Every failure the S3 layer can meet is looked up here once, and the entry says both whether
-# it is worth retrying and what the user should do about it (like httpx's mapping of transport
-# exceptions to its own). Lookup order: exception type (first match wins, so specific before
-# general), then the S3 error code of a ClientError, then its HTTP status; anything else is an
-# unexplained, non-retryable failure. Advice is formatted with ``where`` (the s3:// URL),
-# ``endpoint``, ``bucket``, ``code`` and ``exc``.
-
-
-@dataclass(frozen=True)
-class _Failure:
-    advice: str
-    retryable: bool = False
-
-
-_NO_CREDENTIALS = _Failure(
-    "no usable AWS credentials for {where} ({exc}); set AWS_ACCESS_KEY_ID and "
-    "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance/execution role"
-)
-_UNREACHABLE = _Failure(
-    "cannot reach the S3 endpoint {endpoint} for {where} ({exc}); check AWS_ENDPOINT_URL, "
-    "AWS_REGION and the network (VPC endpoint / NAT)",
-    retryable=True,
-)
-_CONNECTION_LOST = _Failure(
-    "the connection to the S3 endpoint {endpoint} broke during a request for {where} ({exc}); "
-    "check the network and the endpoint's health",
-    retryable=True,
-)
-_SERVER_TROUBLE = _Failure(
-    "S3 kept failing for {where}: {code} ({exc}); the service is throttling or unwell -- spread "
-    "the load over more prefixes, or try again later",
-    retryable=True,
-)
-_NO_BUCKET = _Failure("bucket {bucket!r} does not exist at {endpoint}; create it or fix the S3 URI")
-_NOT_FOUND = _Failure("{where} does not exist ({code})")
-_ACCESS_DENIED = _Failure(
-    "access denied to {where} ({code}); grant s3:ListBucket, s3:GetObject, s3:PutObject, "
-    "s3:DeleteObject and s3:AbortMultipartUpload on the bucket/prefix, or check the credentials"
-)
-_EXPIRED = _Failure("the AWS credentials for {where} have expired ({code}); refresh the session token or role")
-_CLOCK_SKEW = _Failure(
-    "S3 refused {where} because this machine's clock is off ({code}); sync the clock (NTP / chrony)",
-    retryable=True,
-)
-_CHECKSUM_MISMATCH = _Failure(
-    "S3 refused {where}: the bytes it received do not match their CRC32C ({code}); the local file "
-    "changed or was damaged during the upload (or something on the way altered it). Nothing of "
-    "this step was committed -- check the local disk and save again"
-)
-_CONFLICT = _Failure(
-    "{where}: a conditional write lost ({code}): another writer got there first; use a separate "
-    "S3 prefix per job/run"
-)
-_UNSUPPORTED = _Failure(
-    "the S3 endpoint {endpoint} does not support a request spotckpt needs for {where} ({code}: "
-    "{exc}); spotckpt needs conditional writes (If-None-Match) and CRC32C checksums"
-)
-_NO_UPLOAD = _Failure(
-    "the multipart upload of {where} was aborted meanwhile ({code}), e.g. by "
-    "cleanup_incomplete_uploads on another host; it is retried",
-    retryable=True,
-)
-
-_EXCEPTION_TABLE: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], _Failure], ...] = (
-    ((bce.NoCredentialsError, bce.PartialCredentialsError, bce.CredentialRetrievalError), _NO_CREDENTIALS),
-    ((bce.EndpointConnectionError, bce.ConnectTimeoutError), _UNREACHABLE),
-    ((bce.ConnectionClosedError, bce.ReadTimeoutError, bce.IncompleteReadError, bce.HTTPClientError,
-      bce.ConnectionError), _CONNECTION_LOST),
-    (S3TransferRetriesExceededError, _CONNECTION_LOST),  # s3transfer gave up re-reading a download stream
-    ((ConnectionError, TimeoutError), _CONNECTION_LOST),  # builtin: ConnectionResetError & co.
-)
-
-_CODE_TABLE: dict[str, _Failure] = {
-    "NoSuchBucket": _NO_BUCKET,
-    "NoSuchKey": _NOT_FOUND,
-    "NoSuchUpload": _NO_UPLOAD,
-    **dict.fromkeys(
-        ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
-         "AccountProblem"), _ACCESS_DENIED),
-    **dict.fromkeys(("ExpiredToken", "TokenRefreshRequired", "InvalidToken"), _EXPIRED),
-    **dict.fromkeys(("RequestTimeTooSkewed",), _CLOCK_SKEW),
-    **dict.fromkeys(("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "XAmzContentChecksumMismatch"),
-                    _CHECKSUM_MISMATCH),
-    **dict.fromkeys(("PreconditionFailed", "ConditionalRequestConflict"), _CONFLICT),
-    **dict.fromkeys(("NotImplemented", "InvalidArgument"), _UNSUPPORTED),
-    **dict.fromkeys(
-        ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling",
-         "ThrottlingException", "RequestLimitExceeded", "BadGateway", "GatewayTimeout", "OperationAborted"),
-        _SERVER_TROUBLE),
-}
-
-_UNEXPLAINED = _Failure("S3 request for {where} failed: {code} ({exc})")
-
-
-def _classify(exc: BaseException, *, has_key: bool = True) -> _Failure | None:
-    """The table entry for ``exc``; None for exceptions that are not S3's (a local OSError, a
-    bug) -- those are neither retried nor rephrased."""
-    if isinstance(exc, bce.ClientError):
-        code, status = _error_code(exc)
-        found = _CODE_TABLE.get(code)
-        if found is not None:
-            return found
-        if status == 404:  # HEAD answers carry no error code, only the status
-            return _NOT_FOUND if has_key else _NO_BUCKET
-        if status == 403:
-            return _ACCESS_DENIED
-        if status == 412:
-            return _CONFLICT
-        if status >= 500:
-            return _SERVER_TROUBLE
-        return _UNEXPLAINED
-    for types, failure in _EXCEPTION_TABLE:
-        if isinstance(exc, types):
-            return failure
-    if isinstance(exc, bce.BotoCoreError):
-        return _UNEXPLAINED
-    return None
-
-
-def _is_retryable(exc: BaseException) -> bool:
-    """5xx, throttling and connection-level failures; never 4xx or local-file problems."""
-    failure = _classify(exc)
-    return failure is not None and failure.retryable
-
-
-def _add_part_crc32c(params: dict[str, Any], **_: Any) -> None:
-    """``before-parameter-build.s3.UploadPart``: send each part's CRC32C computed with the
-    ``crc32c`` package, so botocore needs no awscrt for CRC32C (it skips its own computation
-    when the checksum header is already present). Runs on a TransferManager worker thread."""
-    if params.get("ChecksumAlgorithm", "").upper() != "CRC32C" or "ChecksumCRC32C" in params:
-        return
-    body = params.get("Body")
-    if body is None or not hasattr(body, "read") or not hasattr(body, "seek"):
-        return
-    start = body.tell()
-    crc = 0
-    while True:  # ReadFileChunk reports progress on read and takes it back on seek: net zero
-        chunk = body.read(8 * MiB)
-        if not chunk:
-            break
-        crc = crc32c_update(crc, chunk)
-    body.seek(start)
-    params["ChecksumCRC32C"] = crc32c_b64(crc)
-
 
 class _Subscriber(BaseSubscriber):
     def __init__(self, size: int | None, progress: Callable[[int], None] | None) -> None:
@@ -932,3 +623,4 @@ class S3Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
