@@ -223,25 +223,19 @@ class LocalStore:
     # -- write ---------------------------------------------------------------------------
     def begin(self, step: int) -> Path:
         """A fresh staging directory for ``step`` (same filesystem as ``root``)."""
-        d = self.staging_root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}-{step_dirname(step)}"
-        try:
-            self.staging_root.mkdir(exist_ok=True)
-            d.mkdir()
-        except OSError as exc:
-            raise SaveError(
-                f"cannot create staging directory {d} ({exc.strerror}); check free space and "
-                "permissions of the checkpoint volume",
-                step=step,
-            ) from exc
-        return d
+        return self._mkdir_staging(self.staging_root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}-{step_dirname(step)}",
+                                   step, exist_ok=False)
 
     def shared_staging(self, step: int, *, owner_pid: int) -> Path:
         """The staging directory of ``step`` that every rank of one host writes into (several
         ranks); named after the host leader's process, so stale-staging cleanup knows when it
         is orphaned. Created if needed, by whichever rank comes first."""
-        d = self.staging_root / f"{owner_pid}-ranks-{step_dirname(step)}"
+        return self._mkdir_staging(self.staging_root / f"{owner_pid}-ranks-{step_dirname(step)}", step, exist_ok=True)
+
+    def _mkdir_staging(self, d: Path, step: int, *, exist_ok: bool) -> Path:
         try:
-            d.mkdir(exist_ok=True)
+            self.staging_root.mkdir(exist_ok=True)
+            d.mkdir(exist_ok=exist_ok)
         except OSError as exc:
             raise SaveError(
                 f"cannot create staging directory {d} ({exc.strerror}); check free space and "

@@ -18,7 +18,6 @@ nothing heavy and a row's missing package affects that row only.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import os
@@ -26,19 +25,12 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .context import Sample
+
 if TYPE_CHECKING:
-    from .worker import Ctx
+    from .context import Ctx
 
 KINDS = ("floor", "save", "restore")
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-    """One call's timings: ``stall`` = how long the caller was held, ``durable`` = until the
-    saver's fsyncs returned (equal for a blocking call)."""
-
-    stall: float
-    durable: float
 
 
 class Row:
@@ -306,7 +298,7 @@ class TorchsnapshotTake(SaveRow):
         import torchsnapshot  # type: ignore[import-untyped]
 
         torchsnapshot.Snapshot.take(path=path, app_state={"m": torchsnapshot.StateDict(**self.ctx.state)})
-        from .worker import fsync_tree
+        from .context import fsync_tree
 
         fsync_tree(path)
 

@@ -372,16 +372,7 @@ class S3Store:
         missing = []
         for rel, ent in sorted(manifest.files.items()):
             key = self.step_key(step, rel)
-
-            def head(key: str = key) -> dict[str, Any] | None:
-                try:
-                    return self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
-                except bce.ClientError as exc:
-                    if _classify(exc) is _NOT_FOUND:
-                        return None
-                    raise
-
-            h = self._retry(head, key, UploadError)
+            h = self._head_with_checksum(key, UploadError)
             if h is None or int(h.get("ContentLength", -1)) != ent.size:
                 missing.append(rel)
                 continue
@@ -545,16 +536,7 @@ class S3Store:
         problems: list[str] = []
         for rel, ent in sorted(manifest.files.items()):
             key = self.step_key(step, rel)
-
-            def head(key: str = key) -> dict[str, Any] | None:
-                try:
-                    return self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
-                except bce.ClientError as exc:
-                    if _classify(exc) is _NOT_FOUND:
-                        return None
-                    raise
-
-            h = self._retry(head, key, DownloadError)
+            h = self._head_with_checksum(key, DownloadError)
             if h is None:
                 problems.append(f"{rel}: missing")
                 continue
@@ -579,6 +561,19 @@ class S3Store:
             if n != ent.size or crc32c_b64(crc) != ent.crc32c:
                 problems.append(f"{rel}: read {n} bytes with CRC32C {crc32c_b64(crc)}, manifest says {ent.size} / {ent.crc32c}")
         return problems
+
+    def _head_with_checksum(self, key: str, cls: type[StorageError]) -> dict[str, Any] | None:
+        """``HeadObject`` with the stored checksum (``ChecksumMode``), retried; None if absent."""
+
+        def head() -> dict[str, Any] | None:
+            try:
+                return self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+            except bce.ClientError as exc:
+                if _classify(exc) is _NOT_FOUND:
+                    return None
+                raise
+
+        return self._retry(head, key, cls)  # type: ignore[no-any-return]
 
     def _head(self, key: str) -> int | None:
         try:
