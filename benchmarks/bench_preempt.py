@@ -10,7 +10,7 @@ step (so no policy save happens: the only checkpoint is the preemption one). At 
 parent sends SIGTERM and measures, from the moment of the signal:
 
 - ``to_manifest_s``: until the final step's ``manifest.json`` exists in S3 (the parent polls
-  ``list_objects_v2``; a step counts in S3 only once its manifest does, DESIGN.md);
+  ``list_objects_v2``; a step counts in S3 only once its manifest does);
 - ``to_local_commit_s``: until the step is committed under the local dir (the rest is upload);
 - ``to_exit_s``: until the child has exited (it must exit 0 after ``maybe_save`` returns with
   ``preempted`` set).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one short device check for issue 4: the side-by-side benchmark on a lent GPU machine.
+# The one short device check: the side-by-side save benchmark on a lent GPU machine.
 #
 # Run from the repo root (the device tool starts there):  bash benchmarks/gpu_check.sh
 # Installs nothing heavy: the image's python3 has torch (CUDA), matplotlib and psutil; the few

@@ -27,16 +27,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import CollectiveError, ConfigError
+
+if TYPE_CHECKING:
+    from .format import FileEntry
 
 __all__ = ["Coordinator", "HostLayout", "RequestChannel", "Request", "SaveCheck", "coordinator_from_torch"]
 
@@ -193,17 +196,20 @@ class Coordinator:
         return [bytes(o[: int(s.item())].numpy().tobytes()) for o, s in zip(outs, sizes)]
 
     def broadcast_file(self, name: str, src: Path | None, dst: Path | None, nbytes: int,
-                       *, chunk_bytes: int = 64 << 20) -> None:
+                       *, chunk_bytes: int = 64 << 20) -> FileEntry | None:
         """Collective over ``main``: rank 0 sends the ``nbytes`` of file ``src``; each rank with
-        a ``dst`` writes them there (fsynced). How a host without a shared filesystem or S3 gets
-        rank 0's replicated files on restore. The receiver verifies the copy against the
-        manifest; a read error on rank 0 sends zeros, which that check then refuses."""
+        a ``dst`` writes them there through the one durable write path (CRC32C in the same
+        pass, fsynced) and gets its size and CRC32C back, to check against the manifest. How a
+        host without a shared filesystem or S3 gets rank 0's replicated files on restore. A
+        read error on rank 0 sends zeros, which that check then refuses."""
         import torch.distributed as dist
+
+        from .format import write_chunks_durably
 
         pg = self._groups["main"]
         fin = open(src, "rb", buffering=0) if (self.rank == 0 and src is not None) else None  # noqa: SIM115
-        fout = open(dst, "wb", buffering=0) if dst is not None else None  # noqa: SIM115
-        try:
+
+        def parts() -> Iterator[memoryview]:
             buf = torch.empty(max(1, min(chunk_bytes, nbytes)), dtype=torch.uint8)
             off = 0
             while off < nbytes:
@@ -220,18 +226,18 @@ class Coordinator:
                     dist.broadcast(part, src=0, group=pg)
                 except (RuntimeError, ValueError) as exc:
                     raise CollectiveError(f"{name}: rank {self.rank} lost the transfer from rank 0 ({exc})") from exc
-                if fout is not None:
-                    mv = memoryview(part.numpy())
-                    while mv:
-                        mv = mv[fout.write(mv):]
+                yield memoryview(part.numpy())
                 off += n
-            if fout is not None:
-                os.fsync(fout.fileno())
+
+        try:
+            if dst is not None:
+                return write_chunks_durably(dst, parts())
+            for _ in parts():
+                pass
+            return None
         finally:
             if fin is not None:
                 fin.close()
-            if fout is not None:
-                fout.close()
 
     def close(self) -> None:
         import torch.distributed as dist

@@ -387,9 +387,9 @@ def verify_files(step_dir: Path, manifest: Manifest, *, checksums: bool = True,
 
     Sizes first (every file), then CRC32C of every file of the right size, each file checksummed
     by several threads over disjoint byte ranges of read-only mappings (see
-    :func:`spotckpt.format.file_crc32c_parallel`): on a 2-core VM, 1 GiB in ~0.07-0.1 s instead
-    of ~0.3-0.45 s for a read() loop. A file that cannot be read (I/O error) is a problem, not an
-    exception, so a restore falls back to an older step or the S3 copy.
+    :func:`spotckpt.format.file_crc32c_parallel`; figures in benchmarks/README.md). A file that
+    cannot be read (I/O error) is a problem, not an exception, so a restore falls back to an
+    older step or the S3 copy. With ``only``, just those files (several hosts).
     """
     problems = []
     sized = []

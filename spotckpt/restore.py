@@ -24,7 +24,7 @@ import torch
 
 from .dist import Coordinator
 from .errors import CheckpointCorruptError, ConfigError, NoCheckpointError
-from .format import MAX_JSON_BYTES, Manifest, SafetensorsFile, crc32c_b64, data_file_names, fsync_dir
+from .format import MAX_JSON_BYTES, FileEntry, Manifest, SafetensorsFile, data_file_names, fsync_dir
 from .local import LocalStore, verify_files
 from .store import StepSource
 from .torch_state import apply
@@ -326,10 +326,11 @@ def restore_agreed(
             receive = coord.host in by_group and coord.is_host_leader
             for f in data_file_names(0):
                 tmp = local.step_path(s) / f".{f}.incoming"
-                coord.broadcast_file(f"restore: send {f} of step {s}", local.step_path(s) / f if rank == 0 else None,
-                                     tmp if receive else None, int(sizes.get(f, 0)))
+                got = coord.broadcast_file(f"restore: send {f} of step {s}",
+                                           local.step_path(s) / f if rank == 0 else None,
+                                           tmp if receive else None, int(sizes.get(f, 0)))
                 if receive and problem is None and manifest is not None:
-                    problem = _adopt_incoming(local, s, tmp, f, manifest)
+                    problem = _adopt_incoming(local, s, tmp, f, manifest, got)
         # a host whose ranks lack files of s fetches them (leader), verified, from S3
         lacking = [r for r in host_ranks if s not in recs[r]["local"]]
         if (problem is None and lacking and coord.host not in by_group and coord.is_host_leader
@@ -374,16 +375,14 @@ def restore_agreed(
     return None
 
 
-def _adopt_incoming(local: LocalStore, step: int, tmp: Path, name: str, manifest: Manifest) -> str | None:
-    """Verify a file received from rank 0 and rename it into the committed step directory."""
-    from .format import file_crc32c
-
+def _adopt_incoming(local: LocalStore, step: int, tmp: Path, name: str, manifest: Manifest,
+                    got: FileEntry | None) -> str | None:
+    """Check a file received from rank 0 against the manifest (its size and CRC32C were
+    computed as it was written) and rename it into the committed step directory."""
     try:
-        size, crc = file_crc32c(tmp)
-        ent = manifest.files[name]
-        if size != ent.size or crc32c_b64(crc) != ent.crc32c:
+        if got != manifest.files[name]:
             tmp.unlink(missing_ok=True)
-            return f"{name} received from rank 0 does not match the manifest (size {size}, CRC32C {crc32c_b64(crc)})"
+            return f"{name} received from rank 0 does not match the manifest ({got})"
         os.rename(tmp, local.step_path(step) / name)
         fsync_dir(local.step_path(step))
     except OSError as exc:

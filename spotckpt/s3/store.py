@@ -36,6 +36,7 @@ from ..format import (
     step_dirname,
 )
 from ..format import fsync_path as _fsync_path
+from ..format import write_file_durably
 
 from .failures import _CONFLICT, _NOT_FOUND, _classify, _error_code, _is_retryable
 from .settings import (
@@ -518,10 +519,7 @@ class S3Store:
             _fsync_path(target)
         dirs = {t.parent for _, t in targets} | {root}
         man_path = root / MANIFEST_NAME
-        with open(man_path, "wb") as f:
-            f.write(manifest.to_bytes())
-            f.flush()
-            os.fsync(f.fileno())
+        write_file_durably(man_path, manifest.to_bytes())
         for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
             _fsync_path(d, directory=True)
         log.info("step %s downloaded from %s (%d bytes, verified)", step, self.uri, manifest.total_bytes)
