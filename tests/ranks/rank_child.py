@@ -69,6 +69,18 @@ def main() -> int:
                 out["error"] = type(exc).__name__
                 out["message"] = str(exc)
             out["steps"] = mgr.all_steps()
+    elif scenario == "bad-keys":  # rank 1 passes a state with an extra key
+        st = state_for(5, rank)
+        if rank == 1:
+            st["extra"] = 1
+        with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
+            try:
+                mgr.save(5, st, blocking=False)
+                mgr.wait()
+            except spotckpt.SpotCkptError as exc:
+                out["error"] = type(exc).__name__
+                out["message"] = str(exc)
+            out["steps"] = mgr.all_steps()
     elif scenario == "die-in-save":  # rank 1 is SIGKILLed in its second save; rank 0 must not hang
         st = state_for(1, rank)
         with spotckpt.CheckpointManager(local_dir, **kw) as mgr:

@@ -85,6 +85,13 @@ def test_ranks_passing_different_steps_commit_nothing(tmp_path: Path) -> None:
     assert [r["steps"] for r in res] == [[], []]
 
 
+def test_ranks_passing_different_state_structures_commit_nothing(tmp_path: Path) -> None:
+    res = _ok(_run("bad-keys", [tmp_path / "h0", tmp_path / "h1"]))
+    assert [r["error"] for r in res] == ["ConfigError", "ConfigError"]
+    assert "ranks [1] passed state with other keys" in res[0]["message"]
+    assert [r["steps"] for r in res] == [[], []]
+
+
 def test_a_rank_killed_during_a_save_makes_the_others_raise_not_hang(tmp_path: Path) -> None:
     hosts = [tmp_path / "h0", tmp_path / "h1"]
     results = _run("die-in-save", hosts, env={"TIMEOUT": "10"})
