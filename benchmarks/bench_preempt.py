@@ -40,16 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def child(local_dir: str, s3_uri: str, mb: int, step_seconds: float) -> int:
     """The trainer: a 1 GiB fp32 tensor changed every step, maybe_save every step."""
     import torch
@@ -95,6 +85,7 @@ def main() -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     os.environ.update(srv.apply_env())
     from spotckpt.format import MANIFEST_NAME, step_dirname
+    from spotckpt.bench import cpu_model
     from spotckpt.s3 import MAX_CONCURRENCY, PART_SIZE_BYTES, S3Store
 
     s3 = srv.client()
@@ -176,7 +167,7 @@ def main() -> int:
     out.write_text(json.dumps({
         "state_mib": args.mb, "repeats": args.repeats, "summary": summary, "runs": runs,
         "spotckpt_part_size_bytes": PART_SIZE_BYTES, "spotckpt_concurrency": MAX_CONCURRENCY,
-        "machine": {"cpus": os.cpu_count(), "cpu": _cpu_model(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(), "python": platform.python_version()},
         "server": f"{args.server} on 127.0.0.1, its own process" + (" (moto: not a performance reference)" if args.server == "moto" else ""),
     }, indent=1))
     print(f"wrote {out}")

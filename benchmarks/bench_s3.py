@@ -39,20 +39,11 @@ sys.path.insert(0, str(REPO))
 GiB = 1 << 30
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def machine() -> dict[str, Any]:
+    from spotckpt.bench import cpu_model
     from spotckpt.s3 import usable_cpus
 
-    return {"cpus": os.cpu_count(), "usable_cpus": usable_cpus(), "cpu": _cpu_model(),
+    return {"cpus": os.cpu_count(), "usable_cpus": usable_cpus(), "cpu": cpu_model(),
             "platform": platform.platform(), "python": platform.python_version()}
 
 

@@ -67,18 +67,22 @@ sys.exit(worker_main(sys.argv[1]))
 """
 
 
-def machine_info(base_dir: str) -> dict[str, Any]:
-    """CPU model, cores, RAM, OS, Python, torch, GPU and the filesystem of the data directory."""
-    info: dict[str, Any] = {"hostname": platform.node(), "platform": platform.platform(),
-                            "python": platform.python_version(), "cpu_count": os.cpu_count()}
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     model = platform.processor() or ""
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    info["cpu_model"] = model
+                    return line.split(":", 1)[1].strip()
+    return model
+
+
+def machine_info(base_dir: str) -> dict[str, Any]:
+    """CPU model, cores, RAM, OS, Python, torch, GPU and the filesystem of the data directory."""
+    info: dict[str, Any] = {"hostname": platform.node(), "platform": platform.platform(),
+                            "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    info["cpu_model"] = cpu_model()
     with contextlib.suppress(Exception):
         import psutil
 
