@@ -80,9 +80,20 @@ class HostLayout:
 def coordinator_from_torch(*, timeout_seconds: float | None = None) -> Coordinator | None:
     """The job's coordinator when ``torch.distributed`` is initialised with more than one rank;
     None for a single process (collective on every rank of the default group)."""
+    import os
+
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()):
+        world = os.environ.get("WORLD_SIZE", "1")
+        if world.isdigit() and int(world) > 1:
+            raise ConfigError(
+                f"WORLD_SIZE={world} (a torchrun/torch.distributed job) but torch.distributed is not "
+                "initialised: call torch.distributed.init_process_group() on every rank before "
+                "creating the CheckpointManager, or every rank would write as rank 0"
+            )
+        return None
+    if dist.get_world_size() == 1:
         return None
     return Coordinator(timeout_seconds=timeout_seconds or DEFAULT_TIMEOUT_SECONDS)
 

@@ -386,3 +386,15 @@ def test_pickle_needs_explicit_opt_in_on_both_sides(tmp_path: Path) -> None:
     with CheckpointManager(tmp_path, metrics=False, allow_pickle=True) as mgr:
         assert mgr.restore(target) == 2
     assert target["tags"] == {"a", "b"}
+
+
+def test_a_torchrun_rank_without_a_process_group_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun, building the manager before init_process_group() would make every rank
+    write as rank 0 (and collide); it is refused with what to do."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ConfigError, match="init_process_group"):
+        CheckpointManager(tmp_path, metrics=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with CheckpointManager(tmp_path, metrics=False) as mgr:
+        assert mgr.rank == 0 and mgr.world_size == 1
