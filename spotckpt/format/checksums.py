@@ -168,6 +168,10 @@ def _populate(mm: mmap.mmap, length: int) -> None:
         del arr
 
 
+#: How a range is mapped (a seam: tests replace it here, never in the ``mmap`` module itself).
+map_readonly = mmap.mmap
+
+
 def _range_crc32c(fd: int, start: int, end: int) -> int:
     """CRC32C of bytes [start, end) of ``fd``: checksummed where the page cache holds them, via
     read-only mappings, so no byte is copied (a read() into a buffer would cost a copy, about
@@ -179,7 +183,7 @@ def _range_crc32c(fd: int, start: int, end: int) -> int:
         base = off - off % gran
         length = min(end, base + VERIFY_WINDOW_BYTES) - base
         try:
-            mm = mmap.mmap(fd, length, offset=base, access=mmap.ACCESS_READ)
+            mm = map_readonly(fd, length, offset=base, access=mmap.ACCESS_READ)
         except (OSError, ValueError):
             return _range_crc32c_pread(fd, off, end, crc)
         try:
