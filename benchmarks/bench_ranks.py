@@ -92,19 +92,13 @@ dist.destroy_process_group()
 '''
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_job(mode: str, world: int, mib: int, saves: int, work: Path, env: dict[str, str] | None = None,
             sigterm_rank: int | None = None) -> tuple[list[dict], float | None]:  # type: ignore[type-arg]
     script = work / "worker.py"
     script.write_text(WORKER)
-    port = _free_port()
+    from spotckpt.simulate.process import free_port
+
+    port = free_port()
     procs = []
     for r in range(world):
         e = dict(os.environ, **(env or {}), RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),

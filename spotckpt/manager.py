@@ -106,7 +106,9 @@ class CheckpointManager:
         rank: int | None = None,
     ) -> None:
         self._custom_policy = save_policy is not None
+        # several ranks: step counts need no talking; rank 0's clock (or a custom policy) does
         self._every_steps = None if save_policy is not None or every_steps is None else EveryNSteps(every_steps)
+        self._every_seconds = None if save_policy is not None or every_seconds is None else EveryNSeconds(every_seconds)
         self.save_policy: SavePolicy = save_policy if save_policy is not None else save_policy_from(every_steps, every_seconds)
         self.retention: RetentionPolicy = retention if retention is not None else retention_from(keep_last)
         self.async_save = async_save
@@ -421,8 +423,7 @@ class CheckpointManager:
         custom policy) says save."""
         if self._custom_policy:
             return self.save_policy.should_save(self._context(step))
-        return any(isinstance(p, EveryNSeconds) and p.should_save(self._context(step))
-                   for p in getattr(self.save_policy, "policies", ()))
+        return self._every_seconds is not None and self._every_seconds.should_save(self._context(step))
 
     def _final_save(self, step: int, state: MutableMapping[str, Any], reason: str) -> bool:
         self.events.emit(PreemptedEvent(step=step, reason=reason))

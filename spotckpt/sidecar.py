@@ -73,19 +73,24 @@ def _is_torchrun(pid: int) -> bool:
             argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
     except OSError:
         return False
-    return _names_torchrun(argv)
+    return torchrun_arg_index(argv) is not None
 
 
-def _names_torchrun(argv: list[str]) -> bool:
-    head = [os.path.basename(a) for a in argv[:2]]
-    return "torchrun" in head or any(a in ("torch.distributed.run", "torch.distributed.launch") for a in argv[:3])
+def torchrun_arg_index(argv: list[str]) -> int | None:
+    """Where torchrun's own options start in ``argv`` (right after ``torchrun``, or after
+    ``-m torch.distributed.run``); None when ``argv`` does not start torchrun."""
+    for i, a in enumerate(argv[:3]):
+        if (i < 2 and os.path.basename(a) == "torchrun") or a in ("torch.distributed.run", "torch.distributed.launch"):
+            return i + 1
+    return None
 
 
 def with_torchrun_grace(cmd: list[str], grace_seconds: float) -> list[str]:
     """``cmd`` with ``--shutdown-timeout`` set from the grace period when ``cmd`` starts torchrun
     directly and this PyTorch's torchrun has the option (2.13 does; older ones hard-code 30 s)
     -- so that even a SIGTERM that reaches torchrun itself leaves the workers the whole grace."""
-    if not _names_torchrun(cmd) or any(a.startswith(("--shutdown-timeout", "--shutdown_timeout")) for a in cmd):
+    at = torchrun_arg_index(cmd)
+    if at is None or any(a.startswith(("--shutdown-timeout", "--shutdown_timeout")) for a in cmd):
         return cmd
     try:
         import importlib.util
@@ -96,7 +101,6 @@ def with_torchrun_grace(cmd: list[str], grace_seconds: float) -> list[str]:
         text = ""
     if "--shutdown-timeout" not in text:
         return cmd  # older torchrun: forward_signal signals its workers instead
-    at = next(i for i, a in enumerate(cmd) if os.path.basename(a) == "torchrun" or a == "torch.distributed.run") + 1
     return [*cmd[:at], f"--shutdown-timeout={max(1, int(grace_seconds) - 5)}", *cmd[at:]]
 
 

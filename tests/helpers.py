@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from spotckpt.local import LocalStore
+from spotckpt.simulate.process import free_port  # noqa: F401 - one definition, shared with simulate
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,15 +102,6 @@ def write_step(root: Path, step: int, nbytes: int = 64 * 1024, *, seed: int = 0,
         os.fsync(f.fileno())
     os.rename(stage, root / step_dirname(step))
     return man
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's store)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def launch_ranks(

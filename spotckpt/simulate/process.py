@@ -121,12 +121,12 @@ def host_commands(cmd: list[str], hosts: int, *, port: int) -> list[list[str]]:
     CMD unchanged. ConfigError when several hosts are asked for a command that is not torchrun."""
     if hosts == 1:
         return [list(cmd)]
-    from ..sidecar import _names_torchrun
+    from ..sidecar import torchrun_arg_index
 
-    if not _names_torchrun(cmd):
+    at = torchrun_arg_index(cmd)
+    if at is None:
         raise ConfigError("--hosts needs a torchrun command (e.g. -- torchrun --nproc_per_node 2 train.py): "
                           "each simulated host runs one torchrun agent")
-    at = next(i for i, a in enumerate(cmd) if os.path.basename(a) == "torchrun" or a == "torch.distributed.run") + 1
     taken = {"--nnodes", "--node_rank", "--node-rank", "--master_addr", "--master-addr", "--master_port",
              "--master-port", "--rdzv_endpoint", "--rdzv-endpoint"}
     clash = [a for a in cmd[at:] if a.split("=", 1)[0] in taken]

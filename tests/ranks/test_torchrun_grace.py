@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from spotckpt.sidecar import _names_torchrun, with_torchrun_grace
+from spotckpt.sidecar import torchrun_arg_index, with_torchrun_grace
 from tests.helpers import REPO, free_port
 
 WORKER = str(Path(__file__).with_name("slow_final_save.py"))
 
 
 def test_torchrun_commands_get_the_grace_as_shutdown_timeout() -> None:
-    assert _names_torchrun(["torchrun", "--nproc_per_node", "2", "t.py"])
-    assert _names_torchrun([sys.executable, "-m", "torch.distributed.run", "t.py"])
-    assert not _names_torchrun(["python", "train.py", "torchrun"])
+    assert torchrun_arg_index(["torchrun", "--nproc_per_node", "2", "t.py"]) == 1
+    assert torchrun_arg_index([sys.executable, "-m", "torch.distributed.run", "t.py"]) == 3
+    assert torchrun_arg_index(["python", "train.py", "torchrun"]) is None
     cmd = with_torchrun_grace(["torchrun", "--nproc_per_node", "2", "t.py"], 120)
     assert cmd[:2] == ["torchrun", "--shutdown-timeout=115"]  # torch 2.13's torchrun has the option
     assert with_torchrun_grace(["torchrun", "--shutdown-timeout=9", "t.py"], 120)[1] == "--shutdown-timeout=9"
