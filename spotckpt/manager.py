@@ -54,6 +54,7 @@ from .policy import (
     save_policy_from,
 )
 from .preemption import DEFAULT_GRACE_SECONDS, PreemptionWatcher
+from .shard import shards_metadata
 from .restore import bounce_buffer_for, progress_logger, restore_agreed, restore_newest
 from .stage import Stager
 from .store import RemoteStore
@@ -309,9 +310,12 @@ class CheckpointManager:
                 return False
         snap = capture(state, step=step, rank=self.rank, allow_pickle=self.allow_pickle, keys=keys)
         meta = {"format": "spotckpt/1", "step": str(step)}
-        extra = {"writer": f"spotckpt {__version__}", "world_size": self.world_size}
+        extra: dict[str, Any] = {"writer": f"spotckpt {__version__}", "world_size": self.world_size}
         if replicated:
             extra["replicated"] = sorted(replicated)
+        if snap.sharded_keys:
+            extra["sharded"] = sorted(snap.sharded_keys)
+            meta.update(shards_metadata(snap.shards))
         if blocking and all(t.device.type == "cpu" for t in snap.tensors.values()):
             # Host tensors: written straight from their memory, no copy at all.
             self._write(step, snap.tree, lambda p: write_safetensors(p, snap.tensors, meta), t0, snap.nbytes, extra)

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Collection, MutableMapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from .dist import Coordinator
 from .errors import CheckpointCorruptError, ConfigError, NoCheckpointError
 from .format import MAX_JSON_BYTES, FileEntry, Manifest, SafetensorsFile, data_file_names, fsync_dir
 from .local import LocalStore, verify_files
+from .shard import ShardIndex
 from .store import StepSource
 from .torch_state import apply
 
@@ -71,7 +73,8 @@ def _load_files(
     allow_pickle: bool,
     bounce: torch.Tensor | None,
 ) -> None:
-    """Load ``keys`` (None: every key) of the files written by ``rank``."""
+    """Load ``keys`` (None: every key) of the files written by ``rank``. A step with sharded
+    keys (DTensor) reads their shards from every rank's tensor file present in ``step_dir``."""
     st_name, tree_name = data_file_names(rank)
     for name in (st_name, tree_name):
         if name not in manifest.files:
@@ -88,8 +91,29 @@ def _load_files(
         tree = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointCorruptError(f"{tree_path}: not valid JSON ({exc})", path=tree_path) from exc
-    with SafetensorsFile(step_dir / st_name) as reader:
-        apply(state, tree, reader, allow_pickle=allow_pickle, bounce=bounce, source=str(tree_path), keys=keys)
+    with ExitStack() as stack:
+        reader = stack.enter_context(SafetensorsFile(step_dir / st_name))
+        index = None
+        if manifest.extra.get("sharded"):
+            readers = {st_name: reader}
+            for name in tensor_files(manifest):
+                if name != st_name and (step_dir / name).exists():
+                    readers[name] = stack.enter_context(SafetensorsFile(step_dir / name))
+            index = ShardIndex(readers)
+        apply(state, tree, reader, allow_pickle=allow_pickle, bounce=bounce, source=str(tree_path), keys=keys,
+              shards=index)
+
+
+def tensor_files(manifest: Manifest) -> list[str]:
+    """Every rank's tensor file of a step."""
+    return sorted(f for f in manifest.files if f.startswith("rank-") and f.endswith(".safetensors"))
+
+
+def saved_world_size(manifest: Manifest) -> int:
+    try:
+        return max(1, int(manifest.extra.get("world_size", 1)))
+    except (TypeError, ValueError):
+        return 1
 
 
 def restore_newest(
@@ -211,12 +235,17 @@ def _restore_remote(
 # -- several ranks ----------------------------------------------------------------------------
 
 
-def needed_files(manifest: Manifest, rank: int) -> set[str]:
+def needed_files(manifest: Manifest, rank: int, world_size: int | None = None) -> set[str]:
     """The files ``rank`` reads to restore ``manifest``'s step: its own, and those of rank 0
-    when the step holds replicated keys (written once, by rank 0)."""
-    need = set(data_file_names(rank))
+    when the step holds replicated keys (written once, by rank 0). Restoring a sharded step
+    onto another world size (``world_size``): the per-rank values of saved rank
+    ``rank % saved world size``, and every rank's tensor file (shards are resharded)."""
+    ws = saved_world_size(manifest)
+    need = set(data_file_names(rank % ws))
     if manifest.extra.get("replicated"):
         need |= set(data_file_names(0))
+    if manifest.extra.get("sharded") and world_size not in (None, ws):
+        need |= set(tensor_files(manifest))
     return need
 
 
@@ -224,6 +253,7 @@ def _load_ranks(state: MutableMapping[str, Any], step_dir: Path, manifest: Manif
                 allow_pickle: bool, bounce: torch.Tensor | None) -> None:
     replicated = set(manifest.extra.get("replicated") or ())
     own = {k for k in state if k not in replicated}
+    rank = rank % saved_world_size(manifest)  # another world size: resharding (checked by the caller)
     if rank != 0:
         _load_files(state, step_dir, manifest, rank=rank, keys=own, allow_pickle=allow_pickle, bounce=bounce)
         if replicated:
@@ -252,7 +282,9 @@ def restore_agreed(
     S3 (its leader does; the others wait), then every rank loads its own keys from its own files
     and the replicated keys from rank 0's. A step that turns out corrupt anywhere is dropped on
     every rank and the next older one is tried. A step written by another number of ranks is
-    refused with ConfigError (resharding needs sharded state)."""
+    resharded when it holds sharded state (DTensor): its shards are read from every rank's
+    tensor file, and the per-rank values of rank r come from saved rank ``r % saved world
+    size``; without sharded state it is refused with ConfigError."""
     t0 = time.perf_counter()
     rank, world = coord.rank, coord.world_size
     full: dict[int, Manifest] = {}  # steps this rank can load from this host's disk alone
@@ -263,8 +295,8 @@ def restore_agreed(
         except CheckpointCorruptError as exc:
             log.warning("spotckpt: skipping local step %d: %s", s, exc)
             continue
-        mine = set(data_file_names(rank))
-        need = needed_files(m, rank)
+        mine = set(data_file_names(rank % saved_world_size(m)))
+        need = needed_files(m, rank, world)
         if not need <= set(m.files):
             continue
         present = {f for f in need if (local.step_path(s) / f).exists()}
@@ -281,8 +313,8 @@ def restore_agreed(
     recs = coord.exchange("restore: steps", {"local": sorted(full), "own": own, "remote": in_s3, "newest": newest})
     seen = [tuple(r["newest"]) for r in recs if r["newest"] is not None]
     if seen and step is None:
-        last_step, last_ws = max(seen)
-        if last_ws != world:
+        last_step, last_ws, last_sharded = max(seen)
+        if last_ws != world and not last_sharded:
             raise ConfigError(
                 f"step {last_step} was saved by {last_ws} ranks and this job has {world}; restoring onto "
                 "another world size needs sharded state (DTensor / FSDP2) -- start with the same "
@@ -313,7 +345,8 @@ def restore_agreed(
                 manifest = remote.read_manifest(s)
         except CheckpointCorruptError as exc:
             problem = str(exc)
-        ws = None if manifest is None else manifest.extra.get("world_size", 1)
+        ws = None if manifest is None else saved_world_size(manifest)
+        reshard = manifest is not None and bool(manifest.extra.get("sharded"))
         # hosts whose ranks have their own files but not rank 0's get those from rank 0
         by_group = [h for h in layout.hosts
                     if any(s not in recs[r]["local"] for r in layout.ranks_of(h))
@@ -334,10 +367,10 @@ def restore_agreed(
         # a host whose ranks lack files of s fetches them (leader), verified, from S3
         lacking = [r for r in host_ranks if s not in recs[r]["local"]]
         if (problem is None and lacking and coord.host not in by_group and coord.is_host_leader
-                and manifest is not None and ws == world):
+                and manifest is not None and (ws == world or reshard)):
             need: set[str] = set()
             for r in host_ranks:
-                need |= needed_files(manifest, r)
+                need |= needed_files(manifest, r, world)
             try:
                 if remote is None:
                     raise CheckpointCorruptError(f"step {s} is incomplete on {local.root} and no S3 is configured",
@@ -345,7 +378,7 @@ def restore_agreed(
                 import_step(local, remote, s, files=need, replace=local.is_committed(s), progress=progress)
             except CheckpointCorruptError as exc:
                 problem = str(exc)
-        states = coord.exchange(f"restore: fetch {s}", {"problem": problem, "world_size": ws})
+        states = coord.exchange(f"restore: fetch {s}", {"problem": problem, "world_size": None if reshard else ws})
         if any(r["world_size"] not in (None, world) for r in states):
             saved_ws = next(r["world_size"] for r in states if r["world_size"] not in (None, world))
             raise ConfigError(
@@ -392,22 +425,25 @@ def _adopt_incoming(local: LocalStore, step: int, tmp: Path, name: str, manifest
 
 
 def _newest_world_size(local: LocalStore, remote: StepSource | None, in_s3: list[int]) -> list[int] | None:
-    """``[step, world_size]`` of the newest step with a readable manifest, locally (and in S3
-    when ``remote`` is given); None when there is none."""
+    """``[step, world_size, sharded]`` of the newest step with a readable manifest, locally
+    (and in S3 when ``remote`` is given); None when there is none."""
+    def describe(s: int, m: Manifest) -> list[int]:
+        return [s, saved_world_size(m), int(bool(m.extra.get("sharded")))]
+
     best: list[int] | None = None
     for s in reversed(local.committed_steps()):
         try:
-            best = [s, int(local.read_manifest(s).extra.get("world_size", 1))]
+            best = describe(s, local.read_manifest(s))
             break
-        except (CheckpointCorruptError, TypeError, ValueError):
+        except CheckpointCorruptError:
             continue
     if remote is not None:
         for s in reversed(in_s3):
             if best is not None and s <= best[0]:
                 break
             try:
-                return [s, int(remote.read_manifest(s).extra.get("world_size", 1))]
-            except (CheckpointCorruptError, TypeError, ValueError):
+                return describe(s, remote.read_manifest(s))
+            except CheckpointCorruptError:
                 continue
     return best
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Collection, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ import torch
 
 from .errors import CheckpointCorruptError, StateError
 from .format import FORMAT, SafetensorsFile, decode_tree, encode_tree
+from .shard import ShardIndex, ShardInfo, init_optimizer_state, is_dtensor, load_boxes, local_shard
 
 __all__ = ["RNGState", "Snapshot", "capture", "apply", "is_stateful", "replicated_keys"]
 
@@ -95,10 +96,14 @@ def is_stateful(obj: Any) -> bool:
 
 @dataclass
 class Snapshot:
-    """What one writer stores: the JSON tree and the tensors it names (live, not copied)."""
+    """What one writer stores: the JSON tree and the tensors it names (live, not copied).
+    ``shards``: the names among ``tensors`` that are this rank's shards of DTensors, with their
+    sharding; ``sharded_keys``: the keys of ``state`` holding DTensors."""
 
     tree: dict[str, Any]
     tensors: dict[str, torch.Tensor]
+    shards: dict[str, ShardInfo] = field(default_factory=dict)
+    sharded_keys: set[str] = field(default_factory=set)
 
     @property
     def nbytes(self) -> int:
@@ -112,20 +117,28 @@ def capture(state: Mapping[str, Any], *, step: int, rank: int = 0, allow_pickle:
     if not isinstance(state, Mapping):
         raise StateError(f"state must be a dict of name -> value, got {type(state).__name__}")
     tensors: dict[str, torch.Tensor] = {}
+    shards: dict[str, ShardInfo] = {}
+    sharded_keys: set[str] = set()
+    namer = _Namer()
+    current = [""]
 
     def add(path: str, t: torch.Tensor) -> str:
-        name = path
-        n = 1
-        while name in tensors:
-            n += 1
-            name = f"{path}#{n}"
-        tensors[name] = t
+        name = namer(path)
+        if is_dtensor(t):  # this rank's shard, written by one replica only
+            local, info, writes = local_shard(t, path)
+            sharded_keys.add(current[0])
+            if writes:
+                tensors[name] = local
+                shards[name] = info
+        else:
+            tensors[name] = t
         return name
 
     out: dict[str, Any] = {}
     for key, value in state.items():
         if keys is not None and key not in keys:
             continue
+        current[0] = key
         if not isinstance(key, str) or not key:
             raise StateError(f"state keys must be non-empty strings, got {key!r}", key_path=repr(key))
         if is_stateful(value):
@@ -141,7 +154,53 @@ def capture(state: Mapping[str, Any], *, step: int, rank: int = 0, allow_pickle:
         else:
             out[key] = {"kind": "value", "value": encode_tree(value, key, add, allow_pickle=allow_pickle)}
     tree = {"format": FORMAT, "step": step, "rank": rank, "keys": out}
-    return Snapshot(tree=tree, tensors=tensors)
+    return Snapshot(tree=tree, tensors=tensors, shards=shards, sharded_keys=sharded_keys)
+
+
+class _Namer:
+    """The stored name of each tensor: its key path, made unique with ``#n`` -- the same names
+    on every rank and for the live state at restore (resharding matches tensors by name)."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def __call__(self, path: str) -> str:
+        name, n = path, 1
+        while name in self.used:
+            n += 1
+            name = f"{path}#{n}"
+        self.used.add(name)
+        return name
+
+
+def _tensor_refs(doc: Any) -> set[str]:
+    """Every tensor name a JSON tree refers to."""
+    out: set[str] = set()
+    stack = [doc]
+    while stack:
+        d = stack.pop()
+        if isinstance(d, dict):
+            if len(d) == 1 and isinstance(d.get("__tensor__"), str):
+                out.add(d["__tensor__"])
+            else:
+                stack.extend(d.values())
+        elif isinstance(d, list):
+            stack.extend(d)
+    return out
+
+
+def _live_tensors(value: Any, key: str) -> dict[str, torch.Tensor]:
+    """The live tensors of a stateful ``value`` (or a tensor) under the names a save gives them."""
+    named: dict[str, torch.Tensor] = {}
+    namer = _Namer()
+
+    def add(path: str, t: torch.Tensor) -> str:
+        name = namer(path)
+        named[name] = t
+        return name
+
+    encode_tree(value.state_dict() if is_stateful(value) else value, key, add, allow_pickle=True)
+    return named
 
 
 def apply(
@@ -153,10 +212,12 @@ def apply(
     bounce: torch.Tensor | None = None,
     source: str = "tree",
     keys: Collection[str] | None = None,
+    shards: ShardIndex | None = None,
 ) -> None:
     """Load a verified step's tree and tensors into ``state`` in place. With ``keys``, only those
     keys are considered (several ranks: this rank's own keys from its file, the replicated ones
-    from the file of the rank that wrote them)."""
+    from the file of the rank that wrote them). ``shards``: the step's sharded tensors (every
+    rank's files); the keys that hold them are resharded onto the live tensors' layout."""
     if not isinstance(tree, Mapping) or tree.get("format") != FORMAT or not isinstance(tree.get("keys"), dict):
         raise CheckpointCorruptError(f"{source}: not a {FORMAT} tree", path=source)
     saved: dict[str, Any] = tree["keys"]
@@ -167,18 +228,26 @@ def apply(
         log.warning("spotckpt: keys %s are not in the checkpoint; they keep their current values", missing)
 
     def get(name: str) -> torch.Tensor:
-        return reader.read(name)
+        t = resharded.get(name)
+        return t if t is not None else reader.read(name)
 
     # First every tensor that is read straight into live memory (module parameters and buffers,
     # tensor keys), all shapes checked before the first byte lands, in one parallel pass; then,
     # in order, the keys that go through load_state_dict or replace state[key].
     in_place: list[tuple[str, torch.Tensor]] = []
     rest: list[tuple[str, Any, Any, Any]] = []
+    shard_names = shards.names() if shards is not None else set()
+    resharded: dict[str, torch.Tensor] = {}
     for key, entry in saved.items():
         if not isinstance(entry, dict) or "value" not in entry:
             raise CheckpointCorruptError(f"{source}: entry {key!r} is malformed", path=source)
         kind, doc = entry.get("kind"), entry["value"]
         live = state.get(key)
+        refs = _tensor_refs(doc) & shard_names
+        if refs and ((kind == "tensor" and isinstance(live, torch.Tensor)) or (kind == "stateful" and is_stateful(live))):
+            resharded.update(_reshard_targets(key, live, refs))
+            rest.append((key, kind, doc, live))
+            continue
         if kind == "stateful" and isinstance(live, torch.nn.Module):
             plan = _module_in_place_plan(live, doc, reader)
             if plan is not None:
@@ -188,6 +257,9 @@ def apply(
             in_place.append((doc["__tensor__"], live))
             continue
         rest.append((key, kind, doc, live))
+    if resharded:  # every size and the coverage are checked before the first byte lands
+        assert shards is not None
+        load_boxes(resharded, shards)
     with torch.no_grad():
         reader.read_many(in_place, bounce=bounce)
 
@@ -206,11 +278,26 @@ def apply(
                     key_path=key,
                 ) from exc
         elif kind == "tensor":
-            state[key] = decode_tree(doc, get, source=source)
+            if not (isinstance(live, torch.Tensor) and isinstance(doc, dict) and doc.get("__tensor__") in resharded):
+                state[key] = decode_tree(doc, get, source=source)
         elif kind == "value":
             state[key] = decode_tree(doc, get, source=source, allow_pickle=allow_pickle)
         else:
             raise CheckpointCorruptError(f"{source}: entry {key!r} has unknown kind {kind!r}", path=source)
+
+
+def _reshard_targets(key: str, live: Any, refs: set[str]) -> dict[str, torch.Tensor]:
+    """The live tensors (DTensors of the current mesh, or plain tensors) that the saved shards
+    named ``refs`` of ``key`` are read into. A fresh optimizer first gets its state tensors."""
+    if isinstance(live, torch.optim.Optimizer):
+        init_optimizer_state(live)
+    named = _live_tensors(live, key)
+    missing = sorted(refs - set(named))
+    if missing:
+        raise StateError(
+            f"{key}: the checkpoint has sharded tensors {missing[:3]} that the live {type(live).__name__} "
+            "does not; build it with the same configuration as when it was saved", key_path=key)
+    return {n: named[n] for n in refs}
 
 
 def replicated_keys(state: Mapping[str, Any], hint: Collection[str] = ()) -> set[str]:

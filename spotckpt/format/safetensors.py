@@ -330,6 +330,43 @@ class SafetensorsFile:
             if u:
                 ev.synchronize()
 
+    def read_box_into(self, name: str, offsets: tuple[int, ...], lengths: tuple[int, ...],
+                      target: torch.Tensor) -> None:
+        """Copy the box ``[offsets, offsets + lengths)`` of tensor ``name`` into ``target``
+        (shape ``lengths``, same dtype). Only the rows of the first dimension that the box spans
+        are read; a box that spans whole rows of a contiguous CPU target lands with no extra
+        copy (the FSDP case: shards are row ranges)."""
+        s = self._spec(name)
+        ok = (len(offsets) == len(lengths) == len(s.shape) and target.dtype == s.dtype
+              and tuple(target.shape) == tuple(lengths)
+              and all(0 <= o and o + n <= d for o, n, d in zip(offsets, lengths, s.shape)))
+        if not ok:
+            raise StateError(
+                f"{self.path}: cannot read the box at {list(offsets)} of size {list(lengths)} of {name!r} "
+                f"({s.dtype}{list(s.shape)}) into a {target.dtype}{list(target.shape)} tensor",
+                key_path=name,
+            )
+        if not s.shape or target.numel() == 0:
+            if s.shape == () and target.numel():
+                self.read_into(name, target)
+            return
+        itemsize = _ST_ITEMSIZE[_DTYPE_TO_ST[s.dtype]]
+        row = math.prod(s.shape[1:]) * itemsize
+        start = self._data_start + s.start + offsets[0] * row
+        whole_rows = all(o == 0 and n == d for o, n, d in zip(offsets[1:], lengths[1:], s.shape[1:]))
+        if whole_rows and target.device.type == "cpu" and target.is_contiguous():
+            with memoryview(tensor_byte_view(target)) as raw, raw.cast("B") as mv:
+                self._pread_parallel(mv, start, name)
+            return
+        buf = torch.empty((lengths[0], *s.shape[1:]), dtype=s.dtype)
+        with memoryview(tensor_byte_view(buf)) as raw, raw.cast("B") as mv:
+            self._pread_parallel(mv, start, name)
+        src = buf
+        for dim in range(1, len(s.shape)):
+            src = src.narrow(dim, offsets[dim], lengths[dim])
+        with torch.no_grad():
+            target.copy_(src)
+
     def read(self, name: str) -> torch.Tensor:
         """A new CPU tensor holding tensor ``name``."""
         s = self._spec(name)

@@ -1,0 +1,211 @@
+"""Sharded tensors (DTensor, as FSDP2 and other DTensor parallelism hold them): what each rank
+writes of them, and the resharding read that puts a saved step onto another mesh.
+
+Saving: each rank writes only its local shard of a DTensor (``to_local()``), named like any
+other tensor of the state, in its own ``rank-RRRRR.safetensors``; a DTensor replicated over
+some mesh dimensions is written once, by the replica at coordinate 0 of those dimensions. The
+file's ``__metadata__`` entry ``spotckpt.shards`` maps each such name to the tensor's global
+size and the shard's offsets -- the sharding information, pickle-free (DCP's safetensors layout
+keeps it in the header the same way).
+
+Restoring: :class:`ShardIndex` rebuilds DCP's plain-data :class:`Metadata` (tensor sizes, chunks)
+from those headers; DCP's own load planner (``DefaultLoadPlanner``) turns it and the live
+tensors (DTensors of any mesh, or plain full tensors) into read items; this module checks every
+live tensor is fully covered by saved chunks and then copies just the needed boxes out of the
+files (:meth:`spotckpt.format.SafetensorsFile.read_box_into`). Every check runs before the first
+byte lands in a live tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import CheckpointCorruptError, StateError
+from .format import SafetensorsFile
+
+__all__ = ["SHARDS_KEY", "ShardInfo", "ShardIndex", "is_dtensor", "local_shard", "load_boxes", "init_optimizer_state"]
+
+#: The safetensors ``__metadata__`` key holding the sharding information of a file's shards.
+SHARDS_KEY = "spotckpt.shards"
+
+
+def _dtensor_cls() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        try:
+            from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+        except ImportError:
+            return None
+    return DTensor
+
+
+def is_dtensor(t: Any) -> bool:
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(t, cls)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One rank's chunk of a global tensor: the global size and where the chunk starts."""
+
+    size: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {"size": list(self.size), "offsets": list(self.offsets)}
+
+
+def local_shard(t: Any, path: str) -> tuple[torch.Tensor, ShardInfo, bool]:
+    """``(local tensor, sharding info, whether this rank writes it)`` of DTensor ``t``. Replicas
+    other than the first on a replicated mesh dimension do not write; neither does a rank
+    whose shard is empty. A partial (unreduced) DTensor is refused."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    placements = tuple(t.placements)
+    if any(p.is_partial() for p in placements):
+        raise StateError(f"{path}: a Partial DTensor holds unreduced values; reduce it (redistribute "
+                         "to Shard/Replicate) before checkpointing", key_path=path)
+    mesh = t.device_mesh
+    coord = mesh.get_coordinate()
+    local = t.to_local()
+    if coord is None:  # this rank is not in the tensor's mesh
+        return local, ShardInfo(tuple(t.shape), (0,) * t.dim()), False
+    shape, offsets = compute_local_shape_and_global_offset(t.shape, mesh, placements)
+    if tuple(local.shape) != tuple(shape):
+        raise StateError(f"{path}: the local shard is {list(local.shape)} but its placement says "
+                         f"{list(shape)}; padded shards are not supported", key_path=path)
+    first_replica = all(c == 0 for c, p in zip(coord, placements) if not p.is_shard())
+    writes = first_replica and local.numel() > 0
+    return local, ShardInfo(tuple(t.shape), tuple(int(o) for o in offsets)), writes
+
+
+def shards_metadata(shards: Mapping[str, ShardInfo]) -> dict[str, str]:
+    """The safetensors ``__metadata__`` entry for a file holding ``shards``."""
+    return {SHARDS_KEY: json.dumps({k: v.to_json() for k, v in shards.items()}, separators=(",", ":"))}
+
+
+def _parse_shards(reader: SafetensorsFile) -> dict[str, ShardInfo]:
+    raw = reader.metadata.get(SHARDS_KEY)
+    if raw is None:
+        return {}
+    try:
+        doc = json.loads(raw)
+        out = {}
+        for name, ent in doc.items():
+            size, offsets = tuple(int(x) for x in ent["size"]), tuple(int(x) for x in ent["offsets"])
+            spec = reader.specs.get(name)
+            if spec is None or len(size) != len(offsets) or len(size) != len(spec.shape) or any(
+                    o < 0 or o + n > d for o, n, d in zip(offsets, spec.shape, size)):
+                raise ValueError(f"shard {name!r} does not fit its tensor")
+            out[name] = ShardInfo(size, offsets)
+        return out
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointCorruptError(f"{reader.path}: malformed {SHARDS_KEY} header ({exc}); the checkpoint "
+                                     "is damaged -- an older step will be used", path=reader.path) from exc
+
+
+class ShardIndex:
+    """Every saved chunk of every sharded tensor of a step, from the headers of its files,
+    as DCP :class:`Metadata` plus where each chunk is stored (reader, name)."""
+
+    def __init__(self, readers: Mapping[str, SafetensorsFile]) -> None:
+        from torch.distributed.checkpoint.metadata import (
+            ChunkStorageMetadata,
+            Metadata,
+            MetadataIndex,
+            TensorProperties,
+            TensorStorageMetadata,
+        )
+
+        md: dict[str, TensorStorageMetadata] = {}
+        self.where: dict[Any, tuple[SafetensorsFile, str]] = {}
+        for fname in sorted(readers):
+            reader = readers[fname]
+            for name, info in _parse_shards(reader).items():
+                spec = reader.specs[name]
+                ent = md.get(name)
+                if ent is None:
+                    ent = md[name] = TensorStorageMetadata(TensorProperties(dtype=spec.dtype), torch.Size(info.size), [])
+                elif tuple(ent.size) != info.size or ent.properties.dtype != spec.dtype:
+                    raise CheckpointCorruptError(
+                        f"{reader.path}: shard of {name!r} says {spec.dtype}{list(info.size)}, another file "
+                        f"{ent.properties.dtype}{list(ent.size)}; the checkpoint is damaged", path=reader.path)
+                ent.chunks.append(ChunkStorageMetadata(torch.Size(info.offsets), torch.Size(spec.shape)))
+                self.where[MetadataIndex(name, torch.Size(info.offsets))] = (reader, name)
+        self.metadata = Metadata(state_dict_metadata=dict(md))
+
+    def names(self) -> set[str]:
+        return set(self.metadata.state_dict_metadata)
+
+
+def load_boxes(targets: Mapping[str, torch.Tensor], index: ShardIndex) -> int:
+    """Fill each live tensor of ``targets`` (name -> DTensor or plain tensor) from the saved
+    chunks that overlap it, planned by DCP's ``DefaultLoadPlanner``. Every size, dtype and the
+    full coverage of each target are checked first; nothing is written when one fails (a
+    :class:`StateError` naming the tensor). Returns the bytes copied."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    for name, t in targets.items():
+        saved = index.metadata.state_dict_metadata.get(name)
+        if saved is None:
+            raise CheckpointCorruptError(f"no saved shard of {name!r} in this step; the checkpoint is incomplete")
+        if tuple(saved.size) != tuple(t.shape) or saved.properties.dtype != t.dtype:
+            raise StateError(
+                f"{name}: saved as {saved.properties.dtype}{list(saved.size)}, the live tensor is "
+                f"{t.dtype}{list(t.shape)}; build the model/optimizer as when it was saved (the mesh "
+                "may differ: resharding handles that)", key_path=name)
+    planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+    planner.set_up_planner(dict(targets), index.metadata, False)
+    try:
+        plan = planner.create_local_plan()
+    except (RuntimeError, ValueError) as exc:
+        raise StateError(f"cannot plan the resharded read: {exc}") from exc
+    covered: dict[str, int] = {}
+    for item in plan.items:
+        covered[item.dest_index.fqn] = covered.get(item.dest_index.fqn, 0) + math.prod(item.lengths)
+    for name, t in targets.items():
+        need = (t.to_local() if is_dtensor(t) else t).numel()
+        if covered.get(name, 0) != need:
+            raise CheckpointCorruptError(
+                f"the saved shards of {name!r} cover {covered.get(name, 0)} of the {need} elements this rank "
+                "needs; the checkpoint is incomplete -- an older step will be used")
+    jobs = []
+    for item in plan.items:
+        loc = index.where.get(item.storage_index)
+        if loc is None:
+            raise CheckpointCorruptError(f"no stored chunk for {item.storage_index}; the checkpoint is damaged")
+        jobs.append((loc, item))
+    nbytes = 0
+    with torch.no_grad():
+        for (reader, name), item in jobs:
+            dest = planner.resolve_tensor(item)
+            if dest.device.type == "cpu":
+                reader.read_box_into(name, tuple(item.storage_offsets), tuple(item.lengths), dest)
+            else:
+                tmp = torch.empty(tuple(item.lengths), dtype=dest.dtype)
+                reader.read_box_into(name, tuple(item.storage_offsets), tuple(item.lengths), tmp)
+                dest.copy_(tmp)
+            planner.commit_tensor(item, dest)
+            nbytes += dest.numel() * dest.element_size()
+    return nbytes
+
+
+def init_optimizer_state(optim: torch.optim.Optimizer) -> None:
+    """Give a fresh optimizer its state tensors (the layout resharded values are read into),
+    as ``torch.distributed.checkpoint.state_dict.set_state_dict`` does: one step with zero
+    gradients and a learning rate of 0. No-op when it has state already."""
+    if optim.state:
+        return
+    try:
+        from torch.distributed.checkpoint.state_dict import _init_optim_state
+    except ImportError as exc:  # pragma: no cover - present from torch 2.2 on
+        raise StateError("this torch cannot initialise optimizer state; run one optimizer step before "
+                         "restore()") from exc
+    _init_optim_state(optim)

@@ -1,0 +1,103 @@
+"""One rank of a small FSDP2 (``fully_shard``, gloo, CPU) job, for the sharded-state tests.
+
+    python fsdp_child.py SCENARIO LOCAL_DIR OUT [args...]   (RANK, WORLD_SIZE, MASTER_* from the env)
+
+Scenarios:
+  save N      train N steps, save step N through the manager (blocking), write the full
+              (unsharded) model and optimizer tensors to OUT (rank 0, safetensors)
+  restore     build the model with other initial weights, restore, write the full tensors to OUT
+  plain       no process group: a plain (unsharded) module and optimizer restore the step
+
+``WORLD_SIZE`` unset means one process. Prints ``result <json>`` on success.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import spotckpt
+
+
+def build(seed: int, *, shard: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 13), nn.Tanh(), nn.Linear(13, 7))
+    model.register_buffer("scale", torch.arange(5.0) + seed)
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def full_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Every model and optimizer tensor, unsharded (collective under FSDP)."""
+    def full(t: torch.Tensor) -> torch.Tensor:
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone().contiguous()
+
+    out = {f"model/{k}": full(v) for k, v in model.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        for name, v in st.items():
+            out[f"optim/{i}/{name}"] = full(v)
+    return out
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, rank: int) -> None:
+    for s in range(steps):
+        g = torch.Generator().manual_seed(1000 * s + rank)
+        loss = model(torch.randn(6, 10, generator=g)).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def main() -> int:
+    scenario, local_dir, out_path, *rest = sys.argv[1:]
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+    else:
+        rank = 0
+    kw = {"metrics": False, "keep_last": None, "s3_uri": os.environ.get("S3_URI") or None}
+    result: dict[str, object] = {}
+    if scenario == "save":
+        model, opt = build(0, shard=True)
+        n = int(rest[0])
+        train(model, opt, n, rank)
+        with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
+            mgr.save(n, {"model": model, "optim": opt, "epoch": 3}, blocking=rest[1:2] != ["async"])
+            mgr.wait()
+        result["step"] = n
+    elif scenario in ("restore", "plain"):
+        model, opt = build(7, shard=scenario == "restore")
+        state = {"model": model, "optim": opt, "epoch": 0}
+        with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
+            result["step"] = mgr.restore(state)
+        result["epoch"] = state["epoch"]
+    else:
+        raise SystemExit(f"unknown scenario {scenario}")
+    tensors = full_tensors(model, opt)
+    if rank == 0:
+        save_file(tensors, out_path)
+    if scenario != "save":
+        train(model, opt, 1, rank)  # the restored optimizer steps on
+    print("result " + json.dumps(result), flush=True)
+    if distributed:
+        dist.barrier()  # without it, gloo may abort at exit after FSDP2 collectives (a torch issue)
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
