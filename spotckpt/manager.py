@@ -445,6 +445,27 @@ class CheckpointManager:
     def _write(self, step: int, tree: dict[str, Any], write_tensors: Callable[[Any], Any], t0: float, nbytes: int,
                extra: dict[str, Any]) -> None:
         write_step(self.local, step, tree, write_tensors, rank=self.rank, extra=extra, coord=self._coord)
+        self._committed(step, t0, nbytes)
+
+    def _external_save(self, step: int, t0: float, nbytes: int) -> None:
+        """:mod:`spotckpt.dcp`'s writer committed ``step`` (DCP's thread or the caller's)."""
+        self._last_saved_step = step
+        self._last_save_time = self._clock()
+        if self._uploader is not None:
+            with self._lock:
+                self._save_started[step] = t0
+        self.events.emit(SaveEvent(step=step, stall_s=time.perf_counter() - t0, bytes=nbytes, blocking=True))
+        self._committed(step, t0, nbytes)
+
+    def _external_restore(self, res: Any) -> None:
+        """:mod:`spotckpt.dcp`'s reader chose step ``res.step`` to load."""
+        self._last_saved_step = res.step
+        self._last_save_time = self._clock()
+        self.events.emit(RestoreEvent(step=res.step, seconds=res.seconds, source=res.source, bytes=res.bytes))
+
+    def _committed(self, step: int, t0: float, nbytes: int) -> None:
+        """``step`` is committed locally (by a save, or by :mod:`spotckpt.dcp`'s writer): tell
+        the listeners and the uploader, then run retention."""
         self.events.emit(DurableLocalEvent(step=step, seconds=time.perf_counter() - t0, bytes=nbytes))
         if self._uploader is not None:
             self._uploader.notify(step)

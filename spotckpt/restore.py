@@ -36,6 +36,11 @@ __all__ = ["RestoreResult", "import_step", "load_step", "restore_newest", "resto
 log = logging.getLogger(__name__)
 
 
+#: ``loader(step_dir, manifest, rank)``: what a restore does with the verified step it chose
+#: instead of loading it into ``state``; a CheckpointCorruptError moves on to an older step.
+StepLoader = Callable[[Path, Manifest, int], None]
+
+
 @dataclass(frozen=True)
 class RestoreResult:
     step: int
@@ -75,6 +80,11 @@ def _load_files(
 ) -> None:
     """Load ``keys`` (None: every key) of the files written by ``rank``. A step with sharded
     keys (DTensor) reads their shards from every rank's tensor file present in ``step_dir``."""
+    layout = manifest.extra.get("layout")
+    if layout == "dcp":
+        raise ConfigError(
+            f"{step_dir} was written through torch.distributed.checkpoint with spotckpt.dcp.StorageWriter; "
+            "load it with dcp.load(state_dict, storage_reader=spotckpt.dcp.StorageReader(mgr))")
     st_name, tree_name = data_file_names(rank)
     for name in (st_name, tree_name):
         if name not in manifest.files:
@@ -109,6 +119,12 @@ def tensor_files(manifest: Manifest) -> list[str]:
     return sorted(f for f in manifest.files if f.startswith("rank-") and f.endswith(".safetensors"))
 
 
+def reshardable(manifest: Manifest) -> bool:
+    """Whether a step can be restored onto another world size: it holds sharded state, or
+    DCP wrote it (DCP plans resharded loads)."""
+    return bool(manifest.extra.get("sharded")) or manifest.extra.get("layout") == "dcp"
+
+
 def saved_world_size(manifest: Manifest) -> int:
     try:
         return max(1, int(manifest.extra.get("world_size", 1)))
@@ -127,8 +143,10 @@ def restore_newest(
     allow_pickle: bool = False,
     bounce: torch.Tensor | None = None,
     progress: Callable[[int], None] | None = None,
+    loader: StepLoader | None = None,
 ) -> RestoreResult | None:
-    """Load the newest valid step (or exactly ``step``) into ``state``; None when there is none."""
+    """Load the newest valid step (or exactly ``step``) into ``state``; None when there is none.
+    ``loader(step_dir, manifest, rank)`` replaces loading into ``state`` (the DCP reader)."""
     t0 = time.perf_counter()
     local_steps = set(local.committed_steps())
     remote_steps: set[int] = set(remote.list_steps()) if remote is not None else set()
@@ -147,8 +165,11 @@ def restore_newest(
             check = local.verify_step(s, checksums=verify)
             if check.ok and check.manifest is not None:
                 try:
-                    load_step(state, check.path, check.manifest, rank=rank, verify=False,
-                              allow_pickle=allow_pickle, bounce=bounce)
+                    if loader is not None:
+                        loader(check.path, check.manifest, rank)
+                    else:
+                        load_step(state, check.path, check.manifest, rank=rank, verify=False,
+                                  allow_pickle=allow_pickle, bounce=bounce)
                 except CheckpointCorruptError as exc:
                     log.warning("spotckpt: skipping local step %d: %s", s, exc)
                 else:
@@ -157,7 +178,7 @@ def restore_newest(
                 log.warning("spotckpt: skipping corrupt local step %d: %s", s, "; ".join(check.problems))
         if s in remote_steps and remote is not None:
             res = _restore_remote(state, local, remote, s, rank=rank, allow_pickle=allow_pickle,
-                                  bounce=bounce, progress=progress, replace_local=s in local_steps)
+                                  bounce=bounce, progress=progress, replace_local=s in local_steps, loader=loader)
             if res is not None:
                 return RestoreResult(s, remote.uri, time.perf_counter() - t0, res[1].total_bytes, res[0])
     if step is not None:
@@ -220,12 +241,16 @@ def _restore_remote(
     bounce: torch.Tensor | None,
     progress: Callable[[int], None] | None,
     replace_local: bool,
+    loader: StepLoader | None = None,
 ) -> tuple[Path, Manifest] | None:
     # The download is verified; it is committed locally before loading, so the step that is
     # loaded is also one the uploader sees (already in S3) and the next restart finds locally.
     try:
         path, manifest = import_step(local, remote, s, replace=replace_local, progress=progress)
-        load_step(state, path, manifest, rank=rank, verify=False, allow_pickle=allow_pickle, bounce=bounce)
+        if loader is not None:
+            loader(path, manifest, rank)
+        else:
+            load_step(state, path, manifest, rank=rank, verify=False, allow_pickle=allow_pickle, bounce=bounce)
     except CheckpointCorruptError as exc:
         log.warning("spotckpt: skipping S3 step %d: %s", s, exc)
         return None
@@ -240,6 +265,8 @@ def needed_files(manifest: Manifest, rank: int, world_size: int | None = None) -
     when the step holds replicated keys (written once, by rank 0). Restoring a sharded step
     onto another world size (``world_size``): the per-rank values of saved rank
     ``rank % saved world size``, and every rank's tensor file (shards are resharded)."""
+    if manifest.extra.get("layout") == "dcp":
+        return set(manifest.files)  # DCP writes replicated items once, on any rank
     ws = saved_world_size(manifest)
     need = set(data_file_names(rank % ws))
     if manifest.extra.get("replicated"):
@@ -273,6 +300,7 @@ def restore_agreed(
     allow_pickle: bool = False,
     bounce: torch.Tensor | None = None,
     progress: Callable[[int], None] | None = None,
+    loader: StepLoader | None = None,
 ) -> RestoreResult | None:
     """Several ranks: load the newest step that *every* rank can load, the same on every rank.
 
@@ -346,7 +374,7 @@ def restore_agreed(
         except CheckpointCorruptError as exc:
             problem = str(exc)
         ws = None if manifest is None else saved_world_size(manifest)
-        reshard = manifest is not None and bool(manifest.extra.get("sharded"))
+        reshard = manifest is not None and reshardable(manifest)
         # hosts whose ranks have their own files but not rank 0's get those from rank 0
         by_group = [h for h in layout.hosts
                     if any(s not in recs[r]["local"] for r in layout.ranks_of(h))
@@ -392,7 +420,10 @@ def restore_agreed(
             continue
         assert manifest is not None
         try:
-            _load_ranks(state, local.step_path(s), manifest, rank=rank, allow_pickle=allow_pickle, bounce=bounce)
+            if loader is not None:
+                loader(local.step_path(s), manifest, rank)
+            else:
+                _load_ranks(state, local.step_path(s), manifest, rank=rank, allow_pickle=allow_pickle, bounce=bounce)
         except CheckpointCorruptError as exc:
             problem = str(exc)
         loaded = coord.exchange(f"restore: load {s}", problem)
@@ -428,7 +459,7 @@ def _newest_world_size(local: LocalStore, remote: StepSource | None, in_s3: list
     """``[step, world_size, sharded]`` of the newest step with a readable manifest, locally
     (and in S3 when ``remote`` is given); None when there is none."""
     def describe(s: int, m: Manifest) -> list[int]:
-        return [s, saved_world_size(m), int(bool(m.extra.get("sharded")))]
+        return [s, saved_world_size(m), int(reshardable(m))]
 
     best: list[int] | None = None
     for s in reversed(local.committed_steps()):

@@ -53,13 +53,19 @@ def is_dtensor(t: Any) -> bool:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One rank's chunk of a global tensor: the global size and where the chunk starts."""
+    """One rank's chunk of a global tensor: the global size and where the chunk starts;
+    ``fqn``: the tensor's name when it is not the stored name (a rank holding several chunks
+    of one tensor stores them under distinct names)."""
 
     size: tuple[int, ...]
     offsets: tuple[int, ...]
+    fqn: str | None = None
 
-    def to_json(self) -> dict[str, list[int]]:
-        return {"size": list(self.size), "offsets": list(self.offsets)}
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"size": list(self.size), "offsets": list(self.offsets)}
+        if self.fqn is not None:
+            doc["fqn"] = self.fqn
+        return doc
 
 
 def local_shard(t: Any, path: str) -> tuple[torch.Tensor, ShardInfo, bool]:
@@ -100,11 +106,14 @@ def _parse_shards(reader: SafetensorsFile) -> dict[str, ShardInfo]:
         out = {}
         for name, ent in doc.items():
             size, offsets = tuple(int(x) for x in ent["size"]), tuple(int(x) for x in ent["offsets"])
+            fqn = ent.get("fqn")
+            if fqn is not None and not isinstance(fqn, str):
+                raise ValueError(f"shard {name!r} has a non-string fqn")
             spec = reader.specs.get(name)
             if spec is None or len(size) != len(offsets) or len(size) != len(spec.shape) or any(
                     o < 0 or o + n > d for o, n, d in zip(offsets, spec.shape, size)):
                 raise ValueError(f"shard {name!r} does not fit its tensor")
-            out[name] = ShardInfo(size, offsets)
+            out[name] = ShardInfo(size, offsets, fqn)
         return out
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise CheckpointCorruptError(f"{reader.path}: malformed {SHARDS_KEY} header ({exc}); the checkpoint "
@@ -130,15 +139,16 @@ class ShardIndex:
             reader = readers[fname]
             for name, info in _parse_shards(reader).items():
                 spec = reader.specs[name]
-                ent = md.get(name)
+                fqn = info.fqn or name
+                ent = md.get(fqn)
                 if ent is None:
-                    ent = md[name] = TensorStorageMetadata(TensorProperties(dtype=spec.dtype), torch.Size(info.size), [])
+                    ent = md[fqn] = TensorStorageMetadata(TensorProperties(dtype=spec.dtype), torch.Size(info.size), [])
                 elif tuple(ent.size) != info.size or ent.properties.dtype != spec.dtype:
                     raise CheckpointCorruptError(
                         f"{reader.path}: shard of {name!r} says {spec.dtype}{list(info.size)}, another file "
                         f"{ent.properties.dtype}{list(ent.size)}; the checkpoint is damaged", path=reader.path)
                 ent.chunks.append(ChunkStorageMetadata(torch.Size(info.offsets), torch.Size(spec.shape)))
-                self.where[MetadataIndex(name, torch.Size(info.offsets))] = (reader, name)
+                self.where[MetadataIndex(fqn, torch.Size(info.offsets))] = (reader, name)
         self.metadata = Metadata(state_dict_metadata=dict(md))
 
     def names(self) -> set[str]:
@@ -182,19 +192,22 @@ def load_boxes(targets: Mapping[str, torch.Tensor], index: ShardIndex) -> int:
         if loc is None:
             raise CheckpointCorruptError(f"no stored chunk for {item.storage_index}; the checkpoint is damaged")
         jobs.append((loc, item))
-    nbytes = 0
+    return sum(read_item(reader, name, item, planner) for (reader, name), item in jobs)
+
+
+def read_item(reader: SafetensorsFile, name: str, item: Any, planner: Any) -> int:
+    """Copy one DCP read item (a box of stored chunk ``name``) into the tensor the planner
+    resolves it to, and commit it; returns the bytes copied."""
     with torch.no_grad():
-        for (reader, name), item in jobs:
-            dest = planner.resolve_tensor(item)
-            if dest.device.type == "cpu":
-                reader.read_box_into(name, tuple(item.storage_offsets), tuple(item.lengths), dest)
-            else:
-                tmp = torch.empty(tuple(item.lengths), dtype=dest.dtype)
-                reader.read_box_into(name, tuple(item.storage_offsets), tuple(item.lengths), tmp)
-                dest.copy_(tmp)
-            planner.commit_tensor(item, dest)
-            nbytes += dest.numel() * dest.element_size()
-    return nbytes
+        dest = planner.resolve_tensor(item)
+        if dest.device.type == "cpu":
+            reader.read_box_into(name, tuple(item.storage_offsets), tuple(item.lengths), dest)
+        else:
+            tmp = torch.empty(tuple(item.lengths), dtype=dest.dtype)
+            reader.read_box_into(name, tuple(item.storage_offsets), tuple(item.lengths), tmp)
+            dest.copy_(tmp)
+        planner.commit_tensor(item, dest)
+    return dest.numel() * dest.element_size()
 
 
 def init_optimizer_state(optim: torch.optim.Optimizer) -> None:

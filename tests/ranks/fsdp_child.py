@@ -7,6 +7,8 @@ Scenarios:
               (unsharded) model and optimizer tensors to OUT (rank 0, safetensors)
   restore     build the model with other initial weights, restore, write the full tensors to OUT
   plain       no process group: a plain (unsharded) module and optimizer restore the step
+  dcp-save N [async]   train N steps, dcp.save / dcp.async_save through spotckpt.dcp.StorageWriter
+  dcp-load    other initial weights, dcp.load through spotckpt.dcp.StorageReader
 
 ``WORLD_SIZE`` unset means one process. Prints ``result <json>`` on success.
 """
@@ -85,6 +87,34 @@ def main() -> int:
         with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
             result["step"] = mgr.restore(state)
         result["epoch"] = state["epoch"]
+    elif scenario in ("dcp-save", "dcp-load"):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from spotckpt.dcp import StorageReader, StorageWriter
+
+        model, opt = build(0 if scenario == "dcp-save" else 7, shard=distributed)
+        with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
+            if scenario == "dcp-save":
+                n = int(rest[0])
+                train(model, opt, n, rank)
+                msd, osd = get_state_dict(model, opt)
+                sd = {"model": msd, "optim": osd, "train": {"step": n, "note": "spot"}}
+                if rest[1:2] == ["async"]:
+                    dcp.async_save(sd, storage_writer=StorageWriter(mgr), checkpoint_id=n).result()
+                else:
+                    dcp.save(sd, storage_writer=StorageWriter(mgr), checkpoint_id=n)
+                mgr.wait()
+                result["step"] = n
+            else:
+                msd, osd = get_state_dict(model, opt)
+                sd = {"model": msd, "optim": osd, "train": {"step": 0, "note": ""}}
+                reader = StorageReader(mgr)
+                dcp.load(sd, storage_reader=reader)
+                set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+                result["step"] = reader.loaded_step
+                result["train"] = sd["train"]
+            result["steps"] = mgr.all_steps()
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     tensors = full_tensors(model, opt)

@@ -1,0 +1,320 @@
+"""spotckpt as a storage layer for ``torch.distributed.checkpoint`` (DCP).
+
+Loops that already call DCP (torchtitan-style) keep DCP's planning -- flattening, de-duplication
+of replicated items, resharded loads -- and get spotckpt's commit, CRC32C, retention, S3 upload
+and preemption handling by passing these::
+
+    import torch.distributed.checkpoint as dcp
+    from spotckpt.dcp import StorageReader, StorageWriter
+
+    with spotckpt.CheckpointManager(...) as mgr:
+        if mgr.latest_step() is not None:
+            dcp.load(state_dict, storage_reader=StorageReader(mgr))       # newest valid step
+        ...
+        dcp.save(state_dict, storage_writer=StorageWriter(mgr), checkpoint_id=step)
+        # or dcp.async_save(...): the same writer, DCP stages and writes in its thread
+
+What lands is an ordinary committed ``step-*`` directory (``"layout": "dcp"`` in the manifest):
+``rank-RRRRR.safetensors`` per rank, each chunk under its DCP name with the chunk's offsets and
+the tensor's global size in the header (``spotckpt.shards``), the non-tensor items in
+``rank-RRRRR.tree.json`` as JSON -- nothing pickled. DCP's ``.metadata`` pickle is not written:
+the reader rebuilds DCP's plain-data metadata from the headers.
+
+Commit: every rank writes its files in ``write_data`` (into its host's staging directory), the
+ranks exchange their file entries over spotckpt's own gloo group, each host's leader renames the
+step into place, and only then does ``write_data`` return -- so DCP's ``finish`` has nothing
+left to do, and no rank sees the step before every rank's files are durable. A failure on any
+rank commits nothing anywhere. Loading picks the newest step every rank can verify (local, else
+S3), checks the CRC32C of every file it reads before the planner touches a live tensor.
+
+Async: pass ``async_checkpointer_type=AsyncCheckpointerType.THREAD`` (the default); the process
+executor would run the writer in another process, without this job's manager.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import logging
+import os
+import re
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.futures import Future
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import StorageReader as _DcpReader
+from torch.distributed.checkpoint.storage import StorageWriter as _DcpWriter
+from torch.distributed.checkpoint.storage import WriteResult
+
+from ._version import __version__
+from .errors import CheckpointCorruptError, ConfigError, NoCheckpointError, StateError
+from .format import FORMAT, MAX_JSON_BYTES, Manifest, SafetensorsFile, data_file_names, decode_tree, encode_tree
+from .format import parse_step_dirname, write_safetensors
+from .persist import write_step
+from .restore import progress_logger, restore_agreed, restore_newest, tensor_files
+from .shard import SHARDS_KEY, ShardIndex, ShardInfo, is_dtensor, read_item
+
+if TYPE_CHECKING:
+    from .manager import CheckpointManager
+
+__all__ = ["StorageWriter", "StorageReader", "LAYOUT"]
+
+log = logging.getLogger(__name__)
+
+#: ``manifest.json``'s ``"layout"`` of a step DCP wrote through :class:`StorageWriter`.
+LAYOUT = "dcp"
+
+
+def _step_of(checkpoint_id: Any) -> int | None:
+    """A step from a DCP ``checkpoint_id``: an int, digits, ``step-NNN`` or a path ending in it."""
+    if checkpoint_id is None:
+        return None
+    if isinstance(checkpoint_id, int) and not isinstance(checkpoint_id, bool) and checkpoint_id >= 0:
+        return checkpoint_id
+    text = os.fspath(checkpoint_id) if isinstance(checkpoint_id, (str, os.PathLike)) else None
+    if text is not None:
+        base = Path(text).name
+        if re.fullmatch(r"\d{1,18}", base):
+            return int(base)
+        step = parse_step_dirname(base)
+        if step is not None:
+            return step
+    raise ConfigError(f"checkpoint_id={checkpoint_id!r} names no step; pass the step number "
+                      "(checkpoint_id=step) or a path ending in step-NNNNNNNNNNNN")
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where a DCP item is: the file and the name inside it (picklable: DCP gathers results)."""
+
+    file: str
+    name: str
+
+
+class StorageWriter(_DcpWriter):
+    """Commits what ``dcp.save`` / ``dcp.async_save`` write as step ``checkpoint_id`` of
+    ``manager``'s ``local_dir`` (then uploaded, and retention applied, like any save)."""
+
+    def __init__(self, manager: CheckpointManager, step: int | None = None) -> None:
+        super().__init__()
+        self.manager = manager
+        self.step = step
+
+    def __getstate__(self) -> Any:
+        raise ConfigError("spotckpt.dcp.StorageWriter works in this process only; use "
+                          "async_checkpointer_type=AsyncCheckpointerType.THREAD with dcp.async_save")
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        step = _step_of(checkpoint_id)
+        if step is not None:
+            self.step = step
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        try:
+            return _step_of(checkpoint_id) is not None
+        except ConfigError:
+            return False
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.manager._check_open()
+        if self.step is None:
+            raise ConfigError("spotckpt.dcp.StorageWriter needs a step: dcp.save(..., checkpoint_id=step) "
+                              "or StorageWriter(mgr, step)")
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return plans
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        mgr, step = self.manager, self.step
+        assert step is not None
+        t0 = time.perf_counter()
+        st_name, tree_name = data_file_names(mgr.rank)
+        tensors: dict[str, torch.Tensor] = {}
+        shards: dict[str, ShardInfo] = {}
+        items: dict[str, Any] = {}
+        results: list[WriteResult] = []
+        for item in plan.items:
+            fqn = item.index.fqn
+            if item.type == WriteItemType.BYTE_IO:
+                obj = planner.lookup_object(item.index) if hasattr(planner, "lookup_object") else None
+                if obj is None and not hasattr(planner, "lookup_object"):
+                    raise StateError(f"{fqn}: this planner gives non-tensor items only as pickles; use "
+                                     "DefaultSavePlanner (spotckpt stores such items as JSON)", key_path=fqn)
+                items[fqn] = encode_tree(obj, fqn, _no_tensors, allow_pickle=mgr.allow_pickle)
+                results.append(WriteResult(index=item.index, size_in_bytes=0, storage_data=_Stored(tree_name, fqn)))
+                continue
+            td = item.tensor_data
+            assert td is not None
+            t = planner.resolve_data(item)
+            assert isinstance(t, torch.Tensor)
+            name = fqn if fqn not in tensors else f"{fqn}@{','.join(map(str, td.chunk.offsets))}"
+            tensors[name] = t.detach().contiguous().cpu()
+            shards[name] = ShardInfo(tuple(td.size), tuple(td.chunk.offsets), None if name == fqn else fqn)
+            results.append(WriteResult(index=item.index, size_in_bytes=t.numel() * t.element_size(),
+                                       storage_data=_Stored(st_name, name)))
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if mgr.local.is_committed(step):
+            log.info("spotckpt: step %d is already committed in %s; not writing it again", step, mgr.local_dir)
+        else:
+            meta = {"format": FORMAT, "step": str(step),
+                    SHARDS_KEY: json.dumps({k: v.to_json() for k, v in shards.items()}, separators=(",", ":"))}
+            tree = {"format": FORMAT, "layout": LAYOUT, "step": step, "rank": mgr.rank, "items": items}
+            extra = {"writer": f"spotckpt {__version__}", "world_size": mgr.world_size, "layout": LAYOUT}
+            write_step(mgr.local, step, tree, lambda p: write_safetensors(p, tensors, meta), rank=mgr.rank,
+                       extra=extra, coord=mgr._coord)
+            mgr._external_save(step, t0, nbytes)
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Nothing left: ``write_data`` committed the step on every host before returning."""
+
+
+def _no_tensors(path: str, t: torch.Tensor) -> str:
+    raise StateError(f"{path}: a tensor inside a non-tensor DCP item; put it at the top level of the "
+                     "state dict", key_path=path)
+
+
+class StorageReader(_DcpReader):
+    """Loads, for ``dcp.load``, the newest step of ``manager`` that every rank can verify (or
+    step ``checkpoint_id``), written by :class:`StorageWriter`; resharding onto the current
+    world size and mesh is DCP's. Raises :class:`~spotckpt.NoCheckpointError` when there is
+    none (check ``mgr.latest_step()`` first)."""
+
+    def __init__(self, manager: CheckpointManager, step: int | None = None) -> None:
+        super().__init__()
+        self.manager = manager
+        self.step = step
+        self.loaded_step: int | None = None
+        self._stack = ExitStack()
+        self._index: ShardIndex | None = None
+        self._items: dict[str, Any] = {}
+
+    def __getstate__(self) -> Any:
+        raise ConfigError("spotckpt.dcp.StorageReader works in this process only")
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        step = _step_of(checkpoint_id)
+        if step is not None:
+            self.step = step
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return StorageWriter.validate_checkpoint_id(checkpoint_id)
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        mgr = self.manager
+        mgr._check_open()
+        self._stack.close()
+        kw: dict[str, Any] = {"step": self.step, "verify": mgr.verify_on_restore, "progress": progress_logger(),
+                              "loader": self._open_step}
+        if mgr._coord is not None:
+            res = restore_agreed({}, mgr.local, mgr._store, mgr._coord, **kw)
+        else:
+            res = restore_newest({}, mgr.local, mgr._store, **kw)
+        if res is None or self._index is None:
+            raise NoCheckpointError(f"no checkpoint in {mgr.local_dir}" + (f" or {mgr.s3_uri}" if mgr.s3_uri else "")
+                                    + "; start fresh instead of calling dcp.load")
+        self.loaded_step = res.step
+        mgr._external_restore(res)
+        md = self._index.metadata
+        storage = dict(self._index.where)
+        for fqn, (tree, _) in self._items.items():
+            md.state_dict_metadata[fqn] = BytesStorageMetadata()
+            storage[MetadataIndex(fqn)] = ("bytes", tree)
+        return Metadata(state_dict_metadata=md.state_dict_metadata, storage_data=storage)
+
+    def _open_step(self, step_dir: Path, manifest: Manifest, rank: int) -> None:
+        """restore's loader: open the chosen (verified) step's files and index them."""
+        if manifest.extra.get("layout") != LAYOUT:
+            raise ConfigError(f"{step_dir} was not written through spotckpt.dcp.StorageWriter; load it with "
+                              "CheckpointManager.restore(state)")
+        stack = ExitStack()
+        try:
+            readers = {f: stack.enter_context(SafetensorsFile(step_dir / f)) for f in tensor_files(manifest)}
+            items: dict[str, Any] = {}
+            for f in sorted(manifest.files):
+                if f.startswith("rank-") and f.endswith(".tree.json"):
+                    raw = (step_dir / f).read_bytes()
+                    if len(raw) > MAX_JSON_BYTES:
+                        raise CheckpointCorruptError(f"{step_dir / f}: tree file is too large", path=step_dir / f)
+                    try:
+                        doc = json.loads(raw)
+                        for fqn, enc in doc["items"].items():
+                            items[fqn] = (enc, str(step_dir / f))
+                    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                        raise CheckpointCorruptError(f"{step_dir / f}: not a DCP item file ({exc})",
+                                                     path=step_dir / f) from exc
+            index = ShardIndex(readers)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        self._index, self._items = index, items
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        assert self._index is not None
+        try:
+            _check_coverage(plan, planner)
+            for item in plan.items:
+                if item.type == LoadItemType.BYTE_IO:
+                    enc, source = self._items[item.storage_index.fqn]
+                    obj = decode_tree(enc, _no_stored_tensor, source=source, allow_pickle=self.manager.allow_pickle)
+                    buf = io.BytesIO()
+                    torch.save(obj, buf)  # DCP's planner takes bytes in torch.save form; made here, from JSON
+                    buf.seek(0)
+                    planner.load_bytes(item, buf)
+                    continue
+                loc = self._index.where.get(item.storage_index)
+                if loc is None:
+                    raise CheckpointCorruptError(f"no stored chunk for {item.storage_index}; the checkpoint is damaged")
+                read_item(loc[0], loc[1], item, planner)
+        finally:
+            self._stack.close()
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+
+def _check_coverage(plan: LoadPlan, planner: LoadPlanner) -> None:
+    """Before the first byte lands: the saved chunks cover every tensor this rank loads."""
+    targets = getattr(planner, "state_dict", None)
+    if not isinstance(targets, dict):
+        return  # a custom planner: nothing to check against
+    covered: dict[str, int] = {}
+    for item in plan.items:
+        if item.type != LoadItemType.BYTE_IO:
+            covered[item.dest_index.fqn] = covered.get(item.dest_index.fqn, 0) + math.prod(item.lengths)
+    for fqn, n in covered.items():
+        t = targets.get(fqn)
+        if isinstance(t, torch.Tensor):
+            need = (t.to_local() if is_dtensor(t) else t).numel()
+            if n != need:
+                raise CheckpointCorruptError(f"the saved chunks of {fqn!r} cover {n} of the {need} elements this "
+                                             "rank loads; the checkpoint is incomplete")
+
+
+def _no_stored_tensor(name: str) -> torch.Tensor:
+    raise CheckpointCorruptError(f"a DCP item refers to tensor {name!r}; the checkpoint is damaged")
+
