@@ -65,6 +65,7 @@ def load_step(
         problems = verify_files(step_dir, manifest)
         if problems:
             raise CheckpointCorruptError("; ".join(problems), path=step_dir)
+    _note_reshard(manifest.step, manifest, 1, rank)
     _load_files(state, step_dir, manifest, rank=rank, keys=None, allow_pickle=allow_pickle, bounce=bounce)
 
 
@@ -117,6 +118,14 @@ def _load_files(
 def tensor_files(manifest: Manifest) -> list[str]:
     """Every rank's tensor file of a step."""
     return sorted(f for f in manifest.files if f.startswith("rank-") and f.endswith(".safetensors"))
+
+
+def _note_reshard(step: int, manifest: Manifest, world: int, rank: int) -> None:
+    ws = saved_world_size(manifest)
+    if ws != world and rank == 0 and manifest.extra.get("sharded"):
+        log.warning("spotckpt: step %d was saved by %d rank(s), this job has %d: %s resharded; the per-rank "
+                    "values of rank r (RNG, data position, plain values) come from saved rank r %% %d",
+                    step, ws, world, ", ".join(manifest.extra["sharded"]), ws)
 
 
 def reshardable(manifest: Manifest) -> bool:
@@ -423,6 +432,7 @@ def restore_agreed(
             if loader is not None:
                 loader(local.step_path(s), manifest, rank)
             else:
+                _note_reshard(s, manifest, world, rank)
                 _load_ranks(state, local.step_path(s), manifest, rank=rank, allow_pickle=allow_pickle, bounce=bounce)
         except CheckpointCorruptError as exc:
             problem = str(exc)

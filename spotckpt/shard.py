@@ -162,7 +162,7 @@ def load_boxes(targets: Mapping[str, torch.Tensor], index: ShardIndex) -> int:
     :class:`StateError` naming the tensor). Returns the bytes copied."""
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    for name, t in targets.items():
+    for name, t in sorted(targets.items()):
         saved = index.metadata.state_dict_metadata.get(name)
         if saved is None:
             raise CheckpointCorruptError(f"no saved shard of {name!r} in this step; the checkpoint is incomplete")

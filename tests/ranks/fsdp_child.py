@@ -7,6 +7,7 @@ Scenarios:
               (unsharded) model and optimizer tensors to OUT (rank 0, safetensors)
   restore     build the model with other initial weights, restore, write the full tensors to OUT
   plain       no process group: a plain (unsharded) module and optimizer restore the step
+  mismatch    restore into a model of another shape: refused before any live tensor changes
   dcp-save N [async]   train N steps, dcp.save / dcp.async_save through spotckpt.dcp.StorageWriter
   dcp-load    other initial weights, dcp.load through spotckpt.dcp.StorageReader
 
@@ -26,9 +27,9 @@ from torch import nn
 import spotckpt
 
 
-def build(seed: int, *, shard: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+def build(seed: int, *, shard: bool, hidden: int = 13) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(10, 13), nn.Tanh(), nn.Linear(13, 7))
+    model = nn.Sequential(nn.Linear(10, hidden), nn.Tanh(), nn.Linear(hidden, 7))
     model.register_buffer("scale", torch.arange(5.0) + seed)
     if shard:
         from torch.distributed.fsdp import fully_shard
@@ -87,6 +88,16 @@ def main() -> int:
         with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
             result["step"] = mgr.restore(state)
         result["epoch"] = state["epoch"]
+    elif scenario == "mismatch":
+        model, opt = build(7, shard=distributed, hidden=14)
+        before = full_tensors(model, opt)
+        try:
+            with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
+                mgr.restore({"model": model, "optim": opt})
+        except spotckpt.SpotCkptError as exc:
+            result.update(error=type(exc).__name__, message=str(exc))
+        after = full_tensors(model, opt)
+        result["untouched"] = all(torch.equal(before[k], after[k]) for k in before if k.startswith("model/"))
     elif scenario in ("dcp-save", "dcp-load"):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -120,7 +131,7 @@ def main() -> int:
     tensors = full_tensors(model, opt)
     if rank == 0:
         save_file(tensors, out_path)
-    if scenario != "save":
+    if scenario in ("restore", "plain", "dcp-load"):
         train(model, opt, 1, rank)  # the restored optimizer steps on
     print("result " + json.dumps(result), flush=True)
     if distributed:

@@ -1,0 +1,117 @@
+"""Sharded state (FSDP2 on gloo, several processes): saved by one number of ranks, restored by
+another (4 -> 2, 2 -> 4, 4 -> 1 onto a plain module) with every full tensor equal; a corrupted
+shard falls back to the older step; a model that cannot hold the saved shapes is refused before
+any live tensor changes; DCP's own save/load through spotckpt's storage layer, uploaded to S3."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spotckpt.format import MANIFEST_NAME, step_dirname
+from spotckpt.local import LocalStore
+from spotckpt.s3 import S3Store
+from tests.helpers import REPO, finish_ranks, launch_ranks, result_of
+
+pytestmark = pytest.mark.ranks
+
+CHILD = str(Path(__file__).with_name("fsdp_child.py"))
+
+
+def _run(world: int, scenario: str, local_dir: Path, out: Path, *args: str,
+         env: dict[str, str] | None = None) -> list[dict]:  # type: ignore[type-arg]
+    """``world`` ranks (0: one process, no process group) of fsdp_child.py; their results."""
+    if world == 0:
+        import subprocess
+
+        e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        e.update(env or {}, SPOTCKPT_METRICS="0")
+        p = subprocess.run([sys.executable, CHILD, scenario, str(local_dir), str(out), *args], env=e,
+                           capture_output=True, text=True, cwd=REPO)
+        results = [(p.returncode, p.stdout, p.stderr)]
+    else:
+        procs = launch_ranks(lambda r: [sys.executable, CHILD, scenario, str(local_dir), str(out), *args], world,
+                             env=env)
+        results = finish_ranks(procs)
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    return [result_of(o) for _, o, _ in results]
+
+
+def _assert_same(saved: Path, restored: Path) -> None:
+    a, b = load_file(saved), load_file(restored)
+    assert sorted(a) == sorted(b) and len(a) == 17  # 4 params + 1 buffer, 3 optimizer tensors per param
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_saved_by_4_restored_by_2_and_by_1_plain(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    _run(4, "save", ck, tmp_path / "saved.st", "3")
+    m = LocalStore(ck, create=False, cleanup=False).read_manifest(3)
+    assert m.extra["world_size"] == 4 and m.extra["sharded"] == ["model", "optim"]
+    res = _run(2, "restore", ck, tmp_path / "r2.st")
+    assert [r["step"] for r in res] == [3, 3] and res[0]["epoch"] == 3
+    _assert_same(tmp_path / "saved.st", tmp_path / "r2.st")
+    res = _run(0, "plain", ck, tmp_path / "r1.st")  # FSDP -> a plain module, e.g. for export
+    assert res[0]["step"] == 3
+    _assert_same(tmp_path / "saved.st", tmp_path / "r1.st")
+
+
+def test_async_save_by_2_restored_by_4(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    _run(2, "save", ck, tmp_path / "saved.st", "2", "async")
+    res = _run(4, "restore", ck, tmp_path / "r4.st")
+    assert {r["step"] for r in res} == {2}
+    _assert_same(tmp_path / "saved.st", tmp_path / "r4.st")
+
+
+def test_corrupt_shard_falls_back_to_the_older_step_on_every_rank(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    _run(2, "save", ck, tmp_path / "saved2.st", "2")
+    _run(2, "save", ck, tmp_path / "saved3.st", "3")
+    shard = ck / step_dirname(3) / "rank-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # a byte of rank 1's last shard
+    shard.write_bytes(bytes(data))
+    res = _run(2, "restore", ck, tmp_path / "r.st")
+    assert [r["step"] for r in res] == [2, 2]
+    _assert_same(tmp_path / "saved2.st", tmp_path / "r.st")
+
+
+def test_a_model_that_cannot_hold_the_saved_shapes_is_refused_untouched(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    _run(2, "save", ck, tmp_path / "saved.st", "1")
+    res = _run(2, "mismatch", ck, tmp_path / "m.st")
+    for r in res:
+        assert r["error"] == "StateError", r
+        assert r["message"].startswith("model/0.bias: saved as torch.float32[13]"), r["message"]
+        assert r["untouched"] is True
+
+
+def test_dcp_save_through_spotckpt_commits_uploads_and_loads_resharded_from_s3(tmp_path: Path, bucket: str) -> None:
+    uri = f"s3://{bucket}/dcp"
+    env = {"S3_URI": uri}
+    res = _run(2, "dcp-save", tmp_path / "a", tmp_path / "saved.st", "4", "async", env=env)
+    assert res[0]["steps"] == [4]
+    local = LocalStore(tmp_path / "a", create=False, cleanup=False)
+    m = local.read_manifest(4)
+    assert m.extra["layout"] == "dcp" and m.extra["world_size"] == 2
+    assert local.verify_step(4).ok
+    assert not any(f.endswith(".metadata") or f.endswith(".distcp") for f in m.files)  # no pickles
+    store = S3Store(uri)
+    try:
+        assert store.list_steps() == [4]
+        assert store.missing_objects(4, m) == []  # every file in S3, right size and CRC32C
+    finally:
+        store.close()
+    # a new machine, one process: fetched from S3, verified, resharded 2 -> 1 by DCP
+    res = _run(0, "dcp-load", tmp_path / "b", tmp_path / "r1.st", env=env)
+    assert res[0]["step"] == 4 and res[0]["train"] == {"step": 4, "note": "spot"}
+    assert (tmp_path / "b" / step_dirname(4) / MANIFEST_NAME).exists()
+    _assert_same(tmp_path / "saved.st", tmp_path / "r1.st")
