@@ -29,6 +29,9 @@ S3), checks the CRC32C of every file it reads before the planner touches a live 
 
 Async: pass ``async_checkpointer_type=AsyncCheckpointerType.THREAD`` (the default); the process
 executor would run the writer in another process, without this job's manager.
+
+Errors: DCP wraps whatever a storage layer raises -- spotckpt's errors included -- in its own
+``CheckpointException`` (a ``BaseException``) on every rank; the message carries spotckpt's.
 """
 
 from __future__ import annotations
