@@ -101,9 +101,9 @@ class _Stored:
     name: str
 
 
-class StorageWriter(_DcpWriter):
-    """Commits what ``dcp.save`` / ``dcp.async_save`` write as step ``checkpoint_id`` of
-    ``manager``'s ``local_dir`` (then uploaded, and retention applied, like any save)."""
+class _StepStorage:
+    """What the writer and the reader share: the manager, the step a ``checkpoint_id`` names,
+    and staying in this process (DCP's process executor would pickle them away from it)."""
 
     def __init__(self, manager: CheckpointManager, step: int | None = None) -> None:
         super().__init__()
@@ -111,8 +111,8 @@ class StorageWriter(_DcpWriter):
         self.step = step
 
     def __getstate__(self) -> Any:
-        raise ConfigError("spotckpt.dcp.StorageWriter works in this process only; use "
-                          "async_checkpointer_type=AsyncCheckpointerType.THREAD with dcp.async_save")
+        raise ConfigError(f"spotckpt.dcp.{type(self).__name__} works in this process only; with dcp.async_save "
+                          "use async_checkpointer_type=AsyncCheckpointerType.THREAD (the default)")
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         step = _step_of(checkpoint_id)
@@ -125,6 +125,11 @@ class StorageWriter(_DcpWriter):
             return _step_of(checkpoint_id) is not None
         except ConfigError:
             return False
+
+
+class StorageWriter(_StepStorage, _DcpWriter):
+    """Commits what ``dcp.save`` / ``dcp.async_save`` write as step ``checkpoint_id`` of
+    ``manager``'s ``local_dir`` (then uploaded, and retention applied, like any save)."""
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.manager._check_open()
@@ -190,32 +195,18 @@ def _no_tensors(path: str, t: torch.Tensor) -> str:
                      "state dict", key_path=path)
 
 
-class StorageReader(_DcpReader):
+class StorageReader(_StepStorage, _DcpReader):
     """Loads, for ``dcp.load``, the newest step of ``manager`` that every rank can verify (or
     step ``checkpoint_id``), written by :class:`StorageWriter`; resharding onto the current
     world size and mesh is DCP's. Raises :class:`~spotckpt.NoCheckpointError` when there is
     none (check ``mgr.latest_step()`` first)."""
 
     def __init__(self, manager: CheckpointManager, step: int | None = None) -> None:
-        super().__init__()
-        self.manager = manager
-        self.step = step
+        super().__init__(manager, step)
         self.loaded_step: int | None = None
         self._stack = ExitStack()
         self._index: ShardIndex | None = None
         self._items: dict[str, Any] = {}
-
-    def __getstate__(self) -> Any:
-        raise ConfigError("spotckpt.dcp.StorageReader works in this process only")
-
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        step = _step_of(checkpoint_id)
-        if step is not None:
-            self.step = step
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return StorageWriter.validate_checkpoint_id(checkpoint_id)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         mgr = self.manager

@@ -146,3 +146,15 @@ def result_of(out: str) -> dict:  # type: ignore[type-arg]
     lines = [ln for ln in out.splitlines() if ln.startswith("result ")]
     assert lines, out[-2000:]
     return json.loads(lines[-1][len("result "):])  # type: ignore[no-any-return]
+
+
+def done_lines(results: list[tuple[int, str, str]]) -> list[str]:
+    """Each rank's ``... done at step N; weights ...; losses ...`` line of an example trainer
+    (after its ``tag: ``), asserting every rank exited 0 and printed exactly one."""
+    lines = []
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+        done = [ln for ln in out.splitlines() if " done at step " in ln]
+        assert len(done) == 1, out[-2000:]
+        lines.append(done[0].split(": ", 1)[1])
+    return lines

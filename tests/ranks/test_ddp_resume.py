@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from spotckpt.local import LocalStore
-from tests.helpers import REPO, count_prefix, finish_ranks, launch_ranks, read_lines_until
+from tests.helpers import REPO, count_prefix, done_lines, finish_ranks, launch_ranks, read_lines_until
 
 EXAMPLE = str(REPO / "examples" / "train_ddp.py")
 ARGS = ["--steps", "60", "--every-steps", "20", "--print-every", "5"]
@@ -20,18 +20,8 @@ def _job(dirs: list[Path], *extra: str):  # type: ignore[no-untyped-def]
     return launch_ranks(lambda r: [sys.executable, EXAMPLE, *ARGS, *extra, "--local-dir", str(dirs[r])], len(dirs))
 
 
-def _done_lines(results: list[tuple[int, str, str]]) -> list[str]:
-    lines = []
-    for code, out, err in results:
-        assert code == 0, err[-3000:]
-        done = [ln for ln in out.splitlines() if " done at step " in ln]
-        assert len(done) == 1, out[-2000:]
-        lines.append(done[0].split(": ", 1)[1])
-    return lines
-
-
 def test_sigterm_to_one_rank_stops_both_at_one_step_and_resume_is_exact(tmp_path: Path) -> None:
-    want = _done_lines(finish_ranks(_job([tmp_path / "ref0", tmp_path / "ref1"])))
+    want = done_lines(finish_ranks(_job([tmp_path / "ref0", tmp_path / "ref1"])))
     assert want[0].split("losses")[0] == want[1].split("losses")[0]  # same weights on both ranks
 
     dirs = [tmp_path / "host0", tmp_path / "host1"]
@@ -54,4 +44,4 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_resume_is_exact(tmp_path
     results = finish_ranks(_job(dirs))
     for code, out, _ in results:
         assert f"starting at step {stopped[0]} of 60" in out
-    assert _done_lines(results) == want
+    assert done_lines(results) == want

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from spotckpt.local import LocalStore
-from tests.helpers import REPO, count_prefix, finish_ranks, launch_ranks, read_lines_until
+from tests.helpers import REPO, count_prefix, done_lines, finish_ranks, launch_ranks, read_lines_until
 
 pytestmark = pytest.mark.ranks
 
@@ -27,18 +27,8 @@ def _job(local_dir: Path, *extra: str, world: int = 2):  # type: ignore[no-untyp
     return launch_ranks(lambda r: [sys.executable, EXAMPLE, *ARGS, *extra, "--local-dir", str(local_dir)], world)
 
 
-def _done_lines(results: list[tuple[int, str, str]]) -> list[str]:
-    lines = []
-    for code, out, err in results:
-        assert code == 0, err[-3000:]
-        done = [ln for ln in out.splitlines() if " done at step " in ln]
-        assert len(done) == 1, out[-2000:]
-        lines.append(done[0].split(": ", 1)[1])
-    return lines
-
-
 def test_fsdp_sigterm_to_one_rank_then_exact_resume_and_resharded_resume(tmp_path: Path) -> None:
-    want = _done_lines(finish_ranks(_job(tmp_path / "ref")))
+    want = done_lines(finish_ranks(_job(tmp_path / "ref")))
     assert want[0].split("losses")[0] == want[1].split("losses")[0]  # full weights agree across ranks
 
     ck = tmp_path / "ck"
@@ -70,4 +60,4 @@ def test_fsdp_sigterm_to_one_rank_then_exact_resume_and_resharded_resume(tmp_pat
     results = finish_ranks(_job(ck))
     for code, out, _ in results:
         assert f"starting at step {stopped[0]} of 40 with 2 rank(s)" in out
-    assert _done_lines(results) == want
+    assert done_lines(results) == want
