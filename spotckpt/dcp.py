@@ -283,7 +283,7 @@ class StorageReader(_StepStorage, _DcpReader):
                 loc = self._index.where.get(item.storage_index)
                 if loc is None:
                     raise CheckpointCorruptError(f"no stored chunk for {item.storage_index}; the checkpoint is damaged")
-                read_item(loc[0], loc[1], item, planner)
+                read_item(loc, item, planner)
         finally:
             self._stack.close()
         fut: Future[None] = Future()

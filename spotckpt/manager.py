@@ -54,7 +54,7 @@ from .policy import (
     save_policy_from,
 )
 from .preemption import DEFAULT_GRACE_SECONDS, PreemptionWatcher
-from .shard import shards_metadata
+from .shard import recording_shards, shards_metadata
 from .restore import bounce_buffer_for, progress_logger, restore_agreed, restore_newest
 from .stage import Stager
 from .store import RemoteStore
@@ -318,7 +318,8 @@ class CheckpointManager:
             meta.update(shards_metadata(snap.shards))
         if blocking and all(t.device.type == "cpu" for t in snap.tensors.values()):
             # Host tensors: written straight from their memory, no copy at all.
-            self._write(step, snap.tree, lambda p: write_safetensors(p, snap.tensors, meta), t0, snap.nbytes, extra)
+            write = recording_shards(snap.tree, snap.shards, snap.tensors, lambda p, **kw: write_safetensors(p, snap.tensors, meta, **kw))
+            self._write(step, snap.tree, write, t0, snap.nbytes, extra)
         else:
             # Device tensors (blocking: one pinned device-to-host pass, much faster than copying
             # tensor by tensor into pageable memory) and every async save go through the stager.
@@ -327,7 +328,8 @@ class CheckpointManager:
 
             def run() -> None:
                 try:
-                    self._write(step, snap.tree, staged.write_to, t0, staged.nbytes, extra)
+                    self._write(step, snap.tree, recording_shards(snap.tree, snap.shards, snap.tensors, staged.write_to), t0,
+                                staged.nbytes, extra)
                 finally:
                     with self._lock:
                         self._stager.release(staged)

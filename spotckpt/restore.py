@@ -25,7 +25,16 @@ import torch
 
 from .dist import Coordinator
 from .errors import CheckpointCorruptError, ConfigError, NoCheckpointError
-from .format import MAX_JSON_BYTES, FileEntry, Manifest, SafetensorsFile, data_file_names, fsync_dir
+from .format import (
+    MAX_JSON_BYTES,
+    FileEntry,
+    Manifest,
+    SafetensorsFile,
+    crc32c_b64,
+    crc32c_update,
+    data_file_names,
+    fsync_dir,
+)
 from .local import LocalStore, verify_files
 from .shard import ShardIndex
 from .store import StepSource
@@ -78,9 +87,13 @@ def _load_files(
     keys: Collection[str] | None,
     allow_pickle: bool,
     bounce: torch.Tensor | None,
+    remote: StepSource | None = None,
+    local_files: Collection[str] | None = None,
 ) -> None:
     """Load ``keys`` (None: every key) of the files written by ``rank``. A step with sharded
-    keys (DTensor) reads their shards from every rank's tensor file present in ``step_dir``."""
+    keys (DTensor) reads their shards from every rank's tensor file: those in ``step_dir``
+    (only ``local_files``, the verified ones, when given), the others with ranged reads from
+    ``remote``, each chunk checked against the CRC32C its writer recorded."""
     layout = manifest.extra.get("layout")
     if layout == "dcp":
         raise ConfigError(
@@ -107,12 +120,44 @@ def _load_files(
         index = None
         if manifest.extra.get("sharded"):
             readers = {st_name: reader}
+            ranged = []
             for name in tensor_files(manifest):
-                if name != st_name and (step_dir / name).exists():
+                if name == st_name:
+                    continue
+                if (step_dir / name).exists() and (local_files is None or name in local_files):
                     readers[name] = stack.enter_context(SafetensorsFile(step_dir / name))
-            index = ShardIndex(readers)
+                elif remote is not None and hasattr(remote, "read_range"):
+                    doc = _tree_of(step_dir, manifest, name, remote, local_files)
+                    ranged.append((remote, manifest.step, name, doc.get("shards") or {}))
+            index = ShardIndex(readers, ranged)
         apply(state, tree, reader, allow_pickle=allow_pickle, bounce=bounce, source=str(tree_path), keys=keys,
               shards=index)
+
+
+def _tree_of(step_dir: Path, manifest: Manifest, st_name: str, remote: Any,
+             local_files: Collection[str] | None) -> dict[str, Any]:
+    """The tree of the rank that wrote ``st_name``: the local copy when verified, else fetched
+    from ``remote`` and checked against the manifest."""
+    tree_name = st_name.removesuffix(".safetensors") + ".tree.json"
+    entry = manifest.files.get(tree_name)
+    if entry is None:
+        raise CheckpointCorruptError(f"{step_dir}: manifest lists {st_name} but no {tree_name}", path=step_dir)
+    if (step_dir / tree_name).exists() and local_files is not None and tree_name in local_files:
+        raw = (step_dir / tree_name).read_bytes()
+    else:
+        if entry.size > MAX_JSON_BYTES:
+            raise CheckpointCorruptError(f"{tree_name}: tree file is too large", path=tree_name)
+        raw = remote.read_range(manifest.step, tree_name, 0, entry.size)
+        if FileEntry(len(raw), crc32c_b64(crc32c_update(0, raw))) != entry:
+            raise CheckpointCorruptError(f"{remote.uri}: {tree_name} of step {manifest.step} does not match the "
+                                         "manifest; the checkpoint is damaged", path=tree_name)
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+        return doc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointCorruptError(f"{tree_name}: not valid JSON ({exc})", path=tree_name) from exc
 
 
 def tensor_files(manifest: Manifest) -> list[str]:
@@ -269,33 +314,36 @@ def _restore_remote(
 # -- several ranks ----------------------------------------------------------------------------
 
 
-def needed_files(manifest: Manifest, rank: int, world_size: int | None = None) -> set[str]:
+def needed_files(manifest: Manifest, rank: int, world_size: int | None = None, *, ranged: bool = False) -> set[str]:
     """The files ``rank`` reads to restore ``manifest``'s step: its own, and those of rank 0
     when the step holds replicated keys (written once, by rank 0). Restoring a sharded step
     onto another world size (``world_size``): the per-rank values of saved rank
-    ``rank % saved world size``, and every rank's tensor file (shards are resharded)."""
+    ``rank % saved world size``, and every rank's tensor file (shards are resharded) -- unless
+    ``ranged``: then the shards of other files are fetched as byte ranges from S3."""
     if manifest.extra.get("layout") == "dcp":
         return set(manifest.files)  # DCP writes replicated items once, on any rank
     ws = saved_world_size(manifest)
     need = set(data_file_names(rank % ws))
     if manifest.extra.get("replicated"):
         need |= set(data_file_names(0))
-    if manifest.extra.get("sharded") and world_size not in (None, ws):
+    if manifest.extra.get("sharded") and world_size not in (None, ws) and not ranged:
         need |= set(tensor_files(manifest))
     return need
 
 
 def _load_ranks(state: MutableMapping[str, Any], step_dir: Path, manifest: Manifest, *, rank: int,
-                allow_pickle: bool, bounce: torch.Tensor | None) -> None:
+                allow_pickle: bool, bounce: torch.Tensor | None, remote: StepSource | None,
+                local_files: Collection[str]) -> None:
     replicated = set(manifest.extra.get("replicated") or ())
     own = {k for k in state if k not in replicated}
     rank = rank % saved_world_size(manifest)  # another world size: resharding (checked by the caller)
+    kw: dict[str, Any] = {"allow_pickle": allow_pickle, "bounce": bounce, "remote": remote, "local_files": local_files}
     if rank != 0:
-        _load_files(state, step_dir, manifest, rank=rank, keys=own, allow_pickle=allow_pickle, bounce=bounce)
+        _load_files(state, step_dir, manifest, rank=rank, keys=own, **kw)
         if replicated:
-            _load_files(state, step_dir, manifest, rank=0, keys=replicated, allow_pickle=allow_pickle, bounce=bounce)
+            _load_files(state, step_dir, manifest, rank=0, keys=replicated, **kw)
     else:
-        _load_files(state, step_dir, manifest, rank=0, keys=None, allow_pickle=allow_pickle, bounce=bounce)
+        _load_files(state, step_dir, manifest, rank=0, keys=None, **kw)
 
 
 def restore_agreed(
@@ -333,7 +381,7 @@ def restore_agreed(
             log.warning("spotckpt: skipping local step %d: %s", s, exc)
             continue
         mine = set(data_file_names(rank % saved_world_size(m)))
-        need = needed_files(m, rank, world)
+        need = needed_files(m, rank, world, ranged=remote is not None)
         if not need <= set(m.files):
             continue
         present = {f for f in need if (local.step_path(s) / f).exists()}
@@ -407,7 +455,7 @@ def restore_agreed(
                 and manifest is not None and (ws == world or reshard)):
             need: set[str] = set()
             for r in host_ranks:
-                need |= needed_files(manifest, r, world)
+                need |= needed_files(manifest, r, world, ranged=remote is not None)
             try:
                 if remote is None:
                     raise CheckpointCorruptError(f"step {s} is incomplete on {local.root} and no S3 is configured",
@@ -433,7 +481,8 @@ def restore_agreed(
                 loader(local.step_path(s), manifest, rank)
             else:
                 _note_reshard(s, manifest, world, rank)
-                _load_ranks(state, local.step_path(s), manifest, rank=rank, allow_pickle=allow_pickle, bounce=bounce)
+                _load_ranks(state, local.step_path(s), manifest, rank=rank, allow_pickle=allow_pickle, bounce=bounce,
+                            remote=remote, local_files=needed_files(manifest, rank, world, ranged=remote is not None))
         except CheckpointCorruptError as exc:
             problem = str(exc)
         loaded = coord.exchange(f"restore: load {s}", problem)

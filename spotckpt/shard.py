@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .errors import CheckpointCorruptError, StateError
-from .format import SafetensorsFile
+from .format import FileEntry, SafetensorsFile, crc32c_b64, crc32c_update
+from .format.safetensors import _DTYPE_TO_ST, _ST_TO_DTYPE
 
-__all__ = ["SHARDS_KEY", "ShardInfo", "ShardIndex", "is_dtensor", "local_shard", "load_boxes", "init_optimizer_state"]
+__all__ = ["SHARDS_KEY", "ShardInfo", "ShardIndex", "LocalChunk", "RemoteChunk", "is_dtensor", "local_shard",
+           "load_boxes", "init_optimizer_state", "recording_shards"]
 
 #: The safetensors ``__metadata__`` key holding the sharding information of a file's shards.
 SHARDS_KEY = "spotckpt.shards"
@@ -97,6 +99,26 @@ def shards_metadata(shards: Mapping[str, ShardInfo]) -> dict[str, str]:
     return {SHARDS_KEY: json.dumps({k: v.to_json() for k, v in shards.items()}, separators=(",", ":"))}
 
 
+def recording_shards(tree: dict[str, Any], shards: Mapping[str, ShardInfo], tensors: Mapping[str, torch.Tensor],
+                     write: Callable[..., FileEntry]) -> Callable[[Any], FileEntry]:
+    """``write(path)`` that also records, in the rank's tree (``tree["shards"]``), each shard's
+    sharding, byte range in the file and CRC32C -- from the write's own pass. The tree is
+    verified with the manifest, so a restore can fetch just the ranges it needs (ranged GETs)
+    and verify each one."""
+    if not shards:
+        return write
+
+    def run(path: Any) -> FileEntry:
+        ranges: dict[str, Any] = dict.fromkeys(shards)
+        entry = write(path, ranges=ranges)
+        tree["shards"] = {n: {**shards[n].to_json(), "dtype": _DTYPE_TO_ST[tensors[n].dtype],
+                              "shape": list(tensors[n].shape), "bytes": [r[0], r[1]], "crc32c": r[2]}
+                          for n, r in ranges.items()}
+        return entry
+
+    return run
+
+
 def _parse_shards(reader: SafetensorsFile) -> dict[str, ShardInfo]:
     raw = reader.metadata.get(SHARDS_KEY)
     if raw is None:
@@ -120,36 +142,105 @@ def _parse_shards(reader: SafetensorsFile) -> dict[str, ShardInfo]:
                                      "is damaged -- an older step will be used", path=reader.path) from exc
 
 
+class LocalChunk:
+    """A saved chunk in a local (verified) safetensors file."""
+
+    def __init__(self, reader: SafetensorsFile, name: str) -> None:
+        self.reader, self.name = reader, name
+
+    def read_box(self, offsets: tuple[int, ...], lengths: tuple[int, ...], dest: torch.Tensor) -> None:
+        self.reader.read_box_into(self.name, offsets, lengths, dest)
+
+
+class RemoteChunk:
+    """A saved chunk of a file this host does not have: fetched with one ranged read of its
+    bytes from ``source`` (S3), checked against the CRC32C its writer recorded in its (verified)
+    tree, kept for the other boxes of the same chunk until :meth:`release`."""
+
+    def __init__(self, source: Any, step: int, file: str, name: str, ent: Mapping[str, Any]) -> None:
+        self.source, self.step, self.file, self.name = source, step, file, name
+        self.start, self.end = int(ent["bytes"][0]), int(ent["bytes"][1])
+        self.crc32c = str(ent["crc32c"])
+        self.dtype = _ST_TO_DTYPE[ent["dtype"]]
+        self.shape = tuple(int(d) for d in ent["shape"])
+        if self.end - self.start != math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size():
+            raise ValueError(f"shard {name!r}: its byte range does not match its shape")
+        self._data: torch.Tensor | None = None
+
+    def _fetch(self) -> torch.Tensor:
+        if self._data is None:
+            raw = self.source.read_range(self.step, self.file, self.start, self.end)
+            got = crc32c_b64(crc32c_update(0, raw))
+            if got != self.crc32c:
+                raise CheckpointCorruptError(
+                    f"{self.source.uri}: bytes {self.start}-{self.end - 1} of {self.file} (shard {self.name!r}) have "
+                    f"CRC32C {got}, its writer recorded {self.crc32c}; the checkpoint is damaged -- an older step "
+                    "will be used", path=self.file)
+            self._data = torch.frombuffer(bytearray(raw), dtype=self.dtype).reshape(self.shape) if raw else \
+                torch.empty(self.shape, dtype=self.dtype)
+        return self._data
+
+    def read_box(self, offsets: tuple[int, ...], lengths: tuple[int, ...], dest: torch.Tensor) -> None:
+        src = self._fetch()
+        for dim, (o, n) in enumerate(zip(offsets, lengths)):
+            src = src.narrow(dim, o, n)
+        dest.copy_(src)
+
+    def release(self) -> None:
+        self._data = None
+
+
 class ShardIndex:
-    """Every saved chunk of every sharded tensor of a step, from the headers of its files,
-    as DCP :class:`Metadata` plus where each chunk is stored (reader, name)."""
+    """Every saved chunk of every sharded tensor of a step, as DCP :class:`Metadata` plus where
+    each chunk is: from the headers of local files (``readers``), and from the verified trees
+    of files that are only in S3 (``remote``: ``(source, step, file, tree["shards"])``)."""
 
-    def __init__(self, readers: Mapping[str, SafetensorsFile]) -> None:
-        from torch.distributed.checkpoint.metadata import (
-            ChunkStorageMetadata,
-            Metadata,
-            MetadataIndex,
-            TensorProperties,
-            TensorStorageMetadata,
-        )
+    def __init__(self, readers: Mapping[str, SafetensorsFile],
+                 remote: list[tuple[Any, int, str, Mapping[str, Any]]] = ()) -> None:  # type: ignore[assignment]
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex
 
-        md: dict[str, TensorStorageMetadata] = {}
-        self.where: dict[Any, tuple[SafetensorsFile, str]] = {}
+        self._md: dict[str, Any] = {}
+        self.where: dict[Any, Any] = {}
+
+        def add(name: str, info: ShardInfo, dtype: torch.dtype, shape: tuple[int, ...], chunk: Any, where: str) -> None:
+            from torch.distributed.checkpoint.metadata import TensorProperties, TensorStorageMetadata
+
+            fqn = info.fqn or name
+            ent = self._md.get(fqn)
+            if ent is None:
+                ent = self._md[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(info.size), [])
+            elif tuple(ent.size) != info.size or ent.properties.dtype != dtype:
+                raise CheckpointCorruptError(
+                    f"{where}: shard of {name!r} says {dtype}{list(info.size)}, another file "
+                    f"{ent.properties.dtype}{list(ent.size)}; the checkpoint is damaged", path=where)
+            ent.chunks.append(ChunkStorageMetadata(torch.Size(info.offsets), torch.Size(shape)))
+            self.where[MetadataIndex(fqn, torch.Size(info.offsets))] = chunk
+
         for fname in sorted(readers):
             reader = readers[fname]
             for name, info in _parse_shards(reader).items():
                 spec = reader.specs[name]
-                fqn = info.fqn or name
-                ent = md.get(fqn)
-                if ent is None:
-                    ent = md[fqn] = TensorStorageMetadata(TensorProperties(dtype=spec.dtype), torch.Size(info.size), [])
-                elif tuple(ent.size) != info.size or ent.properties.dtype != spec.dtype:
-                    raise CheckpointCorruptError(
-                        f"{reader.path}: shard of {name!r} says {spec.dtype}{list(info.size)}, another file "
-                        f"{ent.properties.dtype}{list(ent.size)}; the checkpoint is damaged", path=reader.path)
-                ent.chunks.append(ChunkStorageMetadata(torch.Size(info.offsets), torch.Size(spec.shape)))
-                self.where[MetadataIndex(fqn, torch.Size(info.offsets))] = (reader, name)
-        self.metadata = Metadata(state_dict_metadata=dict(md))
+                add(name, info, spec.dtype, spec.shape, LocalChunk(reader, name), reader.path)
+        for source, step, fname, doc in remote:
+            try:
+                for name, ent in doc.items():
+                    chunk = RemoteChunk(source, step, fname, name, ent)
+                    info = ShardInfo(tuple(int(x) for x in ent["size"]), tuple(int(x) for x in ent["offsets"]),
+                                     ent.get("fqn"))
+                    if len(info.size) != len(chunk.shape) or any(
+                            o < 0 or o + n > d for o, n, d in zip(info.offsets, chunk.shape, info.size)):
+                        raise ValueError(f"shard {name!r} does not fit its tensor")
+                    add(name, info, chunk.dtype, chunk.shape, chunk, fname)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise CheckpointCorruptError(f"{fname}: malformed shard record in its tree ({exc}); the checkpoint "
+                                             "is damaged -- an older step will be used", path=fname) from exc
+        self.metadata = Metadata(state_dict_metadata=dict(self._md))
+
+    def release(self) -> None:
+        """Drop the bytes of fetched remote chunks."""
+        for chunk in self.where.values():
+            if isinstance(chunk, RemoteChunk):
+                chunk.release()
 
     def names(self) -> set[str]:
         return set(self.metadata.state_dict_metadata)
@@ -162,6 +253,8 @@ def load_boxes(targets: Mapping[str, torch.Tensor], index: ShardIndex) -> int:
     :class:`StateError` naming the tensor). Returns the bytes copied."""
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+    # an empty local shard (more ranks than rows) needs nothing, and no rank wrote it
+    targets = {n: t for n, t in targets.items() if (t.to_local() if is_dtensor(t) else t).numel() > 0}
     for name, t in sorted(targets.items()):
         saved = index.metadata.state_dict_metadata.get(name)
         if saved is None:
@@ -192,19 +285,26 @@ def load_boxes(targets: Mapping[str, torch.Tensor], index: ShardIndex) -> int:
         if loc is None:
             raise CheckpointCorruptError(f"no stored chunk for {item.storage_index}; the checkpoint is damaged")
         jobs.append((loc, item))
-    return sum(read_item(reader, name, item, planner) for (reader, name), item in jobs)
+    # Remote chunks are fetched and verified before the first byte lands in a live tensor.
+    for loc, _ in jobs:
+        if isinstance(loc, RemoteChunk):
+            loc._fetch()
+    try:
+        return sum(read_item(loc, item, planner) for loc, item in jobs)
+    finally:
+        index.release()
 
 
-def read_item(reader: SafetensorsFile, name: str, item: Any, planner: Any) -> int:
-    """Copy one DCP read item (a box of stored chunk ``name``) into the tensor the planner
-    resolves it to, and commit it; returns the bytes copied."""
+def read_item(chunk: LocalChunk | RemoteChunk, item: Any, planner: Any) -> int:
+    """Copy one DCP read item (a box of a stored chunk) into the tensor the planner resolves
+    it to, and commit it; returns the bytes copied."""
     with torch.no_grad():
         dest = planner.resolve_tensor(item)
         if dest.device.type == "cpu":
-            reader.read_box_into(name, tuple(item.storage_offsets), tuple(item.lengths), dest)
+            chunk.read_box(tuple(item.storage_offsets), tuple(item.lengths), dest)
         else:
             tmp = torch.empty(tuple(item.lengths), dtype=dest.dtype)
-            reader.read_box_into(name, tuple(item.storage_offsets), tuple(item.lengths), tmp)
+            chunk.read_box(tuple(item.storage_offsets), tuple(item.lengths), tmp)
             dest.copy_(tmp)
         planner.commit_tensor(item, dest)
     return dest.numel() * dest.element_size()

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .errors import SaveError
-from .format import FileEntry, TensorSpec, plan_safetensors, tensor_byte_view, write_chunks_durably
+from .format import FileEntry, TensorSpec, plan_safetensors, tensor_byte_view, tensor_ranges, write_chunks_durably
 
 __all__ = ["Stager", "StagedTensors"]
 
@@ -59,11 +59,16 @@ class StagedTensors:
         for ev in self.events:
             ev.synchronize()
 
-    def write_to(self, path: str | Path, *, fsync: bool = True) -> FileEntry:
-        """Write header + data to ``path`` with CRC32C in the same pass; fsync."""
+    def write_to(self, path: str | Path, *, fsync: bool = True, ranges: dict[str, Any] | None = None) -> FileEntry:
+        """Write header + data to ``path`` with CRC32C in the same pass; fsync. ``ranges``: as
+        for :func:`spotckpt.format.write_safetensors`."""
         self.wait_ready()
         chunks = (self.header, tensor_byte_view(self.data)) if self.nbytes else (self.header,)
-        return write_chunks_durably(path, chunks, fsync=fsync)
+        byte_ranges = tensor_ranges(len(self.header), self.specs, ranges)
+        entry = write_chunks_durably(path, chunks, fsync=fsync, ranges=byte_ranges)
+        if ranges is not None:
+            ranges.update(byte_ranges)
+        return entry
 
 
 class Stager:

@@ -119,6 +119,7 @@ def capture(state: Mapping[str, Any], *, step: int, rank: int = 0, allow_pickle:
     tensors: dict[str, torch.Tensor] = {}
     shards: dict[str, ShardInfo] = {}
     sharded_keys: set[str] = set()
+    dtensors: list[str] = []  # every DTensor's name, written here or not (empty shard, replica)
     namer = _Namer()
     current = [""]
 
@@ -127,6 +128,7 @@ def capture(state: Mapping[str, Any], *, step: int, rank: int = 0, allow_pickle:
         if is_dtensor(t):  # this rank's shard, written by one replica only
             local, info, writes = local_shard(t, path)
             sharded_keys.add(current[0])
+            dtensors.append(name)
             if writes:
                 tensors[name] = local
                 shards[name] = info
@@ -153,7 +155,9 @@ def capture(state: Mapping[str, Any], *, step: int, rank: int = 0, allow_pickle:
             out[key] = {"kind": "tensor", "value": encode_tree(value, key, add)}
         else:
             out[key] = {"kind": "value", "value": encode_tree(value, key, add, allow_pickle=allow_pickle)}
-    tree = {"format": FORMAT, "step": step, "rank": rank, "keys": out}
+    tree: dict[str, Any] = {"format": FORMAT, "step": step, "rank": rank, "keys": out}
+    if dtensors:
+        tree["dtensors"] = dtensors
     return Snapshot(tree=tree, tensors=tensors, shards=shards, sharded_keys=sharded_keys)
 
 
@@ -236,7 +240,10 @@ def apply(
     # in order, the keys that go through load_state_dict or replace state[key].
     in_place: list[tuple[str, torch.Tensor]] = []
     rest: list[tuple[str, Any, Any, Any]] = []
-    shard_names = shards.names() if shards is not None else set()
+    shard_names = set()
+    if shards is not None:
+        dtensors = tree.get("dtensors")
+        shard_names = shards.names() | (set(dtensors) if isinstance(dtensors, list) else set())
     resharded: dict[str, torch.Tensor] = {}
     for key, entry in saved.items():
         if not isinstance(entry, dict) or "value" not in entry:

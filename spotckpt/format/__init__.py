@@ -56,6 +56,7 @@ from .safetensors import (
     TensorSpec,
     plan_safetensors,
     tensor_byte_view,
+    tensor_ranges,
     write_safetensors,
 )
 from .tree import decode_tree, encode_tree
@@ -81,6 +82,7 @@ __all__ = [
     "plan_safetensors",
     "write_safetensors",
     "tensor_byte_view",
+    "tensor_ranges",
     "encode_tree",
     "decode_tree",
     "data_file_names",

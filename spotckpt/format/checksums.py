@@ -16,6 +16,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, BinaryIO
 
 import crc32c as _crc32c
@@ -239,20 +240,43 @@ def file_crc32c_parallel(path: str | Path, *, threads: int | None = None) -> tup
 
 
 class CrcWriter:
-    """Writes to a raw file, extending a CRC32C over everything written."""
+    """Writes to a raw file, extending a CRC32C over everything written. ``marks``: file
+    offsets at which to remember the running CRC (``self.at[offset]``), so that the CRC32C of
+    any byte range between marks comes out of the same pass (:meth:`range_crc`)."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, marks: Iterable[int] = ()) -> None:
         self.f = f
         self.crc = 0
         self.size = 0
+        self._marks = sorted(set(marks))
+        self._next = 0
+        self.at: dict[int, int] = {}
+        self._mark()
+
+    def _mark(self) -> None:
+        while self._next < len(self._marks) and self._marks[self._next] <= self.size:
+            if self._marks[self._next] == self.size:
+                self.at[self.size] = self.crc
+            self._next += 1
 
     def write(self, data: Any) -> None:
         mv = memoryview(data).cast("B")
-        for i in range(0, len(mv), IO_CHUNK_BYTES):
-            part = mv[i : i + IO_CHUNK_BYTES]
+        i = 0
+        while i < len(mv):
+            n = min(IO_CHUNK_BYTES, len(mv) - i)
+            if self._next < len(self._marks):
+                n = min(n, self._marks[self._next] - self.size)
+            part = mv[i : i + n]
             self.crc = crc32c_update(self.crc, part)
             written = 0
             while written < len(part):
                 written += self.f.write(part[written:])
-            self.size += len(part)
+            self.size += n
+            i += n
+            self._mark()
+
+    def range_crc(self, start: int, end: int) -> int:
+        """CRC32C of the bytes written at ``[start, end)``, both marks: crc(B) is crc(A+B) with
+        crc(A) shifted past B taken out (CRC32C is linear)."""
+        return self.at[end] ^ crc32c_combine(self.at[start], 0, end - start)
 

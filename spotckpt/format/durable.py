@@ -34,17 +34,24 @@ def fsync_dir(path: str | Path) -> None:
     fsync_path(path, directory=True)
 
 
-def write_chunks_durably(path: str | Path, chunks: Iterable[Any], *, fsync: bool = True) -> FileEntry:
+def write_chunks_durably(path: str | Path, chunks: Iterable[Any], *, fsync: bool = True,
+                         ranges: dict[Any, Any] | None = None) -> FileEntry:
     """Create (or truncate) ``path`` and write ``chunks`` (bytes-like: bytes, memoryviews,
     numpy byte views of tensors) in order, CRC32C in the same pass, then fsync unless
     ``fsync=False``. ``chunks`` may be a generator, so a caller can produce each chunk only
-    when it is written. Returns the size and CRC32C of what was written."""
+    when it is written. Returns the size and CRC32C of what was written.
+
+    ``ranges``: ``{key: (start, end)}`` byte ranges of the file whose own CRC32C is wanted;
+    each value is replaced by ``(start, end, crc32c)`` (base64), from the same pass."""
     with open(path, "wb", buffering=0) as f:
-        w = CrcWriter(f)  # type: ignore[arg-type]
+        marks = [x for r in (ranges or {}).values() for x in r[:2]]
+        w = CrcWriter(f, marks)  # type: ignore[arg-type]
         for chunk in chunks:
             w.write(chunk)
         if fsync:
             os.fsync(f.fileno())
+    for key, (start, end, *_) in (ranges or {}).items():
+        ranges[key] = (start, end, crc32c_b64(w.range_crc(start, end)))  # type: ignore[index]
     return FileEntry(size=w.size, crc32c=crc32c_b64(w.crc))
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "TensorSpec",
     "plan_safetensors",
     "tensor_byte_view",
+    "tensor_ranges",
     "write_safetensors",
 ]
 
@@ -120,17 +121,20 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     *,
     fsync: bool = True,
+    ranges: dict[str, Any] | None = None,
 ) -> FileEntry:
     """Stream ``tensors`` into a safetensors file, CRC32C in the same pass, and fsync it.
 
     Tensors are written one at a time straight from their memory: a contiguous CPU tensor is
     written without a copy; a non-contiguous or device tensor is made contiguous on the CPU one
     tensor at a time, so the extra memory is bounded by the largest such tensor, not the state.
+    ``ranges``: names whose file byte range and CRC32C are wanted (:func:`tensor_ranges`).
     """
     names = list(tensors)
-    header, _ = plan_safetensors(
+    header, specs = plan_safetensors(
         ((n, tensors[n].dtype, tuple(tensors[n].shape), _nbytes(tensors[n])) for n in names), metadata
     )
+    byte_ranges = tensor_ranges(len(header), specs, ranges)
 
     def chunks() -> Iterator[Any]:
         yield header
@@ -142,7 +146,19 @@ def write_safetensors(
                 t = t.contiguous()
             yield tensor_byte_view(t)  # the temporary, if any, is dropped after it is written
 
-    return write_chunks_durably(path, chunks(), fsync=fsync)
+    entry = write_chunks_durably(path, chunks(), fsync=fsync, ranges=byte_ranges)
+    if ranges is not None:
+        ranges.update(byte_ranges)
+    return entry
+
+
+def tensor_ranges(header_len: int, specs: Iterable[TensorSpec], wanted: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``{name: (start, end)}`` file byte ranges of the ``wanted`` tensors of a file laid out as
+    ``specs`` after a header of ``header_len`` bytes (what :func:`write_chunks_durably` fills in
+    with each range's CRC32C). Ranged reads of a remote copy verify against these."""
+    if not wanted:
+        return {}
+    return {s.name: (header_len + s.start, header_len + s.end) for s in specs if s.name in wanted}
 
 
 class SafetensorsFile:

@@ -187,6 +187,28 @@ class S3Store:
 
         return self._retry(get, key, DownloadError)
 
+    def read_range(self, step: int, rel: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of file ``rel`` of ``step`` (one ranged GET, retried); the
+        caller verifies them. DownloadError when the object is missing or shorter."""
+        key = self.step_key(step, rel)
+        if end <= start:
+            return b""
+
+        def get() -> bytes | None:
+            try:
+                resp = self._client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+                return resp["Body"].read()
+            except bce.ClientError as exc:
+                if _classify(exc) is _NOT_FOUND:
+                    return None
+                raise
+
+        data = self._retry(get, key, DownloadError)
+        if data is None or len(data) != end - start:
+            raise DownloadError(f"{self._url(key)}: bytes {start}-{end - 1} could not be read "
+                                f"({'missing' if data is None else f'{len(data)} bytes came back'})", key=key)
+        return data
+
     def read_manifest(self, step: int) -> Manifest:
         """The S3 manifest of ``step``, strictly validated; CheckpointCorruptError if bad,
         NoCheckpointError-like StorageError if missing."""

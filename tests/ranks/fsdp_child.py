@@ -2,6 +2,8 @@
 
     python fsdp_child.py SCENARIO LOCAL_DIR OUT [args...]   (RANK, WORLD_SIZE, MASTER_* from the env)
 
+``{rank}`` in LOCAL_DIR gives every rank a directory of its own (hosts that share nothing).
+
 Scenarios:
   save N      train N steps, save step N through the manager (blocking), write the full
               (unsharded) model and optimizer tensors to OUT (rank 0, safetensors)
@@ -72,6 +74,7 @@ def main() -> int:
         rank = dist.get_rank()
     else:
         rank = 0
+    local_dir = local_dir.replace("{rank}", str(rank))  # one "host" per rank
     kw = {"metrics": False, "keep_last": None, "s3_uri": os.environ.get("S3_URI") or None}
     result: dict[str, object] = {}
     if scenario == "save":

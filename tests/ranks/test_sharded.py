@@ -115,3 +115,31 @@ def test_dcp_save_through_spotckpt_commits_uploads_and_loads_resharded_from_s3(t
     assert res[0]["step"] == 4 and res[0]["train"] == {"step": 4, "note": "spot"}
     assert (tmp_path / "b" / step_dirname(4) / MANIFEST_NAME).exists()
     _assert_same(tmp_path / "saved.st", tmp_path / "r1.st")
+
+
+def test_resharding_from_s3_on_new_hosts_fetches_other_hosts_shards_as_verified_ranges(tmp_path: Path, bucket: str) -> None:
+    uri = f"s3://{bucket}/fsdp"
+    env = {"S3_URI": uri}
+    _run(4, "save", tmp_path / "old{rank}", tmp_path / "saved2.st", "2", env=env)
+    _run(4, "save", tmp_path / "old{rank}", tmp_path / "saved3.st", "3", env=env)
+    # 4 hosts -> 2 new, empty hosts: each fetches its own files, the other shards as byte ranges
+    res = _run(2, "restore", tmp_path / "new{rank}", tmp_path / "r.st", env=env)
+    assert [r["step"] for r in res] == [3, 3]
+    _assert_same(tmp_path / "saved3.st", tmp_path / "r.st")
+    for r in (0, 1):
+        files = sorted(p.name for p in (tmp_path / f"new{r}" / step_dirname(3)).iterdir())
+        assert files == [MANIFEST_NAME, f"rank-0000{r}.safetensors", f"rank-0000{r}.tree.json"]
+
+    # a shard altered in S3 after it was verified there: its range fails its CRC32C on every
+    # rank that reads it, and every rank falls back to step 2
+    store = S3Store(uri)
+    try:
+        key = store.step_key(3, "rank-00003.safetensors")
+        body = bytearray(store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read())
+        body[-2] ^= 0xFF
+        store.client.put_object(Bucket=store.bucket, Key=key, Body=bytes(body))
+    finally:
+        store.close()
+    res = _run(2, "restore", tmp_path / "newer{rank}", tmp_path / "r2.st", env=env)
+    assert [r["step"] for r in res] == [2, 2]
+    _assert_same(tmp_path / "saved2.st", tmp_path / "r2.st")
