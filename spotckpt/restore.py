@@ -24,7 +24,7 @@ import torch
 
 from .dist import Coordinator
 from .errors import CheckpointCorruptError, ConfigError, NoCheckpointError
-from .format import MAX_JSON_BYTES, FileEntry, Manifest, SafetensorsFile, data_file_names, fsync_dir
+from .format import FOLDER_LAYOUT, MAX_JSON_BYTES, FileEntry, Manifest, SafetensorsFile, data_file_names, fsync_dir
 from .local import LocalStore, verify_files
 from .store import StepSource
 from .torch_state import apply
@@ -72,6 +72,11 @@ def _load_files(
     bounce: torch.Tensor | None,
 ) -> None:
     """Load ``keys`` (None: every key) of the files written by ``rank``."""
+    if manifest.extra.get("layout") == FOLDER_LAYOUT:  # not damage: no falling back past it
+        raise ConfigError(
+            f"{step_dir}: step {manifest.step} is a folder adopted with CheckpointManager.adopt() "
+            "(another program's files); get its path with restore_folder() and load it with that program"
+        )
     st_name, tree_name = data_file_names(rank)
     for name in (st_name, tree_name):
         if name not in manifest.files:

@@ -37,6 +37,7 @@ from .checksums import (
 )
 from .durable import copy_file_durably, fsync_dir, fsync_path, write_chunks_durably, write_file_durably
 from .manifest import (
+    FOLDER_LAYOUT,
     FORMAT,
     MANIFEST_NAME,
     MAX_JSON_BYTES,
@@ -61,6 +62,7 @@ from .safetensors import (
 from .tree import decode_tree, encode_tree
 
 __all__ = [
+    "FOLDER_LAYOUT",
     "FORMAT",
     "MANIFEST_NAME",
     "FileEntry",

@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import CheckpointCorruptError, StateError
 
 __all__ = [
+    "FOLDER_LAYOUT",
     "FORMAT",
     "MANIFEST_NAME",
     "MAX_JSON_BYTES",
@@ -34,6 +35,9 @@ __all__ = [
 ]
 
 FORMAT = "spotckpt/1"
+#: ``"layout"`` in a manifest's extras of a step adopted from a folder another program wrote
+#: (``CheckpointManager.adopt``): its files are that program's, loaded by that program.
+FOLDER_LAYOUT = "folder"
 MANIFEST_NAME = "manifest.json"
 STEP_DIGITS = 12
 MAX_STEP = 10**STEP_DIGITS - 1
