@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from spotckpt.integrations.transformers import SpotckptCallback
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         dataloader_num_workers=0, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=TokenDataset(),
-                      callbacks=[spot, Report(args.print_every, args.step_sleep)])
+                      callbacks=[spot, Report(args.print_every, args.step_sleep)])  # spotckpt: the callback
+    trainer.remove_callback(PrinterCallback)  # Report prints the loss instead of every log dict
     resume = spot.resume_path()
     start = 0 if resume is None else json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
     print(f"hf_trainer: starting at step {start} of {args.steps}", flush=True)

@@ -92,3 +92,12 @@ def test_callback_without_its_plugin_is_refused(tmp_path: Path) -> None:
         spot.setup(trainer, pl.LightningModule(), "fit")
     assert spot.manager.all_steps() == []
     spot.manager.close()
+
+
+def test_several_ranks_are_refused_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spotckpt.integrations.lightning import SpotckptCallback
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="supports one process; WORLD_SIZE=2"):
+        SpotckptCallback(local_dir=tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()  # no manager was built

@@ -110,3 +110,15 @@ def test_signal_during_the_trainers_own_save(tmp_path: Path) -> None:
     assert half.is_dir() and not (half / "trainer_state.json").exists()  # what transformers would pick up
     with CheckpointManager(tmp_path / "SIGKILL", metrics=False) as mgr:
         assert mgr.restore_folder() == mgr.local.step_path(20)
+
+
+def test_spotckpt_simulate_runs_the_example_through_an_interruption(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "spotckpt.cli", "simulate", "--interruptions", "1", "--total-steps", "40",
+                          "--seed", "3", "--restart-delay", "0", "--json", "--",
+                          sys.executable, str(EXAMPLE), "--steps", "40", "--step-sleep", "0.02"],
+                         env=_env(), capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    doc = json.loads(res.stdout)
+    assert res.returncode == 0 and doc["outcome"] == "Completed", res.stderr[-3000:]
+    (it,) = doc["interruptions"]
+    assert it["restored_step"] == it["last_step_reached"] >= 1 and it["lost_steps"] == 0, it
+    assert doc["final_step"] == 40 and doc["instances"] == 2
