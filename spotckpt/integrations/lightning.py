@@ -178,15 +178,13 @@ class SpotckptCallback(pl.Callback):
         mgr = self._manager
         if mgr is None:
             return
-        if failed:
-            if self._owns:
-                mgr.__exit__(RuntimeError, RuntimeError("fit failed"), None)
-        elif self.preempted:
-            mgr.wait(timeout=mgr.watcher.seconds_left())
-        else:
-            mgr.wait()
+        if failed and self._owns:
+            mgr.__exit__(RuntimeError, RuntimeError("fit failed"), None)  # closes without waiting
+        left = mgr.watcher.seconds_left()  # None unless preempted: then never past the grace
+        if not failed:
+            mgr.wait(timeout=left)
         if self._owns:
-            mgr.close()
+            mgr.close(timeout=left)
             self._manager = None
 
     # -- the RNG states, saved in Lightning's checkpoint and restored from it -------------------

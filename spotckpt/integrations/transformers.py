@@ -142,9 +142,10 @@ class SpotckptCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         mgr = self.manager
-        mgr.wait()  # the periodic saves' uploads
+        left = mgr.watcher.seconds_left()  # None unless preempted: then never past the grace
+        mgr.wait(timeout=left)  # the periodic saves' uploads
         if self._owns:
-            mgr.close()
+            mgr.close(timeout=left)
             self._manager = None
         if self.preempted and self.exit_on_preemption:
             raise SystemExit(0)

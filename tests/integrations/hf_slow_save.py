@@ -21,7 +21,7 @@ original = Trainer._save_rng_state
 def slow_rng_state(self, output_dir):  # type: ignore[no-untyped-def]
     if self.state.global_step == slow:
         print(f"saving {slow}", flush=True)
-        time.sleep(3.0)
+        time.sleep(2.0)
     return original(self, output_dir)
 
 

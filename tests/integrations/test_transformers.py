@@ -87,15 +87,16 @@ def test_sigterm_under_spotckpt_run_then_fresh_machine_resumes_from_s3_bitwise(t
 
 
 def test_signal_during_the_trainers_own_save(tmp_path: Path) -> None:
-    """SIGTERM while the Trainer writes checkpoint-40: the save finishes, is committed, and the
-    process exits 0. SIGKILL at the same moment: checkpoint-40 stays half-written in output_dir,
-    and step 20 remains the resume point."""
-    procs = {sig: subprocess.Popen(_example(tmp_path / sig.name, "--slow-step", "40", cmd=SLOW_SAVE), env=_env(),
+    """SIGTERM while the Trainer writes checkpoint-20: the save finishes, is committed, and the
+    process exits 0. SIGKILL at the same moment: checkpoint-20 stays half-written in output_dir,
+    and step 10 remains the resume point."""
+    procs = {sig: subprocess.Popen([*_example(tmp_path / sig.name, "--slow-step", "20", cmd=SLOW_SAVE),
+                                    "--save-steps", "10"], env=_env(),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
              for sig in (signal.SIGTERM, signal.SIGKILL)}
     try:
         for sig, proc in procs.items():
-            read_lines_until(proc, count_prefix("saving 40"), what="saving 40")
+            read_lines_until(proc, count_prefix("saving 20"), what="saving 20")
             proc.send_signal(sig)
         codes = {sig: proc.wait(timeout=120) for sig, proc in procs.items()}
     finally:
@@ -104,12 +105,12 @@ def test_signal_during_the_trainers_own_save(tmp_path: Path) -> None:
                 proc.kill()
     assert codes[signal.SIGTERM] == 0, procs[signal.SIGTERM].stderr.read()[-3000:]  # type: ignore[union-attr]
     assert codes[signal.SIGKILL] == -signal.SIGKILL
-    assert assert_all_steps_verify(tmp_path / "SIGTERM") == [20, 40]
-    assert assert_all_steps_verify(tmp_path / "SIGKILL") == [20]
-    half = tmp_path / "SIGKILL-trainer-output" / "checkpoint-40"
+    assert assert_all_steps_verify(tmp_path / "SIGTERM") == [10, 20]  # and training stopped there
+    assert assert_all_steps_verify(tmp_path / "SIGKILL") == [10]
+    half = tmp_path / "SIGKILL-trainer-output" / "checkpoint-20"
     assert half.is_dir() and not (half / "trainer_state.json").exists()  # what transformers would pick up
     with CheckpointManager(tmp_path / "SIGKILL", metrics=False) as mgr:
-        assert mgr.restore_folder() == mgr.local.step_path(20)
+        assert mgr.restore_folder() == mgr.local.step_path(10)
 
 
 def test_spotckpt_simulate_runs_the_example_through_an_interruption(tmp_path: Path) -> None:
