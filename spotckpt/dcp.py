@@ -58,7 +58,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 
 from ._version import __version__
 from .errors import CheckpointCorruptError, ConfigError, NoCheckpointError, StateError
-from .format import FORMAT, MAX_JSON_BYTES, Manifest, SafetensorsFile, data_file_names, decode_tree, encode_tree
+from .format import DCP_LAYOUT, FORMAT, MAX_JSON_BYTES, Manifest, SafetensorsFile, data_file_names, decode_tree, encode_tree
 from .format import parse_step_dirname, write_safetensors
 from .persist import write_step
 from .restore import progress_logger, restore_agreed, restore_newest, tensor_files
@@ -72,7 +72,7 @@ __all__ = ["StorageWriter", "StorageReader", "LAYOUT"]
 log = logging.getLogger(__name__)
 
 #: ``manifest.json``'s ``"layout"`` of a step DCP wrote through :class:`StorageWriter`.
-LAYOUT = "dcp"
+LAYOUT = DCP_LAYOUT
 
 
 def _step_of(checkpoint_id: Any) -> int | None:

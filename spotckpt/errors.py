@@ -14,7 +14,9 @@ Every error spotckpt raises derives from :class:`SpotCkptError`, and its message
     ├── CollectiveError                       another rank failed, died or is out of step
     │                                         (``.ranks`` names them); raised on every rank
     ├── SaveError                             a save that could not complete (``.step``);
-    │                                         earlier checkpoints are untouched
+    │   │                                     earlier checkpoints are untouched
+    │   └── FolderChangedError                a folder being adopted changed meanwhile;
+    │                                         nothing was committed
     └── StorageError                          S3 or the local disk failed (``.key``)
         ├── UploadError                       an object could not be uploaded (``.key``)
         ├── DownloadError                     an object could not be downloaded (``.key``)
@@ -38,6 +40,7 @@ __all__ = [
     "ClosedError",
     "CollectiveError",
     "SaveError",
+    "FolderChangedError",
     "StorageError",
     "UploadError",
     "DownloadError",
@@ -112,6 +115,12 @@ class SaveError(SpotCkptError):
     def __init__(self, message: str, *, step: int | None = None) -> None:
         super().__init__(message)
         self.step = step
+
+
+class FolderChangedError(SaveError):
+    """A folder (or file) given to ``CheckpointManager.adopt`` changed while it was being copied
+    -- a save still running, or the framework deleting it. Nothing was committed; ``step`` is
+    the step it was to become. Adopt it once the writer has finished."""
 
 
 class StorageError(SpotCkptError):

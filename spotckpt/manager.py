@@ -22,10 +22,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, MutableMapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from ._version import __version__
+from .adopt import adopt_into, folder_extra, newest_folder, require_one_process, scan as scan_folder
 from .config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
 from .dist import Coordinator, RequestChannel, SaveAgreement, check_save, coordinator_from_torch
 from .errors import ClosedError, CollectiveError, ConfigError, SaveError, SpotCkptError
@@ -616,3 +618,65 @@ class CheckpointManager:
                 self.close()
             except SpotCkptError as close_exc:
                 log.error("spotckpt: while closing after an error: %s", close_exc)
+
+    # -- folders other code writes (spotckpt.adopt; integrations use these) -----------------
+    def adopt(self, step: int, folder: str | os.PathLike[str], *, blocking: bool = True,
+              meta: dict[str, Any] | None = None) -> Path:
+        """Commit ``folder`` -- a directory (or one file) another program wrote, e.g. a Hugging
+        Face ``checkpoint-N`` -- as ``step``: every file copied with its CRC32C, the manifest
+        (``"layout": "folder"``, ``meta`` under ``"meta"``), the atomic rename, then retention
+        and the upload, like a save. Returns the step's path. ``blocking=False`` copies on the
+        persist thread: leave the folder alone until ``wait()``. A committed step is never
+        replaced (no-op). FolderChangedError (nothing committed) when the folder changes while
+        it is copied; ConfigError for what cannot be adopted, and with several ranks."""
+        self._check_open()
+        require_one_process(self.world_size, "CheckpointManager.adopt")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ConfigError(f"step must be a non-negative int, got {step!r}")
+        self._wait_pending()
+        path = self.local.step_path(step)
+        if step == self._last_saved_step or self.local.is_committed(step):
+            log.info("spotckpt: step %d is already committed in %s; not adopting %s", step, self.local_dir, folder)
+            return path
+        t0 = time.perf_counter()
+        seen = scan_folder(folder)
+        extra = folder_extra(seen, meta, f"spotckpt {__version__}")
+
+        def run() -> None:
+            adopt_into(self.local, step, seen, extra=extra)
+            self.events.emit(DurableLocalEvent(step=step, seconds=time.perf_counter() - t0, bytes=seen.nbytes))
+            if self._uploader is not None:
+                self._uploader.notify(step)
+            if not isinstance(self.retention, KeepAll) and self._persist is not None:
+                self._persist.submit(PruneJob(step))
+
+        if blocking:
+            run()
+        else:
+            self._pending = SaveJob(step, run)
+        self._last_saved_step = step
+        self._last_save_time = self._clock()
+        if self._uploader is not None:
+            with self._lock:
+                self._save_started[step] = t0
+        self.events.emit(SaveEvent(step=step, stall_s=time.perf_counter() - t0, bytes=seen.nbytes, blocking=blocking))
+        if not blocking:
+            assert self._persist is not None
+            self._persist.submit(self._pending)  # type: ignore[arg-type]
+        return path
+
+    def restore_folder(self, *, step: int | None = None) -> Path | None:
+        """The path of the newest adopted step that verifies (or of ``step``): local, else
+        downloaded from S3, CRC32C-checked and committed locally. None when there is none.
+        The framework loads its own files from there; spotckpt reads them only to verify.
+        ConfigError for a step written by ``save()`` (use ``restore(state)``)."""
+        self._check_open()
+        require_one_process(self.world_size, "CheckpointManager.restore_folder")
+        res = newest_folder(self.local, self._store, step=step, verify=self.verify_on_restore,
+                            progress=progress_logger())
+        if res is None:
+            return None
+        self._last_saved_step = res.step
+        self._last_save_time = self._clock()
+        self.events.emit(RestoreEvent(step=res.step, seconds=res.seconds, source=res.source, bytes=res.bytes))
+        return res.path

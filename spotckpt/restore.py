@@ -26,6 +26,8 @@ import torch
 from .dist import Coordinator
 from .errors import CheckpointCorruptError, ConfigError, NoCheckpointError
 from .format import (
+    DCP_LAYOUT,
+    FOLDER_LAYOUT,
     MAX_JSON_BYTES,
     FileEntry,
     Manifest,
@@ -93,12 +95,19 @@ def _load_files(
     """Load ``keys`` (None: every key) of the files written by ``rank``. A step with sharded
     keys (DTensor) reads their shards from every rank's tensor file: those in ``step_dir``
     (only ``local_files``, the verified ones, when given), the others with ranged reads from
-    ``remote``, each chunk checked against the CRC32C its writer recorded."""
+    ``remote``, each chunk checked against the CRC32C its writer recorded. A step of another
+    layout (DCP's, an adopted folder) is refused with ConfigError naming its loader: it is not
+    damage, so a restore does not fall back past it."""
     layout = manifest.extra.get("layout")
-    if layout == "dcp":
+    if layout == DCP_LAYOUT:
         raise ConfigError(
             f"{step_dir} was written through torch.distributed.checkpoint with spotckpt.dcp.StorageWriter; "
             "load it with dcp.load(state_dict, storage_reader=spotckpt.dcp.StorageReader(mgr))")
+    if layout == FOLDER_LAYOUT:
+        raise ConfigError(
+            f"{step_dir}: step {manifest.step} is a folder adopted with CheckpointManager.adopt() "
+            "(another program's files); get its path with restore_folder() and load it with that program"
+        )
     st_name, tree_name = data_file_names(rank)
     for name in (st_name, tree_name):
         if name not in manifest.files:
@@ -176,7 +185,7 @@ def _note_reshard(step: int, manifest: Manifest, world: int, rank: int) -> None:
 def reshardable(manifest: Manifest) -> bool:
     """Whether a step can be restored onto another world size: it holds sharded state, or
     DCP wrote it (DCP plans resharded loads)."""
-    return bool(manifest.extra.get("sharded")) or manifest.extra.get("layout") == "dcp"
+    return bool(manifest.extra.get("sharded")) or manifest.extra.get("layout") == DCP_LAYOUT
 
 
 def saved_world_size(manifest: Manifest) -> int:
@@ -320,7 +329,7 @@ def needed_files(manifest: Manifest, rank: int, world_size: int | None = None, *
     onto another world size (``world_size``): the per-rank values of saved rank
     ``rank % saved world size``, and every rank's tensor file (shards are resharded) -- unless
     ``ranged``: then the shards of other files are fetched as byte ranges from S3."""
-    if manifest.extra.get("layout") == "dcp":
+    if manifest.extra.get("layout") == DCP_LAYOUT:
         return set(manifest.files)  # DCP writes replicated items once, on any rank
     ws = saved_world_size(manifest)
     need = set(data_file_names(rank % ws))

@@ -54,7 +54,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
         path = str(item.fspath)
-        for kind in ("integration", "fault", "gpu", "ranks"):
+        for kind in ("integration", "integrations", "fault", "gpu", "ranks"):
             if f"{os.sep}{kind}{os.sep}" in path:
                 item.add_marker(getattr(pytest.mark, kind))
         callspec = getattr(item, "callspec", None)

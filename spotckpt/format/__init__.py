@@ -37,6 +37,8 @@ from .checksums import (
 )
 from .durable import copy_file_durably, fsync_dir, fsync_path, write_chunks_durably, write_file_durably
 from .manifest import (
+    DCP_LAYOUT,
+    FOLDER_LAYOUT,
     FORMAT,
     MANIFEST_NAME,
     MAX_JSON_BYTES,
@@ -62,6 +64,8 @@ from .safetensors import (
 from .tree import decode_tree, encode_tree
 
 __all__ = [
+    "DCP_LAYOUT",
+    "FOLDER_LAYOUT",
     "FORMAT",
     "MANIFEST_NAME",
     "FileEntry",

@@ -19,6 +19,8 @@ from typing import Any
 from ..errors import CheckpointCorruptError, StateError
 
 __all__ = [
+    "DCP_LAYOUT",
+    "FOLDER_LAYOUT",
     "FORMAT",
     "MANIFEST_NAME",
     "MAX_JSON_BYTES",
@@ -34,6 +36,11 @@ __all__ = [
 ]
 
 FORMAT = "spotckpt/1"
+#: ``"layout"`` in a manifest's extras of a step adopted from a folder another program wrote
+#: (``CheckpointManager.adopt``): its files are that program's, loaded by that program.
+FOLDER_LAYOUT = "folder"
+#: ``"layout"`` of a step written through ``torch.distributed.checkpoint`` (:mod:`spotckpt.dcp`).
+DCP_LAYOUT = "dcp"
 MANIFEST_NAME = "manifest.json"
 STEP_DIGITS = 12
 MAX_STEP = 10**STEP_DIGITS - 1

@@ -11,7 +11,7 @@ PUBLIC = {
     "CheckpointManager", "RNGState", "__version__",
     "SpotCkptError", "ConfigError", "StateError", "CheckpointCorruptError", "PickleRefusedError",
     "NoCheckpointError", "ClosedError", "CollectiveError", "SaveError", "StorageError", "UploadError", "DownloadError",
-    "LocalStepVanishedError",
+    "LocalStepVanishedError", "FolderChangedError",
 }
 
 
@@ -42,6 +42,7 @@ def test_error_tree() -> None:
     assert not issubclass(errors.PickleRefusedError, errors.CheckpointCorruptError)
     assert issubclass(errors.UploadError, errors.StorageError) and issubclass(errors.DownloadError, errors.StorageError)
     assert issubclass(errors.LocalStepVanishedError, errors.StorageError)
+    assert issubclass(errors.FolderChangedError, errors.SaveError)  # nothing committed, earlier steps intact
     assert errors.CheckpointCorruptError("x", path="/p").path == "/p"
     assert errors.PickleRefusedError("x", path="/q").path == "/q"
     assert errors.SaveError("x", step=3).step == 3 and errors.StorageError("x", key="k").key == "k"

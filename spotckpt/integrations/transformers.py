@@ -1,0 +1,151 @@
+"""Hugging Face ``Trainer``: spot-safe training in two lines.
+
+::
+
+    from spotckpt.integrations.transformers import SpotckptCallback
+
+    spot = SpotckptCallback()            # a CheckpointManager from $SPOTCKPT_* / SageMaker's config
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[spot])
+    trainer.train(resume_from_checkpoint=spot.resume_path())
+
+What it does, with ``spotckpt run`` as the entrypoint (it forwards SIGTERM to the trainer):
+
+- **SIGTERM** (or the EC2 spot notice): at the end of the current optimizer step the callback
+  asks the Trainer to save and stop (``control.should_save`` / ``should_training_stop``); the
+  ``checkpoint-N`` folder the Trainer writes is committed (CRC32C, atomic rename) and uploaded
+  before the grace period ends; then ``train()`` raises ``SystemExit(0)`` from ``on_train_end``
+  (``exit_on_preemption=False`` returns normally instead: check ``spot.preempted``).
+- **Periodic saves** (``save_steps``/``save_strategy``) are committed and uploaded the same way,
+  the upload in the background.
+- **Resume**: ``resume_path()`` is the newest committed step that verifies, local or downloaded
+  from S3 on a fresh machine; the Trainer loads its own files from there (spotckpt never
+  unpickles them). A ``checkpoint-N`` that a crash left half-written in ``output_dir`` is never
+  chosen: only committed steps count, and ``output_dir`` is scratch.
+- **Retention**: ``args.output_dir`` is the Trainer's scratch space, ``save_total_limit`` prunes
+  only it; spotckpt's ``keep_last`` governs the committed steps (local and S3). Deleting a
+  ``checkpoint-N`` never touches a committed step, which is a copy.
+- A SIGTERM during the Trainer's own save lets that save finish (the handler only sets a
+  flag), then commits it; a kill in the middle of it leaves the previous committed step as the
+  resume point.
+
+One process only (``WORLD_SIZE`` > 1 is refused): see :func:`spotckpt.integrations.refuse_several_ranks`.
+Leave ``enable_jit_checkpoint`` off: this callback does what it does, with a commit order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..errors import ConfigError, FolderChangedError
+from ..events import PreemptedEvent, ProgressEvent
+from ..manager import CheckpointManager
+from . import refuse_several_ranks
+
+__all__ = ["SpotckptCallback", "INCOMPLETE_SENTINEL"]
+
+log = logging.getLogger(__name__)
+
+#: transformers' JIT checkpoint writes this file into a ``checkpoint-N`` while it saves.
+INCOMPLETE_SENTINEL = "checkpoint-is-incomplete.txt"
+
+
+class SpotckptCallback(TrainerCallback):
+    """Commits every ``checkpoint-N`` the Trainer writes, turns SIGTERM into a final save and
+    a clean stop, and finds the checkpoint to resume from.
+
+    ``manager``: a :class:`~spotckpt.CheckpointManager` to use (kept open); by default one is
+    built when first needed from ``local_dir``, ``s3_uri``, ``keep_last`` and
+    ``manager_kwargs`` (the same defaults as the manager's: ``$SPOTCKPT_LOCAL_DIR``, SageMaker's
+    ``LocalPath``, ``$SPOTCKPT_S3_URI``), and closed at the end of training.
+    """
+
+    def __init__(self, manager: CheckpointManager | None = None, *, local_dir: str | os.PathLike[str] | None = None,
+                 s3_uri: str | None = None, keep_last: int | None = 3, exit_on_preemption: bool = True,
+                 **manager_kwargs: Any) -> None:
+        refuse_several_ranks("transformers")
+        self._manager = manager
+        self._owns = manager is None
+        self._kwargs = dict(local_dir=local_dir, s3_uri=s3_uri, keep_last=keep_last, **manager_kwargs)
+        self.exit_on_preemption = exit_on_preemption
+        self.preempted = False  # the final step is committed (and uploaded, within the grace)
+        self._stopping = False
+
+    @property
+    def manager(self) -> CheckpointManager:
+        if self._manager is None:
+            self._manager = CheckpointManager(every_steps=None, **self._kwargs)
+        return self._manager
+
+    def resume_path(self) -> str | None:
+        """The folder to pass to ``trainer.train(resume_from_checkpoint=...)``: the newest
+        committed checkpoint that verifies (local, else S3), or None to start fresh."""
+        path = self.manager.restore_folder()
+        if path is None:
+            return None
+        log.info("spotckpt: resuming the Trainer from %s", path)
+        return str(path)
+
+    # -- Trainer hooks -------------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        if getattr(args, "enable_jit_checkpoint", False):
+            raise ConfigError("turn off TrainingArguments.enable_jit_checkpoint: SpotckptCallback saves on "
+                              "SIGTERM itself, and both would handle the signal")
+        out = Path(args.output_dir).absolute()
+        root = self.manager.local_dir
+        if out == root or root in out.parents:
+            raise ConfigError(f"output_dir {out} is inside spotckpt's local_dir {root}: the Trainer writes "
+                              "there in place; give it a scratch output_dir outside local_dir")
+        self._stopping = False
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> TrainerControl:
+        mgr = self.manager
+        mgr.events.emit(ProgressEvent(step=state.global_step))
+        if mgr.preemption_requested and not self._stopping:
+            self._stopping = True
+            mgr.events.emit(PreemptedEvent(step=state.global_step, reason=mgr.watcher.reason or "requested"))
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> TrainerControl:
+        if not args.should_save:
+            return control
+        mgr = self.manager
+        step = state.global_step
+        folder = Path(args.output_dir) / f"checkpoint-{step}"
+        if (folder / INCOMPLETE_SENTINEL).exists():
+            log.warning("spotckpt: %s is marked incomplete; not committing it", folder)
+        else:
+            try:
+                mgr.adopt(step, folder, meta={"framework": "transformers"})
+            except FolderChangedError as exc:  # the previous committed step stays the resume point
+                log.warning("spotckpt: %s", exc)
+        if mgr.preemption_requested:
+            control.should_training_stop = True
+            self._stopping = True
+            ok = mgr.wait(timeout=mgr.watcher.seconds_left())
+            if not ok:
+                log.warning("spotckpt: step %d is committed locally but did not reach %s before the deadline",
+                            step, mgr.s3_uri)
+            self.preempted = mgr.local.is_committed(step)
+            log.warning("spotckpt: preempted at step %d; its checkpoint is committed, stopping", step)
+        return control
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        mgr = self.manager
+        left = mgr.watcher.seconds_left()  # None unless preempted: then never past the grace
+        mgr.wait(timeout=left)  # the periodic saves' uploads
+        if self._owns:
+            mgr.close(timeout=left)
+            self._manager = None
+        if self.preempted and self.exit_on_preemption:
+            raise SystemExit(0)

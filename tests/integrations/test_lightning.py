@@ -1,0 +1,103 @@
+"""PyTorch Lightning + SpotckptCallback / SpotckptCheckpointIO: real Lightning processes, real
+SIGTERM through ``spotckpt run``, moto's S3 server on 127.0.0.1.
+
+Exactness: a run interrupted mid-epoch and resumed from S3 on a fresh machine ends with the same
+weights, bit for bit, and the same loss at every step, as an uninterrupted one (CPU, one thread).
+That needs two things Lightning does not do by default, and the example does both: a data loader
+with ``state_dict``/``load_state_dict`` (``spotckpt.data.ResumableDataLoader``; with a plain
+``DataLoader`` Lightning restarts the epoch's data and warns "your dataloader is not resumable"),
+and the RNG states, which Lightning does not checkpoint -- SpotckptCallback's ``state_dict``
+carries them (without it, dropout draws other masks after the resume and the weights differ).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pl = pytest.importorskip("pytorch_lightning")
+
+from spotckpt import ConfigError  # noqa: E402
+from spotckpt.s3 import S3Store  # noqa: E402
+from tests.helpers import REPO, assert_all_steps_verify, count_prefix, read_lines_until  # noqa: E402
+
+EXAMPLE = REPO / "examples" / "lightning_fit.py"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", SPOTCKPT_METRICS="0", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("SPOTCKPT_S3_URI", None)
+    return env
+
+
+def _example(local: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(EXAMPLE), "--local-dir", str(local), "--steps", "60", "--save-steps", "20", *extra]
+
+
+def test_sigterm_under_spotckpt_run_then_fresh_machine_resumes_from_s3_bitwise(tmp_path: Path, bucket: str) -> None:
+    uri = f"s3://{bucket}/pl"
+    ref = subprocess.Popen(_example(tmp_path / "ref", "--report", str(tmp_path / "ref.json")), env=_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    run = subprocess.Popen([sys.executable, "-m", "spotckpt.cli", "run", "--s3", uri, "--local", str(tmp_path / "a"),
+                            "--", *_example(tmp_path / "a", "--step-sleep", "0.03", "--print-every", "1")],
+                           env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        read_lines_until(run, count_prefix("lightning_fit: step 25 "), what="step 25")  # after the save of step 20
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, err[-3000:]
+    in_s3 = S3Store(uri).list_steps()
+    stopped = in_s3[-1]
+    assert 20 in in_s3 and 25 <= stopped < 60, in_s3
+    assert f"preempted at step {stopped}" in err
+    man = S3Store(uri).read_manifest(stopped)
+    assert man.extra["layout"] == "folder" and list(man.files) == [f"preempted-step={stopped}.ckpt"]
+
+    # a fresh machine: empty local dir, and a torn .ckpt newer than anything committed in dirpath
+    dirpath = tmp_path / "b-lightning"
+    dirpath.mkdir()
+    (dirpath / "epoch=1-step=59.ckpt").write_bytes(b"PK\x03\x04 torn")
+    again = subprocess.run(_example(tmp_path / "b", "--s3-uri", uri, "--report", str(tmp_path / "res.json")),
+                           env=_env(), capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"lightning_fit: starting at step {stopped} of 60" in again.stdout
+    assert ref.wait(timeout=300) == 0
+    want, got = json.loads((tmp_path / "ref.json").read_text()), json.loads((tmp_path / "res.json").read_text())
+    assert got["losses"] == want["losses"] and len(got["losses"]) == 60  # every step's loss, exactly
+    assert got["weights"] == want["weights"]  # the same final weights, bit for bit
+    # ModelCheckpoint's save_top_k=2 prunes its dirpath; keep_last=3 the committed steps
+    local = assert_all_steps_verify(tmp_path / "b")
+    assert local[0] == stopped and local[-1] == 60 and (40 in local or stopped >= 40), local
+    assert S3Store(uri).list_steps()[-1] == 60 and len(S3Store(uri).list_steps()) == 3
+    assert len(list(dirpath.glob("epoch=*.ckpt"))) <= 3  # two kept by top-k, plus the torn one
+
+
+def test_callback_without_its_plugin_is_refused(tmp_path: Path) -> None:
+    from spotckpt.integrations.lightning import SpotckptCallback
+
+    spot = SpotckptCallback(local_dir=tmp_path / "ckpt", metrics=False, install_signal_handlers=False)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, callbacks=[spot])
+    with pytest.raises(ConfigError, match="plugins=\\[spot.checkpoint_io\\]"):
+        spot.setup(trainer, pl.LightningModule(), "fit")
+    assert spot.manager.all_steps() == []
+    spot.manager.close()
+
+
+def test_several_ranks_are_refused_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spotckpt.integrations.lightning import SpotckptCallback
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="supports one process; WORLD_SIZE=2"):
+        SpotckptCallback(local_dir=tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()  # no manager was built
