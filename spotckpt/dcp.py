@@ -181,7 +181,8 @@ class StorageWriter(_StepStorage, _DcpWriter):
             extra = {"writer": f"spotckpt {__version__}", "world_size": mgr.world_size, "layout": LAYOUT}
             write_step(mgr.local, step, tree, lambda p: write_safetensors(p, tensors, meta), rank=mgr.rank,
                        extra=extra, coord=mgr._coord)
-            mgr._external_save(step, t0, nbytes)
+            mgr._note_save(step, t0, nbytes, True)
+            mgr._committed(step, t0, nbytes)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
@@ -222,7 +223,7 @@ class StorageReader(_StepStorage, _DcpReader):
             raise NoCheckpointError(f"no checkpoint in {mgr.local_dir}" + (f" or {mgr.s3_uri}" if mgr.s3_uri else "")
                                     + "; start fresh instead of calling dcp.load")
         self.loaded_step = res.step
-        mgr._external_restore(res)
+        mgr._note_restore(res)
         md = self._index.metadata
         storage = dict(self._index.where)
         for fqn, (tree, _) in self._items.items():

@@ -271,9 +271,7 @@ class CheckpointManager:
             log.info("spotckpt: no checkpoint in %s%s; starting fresh", self.local_dir,
                      f" or {self.s3_uri}" if self.s3_uri else "")
             return None
-        self._last_saved_step = res.step
-        self._last_save_time = self._clock()
-        self.events.emit(RestoreEvent(step=res.step, seconds=res.seconds, source=res.source, bytes=res.bytes))
+        self._note_restore(res)
         return res.step
 
     # -- save ----------------------------------------------------------------------------
@@ -340,13 +338,7 @@ class CheckpointManager:
                 run()
             else:
                 self._pending = SaveJob(step, run)
-        stall = time.perf_counter() - t0
-        self._last_saved_step = step
-        self._last_save_time = self._clock()
-        if self._uploader is not None:
-            with self._lock:
-                self._save_started[step] = t0
-        self.events.emit(SaveEvent(step=step, stall_s=stall, bytes=snap.nbytes, blocking=blocking))
+        self._note_save(step, t0, snap.nbytes, blocking)
         if not blocking:
             assert self._persist is not None and self._pending is not None
             self._persist.submit(self._pending)  # after the save event, so durable_local follows it
@@ -451,18 +443,19 @@ class CheckpointManager:
         write_step(self.local, step, tree, write_tensors, rank=self.rank, extra=extra, coord=self._coord)
         self._committed(step, t0, nbytes)
 
-    def _external_save(self, step: int, t0: float, nbytes: int) -> None:
-        """:mod:`spotckpt.dcp`'s writer committed ``step`` (DCP's thread or the caller's)."""
+    def _note_save(self, step: int, t0: float, nbytes: int, blocking: bool) -> None:
+        """A save of ``step`` (by save(), adopt() or :mod:`spotckpt.dcp`'s writer) returns to
+        its caller: remember it, start its S3 clock, emit the save event."""
         self._last_saved_step = step
         self._last_save_time = self._clock()
         if self._uploader is not None:
             with self._lock:
                 self._save_started[step] = t0
-        self.events.emit(SaveEvent(step=step, stall_s=time.perf_counter() - t0, bytes=nbytes, blocking=True))
-        self._committed(step, t0, nbytes)
+        self.events.emit(SaveEvent(step=step, stall_s=time.perf_counter() - t0, bytes=nbytes, blocking=blocking))
 
-    def _external_restore(self, res: Any) -> None:
-        """:mod:`spotckpt.dcp`'s reader chose step ``res.step`` to load."""
+    def _note_restore(self, res: Any) -> None:
+        """Step ``res.step`` was restored (restore(), restore_folder(), or chosen by
+        :mod:`spotckpt.dcp`'s reader)."""
         self._last_saved_step = res.step
         self._last_save_time = self._clock()
         self.events.emit(RestoreEvent(step=res.step, seconds=res.seconds, source=res.source, bytes=res.bytes))
@@ -644,22 +637,13 @@ class CheckpointManager:
 
         def run() -> None:
             adopt_into(self.local, step, seen, extra=extra)
-            self.events.emit(DurableLocalEvent(step=step, seconds=time.perf_counter() - t0, bytes=seen.nbytes))
-            if self._uploader is not None:
-                self._uploader.notify(step)
-            if not isinstance(self.retention, KeepAll) and self._persist is not None:
-                self._persist.submit(PruneJob(step))
+            self._committed(step, t0, seen.nbytes)
 
         if blocking:
             run()
         else:
             self._pending = SaveJob(step, run)
-        self._last_saved_step = step
-        self._last_save_time = self._clock()
-        if self._uploader is not None:
-            with self._lock:
-                self._save_started[step] = t0
-        self.events.emit(SaveEvent(step=step, stall_s=time.perf_counter() - t0, bytes=seen.nbytes, blocking=blocking))
+        self._note_save(step, t0, seen.nbytes, blocking)
         if not blocking:
             assert self._persist is not None
             self._persist.submit(self._pending)  # type: ignore[arg-type]
@@ -676,7 +660,5 @@ class CheckpointManager:
                             progress=progress_logger())
         if res is None:
             return None
-        self._last_saved_step = res.step
-        self._last_save_time = self._clock()
-        self.events.emit(RestoreEvent(step=res.step, seconds=res.seconds, source=res.source, bytes=res.bytes))
+        self._note_restore(res)
         return res.path
