@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one device run (a lent H100/H200): the GPU tests, then the side-by-side GPU benchmark.
+# The one device run (a lent H100/H200): the GPU tests, the sharded (FSDP2) stall check, then the
+# side-by-side GPU benchmark.
 #   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=560)
 # .whl holds the small wheels the GPU image lacks (crc32c; torchsnapshot and its two deps).
 set -uo pipefail
@@ -14,4 +15,6 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/device.txt"
 timeout -k 10 90 "$PY" -m pytest -q -p no:cacheprovider tests/gpu -ra 2>&1 | tee "$OUT/gpu_tests.log"
 echo "gpu tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
-OUT="$OUT" BENCH_TIMEOUT="${BENCH_TIMEOUT:-400}" bash benchmarks/gpu_check.sh
+timeout -k 10 120 "$PY" benchmarks/gpu_sharded.py --gib "${SHARDED_GIB:-2}" --out "$OUT/sharded.json" 2>&1 \
+    | tee "$OUT/sharded.log"
+OUT="$OUT" BENCH_TIMEOUT="${BENCH_TIMEOUT:-330}" bash benchmarks/gpu_check.sh
