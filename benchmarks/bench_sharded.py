@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO))
 WORKER = r'''
 import os
 os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun sets it
-import json, math, shutil, sys, time, zlib
+import gc, json, math, shutil, sys, time, zlib
 import torch, torch.distributed as dist
 from torch import nn
 import torch.distributed.checkpoint as dcp
@@ -133,11 +133,33 @@ def job_bytes(model, opt):
     return int(t.item())
 
 
-def timed(fn):
+GC = {"t": 0.0, "t0": 0.0}
+
+
+def _gc_clock(phase, info):
+    if phase == "start":
+        GC["t0"] = time.perf_counter()
+    else:
+        GC["t"] += time.perf_counter() - GC["t0"]
+
+
+gc.callbacks.append(_gc_clock)
+gc_in_calls = {}
+
+
+def timed(fn, method):
+    """Seconds of ``fn()`` on this rank, every rank starting together. The cyclic garbage
+    collector starts empty-handed (gc.collect() before, untimed), so a collection owed to
+    another method's allocations is not charged to this one; the time the collector still
+    takes inside the call is recorded (gc_s)."""
+    gc.collect()
     dist.barrier()
+    GC["t"] = 0.0
     t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    t = time.perf_counter() - t0
+    gc_in_calls.setdefault(method, []).append(GC["t"])
+    return t
 
 
 def rm_dir(path):
@@ -169,15 +191,15 @@ if mode == "save":
             step = i + 1
             for m in order(i, list(times)):
                 if m == "spotckpt":
-                    t = timed(lambda: mgr.save(step, state, blocking=True))
+                    t = timed(lambda: mgr.save(step, state, blocking=True), m)
                     mgr.wait()  # retention of the previous step, untimed
                 elif m == "dcp_fs":
                     path = f"{work}/save-dcpfs-{step}"
-                    t = timed(lambda: dcp.save(dcp_sd(model, opt), storage_writer=dcp.FileSystemWriter(path)))
+                    t = timed(lambda: dcp.save(dcp_sd(model, opt), storage_writer=dcp.FileSystemWriter(path)), m)
                     rm_dir(path)
                 else:
                     t = timed(lambda: dcp.save(dcp_sd(model, opt), storage_writer=sdcp.StorageWriter(mgr_dcp),
-                                               checkpoint_id=step))
+                                               checkpoint_id=step), m)
                     mgr_dcp.wait()
                 times[m].append(t)
         if rank == 0:
@@ -199,15 +221,15 @@ elif mode == "stall":
             step = i + 1
             for m in order(i, list(times)):
                 if m == "floor":
-                    t = timed(floor)
+                    t = timed(floor, m)
                 elif m == "spotckpt_async":
-                    t = timed(lambda: mgr.save(step, state))
+                    t = timed(lambda: mgr.save(step, state), m)
                     mgr.wait()
                 else:
                     path = f"{work}/stall-dcp-{step}"
                     res = []
                     t = timed(lambda: res.append(dcp.async_save(dcp_sd(model, opt), process_group=pg,
-                                                                storage_writer=dcp.FileSystemWriter(path))))
+                                                                storage_writer=dcp.FileSystemWriter(path))), m)
                     getattr(res[0], "upload_completion", res[0]).result()
                     rm_dir(path)
                 times[m].append(t)
@@ -252,17 +274,18 @@ elif mode == "restore":
                     raise SystemExit("clobber left the expected values in place")
                 if m == "spotckpt":
                     got = []
-                    t = timed(lambda: got.append(mgr.restore(state)))
+                    t = timed(lambda: got.append(mgr.restore(state)), m)
                     assert got == [1], got
                 elif m == "dcp_fs":
-                    t = timed(lambda: via_dcp(dcp.FileSystemReader(f"{work}/r-dcpfs"), load_only[m]))
+                    t = timed(lambda: via_dcp(dcp.FileSystemReader(f"{work}/r-dcpfs"), load_only[m]), m)
                 else:
-                    t = timed(lambda: via_dcp(sdcp.StorageReader(mgr_dcp), load_only[m]))
+                    t = timed(lambda: via_dcp(sdcp.StorageReader(mgr_dcp), load_only[m]), m)
                 times[m].append(t)
                 ok[m].append(correct())
     out["times"] = {k: v[1:] for k, v in times.items()}
     out["load_only"] = {k: v[1:] for k, v in load_only.items()}
     out["correct"] = ok
+out["gc_s"] = {k: v[1:] for k, v in gc_in_calls.items()}
 print("result " + json.dumps(out), flush=True)
 dist.barrier()  # without it, gloo may abort at exit after FSDP2 collectives (a torch issue)
 dist.destroy_process_group()
@@ -298,6 +321,11 @@ def run_job(mode: str, world: int, work: Path, cfg: dict[str, Any]) -> list[dict
 def job_samples(outs: list[dict[str, Any]], method: str, key: str = "times") -> list[float]:
     """Per repeat, the slowest rank (a collective save/restore is done when every rank is)."""
     return [max(vals) for vals in zip(*(o[key][method] for o in outs))]
+
+
+def gc_max(outs: list[dict[str, Any]], method: str) -> float:
+    """The longest the cyclic garbage collector ran inside one timed call, any rank."""
+    return max((x for o in outs for x in o["gc_s"].get(method, [])), default=0.0)
 
 
 def worst_rank_median(outs: list[dict[str, Any]], method: str) -> float:
@@ -353,7 +381,7 @@ def main() -> int:
             for m in ("spotckpt", "dcp_fs", "dcp_spotckpt"):
                 s = job_samples(outs, m)
                 row[m] = {"samples_s": s, "median_s": statistics.median(s),
-                          "gb_per_s": nbytes / statistics.median(s) / 1e9}
+                          "gb_per_s": nbytes / statistics.median(s) / 1e9, "gc_in_call_max_s": gc_max(outs, m)}
             row["spotckpt_over_dcp_fs"] = row["spotckpt"]["gb_per_s"] / row["dcp_fs"]["gb_per_s"]
             row["dcp_spotckpt_over_dcp_fs"] = row["dcp_spotckpt"]["gb_per_s"] / row["dcp_fs"]["gb_per_s"]
             res["durable_save"] = row
@@ -366,7 +394,7 @@ def main() -> int:
             row = {"ranks": a.ranks, "job_bytes": outs[0]["job_bytes"]}
             for m in ("floor", "spotckpt_async", "dcp_async"):
                 row[m] = {"worst_rank_median_s": worst_rank_median(outs, m),
-                          "per_rank_samples_s": [o["times"][m] for o in outs]}
+                          "per_rank_samples_s": [o["times"][m] for o in outs], "gc_in_call_max_s": gc_max(outs, m)}
             f = row["floor"]["worst_rank_median_s"]
             row["spotckpt_over_floor"] = row["spotckpt_async"]["worst_rank_median_s"] / f
             row["dcp_async_over_floor"] = row["dcp_async"]["worst_rank_median_s"] / f
@@ -388,7 +416,7 @@ def main() -> int:
                    "page_cache": "warm"}
             for m in ("spotckpt", "dcp_fs", "dcp_spotckpt"):
                 s = job_samples(outs, m)
-                row[m] = {"samples_s": s, "median_s": statistics.median(s),
+                row[m] = {"samples_s": s, "median_s": statistics.median(s), "gc_in_call_max_s": gc_max(outs, m),
                           "correct_every_rank_every_repeat": all(all(o["correct"][m]) for o in outs)}
                 if m != "spotckpt":
                     row[m]["dcp_load_only_median_s"] = statistics.median(job_samples(outs, m, "load_only"))
