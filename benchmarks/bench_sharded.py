@@ -1,6 +1,6 @@
 """Sharded state (FSDP2 ``fully_shard`` on gloo/CPU), side by side in one run: spotckpt against DCP.
 
-    python benchmarks/bench_sharded.py [--mib 256] [--ranks 2] [--saves 7] [--restores 5]
+    python benchmarks/bench_sharded.py [--mib 256] [--ranks 2] [--saves 9] [--restores 5]
                                        [--save-ranks 4] [--restore-ranks 2] [--out benchmarks/out/sharded.json]
 
 The state: a stack of ``nn.Linear(width, width)`` layers of ``--mib`` MiB of fp32 parameters in
@@ -350,7 +350,7 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=256, help="fp32 parameters in MiB (the optimizer adds 2x)")
     ap.add_argument("--width", type=int, default=1024, help="in/out features of each nn.Linear layer")
     ap.add_argument("--ranks", type=int, default=2, help="ranks of the save and stall rows")
-    ap.add_argument("--saves", type=int, default=7, help="timed saves per method (after one warm-up)")
+    ap.add_argument("--saves", type=int, default=9, help="timed saves per method (after one warm-up)")
     ap.add_argument("--restores", type=int, default=5, help="timed restores per method (after one warm-up)")
     ap.add_argument("--save-ranks", type=int, default=4, help="ranks that save the step the restore row reads")
     ap.add_argument("--restore-ranks", type=int, default=2, help="ranks that restore it (resharding)")
