@@ -73,49 +73,54 @@ class ShardInfo:
 def local_shard(t: Any, path: str) -> tuple[torch.Tensor, ShardInfo, bool]:
     """``(local tensor, sharding info, whether this rank writes it)`` of DTensor ``t``. Replicas
     other than the first on a replicated mesh dimension do not write; neither does a rank
-    whose shard is empty. A partial (unreduced) DTensor is refused."""
+    whose shard is empty. A partial (unreduced) DTensor is refused.
+
+    Runs for every DTensor of every save on the training thread, so the layout is worked out
+    once per distinct DTensor spec (mesh, placements, shape, stride, dtype) and cached."""
+    spec = getattr(t, "_spec", None)
+    try:
+        hit = _LAYOUTS.get(spec) if spec is not None else None
+    except TypeError:  # an unhashable spec
+        spec, hit = None, None
+    if hit is None:
+        hit = _layout(t, path)
+        if spec is not None and hit[3]:
+            if len(_LAYOUTS) >= _LAYOUTS_MAX:
+                _LAYOUTS.clear()
+            _LAYOUTS[spec] = hit
+    info, first_replica, want, _ = hit
+    local = getattr(t, "_local_tensor", None)
+    if local is None:
+        with torch.no_grad():
+            local = t.to_local()
+    if want is not None and tuple(local.shape) != want:
+        raise StateError(f"{path}: the local shard is {list(local.shape)} but its placement says "
+                         f"{list(want)}; padded shards are not supported", key_path=path)
+    return local, info, first_replica and local.numel() > 0
+
+
+#: DTensor spec -> (sharding info, first replica, local shape, cacheable): the layout is a pure
+#: function of the spec in this process; torch computes it in ~25 us, a lookup takes ~1 us.
+_LAYOUTS: dict[Any, tuple[ShardInfo, bool, tuple[int, ...] | None, bool]] = {}
+_LAYOUTS_MAX = 8192
+
+
+def _layout(t: Any, path: str) -> tuple[ShardInfo, bool, tuple[int, ...] | None, bool]:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     placements = tuple(t.placements)
     if any(p.is_partial() for p in placements):
         raise StateError(f"{path}: a Partial DTensor holds unreduced values; reduce it (redistribute "
                          "to Shard/Replicate) before checkpointing", key_path=path)
     mesh = t.device_mesh
     coord = mesh.get_coordinate()
-    with torch.no_grad():  # the local tensor itself, not an autograd view of it (~10 us less per tensor)
-        local = t.to_local()
     if coord is None:  # this rank is not in the tensor's mesh
-        return local, ShardInfo(tuple(t.shape), (0,) * t.dim()), False
-    shape, offsets = _local_layout(t, mesh, placements, coord)
-    if tuple(local.shape) != tuple(shape):
-        raise StateError(f"{path}: the local shard is {list(local.shape)} but its placement says "
-                         f"{list(shape)}; padded shards are not supported", key_path=path)
+        return ShardInfo(tuple(t.shape), (0,) * t.dim()), False, None, True
+    shape, offsets = compute_local_shape_and_global_offset(t.shape, mesh, placements)
+    cacheable = all(type(c) is int for c in coord)  # not symbolic (simulated ranks)
     first_replica = all(c == 0 for c, p in zip(coord, placements) if not p.is_shard())
-    writes = first_replica and local.numel() > 0
-    return local, ShardInfo(tuple(t.shape), tuple(int(o) for o in offsets)), writes
-
-
-#: (global shape, mesh shape, this rank's coordinate, placements) -> (local shape, global offsets):
-#: a pure function of its key, computed by torch for every tensor otherwise (~25 us each; a model
-#: has a few distinct shapes and hundreds of tensors).
-_LAYOUTS: dict[tuple[Any, ...], tuple[tuple[int, ...], tuple[int, ...]]] = {}
-_LAYOUTS_MAX = 4096
-
-
-def _local_layout(t: Any, mesh: Any, placements: tuple[Any, ...],
-                  coord: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The local shape and global offsets of this rank's shard of DTensor ``t``."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    if not all(type(c) is int for c in coord):  # symbolic (simulated ranks): no caching
-        return compute_local_shape_and_global_offset(t.shape, mesh, placements)
-    key = (tuple(t.shape), tuple(mesh.shape), tuple(coord), placements)
-    hit = _LAYOUTS.get(key)
-    if hit is None:
-        shape, offsets = compute_local_shape_and_global_offset(t.shape, mesh, placements)
-        hit = (tuple(int(s) for s in shape), tuple(int(o) for o in offsets))
-        if len(_LAYOUTS) >= _LAYOUTS_MAX:
-            _LAYOUTS.clear()
-        _LAYOUTS[key] = hit
-    return hit
+    info = ShardInfo(tuple(int(d) for d in t.shape), tuple(int(o) for o in offsets))
+    return info, first_replica, tuple(int(d) for d in shape), cacheable
 
 
 def shards_metadata(shards: Mapping[str, ShardInfo]) -> dict[str, str]:

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from .errors import SaveError
-from .format import FileEntry, TensorSpec, plan_safetensors, tensor_byte_view, tensor_ranges, write_chunks_durably
+from .format import FileEntry, TensorSpec, tensor_byte_view, tensor_ranges, write_chunks_durably
+from .format.safetensors import plan_entries, render_header
 
 __all__ = ["Stager", "StagedTensors"]
 
@@ -80,6 +81,9 @@ class Stager:
         self._buf: torch.Tensor | None = None
         self._streams: dict[int, Any] = {}
         self.in_use = False
+        # the last save's layout: a training loop saves the same names, shapes and dtypes every
+        # time, so the plan, the header and the buffer views are made once, not per tensor per save
+        self._layout: tuple[Any, ...] | None = None  # (items, header entries, specs, buf, views)
 
     @property
     def capacity_bytes(self) -> int:
@@ -101,23 +105,39 @@ class Stager:
         if self.in_use:
             raise SaveError("Stager.stage() called while the previous staged save is still in use; release() it "
                             "first (one save at a time per stager)")
-        items = [(n, t.dtype, tuple(t.shape), t.numel() * t.element_size()) for n, t in tensors.items()]
-        header, specs = plan_safetensors(items, metadata)
+        items = [(n, t.dtype, t.shape, t.numel() * t.element_size()) for n, t in tensors.items()]
+        layout = self._layout
+        if layout is not None and layout[0] == items:
+            entries, specs = layout[1], layout[2]
+        else:
+            entries, specs = plan_entries(items)
+            layout = None
+        header = render_header(entries, metadata)
         total = specs[-1].end if specs else 0
         any_cuda = any(t.device.type == "cuda" for t in tensors.values())
         buf = self._buffer(total, any_cuda)
         data = buf[:total]
+        if layout is None or layout[3] is not buf:
+            views = [data[sp.start : sp.end] for sp in specs]
+            self._layout = layout = (items, entries, specs, buf, views)
+        views = layout[4]
         events: dict[int, Any] = {}
+        flat_dst: list[torch.Tensor] = []
+        flat_src: list[torch.Tensor] = []
         with torch.no_grad():
-            for spec, t in zip(specs, tensors.values()):
+            for spec, dst, t in zip(specs, views, tensors.values()):
                 if spec.nbytes == 0:
                     continue
-                dst = data[spec.start : spec.end]
                 src = t.detach()
                 if src.device.type == "cuda":
                     self._copy_cuda(dst, src, spec, events)
+                elif src.is_contiguous():
+                    flat_dst.append(dst)
+                    flat_src.append(src.view(-1).view(torch.uint8))
                 else:
                     _copy_cpu(dst, src, spec)
+            if flat_dst:
+                _copy_all(flat_dst, flat_src)
         self.in_use = True
         return StagedTensors(header=header, specs=specs, data=data, events=list(events.values()))
 
@@ -147,8 +167,19 @@ class Stager:
 
     def close(self) -> None:
         self._buf = None
+        self._layout = None
         self._streams.clear()
         self.in_use = False
+
+
+def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """Contiguous CPU tensors into their byte views of the buffer: one batched call."""
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is not None:
+        foreach(dsts, srcs)
+        return
+    for d, s in zip(dsts, srcs):  # pragma: no cover - torch without _foreach_copy_
+        d.copy_(s)
 
 
 def _copy_cpu(dst: torch.Tensor, src: torch.Tensor, spec: TensorSpec) -> None:

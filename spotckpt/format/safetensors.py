@@ -32,7 +32,9 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "SafetensorsFile",
     "TensorSpec",
+    "plan_entries",
     "plan_safetensors",
+    "render_header",
     "tensor_byte_view",
     "tensor_ranges",
     "write_safetensors",
@@ -91,9 +93,14 @@ def plan_safetensors(
 ) -> tuple[bytes, list[TensorSpec]]:
     """Lay out a safetensors file: the 8-byte length + JSON header (padded to 8 bytes with
     spaces, as the reference writer does) and each tensor's range in the data area, in order."""
+    entries, specs = plan_entries(items)
+    return render_header(entries, metadata), specs
+
+
+def plan_entries(items: Iterable[tuple[str, torch.dtype, tuple[int, ...], int]]) -> tuple[str, list[TensorSpec]]:
+    """The tensor entries of a safetensors header, as JSON members (no braces), and each
+    tensor's range: the part of :func:`plan_safetensors` that depends on the tensors only."""
     header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     specs: list[TensorSpec] = []
     off = 0
     for name, dtype, shape, nbytes in items:
@@ -102,9 +109,18 @@ def plan_safetensors(
         specs.append(TensorSpec(name, dtype, tuple(shape), off, off + nbytes))
         header[name] = {"dtype": _DTYPE_TO_ST[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
         off += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return json.dumps(header, separators=(",", ":"))[1:-1], specs
+
+
+def render_header(entries: str, metadata: Mapping[str, str] | None = None) -> bytes:
+    """The header bytes of a file with tensor ``entries`` (from :func:`plan_entries`) and
+    ``metadata``: byte for byte what ``json.dumps`` of the whole header gives, padded."""
+    meta = ""
+    if metadata:
+        meta = json.dumps({"__metadata__": {str(k): str(v) for k, v in metadata.items()}}, separators=(",", ":"))[1:-1]
+    raw = ("{" + ",".join(x for x in (meta, entries) if x) + "}").encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, specs
+    return struct.pack("<Q", len(raw)) + raw
 
 
 def tensor_byte_view(t: torch.Tensor) -> np.ndarray:
