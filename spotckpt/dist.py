@@ -182,20 +182,31 @@ class Coordinator:
             )
         return [r["value"] for r in recs]
 
+    #: Bytes each rank sends in the first round of an exchange: a payload that fits (step,
+    #: keys, flags: most exchanges) takes one all-gather; a longer one a second round.
+    SLOT_BYTES = 4096
+
     def _all_gather_bytes(self, payload: bytes, name: str, group: str) -> list[bytes]:
         import torch.distributed as dist
 
         pg = self._groups[group]
+        slot = self.SLOT_BYTES
         try:
-            n = torch.tensor([len(payload)], dtype=torch.int64)
-            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-            dist.all_gather(sizes, n, group=pg)
-            longest = max(int(s.item()) for s in sizes)
-            buf = torch.zeros(max(longest, 1), dtype=torch.uint8)
-            if payload:
-                buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            buf = torch.zeros(slot, dtype=torch.uint8)
+            buf[:8] = torch.frombuffer(bytearray(len(payload).to_bytes(8, "little")), dtype=torch.uint8)
+            head = payload[: slot - 8]
+            if head:
+                buf[8 : 8 + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
             outs = [torch.empty_like(buf) for _ in range(self.world_size)]
             dist.all_gather(outs, buf, group=pg)
+            sizes = [int.from_bytes(o[:8].numpy().tobytes(), "little") for o in outs]
+            if max(sizes) <= slot - 8:
+                return [o[8 : 8 + n].numpy().tobytes() for o, n in zip(outs, sizes)]
+            big = torch.zeros(max(sizes), dtype=torch.uint8)  # a second round, as long as the longest
+            if payload:
+                big[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            outs = [torch.empty_like(big) for _ in range(self.world_size)]
+            dist.all_gather(outs, big, group=pg)
         except (RuntimeError, ValueError) as exc:
             raise CollectiveError(
                 f"{name}: rank {self.rank} could not exchange with the other ranks within "
@@ -204,7 +215,7 @@ class Coordinator:
                 "operation",
                 ranks=[],
             ) from exc
-        return [bytes(o[: int(s.item())].numpy().tobytes()) for o, s in zip(outs, sizes)]
+        return [o[:n].numpy().tobytes() for o, n in zip(outs, sizes)]
 
     def broadcast_file(self, name: str, src: Path | None, dst: Path | None, nbytes: int,
                        *, chunk_bytes: int = 64 << 20) -> FileEntry | None:

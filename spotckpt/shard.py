@@ -124,8 +124,19 @@ def _layout(t: Any, path: str) -> tuple[ShardInfo, bool, tuple[int, ...] | None,
 
 
 def shards_metadata(shards: Mapping[str, ShardInfo]) -> dict[str, str]:
-    """The safetensors ``__metadata__`` entry for a file holding ``shards``."""
-    return {SHARDS_KEY: json.dumps({k: v.to_json() for k, v in shards.items()}, separators=(",", ":"))}
+    """The safetensors ``__metadata__`` entry for a file holding ``shards`` (the last one is
+    kept: a loop saves the same shards every time, and the ShardInfo objects are the cached
+    ones, so the comparison is one identity check per shard)."""
+    items = list(shards.items())
+    last = _LAST_METADATA
+    if last and last[0] == items:
+        return dict(last[1])
+    doc = {SHARDS_KEY: json.dumps({k: v.to_json() for k, v in items}, separators=(",", ":"))}
+    _LAST_METADATA[:] = [items, doc]
+    return dict(doc)
+
+
+_LAST_METADATA: list[Any] = []
 
 
 def recording_shards(tree: dict[str, Any], shards: Mapping[str, ShardInfo], tensors: Mapping[str, torch.Tensor],

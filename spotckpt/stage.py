@@ -128,7 +128,7 @@ class Stager:
             for spec, dst, t in zip(specs, views, tensors.values()):
                 if spec.nbytes == 0:
                     continue
-                src = t.detach()
+                src = t.detach() if t.requires_grad else t
                 if src.device.type == "cuda":
                     self._copy_cuda(dst, src, spec, events)
                 elif src.is_contiguous():
