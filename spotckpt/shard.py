@@ -48,8 +48,13 @@ def _dtensor_cls() -> type | None:
     return DTensor
 
 
+_DTENSOR: list[Any] = []  # the class, looked up once (every tensor of every save asks)
+
+
 def is_dtensor(t: Any) -> bool:
-    cls = _dtensor_cls()
+    if not _DTENSOR:
+        _DTENSOR.append(_dtensor_cls())
+    cls = _DTENSOR[0]
     return cls is not None and isinstance(t, cls)
 
 
