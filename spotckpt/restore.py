@@ -383,7 +383,8 @@ def restore_agreed(
     rank, world = coord.rank, coord.world_size
     full: dict[int, Manifest] = {}  # steps this rank can load from this host's disk alone
     own: list[int] = []  # steps whose own files are here (rank 0's replicated ones may not be)
-    for s in local.committed_steps():
+    unverified: set[int] = set()  # older local steps, size-checked only until one is chosen
+    for s in reversed(local.committed_steps()):
         try:
             m = local.read_manifest(s)
         except CheckpointCorruptError as exc:
@@ -394,14 +395,19 @@ def restore_agreed(
         if not need <= set(m.files):
             continue
         present = {f for f in need if (local.step_path(s) / f).exists()}
-        check = local.verify_step(s, checksums=verify, files=present)
+        crc = verify and not full  # CRC32C down to the newest complete step; the rest when chosen
+        check = local.verify_step(s, checksums=crc, files=present)
         if not check.ok:
             log.warning("spotckpt: rank %d cannot use local step %d: %s", rank, s, "; ".join(check.problems))
         elif present == need:
             full[s] = m
             own.append(s)
+            if verify and not crc:
+                unverified.add(s)
         elif mine <= present:
             own.append(s)
+            if verify and not crc:
+                unverified.add(s)
     in_s3 = sorted(remote.list_steps()) if remote is not None else []
     newest = _newest_world_size(local, remote if rank == 0 else None, in_s3)
     recs = coord.exchange("restore: steps", {"local": sorted(full), "own": own, "remote": in_s3, "newest": newest})
@@ -472,6 +478,12 @@ def restore_agreed(
                 import_step(local, remote, s, files=need, replace=local.is_committed(s), progress=progress)
             except CheckpointCorruptError as exc:
                 problem = str(exc)
+        if problem is None and s in unverified and manifest is not None:  # before any rank loads a byte
+            present = {f for f in needed_files(manifest, rank, world, ranged=remote is not None)
+                       if (local.step_path(s) / f).exists()}
+            check = local.verify_step(s, files=present)
+            if not check.ok:
+                problem = "; ".join(check.problems)
         states = coord.exchange(f"restore: fetch {s}", {"problem": problem, "world_size": None if reshard else ws})
         if any(r["world_size"] not in (None, world) for r in states):
             saved_ws = next(r["world_size"] for r in states if r["world_size"] not in (None, world))

@@ -143,3 +143,18 @@ def test_resharding_from_s3_on_new_hosts_fetches_other_hosts_shards_as_verified_
     res = _run(2, "restore", tmp_path / "newer{rank}", tmp_path / "r2.st", env=env)
     assert [r["step"] for r in res] == [2, 2]
     _assert_same(tmp_path / "saved2.st", tmp_path / "r2.st")
+
+
+def test_an_older_step_is_crc_checked_when_it_is_the_one_chosen(tmp_path: Path) -> None:
+    """Only the newest complete local step is CRC-checked up front; an older one gets its
+    CRC32C check when the newer one fails and it is chosen -- here it fails too."""
+    ck = tmp_path / "ck"
+    _run(2, "save", ck, tmp_path / "saved2.st", "2")
+    _run(2, "save", ck, tmp_path / "saved3.st", "3")
+    for step, rank in ((3, 1), (2, 0)):
+        f = ck / step_dirname(step) / f"rank-0000{rank}.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-7] ^= 0x01  # same size: only the CRC32C can tell
+        f.write_bytes(bytes(data))
+    res = _run(2, "restore", ck, tmp_path / "r.st")
+    assert [r["step"] for r in res] == [None, None]
