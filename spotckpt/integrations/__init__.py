@@ -13,10 +13,34 @@ imports neither framework; each module imports its own.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 
-__all__ = ["refuse_several_ranks"]
+if TYPE_CHECKING:
+    from ..manager import CheckpointManager
+
+__all__ = ["refuse_several_ranks", "ManagerSlot"]
+
+
+class ManagerSlot:
+    """The manager a callback uses: the caller's (kept open), or one built from
+    ``manager_kwargs`` when first needed (``every_steps=None``: the framework decides when to
+    save) and closed by the callback when training ends (``_owns``)."""
+
+    def _set_manager(self, framework: str, manager: CheckpointManager | None, **manager_kwargs: Any) -> None:
+        refuse_several_ranks(framework)
+        self._manager = manager
+        self._owns = manager is None
+        self._kwargs = manager_kwargs
+
+    @property
+    def manager(self) -> CheckpointManager:
+        if self._manager is None:
+            from ..manager import CheckpointManager
+
+            self._manager = CheckpointManager(every_steps=None, **self._kwargs)
+        return self._manager
 
 
 def refuse_several_ranks(framework: str) -> None:

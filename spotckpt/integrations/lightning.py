@@ -51,7 +51,7 @@ from ..errors import ConfigError
 from ..events import PreemptedEvent, ProgressEvent
 from ..format import MANIFEST_NAME, Manifest
 from ..manager import CheckpointManager
-from . import refuse_several_ranks
+from . import ManagerSlot, refuse_several_ranks
 
 __all__ = ["SpotckptCallback", "SpotckptCheckpointIO"]
 
@@ -82,7 +82,7 @@ class SpotckptCheckpointIO(CheckpointIO):
         self.inner.teardown()
 
 
-class SpotckptCallback(pl.Callback):
+class SpotckptCallback(ManagerSlot, pl.Callback):
     """SIGTERM -> a committed, uploaded checkpoint at the end of the current batch, then stop;
     the RNG states in the checkpoint; ``resume_path()``. Pass ``checkpoint_io`` as a plugin.
 
@@ -93,18 +93,9 @@ class SpotckptCallback(pl.Callback):
 
     def __init__(self, manager: CheckpointManager | None = None, *, local_dir: str | os.PathLike[str] | None = None,
                  s3_uri: str | None = None, keep_last: int | None = 3, **manager_kwargs: Any) -> None:
-        refuse_several_ranks("lightning")
-        self._manager = manager
-        self._owns = manager is None
-        self._kwargs = dict(local_dir=local_dir, s3_uri=s3_uri, keep_last=keep_last, **manager_kwargs)
+        self._set_manager("lightning", manager, local_dir=local_dir, s3_uri=s3_uri, keep_last=keep_last, **manager_kwargs)
         self.checkpoint_io = SpotckptCheckpointIO(self)
         self.preempted = False  # the final step is committed (and uploaded, within the grace)
-
-    @property
-    def manager(self) -> CheckpointManager:
-        if self._manager is None:
-            self._manager = CheckpointManager(every_steps=None, **self._kwargs)
-        return self._manager
 
     def resume_path(self) -> str | None:
         """The ``.ckpt`` to pass to ``trainer.fit(ckpt_path=...)``: the newest committed step

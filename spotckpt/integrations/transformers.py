@@ -44,7 +44,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..errors import ConfigError, FolderChangedError
 from ..events import PreemptedEvent, ProgressEvent
 from ..manager import CheckpointManager
-from . import refuse_several_ranks
+from . import ManagerSlot
 
 __all__ = ["SpotckptCallback", "INCOMPLETE_SENTINEL"]
 
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 INCOMPLETE_SENTINEL = "checkpoint-is-incomplete.txt"
 
 
-class SpotckptCallback(TrainerCallback):
+class SpotckptCallback(ManagerSlot, TrainerCallback):
     """Commits every ``checkpoint-N`` the Trainer writes, turns SIGTERM into a final save and
     a clean stop, and finds the checkpoint to resume from.
 
@@ -67,19 +67,10 @@ class SpotckptCallback(TrainerCallback):
     def __init__(self, manager: CheckpointManager | None = None, *, local_dir: str | os.PathLike[str] | None = None,
                  s3_uri: str | None = None, keep_last: int | None = 3, exit_on_preemption: bool = True,
                  **manager_kwargs: Any) -> None:
-        refuse_several_ranks("transformers")
-        self._manager = manager
-        self._owns = manager is None
-        self._kwargs = dict(local_dir=local_dir, s3_uri=s3_uri, keep_last=keep_last, **manager_kwargs)
+        self._set_manager("transformers", manager, local_dir=local_dir, s3_uri=s3_uri, keep_last=keep_last, **manager_kwargs)
         self.exit_on_preemption = exit_on_preemption
         self.preempted = False  # the final step is committed (and uploaded, within the grace)
         self._stopping = False
-
-    @property
-    def manager(self) -> CheckpointManager:
-        if self._manager is None:
-            self._manager = CheckpointManager(every_steps=None, **self._kwargs)
-        return self._manager
 
     def resume_path(self) -> str | None:
         """The folder to pass to ``trainer.train(resume_from_checkpoint=...)``: the newest
