@@ -158,3 +158,31 @@ def done_lines(results: list[tuple[int, str, str]]) -> list[str]:
         assert len(done) == 1, out[-2000:]
         lines.append(done[0].split(": ", 1)[1])
     return lines
+
+
+def interrupted_under_run(example: list[str], uri: str, local: Path, *, env: dict[str, str], tag: str,
+                          at_step: int = 25) -> tuple[list[int], str]:
+    """Run an example trainer (``example``: its argv) under ``spotckpt run --s3 uri``, SIGTERM it
+    once it printed ``{tag}: step {at_step} ``, assert it exited 0 with a preemption save in S3;
+    return the committed steps in S3 and its stderr."""
+    import signal
+    import subprocess
+    import sys
+
+    from spotckpt.s3 import S3Store
+
+    run = subprocess.Popen([sys.executable, "-m", "spotckpt.cli", "run", "--s3", uri, "--local", str(local),
+                            "--", *example], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=REPO)
+    try:
+        read_lines_until(run, count_prefix(f"{tag}: step {at_step} "), what=f"step {at_step}")
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, err[-3000:]
+    in_s3 = S3Store(uri).list_steps()
+    assert in_s3 and at_step <= in_s3[-1], in_s3
+    assert f"preempted at step {in_s3[-1]}" in err
+    return in_s3, err
