@@ -172,7 +172,10 @@ class StorageWriter(_StepStorage, _DcpWriter):
             results.append(WriteResult(index=item.index, size_in_bytes=t.numel() * t.element_size(),
                                        storage_data=_Stored(st_name, name)))
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        if mgr.local.is_committed(step):
+        committed = mgr.local.is_committed(step)
+        if mgr._coord is not None:  # every rank skips, or none does: the commit is collective
+            committed = any(mgr._coord.exchange(f"dcp: committed {step}", committed, group="persist"))
+        if committed:
             log.info("spotckpt: step %d is already committed in %s; not writing it again", step, mgr.local_dir)
         else:
             meta = {"format": FORMAT, "step": str(step),
