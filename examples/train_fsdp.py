@@ -128,7 +128,15 @@ def main(argv: list[str] | None = None) -> int:
             losses = hashlib.sha256(repr(state["losses"]).encode()).hexdigest()[:16]
             print(f"{tag}: done at step {step}; weights {digest(list(model.state_dict().values()))}; "
                   f"losses {losses}", flush=True)
-    dist.barrier()  # gloo can abort at exit right after FSDP2's last collectives otherwise
+    dist.barrier()
+    if not cuda:
+        # gloo (CPU) can abort the process at teardown after FSDP2's collectives ("terminate
+        # called without an active exception", a torch issue), turning a finished run into a
+        # failed one; the manager is closed and every checkpoint durable, so leave without the
+        # interpreter's finalizers
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     dist.destroy_process_group()
     return 0
 
