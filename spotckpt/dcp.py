@@ -37,8 +37,6 @@ Errors: DCP wraps whatever a storage layer raises -- spotckpt's errors included 
 from __future__ import annotations
 
 import io
-import json
-import math
 import logging
 import os
 import re
@@ -58,11 +56,11 @@ from torch.distributed.checkpoint.storage import WriteResult
 
 from ._version import __version__
 from .errors import CheckpointCorruptError, ConfigError, NoCheckpointError, StateError
-from .format import DCP_LAYOUT, FORMAT, MAX_JSON_BYTES, Manifest, SafetensorsFile, data_file_names, decode_tree, encode_tree
-from .format import parse_step_dirname, write_safetensors
+from .format import DCP_LAYOUT, FORMAT, Manifest, SafetensorsFile, data_file_names, decode_tree, encode_tree
+from .format import parse_step_dirname, parse_tree_json, write_safetensors
 from .persist import write_step
 from .restore import progress_logger, restore_agreed, restore_newest, tensor_files
-from .shard import SHARDS_KEY, ShardIndex, ShardInfo, is_dtensor, read_item
+from .shard import ShardIndex, ShardInfo, check_coverage, read_item, shards_metadata
 
 if TYPE_CHECKING:
     from .manager import CheckpointManager
@@ -155,10 +153,10 @@ class StorageWriter(_StepStorage, _DcpWriter):
         for item in plan.items:
             fqn = item.index.fqn
             if item.type == WriteItemType.BYTE_IO:
-                obj = planner.lookup_object(item.index) if hasattr(planner, "lookup_object") else None
-                if obj is None and not hasattr(planner, "lookup_object"):
+                if not hasattr(planner, "lookup_object"):
                     raise StateError(f"{fqn}: this planner gives non-tensor items only as pickles; use "
                                      "DefaultSavePlanner (spotckpt stores such items as JSON)", key_path=fqn)
+                obj = planner.lookup_object(item.index)  # type: ignore[attr-defined]
                 items[fqn] = encode_tree(obj, fqn, _no_tensors, allow_pickle=mgr.allow_pickle)
                 results.append(WriteResult(index=item.index, size_in_bytes=0, storage_data=_Stored(tree_name, fqn)))
                 continue
@@ -178,8 +176,7 @@ class StorageWriter(_StepStorage, _DcpWriter):
         if committed:
             log.info("spotckpt: step %d is already committed in %s; not writing it again", step, mgr.local_dir)
         else:
-            meta = {"format": FORMAT, "step": str(step),
-                    SHARDS_KEY: json.dumps({k: v.to_json() for k, v in shards.items()}, separators=(",", ":"))}
+            meta = {"format": FORMAT, "step": str(step), **shards_metadata(shards)}
             tree = {"format": FORMAT, "layout": LAYOUT, "step": step, "rank": mgr.rank, "items": items}
             extra = {"writer": f"spotckpt {__version__}", "world_size": mgr.world_size, "layout": LAYOUT}
             write_step(mgr.local, step, tree, lambda p: write_safetensors(p, tensors, meta), rank=mgr.rank,
@@ -245,14 +242,11 @@ class StorageReader(_StepStorage, _DcpReader):
             items: dict[str, Any] = {}
             for f in sorted(manifest.files):
                 if f.startswith("rank-") and f.endswith(".tree.json"):
-                    raw = (step_dir / f).read_bytes()
-                    if len(raw) > MAX_JSON_BYTES:
-                        raise CheckpointCorruptError(f"{step_dir / f}: tree file is too large", path=step_dir / f)
+                    doc = parse_tree_json((step_dir / f).read_bytes(), str(step_dir / f))
                     try:
-                        doc = json.loads(raw)
                         for fqn, enc in doc["items"].items():
                             items[fqn] = (enc, str(step_dir / f))
-                    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    except (KeyError, TypeError, AttributeError) as exc:
                         raise CheckpointCorruptError(f"{step_dir / f}: not a DCP item file ({exc})",
                                                      path=step_dir / f) from exc
             index = ShardIndex(readers)
@@ -300,17 +294,8 @@ def _check_coverage(plan: LoadPlan, planner: LoadPlanner) -> None:
     targets = getattr(planner, "state_dict", None)
     if not isinstance(targets, dict):
         return  # a custom planner: nothing to check against
-    covered: dict[str, int] = {}
-    for item in plan.items:
-        if item.type != LoadItemType.BYTE_IO:
-            covered[item.dest_index.fqn] = covered.get(item.dest_index.fqn, 0) + math.prod(item.lengths)
-    for fqn, n in covered.items():
-        t = targets.get(fqn)
-        if isinstance(t, torch.Tensor):
-            need = (t.to_local() if is_dtensor(t) else t).numel()
-            if n != need:
-                raise CheckpointCorruptError(f"the saved chunks of {fqn!r} cover {n} of the {need} elements this "
-                                             "rank loads; the checkpoint is incomplete")
+    read = {item.dest_index.fqn for item in plan.items if item.type != LoadItemType.BYTE_IO}
+    check_coverage(plan.items, {fqn: targets[fqn] for fqn in read if fqn in targets})
 
 
 def _no_stored_tensor(name: str) -> torch.Tensor:

@@ -11,7 +11,6 @@ half-overwritten.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -36,6 +35,7 @@ from .format import (
     crc32c_update,
     data_file_names,
     fsync_dir,
+    parse_tree_json,
 )
 from .local import LocalStore, verify_files
 from .shard import ShardIndex
@@ -117,13 +117,7 @@ def _load_files(
                 path=step_dir,
             )
     tree_path = step_dir / tree_name
-    raw = tree_path.read_bytes()
-    if len(raw) > MAX_JSON_BYTES:
-        raise CheckpointCorruptError(f"{tree_path}: tree file is too large", path=tree_path)
-    try:
-        tree = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointCorruptError(f"{tree_path}: not valid JSON ({exc})", path=tree_path) from exc
+    tree = parse_tree_json(tree_path.read_bytes(), str(tree_path))
     with ExitStack() as stack:
         reader = stack.enter_context(SafetensorsFile(step_dir / st_name))
         index = None
@@ -152,21 +146,14 @@ def _tree_of(step_dir: Path, manifest: Manifest, st_name: str, remote: Any,
     if entry is None:
         raise CheckpointCorruptError(f"{step_dir}: manifest lists {st_name} but no {tree_name}", path=step_dir)
     if (step_dir / tree_name).exists() and local_files is not None and tree_name in local_files:
-        raw = (step_dir / tree_name).read_bytes()
-    else:
-        if entry.size > MAX_JSON_BYTES:
-            raise CheckpointCorruptError(f"{tree_name}: tree file is too large", path=tree_name)
-        raw = remote.read_range(manifest.step, tree_name, 0, entry.size)
-        if FileEntry(len(raw), crc32c_b64(crc32c_update(0, raw))) != entry:
-            raise CheckpointCorruptError(f"{remote.uri}: {tree_name} of step {manifest.step} does not match the "
-                                         "manifest; the checkpoint is damaged", path=tree_name)
-    try:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict):
-            raise ValueError("not an object")
-        return doc
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointCorruptError(f"{tree_name}: not valid JSON ({exc})", path=tree_name) from exc
+        return parse_tree_json((step_dir / tree_name).read_bytes(), str(step_dir / tree_name))
+    if entry.size > MAX_JSON_BYTES:
+        raise CheckpointCorruptError(f"{tree_name}: tree file is too large", path=tree_name)
+    raw = remote.read_range(manifest.step, tree_name, 0, entry.size)
+    if FileEntry(len(raw), crc32c_b64(crc32c_update(0, raw))) != entry:
+        raise CheckpointCorruptError(f"{remote.uri}: {tree_name} of step {manifest.step} does not match the "
+                                     "manifest; the checkpoint is damaged", path=tree_name)
+    return parse_tree_json(raw, f"{remote.uri}: {tree_name}")
 
 
 def tensor_files(manifest: Manifest) -> list[str]:

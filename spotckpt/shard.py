@@ -18,6 +18,7 @@ byte lands in a live tensor.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -37,6 +38,7 @@ __all__ = ["SHARDS_KEY", "ShardInfo", "ShardIndex", "LocalChunk", "RemoteChunk",
 SHARDS_KEY = "spotckpt.shards"
 
 
+@functools.cache  # every tensor of every save asks
 def _dtensor_cls() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
@@ -48,14 +50,14 @@ def _dtensor_cls() -> type | None:
     return DTensor
 
 
-_DTENSOR: list[Any] = []  # the class, looked up once (every tensor of every save asks)
-
-
 def is_dtensor(t: Any) -> bool:
-    if not _DTENSOR:
-        _DTENSOR.append(_dtensor_cls())
-    cls = _DTENSOR[0]
+    cls = _dtensor_cls()
     return cls is not None and isinstance(t, cls)
+
+
+def local_numel(t: torch.Tensor) -> int:
+    """Elements this rank holds of ``t`` (its shard's, for a DTensor)."""
+    return (t.to_local() if is_dtensor(t) else t).numel()
 
 
 @dataclass(frozen=True)
@@ -132,16 +134,17 @@ def shards_metadata(shards: Mapping[str, ShardInfo]) -> dict[str, str]:
     """The safetensors ``__metadata__`` entry for a file holding ``shards`` (the last one is
     kept: a loop saves the same shards every time, and the ShardInfo objects are the cached
     ones, so the comparison is one identity check per shard)."""
+    global _LAST_METADATA
     items = list(shards.items())
-    last = _LAST_METADATA
-    if last and last[0] == items:
+    last = _LAST_METADATA  # one read: another thread (DCP's writer) may replace it meanwhile
+    if last is not None and last[0] == items:
         return dict(last[1])
     doc = {SHARDS_KEY: json.dumps({k: v.to_json() for k, v in items}, separators=(",", ":"))}
-    _LAST_METADATA[:] = [items, doc]
+    _LAST_METADATA = (items, doc)
     return dict(doc)
 
 
-_LAST_METADATA: list[Any] = []
+_LAST_METADATA: tuple[list[Any], dict[str, str]] | None = None
 
 
 def recording_shards(tree: dict[str, Any], shards: Mapping[str, ShardInfo], tensors: Mapping[str, torch.Tensor],
@@ -172,19 +175,27 @@ def _parse_shards(reader: SafetensorsFile) -> dict[str, ShardInfo]:
         doc = json.loads(raw)
         out = {}
         for name, ent in doc.items():
-            size, offsets = tuple(int(x) for x in ent["size"]), tuple(int(x) for x in ent["offsets"])
-            fqn = ent.get("fqn")
-            if fqn is not None and not isinstance(fqn, str):
-                raise ValueError(f"shard {name!r} has a non-string fqn")
             spec = reader.specs.get(name)
-            if spec is None or len(size) != len(offsets) or len(size) != len(spec.shape) or any(
-                    o < 0 or o + n > d for o, n, d in zip(offsets, spec.shape, size)):
-                raise ValueError(f"shard {name!r} does not fit its tensor")
-            out[name] = ShardInfo(size, offsets, fqn)
+            if spec is None:
+                raise ValueError(f"shard {name!r} is not in the file")
+            out[name] = _shard_info(name, ent, spec.shape)
         return out
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise CheckpointCorruptError(f"{reader.path}: malformed {SHARDS_KEY} header ({exc}); the checkpoint "
                                      "is damaged -- an older step will be used", path=reader.path) from exc
+
+
+def _shard_info(name: str, ent: Mapping[str, Any], shape: tuple[int, ...]) -> ShardInfo:
+    """A shard record (header or tree) checked against the stored chunk's ``shape``: the
+    chunk lies inside the global size. ValueError (the caller's corruption) otherwise."""
+    size, offsets = tuple(int(x) for x in ent["size"]), tuple(int(x) for x in ent["offsets"])
+    fqn = ent.get("fqn")
+    if fqn is not None and not isinstance(fqn, str):
+        raise ValueError(f"shard {name!r} has a non-string fqn")
+    if len(size) != len(offsets) or len(size) != len(shape) or any(
+            o < 0 or o + n > d for o, n, d in zip(offsets, shape, size)):
+        raise ValueError(f"shard {name!r} does not fit its tensor")
+    return ShardInfo(size, offsets, fqn)
 
 
 class LocalChunk:
@@ -270,12 +281,7 @@ class ShardIndex:
             try:
                 for name, ent in doc.items():
                     chunk = RemoteChunk(source, step, fname, name, ent)
-                    info = ShardInfo(tuple(int(x) for x in ent["size"]), tuple(int(x) for x in ent["offsets"]),
-                                     ent.get("fqn"))
-                    if len(info.size) != len(chunk.shape) or any(
-                            o < 0 or o + n > d for o, n, d in zip(info.offsets, chunk.shape, info.size)):
-                        raise ValueError(f"shard {name!r} does not fit its tensor")
-                    add(name, info, chunk.dtype, chunk.shape, chunk, fname)
+                    add(name, _shard_info(name, ent, chunk.shape), chunk.dtype, chunk.shape, chunk, fname)
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 raise CheckpointCorruptError(f"{fname}: malformed shard record in its tree ({exc}); the checkpoint "
                                              "is damaged -- an older step will be used", path=fname) from exc
@@ -299,7 +305,7 @@ def load_boxes(targets: Mapping[str, torch.Tensor], index: ShardIndex) -> int:
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     # an empty local shard (more ranks than rows) needs nothing, and no rank wrote it
-    targets = {n: t for n, t in targets.items() if (t.to_local() if is_dtensor(t) else t).numel() > 0}
+    targets = {n: t for n, t in targets.items() if local_numel(t) > 0}
     for name, t in sorted(targets.items()):
         saved = index.metadata.state_dict_metadata.get(name)
         if saved is None:
@@ -315,15 +321,7 @@ def load_boxes(targets: Mapping[str, torch.Tensor], index: ShardIndex) -> int:
         plan = planner.create_local_plan()
     except (RuntimeError, ValueError) as exc:
         raise StateError(f"cannot plan the resharded read: {exc}") from exc
-    covered: dict[str, int] = {}
-    for item in plan.items:
-        covered[item.dest_index.fqn] = covered.get(item.dest_index.fqn, 0) + math.prod(item.lengths)
-    for name, t in targets.items():
-        need = (t.to_local() if is_dtensor(t) else t).numel()
-        if covered.get(name, 0) != need:
-            raise CheckpointCorruptError(
-                f"the saved shards of {name!r} cover {covered.get(name, 0)} of the {need} elements this rank "
-                "needs; the checkpoint is incomplete -- an older step will be used")
+    check_coverage(plan.items, targets)
     jobs = []
     for item in plan.items:
         loc = index.where.get(item.storage_index)
@@ -338,6 +336,25 @@ def load_boxes(targets: Mapping[str, torch.Tensor], index: ShardIndex) -> int:
         return sum(read_item(loc, item, planner) for loc, item in jobs)
     finally:
         index.release()
+
+
+def check_coverage(items: list[Any], targets: Mapping[str, Any]) -> None:
+    """Before the first byte lands: the read items cover every element this rank holds of each
+    tensor among ``targets`` that they read into (CheckpointCorruptError naming it)."""
+    from torch.distributed.checkpoint.planner import LoadItemType
+
+    covered: dict[str, int] = {}
+    for item in items:
+        if item.type != LoadItemType.BYTE_IO:
+            covered[item.dest_index.fqn] = covered.get(item.dest_index.fqn, 0) + math.prod(item.lengths)
+    for name, t in targets.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        need = local_numel(t)
+        if covered.get(name, 0) != need:
+            raise CheckpointCorruptError(
+                f"the saved shards of {name!r} cover {covered.get(name, 0)} of the {need} elements this rank "
+                "needs; the checkpoint is incomplete -- an older step will be used")
 
 
 def read_item(chunk: LocalChunk | RemoteChunk, item: Any, planner: Any) -> int:

@@ -61,7 +61,7 @@ from .safetensors import (
     tensor_ranges,
     write_safetensors,
 )
-from .tree import decode_tree, encode_tree
+from .tree import decode_tree, encode_tree, parse_tree_json
 
 __all__ = [
     "DCP_LAYOUT",
@@ -88,6 +88,7 @@ __all__ = [
     "tensor_byte_view",
     "tensor_ranges",
     "encode_tree",
+    "parse_tree_json",
     "decode_tree",
     "data_file_names",
     "fsync_path",

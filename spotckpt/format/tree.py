@@ -10,6 +10,7 @@ opts in and read only when the loader opts in too.
 from __future__ import annotations
 
 import base64
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from ..errors import CheckpointCorruptError, PickleRefusedError, StateError
 from .safetensors import _DTYPE_TO_ST
 
-__all__ = ["decode_tree", "encode_tree"]
+__all__ = ["decode_tree", "encode_tree", "parse_tree_json"]
 
 _TAGS = (
     "__tensor__",
@@ -127,6 +128,22 @@ def encode_tree(
         "or an object with state_dict()/load_state_dict()",
         key_path=path,
     )
+
+
+def parse_tree_json(raw: bytes, source: str) -> dict[str, Any]:
+    """A tree file's JSON object: bounded in size, valid JSON, an object -- else
+    CheckpointCorruptError naming ``source``."""
+    from .manifest import MAX_JSON_BYTES
+
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointCorruptError(f"{source}: tree file is too large", path=source)
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointCorruptError(f"{source}: not valid JSON ({exc})", path=source) from exc
+    if not isinstance(doc, dict):
+        raise CheckpointCorruptError(f"{source}: not a JSON object", path=source)
+    return doc
 
 
 def decode_tree(
