@@ -145,34 +145,17 @@ class StorageWriter(_StepStorage, _DcpWriter):
         mgr, step = self.manager, self.step
         assert step is not None
         t0 = time.perf_counter()
-        st_name, tree_name = data_file_names(mgr.rank)
-        tensors: dict[str, torch.Tensor] = {}
-        shards: dict[str, ShardInfo] = {}
-        items: dict[str, Any] = {}
-        results: list[WriteResult] = []
-        for item in plan.items:
-            fqn = item.index.fqn
-            if item.type == WriteItemType.BYTE_IO:
-                if not hasattr(planner, "lookup_object"):
-                    raise StateError(f"{fqn}: this planner gives non-tensor items only as pickles; use "
-                                     "DefaultSavePlanner (spotckpt stores such items as JSON)", key_path=fqn)
-                obj = planner.lookup_object(item.index)  # type: ignore[attr-defined]
-                items[fqn] = encode_tree(obj, fqn, _no_tensors, allow_pickle=mgr.allow_pickle)
-                results.append(WriteResult(index=item.index, size_in_bytes=0, storage_data=_Stored(tree_name, fqn)))
-                continue
-            td = item.tensor_data
-            assert td is not None
-            t = planner.resolve_data(item)
-            assert isinstance(t, torch.Tensor)
-            name = fqn if fqn not in tensors else f"{fqn}@{','.join(map(str, td.chunk.offsets))}"
-            tensors[name] = t.detach().contiguous().cpu()
-            shards[name] = ShardInfo(tuple(td.size), tuple(td.chunk.offsets), None if name == fqn else fqn)
-            results.append(WriteResult(index=item.index, size_in_bytes=t.numel() * t.element_size(),
-                                       storage_data=_Stored(st_name, name)))
+        err: BaseException | None = None
+        try:
+            tensors, shards, items, results = self._lay_out(plan, planner)
+        except BaseException as exc:  # noqa: BLE001 - every rank raises below, none waits
+            err, tensors, shards, items, results = exc, {}, {}, {}, []
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        committed = mgr.local.is_committed(step)
+        committed = err is None and mgr.local.is_committed(step)
         if mgr._coord is not None:  # every rank skips, or none does: the commit is collective
-            committed = any(mgr._coord.exchange(f"dcp: committed {step}", committed, group="persist"))
+            committed = any(mgr._coord.exchange(f"dcp: committed {step}", committed, error=err, group="persist"))
+        elif err is not None:
+            raise err
         if committed:
             log.info("spotckpt: step %d is already committed in %s; not writing it again", step, mgr.local_dir)
         else:
@@ -186,6 +169,36 @@ class StorageWriter(_StepStorage, _DcpWriter):
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
+
+    def _lay_out(self, plan: SavePlan, planner: SavePlanner) -> tuple[dict[str, torch.Tensor], dict[str, ShardInfo],
+                                                                       dict[str, Any], list[WriteResult]]:
+        """This rank's tensors (each chunk on the CPU, by name) with their sharding, its
+        non-tensor items as JSON, and DCP's write results pointing at them."""
+        st_name, tree_name = data_file_names(self.manager.rank)
+        tensors: dict[str, torch.Tensor] = {}
+        shards: dict[str, ShardInfo] = {}
+        items: dict[str, Any] = {}
+        results: list[WriteResult] = []
+        for item in plan.items:
+            fqn = item.index.fqn
+            if item.type == WriteItemType.BYTE_IO:
+                if not hasattr(planner, "lookup_object"):
+                    raise StateError(f"{fqn}: this planner gives non-tensor items only as pickles; use "
+                                     "DefaultSavePlanner (spotckpt stores such items as JSON)", key_path=fqn)
+                obj = planner.lookup_object(item.index)  # type: ignore[attr-defined]
+                items[fqn] = encode_tree(obj, fqn, _no_tensors, allow_pickle=self.manager.allow_pickle)
+                results.append(WriteResult(index=item.index, size_in_bytes=0, storage_data=_Stored(tree_name, fqn)))
+                continue
+            td = item.tensor_data
+            assert td is not None
+            t = planner.resolve_data(item)
+            assert isinstance(t, torch.Tensor)
+            name = fqn if fqn not in tensors else f"{fqn}@{','.join(map(str, td.chunk.offsets))}"
+            tensors[name] = t.detach().contiguous().cpu()
+            shards[name] = ShardInfo(tuple(td.size), tuple(td.chunk.offsets), None if name == fqn else fqn)
+            results.append(WriteResult(index=item.index, size_in_bytes=t.numel() * t.element_size(),
+                                       storage_data=_Stored(st_name, name)))
+        return tensors, shards, items, results
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Nothing left: ``write_data`` committed the step on every host before returning."""

@@ -12,6 +12,7 @@ Scenarios:
   mismatch    restore into a model of another shape: refused before any live tensor changes
   dcp-save N [async]   train N steps, dcp.save / dcp.async_save through spotckpt.dcp.StorageWriter
   dcp-load    other initial weights, dcp.load through spotckpt.dcp.StorageReader
+  dcp-bad     dcp.save where rank 1 alone holds a value JSON cannot store: every rank fails
 
 ``WORLD_SIZE`` unset means one process. Prints ``result <json>`` on success.
 """
@@ -75,7 +76,8 @@ def main() -> int:
     else:
         rank = 0
     local_dir = local_dir.replace("{rank}", str(rank))  # one "host" per rank
-    kw = {"metrics": False, "keep_last": None, "s3_uri": os.environ.get("S3_URI") or None}
+    kw = {"metrics": False, "keep_last": None, "s3_uri": os.environ.get("S3_URI") or None,
+          "collective_timeout_seconds": float(os.environ.get("TIMEOUT", "120"))}
     result: dict[str, object] = {}
     if scenario == "save":
         model, opt = build(0, shard=True)
@@ -101,6 +103,24 @@ def main() -> int:
             result.update(error=type(exc).__name__, message=str(exc))
         after = full_tensors(model, opt)
         result["untouched"] = all(torch.equal(before[k], after[k]) for k in before if k.startswith("model/"))
+    elif scenario == "dcp-bad":
+        import torch.distributed.checkpoint as dcp
+
+        from spotckpt.dcp import StorageWriter
+
+        model, opt = build(0, shard=distributed)
+        sd: dict[str, object] = {"model": model.state_dict()}
+        if rank == 1:
+            sd["odd"] = {"fn": print}
+        with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
+            try:
+                dcp.save(sd, storage_writer=StorageWriter(mgr), checkpoint_id=1)
+            except BaseException as exc:  # DCP's CheckpointException is a BaseException
+                result.update(error=type(exc).__name__, message=str(exc)[-600:])
+            result["steps"] = mgr.all_steps()
+        print("result " + json.dumps(result), flush=True)
+        dist.barrier()
+        os._exit(0)
     elif scenario in ("dcp-save", "dcp-load"):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

@@ -158,3 +158,12 @@ def test_an_older_step_is_crc_checked_when_it_is_the_one_chosen(tmp_path: Path) 
         f.write_bytes(bytes(data))
     res = _run(2, "restore", ck, tmp_path / "r.st")
     assert [r["step"] for r in res] == [None, None]
+
+
+def test_a_dcp_save_that_fails_on_one_rank_fails_on_every_rank_at_once_and_commits_nothing(tmp_path: Path) -> None:
+    res = _run(2, "dcp-bad", tmp_path / "ck", tmp_path / "unused.st", env={"TIMEOUT": "60"})
+    for r in res:
+        assert r["error"] == "CheckpointException" and r["steps"] == [], r
+        # told by the failing rank, not by the collective timeout
+        assert "could not exchange" not in r["message"], r["message"]
+        assert "odd.fn: value of type builtins.builtin_function_or_method cannot be checkpointed" in r["message"]
