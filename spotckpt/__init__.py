@@ -7,6 +7,7 @@ that resumes exactly where training stopped.
 
 from ._version import __version__
 from .errors import (
+    AllStepsCorruptError,
     CheckpointCorruptError,
     ClosedError,
     CollectiveError,
@@ -32,6 +33,7 @@ __all__ = [
     "ConfigError",
     "StateError",
     "CheckpointCorruptError",
+    "AllStepsCorruptError",
     "PickleRefusedError",
     "NoCheckpointError",
     "ClosedError",

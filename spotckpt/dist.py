@@ -312,14 +312,23 @@ class RequestChannel:
         self._lock = threading.Lock()
         self._seen: dict[int, Request] = {}
         self._stop = threading.Event()
+        self._failed: str | None = None  # why the listener stopped, when it was not close()
         self._thread = threading.Thread(target=self._listen, name="spotckpt-requests", daemon=True)
         self._thread.start()
 
     # -- training thread -----------------------------------------------------------------
     def pending(self) -> Request | None:
-        """The oldest request not yet processed by this rank (a local read)."""
+        """The oldest request not yet processed by this rank (a local read). Raises
+        CollectiveError once the listener has failed: requests of other ranks (a preemption)
+        would no longer be seen, so training must not go on as if none came."""
         with self._lock:
             req = self._seen.get(self._next_seq)
+            failed = self._failed
+        if failed is not None and req is None:
+            raise CollectiveError(
+                f"rank {self.rank}: spotckpt's save-request listener stopped ({failed}); save requests from "
+                "other ranks (preemption) can no longer be seen -- the job's store (torchrun's rendezvous) "
+                "is gone or broken; restart the job", ranks=[self.rank])
         return None if req is None or req.kind == "close" else req
 
     def post(self, kind: str, reason: str) -> Request:
@@ -361,9 +370,15 @@ class RequestChannel:
                 # by posting a "close" request
                 self._listen_store.wait([key], timedelta(days=30))
                 raw = self._listen_store.get(key)
-            except Exception:  # noqa: BLE001 - the store is gone (job ending)
+                req = self._parse(seq, raw)
+            except Exception as exc:  # noqa: BLE001 - surfaced on the training thread by pending()
+                if self._stop.is_set():
+                    return  # closing: the store may already be gone
+                why = f"{type(exc).__name__}: {exc}"
+                log.error("spotckpt: rank %d: the save-request listener stopped: %s", self.rank, why)
+                with self._lock:
+                    self._failed = why
                 return
-            req = self._parse(seq, raw)
             with self._lock:
                 self._seen.setdefault(seq, req)
             if req.kind == "close":

@@ -7,6 +7,8 @@ Every error spotckpt raises derives from :class:`SpotCkptError`, and its message
     ├── StateError (also TypeError)           a value in ``state`` that cannot be checkpointed
     │                                         (``.key_path`` names it)
     ├── CheckpointCorruptError                a checkpoint that does not verify (``.path``)
+    │   └── AllStepsCorruptError              checkpoints exist and none verifies: restore
+    │                                         refuses to start fresh (``.problems``)
     ├── PickleRefusedError                    a checkpoint that would need unpickling, and the
     │                                         caller did not opt in (a policy refusal, not damage)
     ├── NoCheckpointError                     restore asked for a step that does not exist (``.step``)
@@ -35,6 +37,7 @@ __all__ = [
     "ConfigError",
     "StateError",
     "CheckpointCorruptError",
+    "AllStepsCorruptError",
     "PickleRefusedError",
     "NoCheckpointError",
     "ClosedError",
@@ -74,6 +77,21 @@ class CheckpointCorruptError(SpotCkptError):
     def __init__(self, message: str, *, path: str | Path = "") -> None:
         super().__init__(message)
         self.path = str(path)
+
+
+class AllStepsCorruptError(CheckpointCorruptError):
+    """Committed steps exist (locally or in S3) and none verifies. ``restore()`` raises this
+    instead of returning None, so a job never silently starts over on top of damaged
+    checkpoints; ``problems`` maps each step to why it was refused. Pass
+    ``restore(state, start_fresh_if_corrupt=True)`` to start from scratch anyway (the damaged
+    steps are moved aside, not deleted)."""
+
+    def __init__(self, message: str, *, problems: dict[int, str] | None = None, path: str | Path = "") -> None:
+        super().__init__(message, path=path)
+        self.problems = dict(problems or {})
+
+    def __copy__(self) -> AllStepsCorruptError:
+        return AllStepsCorruptError(self.args[0], problems=self.problems, path=self.path)
 
 
 class PickleRefusedError(SpotCkptError):

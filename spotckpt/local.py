@@ -9,9 +9,14 @@ Commit protocol (readers trust only committed paths)::
     delete_step(step)      rename <root>/step-N -> <staging_root>/<pid>-<uuid>-deleting-N,
                            fsync <root>, then remove the data
 
-A ``step-*`` directory therefore exists under ``root`` only when complete, and a kill at any point
-leaves either the old or the new set of committed steps plus garbage in ``staging_root``, which the
-next :class:`LocalStore` removes (entries whose owning process is gone).
+**Committed** means one thing, decided here (:func:`step_status`): a ``step-*`` directory whose
+``manifest.json`` parses and names that step. Anything else under a ``step-*`` name -- a directory
+without a manifest (a partial sync, another tool's crash), a damaged manifest, a manifest naming
+another step, a file where the directory should be -- is *incomplete*: never a resume point, never
+listed by :meth:`LocalStore.committed_steps`, and a commit of that step first moves it aside
+(:meth:`LocalStore.quarantine`, logged) instead of silently keeping it. A kill at any point leaves
+either the old or the new set of committed steps plus garbage in ``staging_root``, which the next
+:class:`LocalStore` removes (entries whose owning process is gone, quarantined ones included).
 
 ``staging_root`` is a sibling of ``root`` (``<parent>/.<name>.spotckpt-staging``) so that tools that
 sync ``root`` (SageMaker's checkpoint sync) never see work in progress. When the sibling cannot be
@@ -28,6 +33,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -48,19 +54,30 @@ from .format import (
 from .policy import RetentionPolicy, doomed
 
 __all__ = [
+    "COMMITTED",
+    "DAMAGED",
+    "INCOMPLETE",
     "LocalStore",
     "LocalIO",
     "StepCheck",
     "fsync_dir",
     "write_file_durably",
     "scan_committed_steps",
+    "scan_step_entries",
+    "step_status",
     "read_step_manifest",
     "verify_files",
 ]
 
 log = logging.getLogger(__name__)
 
+#: :func:`step_status` results for a ``step-*`` entry that exists
+COMMITTED = "committed"  # manifest.json parses and names the step
+DAMAGED = "damaged"  # manifest.json exists but does not parse or names another step
+INCOMPLETE = "incomplete"  # no manifest.json (or not a directory): never was committed
+
 _STAGING_SUFFIX = ".spotckpt-staging"
+_QUARANTINE = "-quarantine-"
 _HIDDEN_STAGING = ".spotckpt-staging"
 
 
@@ -116,6 +133,7 @@ class LocalStore:
         self.root = Path(root).expanduser().absolute()
         self._check_root(create)
         self.staging_root = self._choose_staging()
+        self._verified: set[int] = set()
         if cleanup:
             self.cleanup_stale_staging()
 
@@ -180,6 +198,8 @@ class LocalStore:
         except FileNotFoundError:
             entries = []
         for entry in entries:
+            if _QUARANTINE in entry.name:
+                continue  # evidence: retention removes it once a newer verified step exists
             if _owner_gone(entry.name.split("-", 1)[0]):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
@@ -195,11 +215,47 @@ class LocalStore:
         return self.root / step_dirname(step)
 
     def is_committed(self, step: int) -> bool:
-        return self.step_path(step).is_dir()
+        """Whether ``step`` is committed: its manifest parses and names it (the one definition)."""
+        return step_status(self.root, step) == COMMITTED
 
     def committed_steps(self) -> list[int]:
-        """Committed steps, ascending (directories named ``step-<12 digits>``)."""
+        """Committed steps, ascending (see :func:`step_status`)."""
         return scan_committed_steps(self.root)
+
+    def uncommitted_entries(self) -> dict[int, str]:
+        """``step-*`` entries that are not committed: step -> DAMAGED or INCOMPLETE."""
+        return {s: st for s, st in scan_step_entries(self.root).items() if st != COMMITTED}
+
+    def quarantine(self, step: int, why: str) -> Path | None:
+        """Move the ``step-*`` entry of ``step`` out of ``root`` (into the staging area, under a
+        ``quarantine`` name, kept as evidence until retention removes it once a newer verified
+        step exists),
+        with a warning naming both paths. Returns where it went (None when nothing was there).
+        Used for an incomplete entry that a commit of the same step replaces, and for committed
+        steps newer than the one a restore chose (the job will write those steps again)."""
+        src = self.step_path(step)
+        if not os.path.lexists(src):
+            return None
+        dst = self.staging_root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}{_QUARANTINE}{step_dirname(step)}"
+        try:
+            self.staging_root.mkdir(exist_ok=True)
+            self.io.rename(src, dst)
+            self.io.fsync_dir(self.root)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SaveError(
+                f"cannot move {src} aside ({exc.strerror or exc}); {why} -- move or delete it by hand",
+                step=step,
+            ) from exc
+        self._verified.discard(step)
+        log.warning("spotckpt: moved %s aside to %s: %s", src, dst, why)
+        return dst
+
+    def mark_verified(self, step: int) -> None:
+        """``step`` verified (a restore checked it, or this process committed it): retention
+        may delete older steps once a newer verified one exists."""
+        self._verified.add(step)
 
     list_steps = committed_steps  # the StepSource name (spotckpt.store)
 
@@ -248,19 +304,26 @@ class LocalStore:
         """Write the manifest into ``staging`` and rename it into place atomically.
 
         A committed step is never replaced: when ``step`` is already committed, ``staging`` is
-        discarded and the existing path returned (the same no-op as saving it again)."""
+        discarded and the existing path returned (logged; callers check first, so this is a race
+        with another writer). An entry of ``step`` that is not committed (:func:`step_status`) is
+        moved aside first, with a warning."""
         step = manifest.step
         target = self.step_path(step)
         io = self.io
         try:
-            if self.is_committed(step):
-                log.info("spotckpt: step %d is already committed in %s; not saving it again", step, self.root)
+            status = step_status(self.root, step)
+            if status == COMMITTED:
+                log.warning("spotckpt: step %d is already committed in %s; a committed step is never "
+                            "replaced, so this save of it was dropped", step, self.root)
                 self.abort(staging)
                 return target
+            if status is not None:
+                self.quarantine(step, f"{status} step entry in the way of committing step {step}")
             io.write_file(staging / MANIFEST_NAME, manifest.to_bytes())
             io.fsync_dir(staging)
             io.rename(staging, target)
             io.fsync_dir(self.root)
+            self._verified.add(step)
         except OSError as exc:
             self.abort(staging)
             raise SaveError(
@@ -284,28 +347,41 @@ class LocalStore:
         except OSError as exc:
             raise StorageError(f"cannot remove {src} ({exc.strerror})", key=str(src)) from exc
         self.io.fsync_dir(self.root)
+        self._verified.discard(step)
         shutil.rmtree(trash, ignore_errors=True)
 
     def prune(self, retention: RetentionPolicy, *, protect: int | None = None) -> list[int]:
-        """Delete the committed steps ``retention`` does not keep. The newest valid step (by a
-        manifest check) and ``protect`` are never deleted. Returns the deleted steps."""
+        """Delete the committed steps ``retention`` does not keep. A step is deleted only when a
+        newer *verified* step exists (committed by this process, or checked by a restore, see
+        :meth:`mark_verified`), so a corrupt step is never deleted while nothing newer is known
+        to be good; ``protect`` is never deleted. Returns the deleted steps."""
         steps = self.committed_steps()
-        if not doomed(retention, steps):
+        good = [s for s in list(self._verified) if s in steps]
+        if not good:
             return []
-        newest_valid = None
-        for s in reversed(steps):
-            try:
-                self.read_manifest(s)
-            except CheckpointCorruptError:
-                continue
-            newest_valid = s
-            break
-        deleted = doomed(retention, steps, protect=(newest_valid, protect))
+        newest_good = max(good)
+        self._drop_quarantined(upto=newest_good)
+        deleted = [s for s in doomed(retention, steps, protect=(newest_good, protect)) if s < newest_good]
         for s in deleted:
             self.delete_step(s)
         if deleted:
             log.info("spotckpt: retention removed local steps %s", deleted)
         return deleted
+
+    def _drop_quarantined(self, *, upto: int) -> None:
+        """Retention of moved-aside entries: remove those of steps up to ``upto`` (a verified
+        step as new as they are exists)."""
+        try:
+            entries = list(self.staging_root.iterdir())
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            _, sep, tail = entry.name.partition(_QUARANTINE)
+            s = parse_step_dirname(tail) if sep else None
+            if s is not None and s <= upto:
+                shutil.rmtree(entry, ignore_errors=True)
+                if entry.exists():
+                    entry.unlink(missing_ok=True)
 
     # -- read out ------------------------------------------------------------------------
     def download_step(
@@ -342,23 +418,50 @@ class LocalStore:
         return m
 
 
-def scan_committed_steps(root: Path, *, require_manifest: bool = False) -> list[int]:
-    """Committed steps under ``root``, ascending: directories named ``step-<12 digits>`` (and,
-    with ``require_manifest``, holding a ``manifest.json``). Creates nothing: read-only users
-    such as the uploader call it without a :class:`LocalStore`."""
-    steps = []
+def step_status(root: Path, step: int) -> str | None:
+    """What the ``step-*`` entry of ``step`` under ``root`` is: COMMITTED (a directory whose
+    ``manifest.json`` parses and names this step -- the one meaning of "committed"), DAMAGED
+    (a manifest is there but does not parse or names another step), INCOMPLETE (no manifest,
+    or not a directory), or None when there is no entry. Reads only the manifest."""
+    path = Path(root) / step_dirname(step)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return INCOMPLETE
+    if not stat.S_ISDIR(st.st_mode):
+        return INCOMPLETE
+    try:
+        read_step_manifest(Path(root), step)
+    except CheckpointCorruptError:
+        return INCOMPLETE if not os.path.lexists(path / MANIFEST_NAME) else DAMAGED
+    return COMMITTED
+
+
+def scan_step_entries(root: Path) -> dict[int, str]:
+    """Every ``step-<12 digits>`` entry under ``root`` with its :func:`step_status`."""
+    out: dict[int, str] = {}
     try:
         with os.scandir(root) as it:
-            for e in it:
-                s = parse_step_dirname(e.name)
-                if s is None or not e.is_dir(follow_symlinks=False):
-                    continue
-                if require_manifest and not os.path.isfile(os.path.join(e.path, MANIFEST_NAME)):
-                    continue
-                steps.append(s)
-    except FileNotFoundError:
-        return []
-    return sorted(steps)
+            names = [e.name for e in it]
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for name in names:
+        s = parse_step_dirname(name)
+        if s is not None:
+            status = step_status(Path(root), s)
+            if status is not None:
+                out[s] = status
+    return out
+
+
+def scan_committed_steps(root: Path, *, require_manifest: bool = True) -> list[int]:
+    """Committed steps under ``root``, ascending (:func:`step_status`: the manifest parses and
+    names the step). ``require_manifest`` is kept for callers of the old signature; an entry
+    without a valid manifest is never committed. Creates nothing: read-only users such as the
+    uploader call it without a :class:`LocalStore`."""
+    return sorted(s for s, st in scan_step_entries(root).items() if st == COMMITTED)
 
 
 def read_step_manifest(root: Path, step: int) -> Manifest:

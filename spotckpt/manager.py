@@ -30,7 +30,7 @@ from ._version import __version__
 from .adopt import adopt_into, folder_extra, newest_folder, require_one_process, scan as scan_folder
 from .config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
 from .dist import Coordinator, RequestChannel, SaveAgreement, check_save, coordinator_from_torch
-from .errors import ClosedError, CollectiveError, ConfigError, SaveError, SpotCkptError
+from .errors import AllStepsCorruptError, ClosedError, CollectiveError, ConfigError, SaveError, SpotCkptError, StateError
 from .events import (
     DurableLocalEvent,
     DurableS3Event,
@@ -143,6 +143,7 @@ class CheckpointManager:
         self._coord: Coordinator | None = None
         self._requests: RequestChannel | None = None
         self._abandoned = False
+        self._rollback_to: int | None = None  # a restore of an explicit step: roll back at the first save
         self._agreement: SaveAgreement | None = None
         self._stager = Stager()
         self._watcher = PreemptionWatcher(grace_seconds=grace)
@@ -255,23 +256,49 @@ class CheckpointManager:
         return self._watcher
 
     # -- restore -------------------------------------------------------------------------
-    def restore(self, state: MutableMapping[str, Any], *, step: int | None = None) -> int | None:
+    def restore(self, state: MutableMapping[str, Any], *, step: int | None = None,
+                start_fresh_if_corrupt: bool = False) -> int | None:
         """Load the newest valid step (local, else S3) into ``state`` in place; return it, or
-        None when there is no checkpoint yet."""
+        None when there is no checkpoint yet.
+
+        ``state`` is checked first with ``save()``'s rules (StateError naming the key), and the
+        load is all or nothing: every key, structure, shape and dtype is checked before the
+        first byte or value lands. When committed steps exist and none verifies,
+        AllStepsCorruptError names each; ``start_fresh_if_corrupt=True`` starts from scratch
+        instead (the damaged steps are moved aside, not deleted). Steps newer than the one
+        loaded will be written again by this run: they are moved aside locally (logged) and
+        un-committed in S3, so a later save of the same step is never mistaken for done."""
         self._check_open()
+        err: BaseException | None = None
+        try:
+            capture(state, step=0, rank=self.rank, allow_pickle=self.allow_pickle)  # save()'s rules, up front
+        except StateError as exc:
+            err = exc
         if self._coord is not None:
-            res = restore_agreed(state, self.local, self._store, self._coord, step=step, verify=self.verify_on_restore,
-                                 allow_pickle=self.allow_pickle, bounce=bounce_buffer_for(state),
-                                 progress=progress_logger())
-        else:
-            res = restore_newest(state, self.local, self._store, step=step, rank=self.rank,
-                                 verify=self.verify_on_restore, allow_pickle=self.allow_pickle,
-                                 bounce=bounce_buffer_for(state), progress=progress_logger())
+            self._coord.exchange("restore: state", None, error=err)
+        elif err is not None:
+            raise err
+        try:
+            if self._coord is not None:
+                res = restore_agreed(state, self.local, self._store, self._coord, step=step,
+                                     verify=self.verify_on_restore, allow_pickle=self.allow_pickle,
+                                     bounce=bounce_buffer_for(state), progress=progress_logger())
+            else:
+                res = restore_newest(state, self.local, self._store, step=step, rank=self.rank,
+                                     verify=self.verify_on_restore, allow_pickle=self.allow_pickle,
+                                     bounce=bounce_buffer_for(state), progress=progress_logger())
+        except AllStepsCorruptError as exc:
+            if not start_fresh_if_corrupt:
+                raise
+            log.warning("spotckpt: no checkpoint verifies; starting fresh as asked (start_fresh_if_corrupt=True):\n%s",
+                        exc)
+            self._roll_back(None)
+            return None
         if res is None:
             log.info("spotckpt: no checkpoint in %s%s; starting fresh", self.local_dir,
                      f" or {self.s3_uri}" if self.s3_uri else "")
             return None
-        self._note_restore(res)
+        self._note_restore(res, explicit=step is not None)
         return res.step
 
     # -- save ----------------------------------------------------------------------------
@@ -295,6 +322,7 @@ class CheckpointManager:
             self._raise_bg_error()
         blocking = (not self.async_save) if blocking is None else blocking
         t0 = time.perf_counter()
+        self._roll_back_before_saving()
         keys: set[str] | None = None
         if self._coord is not None:
             decision = self._agree_save(step, state, err, policy=policy)
@@ -304,9 +332,8 @@ class CheckpointManager:
         else:
             replicated = set()
             self._wait_pending()
-            if step == self._last_saved_step or self.local.is_committed(step):
-                log.info("spotckpt: step %d is already committed in %s; not saving it again", step, self.local_dir)
-                self._last_saved_step = step
+            if self.local.is_committed(step):
+                self._already_committed(step)
                 return False
         snap = capture(state, step=step, rank=self.rank, allow_pickle=self.allow_pickle, keys=keys)
         meta = {"format": "spotckpt/1", "step": str(step)}
@@ -366,10 +393,21 @@ class CheckpointManager:
             return None
         self._wait_pending()
         if check.skip == "committed":
-            log.info("spotckpt: step %d is already committed; not saving it again", step)
-            self._last_saved_step = step
+            self._already_committed(step)
             return None
         return (None if self.rank == 0 else set(state) - replicated), replicated
+
+    def _already_committed(self, step: int) -> None:
+        """A save of a step that is committed already: a committed step is never replaced. Said
+        at INFO when this run saved it (e.g. a final save() after maybe_save() of the same step),
+        as a WARNING when it is an earlier run's step."""
+        if step == self._last_saved_step:
+            log.info("spotckpt: step %d is already committed in %s; not saving it again", step, self.local_dir)
+        else:
+            log.warning("spotckpt: step %d is already committed in %s by an earlier run; a committed step is never "
+                        "replaced, so this save was skipped -- steps must increase across restarts (resume from "
+                        "mgr.restore())", step, self.local_dir)
+        self._last_saved_step = step
 
     def maybe_save(self, step: int, state: MutableMapping[str, Any]) -> bool:
         """Save when the policy says so (``every_steps`` / ``every_seconds``) or when the job is
@@ -426,15 +464,22 @@ class CheckpointManager:
         return self._every_seconds is not None and self._every_seconds.should_save(self._context(step))
 
     def _final_save(self, step: int, state: MutableMapping[str, Any], reason: str) -> bool:
+        """The preemption save: it ends with ``step`` committed locally and, with S3, uploaded
+        -- or raises (SaveError when the upload did not finish before the deadline)."""
         self.events.emit(PreemptedEvent(step=step, reason=reason))
         saved = self._save(step, state, blocking=True, policy=False)
         ok = self.wait(timeout=self._watcher.seconds_left())
-        if not ok:
-            log.warning(
-                "spotckpt: the final checkpoint (step %d) is committed locally but did not reach "
-                "%s before the deadline", step, self.s3_uri,
-            )
         self._preempted = True
+        if not self.local.is_committed(step) and self._leader:
+            raise SaveError(f"the final checkpoint (step {step}) is not committed in {self.local_dir}; the "
+                            "newest earlier step is the resume point", step=step)
+        if not ok:
+            in_s3 = sorted(self._uploader.uploaded_steps()) if self._uploader is not None else []
+            raise SaveError(
+                f"the final checkpoint (step {step}) is committed in {self.local_dir} but did not reach "
+                f"{self.s3_uri} before the deadline ({self._watcher.grace_seconds:.0f} s grace); a new "
+                f"instance resumes from step {in_s3[-1] if in_s3 else 'none'} in S3 -- save fewer bytes, "
+                "use faster storage or a longer grace (SPOTCKPT_GRACE_SECONDS)", step=step)
         return saved
 
     # -- writing (training thread for blocking saves, persist thread for async ones) -------
@@ -453,12 +498,61 @@ class CheckpointManager:
                 self._save_started[step] = t0
         self.events.emit(SaveEvent(step=step, stall_s=time.perf_counter() - t0, bytes=nbytes, blocking=blocking))
 
-    def _note_restore(self, res: Any) -> None:
+    def _note_restore(self, res: Any, *, explicit: bool = False) -> None:
         """Step ``res.step`` was restored (restore(), restore_folder(), or chosen by
-        :mod:`spotckpt.dcp`'s reader)."""
+        :mod:`spotckpt.dcp`'s reader; several ranks: on every rank). Newer steps are rolled
+        back: now when the restore chose the step (the newer ones did not load), or at the
+        first save after it when the caller asked for this step (``explicit``: the newer steps
+        are good, and a restore only to look at an older step must not cost them)."""
+        if explicit:
+            self._rollback_to = res.step
+        else:
+            self._roll_back(res.step)
         self._last_saved_step = res.step
         self._last_save_time = self._clock()
         self.events.emit(RestoreEvent(step=res.step, seconds=res.seconds, source=res.source, bytes=res.bytes))
+
+    def _roll_back_before_saving(self) -> None:
+        """The first save after restoring an explicitly chosen older step: the run diverges
+        from the newer steps here, so they stop counting now (see :meth:`_roll_back`)."""
+        if self._rollback_to is not None:
+            chosen, self._rollback_to = self._rollback_to, None
+            self._roll_back(chosen)
+
+    def _roll_back(self, chosen: int | None) -> None:
+        """A restore chose step ``chosen`` (None: a fresh start over damaged steps). This run
+        writes the newer steps again, so they stop counting: each host's leader moves its newer
+        committed steps aside (kept as evidence until retention), the manifest writer (rank 0)
+        un-commits them in S3 -- while the uploader holds off those steps -- and, with several
+        ranks, every rank waits until every host is done. Nothing happens when none is newer."""
+        def newer(steps: Collection[int]) -> list[int]:
+            return sorted(s for s in steps if chosen is None or s > chosen)
+
+        def action() -> None:
+            if self._leader:
+                for s in newer(self.local.committed_steps()):
+                    self.local.quarantine(s, f"the restore chose {'no step' if chosen is None else f'step {chosen}'}, "
+                                             "and this run will write this step again")
+            if self._store is not None and self.rank == 0:
+                for s in newer(self._store.list_steps()):
+                    log.warning("spotckpt: un-committing step %d in %s (its manifest is deleted, its data kept "
+                                "until the step is written again): the restore chose %s", s, self._store.uri,
+                                "no step" if chosen is None else f"step {chosen}")
+                    uncommit = getattr(self._store, "uncommit_step", None)
+                    (uncommit or self._store.delete_step)(s)
+
+        err: BaseException | None = None
+        try:
+            if self._uploader is not None:
+                self._uploader.roll_back(chosen, action)
+            else:
+                action()
+        except SpotCkptError as exc:
+            err = exc
+        if self._coord is not None:
+            self._coord.exchange("restore: roll back", None, error=err)
+        elif err is not None:
+            raise err
 
     def _committed(self, step: int, t0: float, nbytes: int) -> None:
         """``step`` is committed locally (by a save, or by :mod:`spotckpt.dcp`'s writer): tell
@@ -627,9 +721,10 @@ class CheckpointManager:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ConfigError(f"step must be a non-negative int, got {step!r}")
         self._wait_pending()
+        self._roll_back_before_saving()
         path = self.local.step_path(step)
-        if step == self._last_saved_step or self.local.is_committed(step):
-            log.info("spotckpt: step %d is already committed in %s; not adopting %s", step, self.local_dir, folder)
+        if self.local.is_committed(step):
+            self._already_committed(step)
             return path
         t0 = time.perf_counter()
         seen = scan_folder(folder)
@@ -660,5 +755,5 @@ class CheckpointManager:
                             progress=progress_logger())
         if res is None:
             return None
-        self._note_restore(res)
+        self._note_restore(res, explicit=step is not None)
         return res.path

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .dist import Coordinator
-from .errors import CheckpointCorruptError, ConfigError, NoCheckpointError
+from .errors import AllStepsCorruptError, CheckpointCorruptError, ConfigError, NoCheckpointError
 from .format import (
     DCP_LAYOUT,
     FOLDER_LAYOUT,
@@ -37,10 +37,10 @@ from .format import (
     fsync_dir,
     parse_tree_json,
 )
-from .local import LocalStore, verify_files
+from .local import DAMAGED, LocalStore, verify_files
 from .shard import ShardIndex
 from .store import StepSource
-from .torch_state import apply
+from .torch_state import LoadPlan, prepare_load
 
 __all__ = ["RestoreResult", "import_step", "load_step", "restore_newest", "restore_agreed", "needed_files"]
 
@@ -77,13 +77,16 @@ def load_step(
         if problems:
             raise CheckpointCorruptError("; ".join(problems), path=step_dir)
     _note_reshard(manifest.step, manifest, 1, rank)
-    _load_files(state, step_dir, manifest, rank=rank, keys=None, allow_pickle=allow_pickle, bounce=bounce)
+    with ExitStack() as stack:
+        _prepare_files(state, step_dir, manifest, stack, rank=rank, keys=None, allow_pickle=allow_pickle,
+                       bounce=bounce).run(state)
 
 
-def _load_files(
+def _prepare_files(
     state: MutableMapping[str, Any],
     step_dir: Path,
     manifest: Manifest,
+    stack: ExitStack,
     *,
     rank: int,
     keys: Collection[str] | None,
@@ -91,13 +94,15 @@ def _load_files(
     bounce: torch.Tensor | None,
     remote: StepSource | None = None,
     local_files: Collection[str] | None = None,
-) -> None:
-    """Load ``keys`` (None: every key) of the files written by ``rank``. A step with sharded
-    keys (DTensor) reads their shards from every rank's tensor file: those in ``step_dir``
-    (only ``local_files``, the verified ones, when given), the others with ranged reads from
-    ``remote``, each chunk checked against the CRC32C its writer recorded. A step of another
-    layout (DCP's, an adopted folder) is refused with ConfigError naming its loader: it is not
-    damage, so a restore does not fall back past it."""
+) -> LoadPlan:
+    """Check and plan loading ``keys`` (None: every key) of the files written by ``rank``
+    (:func:`spotckpt.torch_state.prepare_load`: nothing lands yet; the files stay open on
+    ``stack`` until the plan runs). A step with sharded keys (DTensor) reads their shards from
+    every rank's tensor file: those in ``step_dir`` (only ``local_files``, the verified ones,
+    when given), the others with ranged reads from ``remote``, each chunk checked against the
+    CRC32C its writer recorded. A step of another layout (DCP's, an adopted folder) is refused
+    with ConfigError naming its loader: it is not damage, so a restore does not fall back past
+    it."""
     layout = manifest.extra.get("layout")
     if layout == DCP_LAYOUT:
         raise ConfigError(
@@ -118,23 +123,22 @@ def _load_files(
             )
     tree_path = step_dir / tree_name
     tree = parse_tree_json(tree_path.read_bytes(), str(tree_path))
-    with ExitStack() as stack:
-        reader = stack.enter_context(SafetensorsFile(step_dir / st_name))
-        index = None
-        if manifest.extra.get("sharded"):
-            readers = {st_name: reader}
-            ranged = []
-            for name in tensor_files(manifest):
-                if name == st_name:
-                    continue
-                if (step_dir / name).exists() and (local_files is None or name in local_files):
-                    readers[name] = stack.enter_context(SafetensorsFile(step_dir / name))
-                elif remote is not None and hasattr(remote, "read_range"):
-                    doc = _tree_of(step_dir, manifest, name, remote, local_files)
-                    ranged.append((remote, manifest.step, name, doc.get("shards") or {}))
-            index = ShardIndex(readers, ranged)
-        apply(state, tree, reader, allow_pickle=allow_pickle, bounce=bounce, source=str(tree_path), keys=keys,
-              shards=index)
+    reader = stack.enter_context(SafetensorsFile(step_dir / st_name))
+    index = None
+    if manifest.extra.get("sharded"):
+        readers = {st_name: reader}
+        ranged = []
+        for name in tensor_files(manifest):
+            if name == st_name:
+                continue
+            if (step_dir / name).exists() and (local_files is None or name in local_files):
+                readers[name] = stack.enter_context(SafetensorsFile(step_dir / name))
+            elif remote is not None and hasattr(remote, "read_range"):
+                doc = _tree_of(step_dir, manifest, name, remote, local_files)
+                ranged.append((remote, manifest.step, name, doc.get("shards") or {}))
+        index = ShardIndex(readers, ranged)
+    return prepare_load(state, tree, reader, allow_pickle=allow_pickle, bounce=bounce, source=str(tree_path),
+                        keys=keys, shards=index)
 
 
 def _tree_of(step_dir: Path, manifest: Manifest, st_name: str, remote: Any,
@@ -210,6 +214,7 @@ def restore_newest(
                 step=step,
             )
         candidates = [step]
+    problems: dict[int, str] = {}
     for s in candidates:
         if s in local_steps:
             check = local.verify_step(s, checksums=verify)
@@ -222,18 +227,48 @@ def restore_newest(
                                   allow_pickle=allow_pickle, bounce=bounce)
                 except CheckpointCorruptError as exc:
                     log.warning("spotckpt: skipping local step %d: %s", s, exc)
+                    problems[s] = f"local: {exc}"
                 else:
+                    if verify:
+                        local.mark_verified(s)
                     return RestoreResult(s, "local", time.perf_counter() - t0, check.manifest.total_bytes, check.path)
             else:
                 log.warning("spotckpt: skipping corrupt local step %d: %s", s, "; ".join(check.problems))
+                problems[s] = "local: " + "; ".join(check.problems)
         if s in remote_steps and remote is not None:
             res = _restore_remote(state, local, remote, s, rank=rank, allow_pickle=allow_pickle,
                                   bounce=bounce, progress=progress, replace_local=s in local_steps, loader=loader)
-            if res is not None:
+            if isinstance(res, str):
+                problems[s] = (problems[s] + "; " if s in problems else "") + f"{remote.uri}: {res}"
+            else:
+                local.mark_verified(s)
                 return RestoreResult(s, remote.uri, time.perf_counter() - t0, res[1].total_bytes, res[0])
     if step is not None:
-        raise NoCheckpointError(f"step {step} exists but does not verify anywhere", step=step)
+        raise NoCheckpointError(f"step {step} exists but does not verify anywhere: {problems.get(step, '?')}",
+                                step=step)
+    raise_if_all_bad(problems, local)
     return None
+
+
+def raise_if_all_bad(problems: dict[int, str], local: LocalStore, *, scan_local: bool = True) -> None:
+    """Checkpoints exist and none verified: AllStepsCorruptError naming each step and why --
+    damaged local manifests count as evidence too (``scan_local``; several ranks exchange them
+    first, so every rank decides alike). Nothing at all: return (a new job)."""
+    for s, status in (local.uncommitted_entries() if scan_local else {}).items():
+        if status == DAMAGED and s not in problems:
+            try:
+                local.read_manifest(s)
+            except CheckpointCorruptError as exc:
+                problems[s] = f"local: {exc}"
+    if not problems:
+        return
+    lines = "\n".join(f"  step {s}: {why}" for s, why in sorted(problems.items(), reverse=True))
+    raise AllStepsCorruptError(
+        f"{len(problems)} checkpoint step(s) exist under {local.root} or in S3 and none verifies:\n{lines}\n"
+        "Nothing was loaded and nothing was deleted. Repair or restore a good copy (e.g. from S3 with "
+        "`spotckpt restore`), or pass restore(state, start_fresh_if_corrupt=True) to start from scratch "
+        "(the damaged steps are then moved aside, not deleted).",
+        problems=problems, path=local.root)
 
 
 def import_step(
@@ -292,9 +327,10 @@ def _restore_remote(
     progress: Callable[[int], None] | None,
     replace_local: bool,
     loader: StepLoader | None = None,
-) -> tuple[Path, Manifest] | None:
+) -> tuple[Path, Manifest] | str:
     # The download is verified; it is committed locally before loading, so the step that is
     # loaded is also one the uploader sees (already in S3) and the next restart finds locally.
+    # Returns why it failed (a string) when the step does not verify.
     try:
         path, manifest = import_step(local, remote, s, replace=replace_local, progress=progress)
         if loader is not None:
@@ -303,7 +339,7 @@ def _restore_remote(
             load_step(state, path, manifest, rank=rank, verify=False, allow_pickle=allow_pickle, bounce=bounce)
     except CheckpointCorruptError as exc:
         log.warning("spotckpt: skipping S3 step %d: %s", s, exc)
-        return None
+        return str(exc)
     return path, manifest
 
 
@@ -330,16 +366,22 @@ def needed_files(manifest: Manifest, rank: int, world_size: int | None = None, *
 def _load_ranks(state: MutableMapping[str, Any], step_dir: Path, manifest: Manifest, *, rank: int,
                 allow_pickle: bool, bounce: torch.Tensor | None, remote: StepSource | None,
                 local_files: Collection[str]) -> None:
+    """Several ranks: this rank's own keys from its file and the replicated ones from rank 0's,
+    both checked before either lands."""
     replicated = set(manifest.extra.get("replicated") or ())
     own = {k for k in state if k not in replicated}
     rank = rank % saved_world_size(manifest)  # another world size: resharding (checked by the caller)
     kw: dict[str, Any] = {"allow_pickle": allow_pickle, "bounce": bounce, "remote": remote, "local_files": local_files}
-    if rank != 0:
-        _load_files(state, step_dir, manifest, rank=rank, keys=own, **kw)
-        if replicated:
-            _load_files(state, step_dir, manifest, rank=0, keys=replicated, **kw)
-    else:
-        _load_files(state, step_dir, manifest, rank=0, keys=None, **kw)
+    with ExitStack() as stack:
+        if rank != 0:
+            plans = [_prepare_files(state, step_dir, manifest, stack, rank=rank, keys=own, **kw)]
+            if replicated:
+                plans.append(_prepare_files(state, step_dir, manifest, stack, rank=0, keys=replicated, **kw))
+        else:
+            plans = [_prepare_files(state, step_dir, manifest, stack, rank=0, keys=None, **kw)]
+        loaded: list[str] = []
+        for plan in plans:
+            plan.run(state, loaded)
 
 
 def restore_agreed(
@@ -371,11 +413,13 @@ def restore_agreed(
     full: dict[int, Manifest] = {}  # steps this rank can load from this host's disk alone
     own: list[int] = []  # steps whose own files are here (rank 0's replicated ones may not be)
     unverified: set[int] = set()  # older local steps, size-checked only until one is chosen
+    damaged: dict[int, str] = {}  # local steps this rank found damaged (evidence when none loads)
     for s in reversed(local.committed_steps()):
         try:
             m = local.read_manifest(s)
         except CheckpointCorruptError as exc:
             log.warning("spotckpt: skipping local step %d: %s", s, exc)
+            damaged[s] = str(exc)
             continue
         mine = set(data_file_names(rank % saved_world_size(m)))
         need = needed_files(m, rank, world, ranged=remote is not None)
@@ -386,6 +430,7 @@ def restore_agreed(
         check = local.verify_step(s, checksums=crc, files=present)
         if not check.ok:
             log.warning("spotckpt: rank %d cannot use local step %d: %s", rank, s, "; ".join(check.problems))
+            damaged[s] = "; ".join(check.problems)
         elif present == need:
             full[s] = m
             own.append(s)
@@ -395,9 +440,17 @@ def restore_agreed(
             own.append(s)
             if verify and not crc:
                 unverified.add(s)
+    for s, status in local.uncommitted_entries().items():
+        if status == DAMAGED:
+            damaged.setdefault(s, f"{local.step_path(s)}: damaged manifest")
     in_s3 = sorted(remote.list_steps()) if remote is not None else []
     newest = _newest_world_size(local, remote if rank == 0 else None, in_s3)
-    recs = coord.exchange("restore: steps", {"local": sorted(full), "own": own, "remote": in_s3, "newest": newest})
+    recs = coord.exchange("restore: steps", {"local": sorted(full), "own": own, "remote": in_s3, "newest": newest,
+                                             "bad": {str(k): v for k, v in damaged.items()}})
+    problems: dict[int, str] = {}
+    for i, r in enumerate(recs):
+        for k, why in (r.get("bad") or {}).items():
+            problems.setdefault(int(k), f"rank {i}: {why}")
     seen = [tuple(r["newest"]) for r in recs if r["newest"] is not None]
     if seen and step is None:
         last_step, last_ws, last_sharded = max(seen)
@@ -482,6 +535,7 @@ def restore_agreed(
         if any(r["problem"] for r in states):
             bad = next(i for i, r in enumerate(states) if r["problem"])
             log.warning("spotckpt: skipping step %d on every rank: rank %d: %s", s, bad, states[bad]["problem"])
+            problems[s] = f"rank {bad}: {states[bad]['problem']}"
             continue
         assert manifest is not None
         try:
@@ -498,11 +552,16 @@ def restore_agreed(
             bad = next(i for i, p in enumerate(loaded) if p)
             log.warning("spotckpt: step %d did not load on rank %d (%s); trying an older step on every rank",
                         s, bad, loaded[bad])
+            problems[s] = f"rank {bad}: {loaded[bad]}"
             continue
+        if verify:
+            local.mark_verified(s)
         source = "local" if s in own else (remote.uri if remote is not None else "local")
         return RestoreResult(s, source, time.perf_counter() - t0, manifest.total_bytes, local.step_path(s))
     if step is not None:
-        raise NoCheckpointError(f"step {step} exists but does not load on every rank", step=step)
+        raise NoCheckpointError(f"step {step} exists but does not load on every rank: {problems.get(step, '?')}",
+                                step=step)
+    raise_if_all_bad(problems, local, scan_local=False)  # the same on every rank: every rank raises
     return None
 
 

@@ -302,6 +302,12 @@ def load_boxes(targets: Mapping[str, torch.Tensor], index: ShardIndex) -> int:
     chunks that overlap it, planned by DCP's ``DefaultLoadPlanner``. Every size, dtype and the
     full coverage of each target are checked first; nothing is written when one fails (a
     :class:`StateError` naming the tensor). Returns the bytes copied."""
+    return plan_boxes(targets, index)()
+
+
+def plan_boxes(targets: Mapping[str, torch.Tensor], index: ShardIndex) -> Callable[[], int]:
+    """The checks of :func:`load_boxes` (sizes, dtypes, coverage; remote chunks fetched and
+    verified), returning the copy to run once every other check of a restore passed too."""
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     # an empty local shard (more ranks than rows) needs nothing, and no rank wrote it
@@ -332,10 +338,14 @@ def load_boxes(targets: Mapping[str, torch.Tensor], index: ShardIndex) -> int:
     for loc, _ in jobs:
         if isinstance(loc, RemoteChunk):
             loc._fetch()
-    try:
-        return sum(read_item(loc, item, planner) for loc, item in jobs)
-    finally:
-        index.release()
+
+    def run() -> int:
+        try:
+            return sum(read_item(loc, item, planner) for loc, item in jobs)
+        finally:
+            index.release()
+
+    return run
 
 
 def check_coverage(items: list[Any], targets: Mapping[str, Any]) -> None:

@@ -51,6 +51,10 @@ class RemoteStore(StepSource, Protocol):
         """Upload data files, then the manifest last; False when the step was already there."""
         ...
 
+    def uncommit_step(self, step: int) -> None:
+        """Delete only the step's manifest (it stops counting); data objects may stay."""
+        ...
+
     def delete_step(self, step: int) -> None:
         """Remove ``step``: the manifest first, then the data."""
         ...

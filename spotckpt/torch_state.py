@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Collection, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +27,9 @@ import torch
 
 from .errors import CheckpointCorruptError, StateError
 from .format import FORMAT, SafetensorsFile, decode_tree, encode_tree
-from .shard import ShardIndex, ShardInfo, init_optimizer_state, is_dtensor, load_boxes, local_shard
+from .shard import ShardIndex, ShardInfo, init_optimizer_state, is_dtensor, local_shard, plan_boxes
 
-__all__ = ["RNGState", "Snapshot", "capture", "apply", "is_stateful", "replicated_keys"]
+__all__ = ["RNGState", "Snapshot", "LoadPlan", "capture", "apply", "prepare_load", "is_stateful", "replicated_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +218,85 @@ def apply(
     keys: Collection[str] | None = None,
     shards: ShardIndex | None = None,
 ) -> None:
-    """Load a verified step's tree and tensors into ``state`` in place. With ``keys``, only those
-    keys are considered (several ranks: this rank's own keys from its file, the replicated ones
-    from the file of the rank that wrote them). ``shards``: the step's sharded tensors (every
-    rank's files); the keys that hold them are resharded onto the live tensors' layout."""
+    """Load a verified step's tree and tensors into ``state`` in place: :func:`prepare_load`
+    (every check), then :meth:`LoadPlan.run`."""
+    prepare_load(state, tree, reader, allow_pickle=allow_pickle, bounce=bounce, source=source, keys=keys,
+                 shards=shards).run(state)
+
+
+@dataclass
+class LoadPlan:
+    """A restore of some keys of ``state`` that passed every check and has not touched live
+    state yet. :meth:`run` lands it: resharded tensors, tensors read straight into live memory,
+    then ``load_state_dict`` (modules, optimizers, the rest), then plain values."""
+
+    source: str
+    reader: SafetensorsFile
+    bounce: torch.Tensor | None
+    in_place: list[tuple[str, list[tuple[str, torch.Tensor]]]] = field(default_factory=list)  # key, pairs
+    boxes: Callable[[], int] | None = None
+    boxed_keys: list[str] = field(default_factory=list)
+    stateful: list[tuple[str, Any, Any]] = field(default_factory=list)  # key, live object, decoded state
+    values: list[tuple[str, Any]] = field(default_factory=list)
+
+    def keys(self) -> list[str]:
+        return ([k for k, _ in self.in_place] + self.boxed_keys + [k for k, _, _ in self.stateful]
+                + [k for k, _ in self.values])
+
+    def run(self, state: MutableMapping[str, Any], loaded: list[str] | None = None) -> None:
+        """Land the plan; ``loaded`` collects the keys done (several plans of one restore share
+        it). A failure here -- a ``load_state_dict`` that rejects what the checks could not
+        foresee -- raises StateError naming the keys already loaded."""
+        done = loaded if loaded is not None else []
+        key = "?"
+        try:
+            if self.boxes is not None:
+                key = ", ".join(self.boxed_keys)
+                self.boxes()
+            with torch.no_grad():
+                self.reader.read_many([p for _, pairs in self.in_place for p in pairs], bounce=self.bounce)
+            done.extend(k for k, _ in self.in_place)
+            for key, live, sd in self.stateful:
+                try:
+                    live.load_state_dict(sd)
+                except Exception as exc:
+                    raise StateError(
+                        f"{key}: {type(live).__name__}.load_state_dict() rejected the checkpoint ({exc}); "
+                        "build it with the same configuration as when it was saved",
+                        key_path=key,
+                    ) from exc
+                done.append(key)
+            for key, value in self.values:
+                state[key] = value
+                done.append(key)
+        except StateError as exc:
+            if done:
+                exc.args = (f"{exc.args[0]} -- the restore stopped part way: {sorted(set(done))} were "
+                            "already loaded, the other keys keep their values; rebuild the state before "
+                            "training on",)
+            raise
+
+
+def prepare_load(
+    state: MutableMapping[str, Any],
+    tree: Mapping[str, Any],
+    reader: SafetensorsFile,
+    *,
+    allow_pickle: bool = False,
+    bounce: torch.Tensor | None = None,
+    source: str = "tree",
+    keys: Collection[str] | None = None,
+    shards: ShardIndex | None = None,
+) -> LoadPlan:
+    """Check a verified step's tree and tensors against ``state`` and decode what is not read
+    in place -- nothing lands in live state here. With ``keys``, only those keys are considered
+    (several ranks: this rank's own keys from its file, the replicated ones from the file of
+    the rank that wrote them). ``shards``: the step's sharded tensors (every rank's files); the
+    keys that hold them are resharded onto the live tensors' layout.
+
+    Checked before anything lands: the tree's structure, every in-place tensor's dtype and
+    shape, a module's keys and shapes, an optimizer's groups and per-parameter state shapes,
+    the resharded tensors' sizes and coverage, and every stored value decodes."""
     if not isinstance(tree, Mapping) or tree.get("format") != FORMAT or not isinstance(tree.get("keys"), dict):
         raise CheckpointCorruptError(f"{source}: not a {FORMAT} tree", path=source)
     saved: dict[str, Any] = tree["keys"]
@@ -235,62 +310,119 @@ def apply(
         t = resharded.get(name)
         return t if t is not None else reader.read(name)
 
-    # First every tensor that is read straight into live memory (module parameters and buffers,
-    # tensor keys), all shapes checked before the first byte lands, in one parallel pass; then,
-    # in order, the keys that go through load_state_dict or replace state[key].
-    in_place: list[tuple[str, torch.Tensor]] = []
-    rest: list[tuple[str, Any, Any, Any]] = []
+    plan = LoadPlan(source=source, reader=reader, bounce=bounce)
     shard_names = set()
     if shards is not None:
         dtensors = tree.get("dtensors")
         shard_names = shards.names() | (set(dtensors) if isinstance(dtensors, list) else set())
     resharded: dict[str, torch.Tensor] = {}
+    rest: list[tuple[str, Any, Any, Any]] = []
     for key, entry in saved.items():
         if not isinstance(entry, dict) or "value" not in entry:
             raise CheckpointCorruptError(f"{source}: entry {key!r} is malformed", path=source)
         kind, doc = entry.get("kind"), entry["value"]
+        if kind not in ("stateful", "tensor", "value"):
+            raise CheckpointCorruptError(f"{source}: entry {key!r} has unknown kind {kind!r}", path=source)
         live = state.get(key)
         refs = _tensor_refs(doc) & shard_names
         if refs and ((kind == "tensor" and isinstance(live, torch.Tensor)) or (kind == "stateful" and is_stateful(live))):
             resharded.update(_reshard_targets(key, live, refs))
-            rest.append((key, kind, doc, live))
+            plan.boxed_keys.append(key)
+            if kind == "stateful":
+                rest.append((key, kind, doc, live))
             continue
         if kind == "stateful" and isinstance(live, torch.nn.Module):
-            plan = _module_in_place_plan(live, doc, reader)
-            if plan is not None:
-                in_place.extend(plan)
+            pairs = _module_in_place_plan(live, doc, reader)
+            if pairs is not None:
+                plan.in_place.append((key, pairs))
                 continue
         elif kind == "tensor" and isinstance(live, torch.Tensor) and isinstance(doc, dict) and "__tensor__" in doc:
-            in_place.append((doc["__tensor__"], live))
+            pairs = [(doc["__tensor__"], live)]
+            for name, t in pairs:
+                reader._checked_spec(name, t)  # StateError before anything lands
+            plan.in_place.append((key, pairs))
             continue
         rest.append((key, kind, doc, live))
-    if resharded:  # every size and the coverage are checked before the first byte lands
+    if resharded:  # every size and the coverage are checked, remote chunks fetched and verified
         assert shards is not None
-        load_boxes(resharded, shards)
-    with torch.no_grad():
-        reader.read_many(in_place, bounce=bounce)
+        plan.boxes = plan_boxes(resharded, shards)
 
+    stateful: list[tuple[int, str, Any, Any]] = []
     for key, kind, doc, live in rest:
         if kind == "stateful":
             if live is None or not is_stateful(live):
                 log.warning("spotckpt: checkpoint key %r has no stateful object in state; skipped", key)
                 continue
             sd = decode_tree(doc, get, source=source, allow_pickle=allow_pickle)
-            try:
-                live.load_state_dict(sd)
-            except Exception as exc:
-                raise StateError(
-                    f"{key}: {type(live).__name__}.load_state_dict() rejected the checkpoint ({exc}); "
-                    "build it with the same configuration as when it was saved",
-                    key_path=key,
-                ) from exc
+            if isinstance(live, torch.nn.Module):
+                _check_module(key, live, sd)
+                order = 0
+            elif isinstance(live, torch.optim.Optimizer):
+                _check_optimizer(key, live, sd)
+                order = 1
+            else:
+                order = 2
+            stateful.append((order, key, live, sd))
         elif kind == "tensor":
             if not (isinstance(live, torch.Tensor) and isinstance(doc, dict) and doc.get("__tensor__") in resharded):
-                state[key] = decode_tree(doc, get, source=source)
-        elif kind == "value":
-            state[key] = decode_tree(doc, get, source=source, allow_pickle=allow_pickle)
+                plan.values.append((key, decode_tree(doc, get, source=source)))
         else:
-            raise CheckpointCorruptError(f"{source}: entry {key!r} has unknown kind {kind!r}", path=source)
+            plan.values.append((key, decode_tree(doc, get, source=source, allow_pickle=allow_pickle)))
+    plan.stateful = [(k, live, sd) for _, k, live, sd in sorted(stateful, key=lambda x: x[0])]
+    return plan
+
+
+def _check_module(key: str, live: torch.nn.Module, sd: Any) -> None:
+    """Before anything lands: the saved module state has the live module's keys and shapes
+    (what a strict ``load_state_dict`` would refuse only after loading part of the state).
+    Modules with load hooks may transform what is loaded: their own load decides."""
+    if not isinstance(sd, Mapping) or any(
+        getattr(m, "_load_state_dict_pre_hooks", None) or getattr(m, "_load_state_dict_post_hooks", None)
+        for m in live.modules()
+    ):
+        return
+    have = live.state_dict()
+    missing = sorted(set(have) - set(sd))
+    unexpected = sorted(set(sd) - set(have))
+    wrong = [f"{k}: saved {list(sd[k].shape)}, live {list(have[k].shape)}" for k in sorted(set(have) & set(sd))
+             if isinstance(sd[k], torch.Tensor) and isinstance(have[k], torch.Tensor) and sd[k].shape != have[k].shape]
+    if missing or unexpected or wrong:
+        parts = ([f"missing {missing[:5]}"] if missing else []) + ([f"unexpected {unexpected[:5]}"] if unexpected else []) \
+            + ([f"shapes differ ({'; '.join(wrong[:3])})"] if wrong else [])
+        raise StateError(
+            f"{key}: the checkpoint does not fit the live {type(live).__name__}: {', '.join(parts)}; build it "
+            "with the same configuration as when it was saved -- nothing was loaded", key_path=key)
+
+
+def _check_optimizer(key: str, live: torch.optim.Optimizer, sd: Any) -> None:
+    """Before anything lands: the saved optimizer has the live one's parameter groups and, for
+    torch's own optimizers, per-parameter state of each parameter's shape (``load_state_dict``
+    checks only the group sizes, and a model of another width fails at the next ``step()``)."""
+    if not isinstance(sd, Mapping) or not isinstance(sd.get("param_groups"), list):
+        return
+    groups = live.param_groups
+    saved_groups = sd["param_groups"]
+    sizes = [len(g.get("params", ())) if isinstance(g, Mapping) else -1 for g in saved_groups]
+    if sizes != [len(g["params"]) for g in groups]:
+        raise StateError(
+            f"{key}: the checkpoint's optimizer has parameter groups of sizes {sizes}, the live one "
+            f"{[len(g['params']) for g in groups]}; build it over the same parameters as when it was saved "
+            "-- nothing was loaded", key_path=key)
+    if not type(live).__module__.startswith("torch.optim"):
+        return
+    params = {}
+    for sg, g in zip(saved_groups, groups):
+        params.update(zip(sg["params"], g["params"]))
+    for pid, pstate in (sd.get("state") or {}).items():
+        p = params.get(pid)
+        if p is None or not isinstance(pstate, Mapping):
+            continue
+        for name, v in pstate.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
+                raise StateError(
+                    f"{key}: state {name!r} of parameter {pid} is {list(v.shape)} in the checkpoint, the live "
+                    f"parameter is {list(p.shape)}; build the model and optimizer as when it was saved -- "
+                    "nothing was loaded", key_path=key)
 
 
 def _reshard_targets(key: str, live: Any, refs: set[str]) -> dict[str, torch.Tensor]:

@@ -125,6 +125,8 @@ class Uploader:
         self._error: SpotCkptError | None = None
         self._thread: threading.Thread | None = None
         self._observer: Any = None
+        self._upload_lock = threading.Lock()  # held by the upload thread around each step's upload
+        self._ceiling: int | None = None  # during roll_back(): steps above it are not uploaded
 
     # --------------------------------------------------------------------- owner thread
 
@@ -240,6 +242,33 @@ class Uploader:
                 self.raise_if_failed()
         return True
 
+    def roll_back(self, step: int | None, action: Callable[[], None]) -> None:
+        """A restore chose ``step`` (None: none -- a fresh start over damaged steps): steps above
+        it will be written again by this job. Stop uploading them (an upload in flight finishes,
+        a wait for other hosts' files of such a step ends now), run ``action`` (the caller moves
+        them aside locally and un-commits them in S3) while no upload runs, then forget them."""
+        ceiling = -1 if step is None else step
+        with self._cond:
+            self._ceiling = ceiling
+            self._cond.notify_all()
+        self._wake.set()
+        with self._upload_lock:
+            try:
+                action()
+            finally:
+                with self._cond:
+                    for known in (self._remote, self._skipped, self._data_done):
+                        known.difference_update([s for s in known if s > ceiling])
+                    for s in [s for s in self._bad if s > ceiling]:
+                        del self._bad[s]
+                    self._ceiling = None
+                    self._cond.notify_all()
+        self._wake.set()
+
+    def _above_ceiling(self, step: int) -> bool:
+        with self._cond:
+            return self._ceiling is not None and step > self._ceiling
+
     def _superseded(self, step: int) -> bool:
         """Called with the lock held: the step is gone locally and a newer one exists."""
         if (self.local_dir / step_dirname(step)).exists():
@@ -296,10 +325,13 @@ class Uploader:
                 self._remote = remote
                 self._skipped.update(s for s in local if s not in keep and s not in remote)
                 self._cond.notify_all()
-            if not missing:
+            if not missing or self._above_ceiling(missing[0]):
                 break
-            self._upload(missing[0])
-        self._apply_retention()
+            with self._upload_lock:
+                if not self._above_ceiling(missing[0]):
+                    self._upload(missing[0])
+        with self._upload_lock:  # never while roll_back() is moving steps
+            self._apply_retention()
 
     def _upload(self, step: int) -> None:
         src = self.local_dir / step_dirname(step)
@@ -356,6 +388,9 @@ class Uploader:
             return None
         give_up = time.monotonic() + self.await_hosts_seconds
         while not self._stop.is_set():
+            if self._above_ceiling(step):
+                log.info("step %s: a restore chose an older step; not committing it", step)
+                return None
             missing = self.store.missing_objects(step, manifest)
             if not missing:
                 return bool(self.store.commit_manifest(step, manifest))

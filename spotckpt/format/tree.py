@@ -125,9 +125,23 @@ def encode_tree(
     raise StateError(
         f"{path}: value of type {type(obj).__module__}.{type(obj).__qualname__} cannot be "
         "checkpointed; store tensors, numbers, strings, lists/tuples/dicts of them, numpy arrays, "
-        "or an object with state_dict()/load_state_dict()",
+        "or an object with state_dict()/load_state_dict()" + _hint(obj),
         key_path=path,
     )
+
+
+def _hint(obj: Any) -> str:
+    """What to use instead, for the objects people most often put in ``state`` by mistake."""
+    names = {c.__module__ + "." + c.__qualname__ for c in type(obj).__mro__}
+    if "torch.utils.data.dataloader.DataLoader" in names or "torch.utils.data.sampler.Sampler" in names:
+        return (" -- a DataLoader has no resumable state: use spotckpt.data.ResumableDataLoader(dataset, "
+                "batch_size=..., shuffle=..., seed=...) (or torchdata's StatefulDataLoader), which "
+                "resumes at the exact next batch")
+    if "torch.utils.data.dataloader._BaseDataLoaderIterator" in names:
+        return " -- put the loader (spotckpt.data.ResumableDataLoader), not its iterator, in state"
+    if callable(getattr(obj, "__next__", None)):
+        return " -- an iterator or generator cannot be saved; store the object it iterates over"
+    return ""
 
 
 def parse_tree_json(raw: bytes, source: str) -> dict[str, Any]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
+import string
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import botocore.exceptions as bce
 from boto3.s3.transfer import TransferConfig as Boto3TransferConfig
 from botocore.config import Config
 from s3transfer.manager import TransferConfig, TransferManager
+from s3transfer.utils import OSUtils
 
 from ..errors import (
     ConfigError,
@@ -140,6 +143,40 @@ def make_client(*, max_pool_connections: int | None = None, max_attempts: int = 
         return session.client("s3", config=cfg)
     except bce.BotoCoreError as exc:
         raise ConfigError(f"cannot create an S3 client ({exc}); check AWS_REGION / AWS_PROFILE") from exc
+
+
+def private_retry_jitter(client: Any, rng: random.Random) -> bool:
+    """Make botocore's retry backoff of ``client`` draw its jitter from ``rng`` instead of the
+    process-global ``random`` module, which the training loop owns (a retried request would
+    otherwise shift every number the loop draws afterwards). botocore has no public knob for
+    it: the ``standard`` mode's handler is found through the client's event system by its
+    documented unique id and its backoff's generator replaced. Returns whether it was found
+    (a test checks it, so a botocore that changes this is noticed)."""
+    try:
+        name = client.meta.service_model.service_id.hyphenize()
+        emitter = getattr(client.meta.events, "_emitter", client.meta.events)
+        entry = emitter._unique_id_handlers.get(f"retry-config-{name}")
+        backoff = entry["handler"].__self__._retry_policy._retry_backoff
+    except (AttributeError, KeyError, TypeError):
+        log.warning("spotckpt: could not give botocore's retry backoff its own random generator; S3 retries "
+                    "may draw from the global random module")
+        return False
+    backoff._random = rng.random
+    return True
+
+
+class PrivateRandomOSUtils(OSUtils):
+    """s3transfer's OS helper, naming the temporary file of a download from a private
+    generator instead of the process-global ``random`` module."""
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__()
+        self._rng = rng
+
+    def get_temp_filename(self, filename: str) -> str:
+        suffix = os.extsep + "".join(self._rng.choice(string.hexdigits) for _ in range(8))
+        path, name = os.path.split(filename)
+        return os.path.join(path, name[: self._MAX_FILENAME_LEN - len(suffix)] + suffix)
 
 
 def default_transfer_config() -> TransferConfig:

@@ -41,11 +41,13 @@ from ..format import write_file_durably
 from .failures import _CONFLICT, _NOT_FOUND, _classify, _error_code, _is_retryable
 from .settings import (
     MiB,
+    PrivateRandomOSUtils,
     _add_part_crc32c,
     _full_object_checksums_supported,
     default_transfer_config,
     make_client,
     parse_s3_uri,
+    private_retry_jitter,
 )
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,9 @@ class S3Store:
             raise ConfigError("retry_attempts must be >= 1 and retry_backoff_seconds >= 0")
         self._client = client if client is not None else make_client()
         self._client.meta.events.register("before-parameter-build.s3.UploadPart", _add_part_crc32c)
+        # hands off the training's RNGs: retry jitter and temp names draw from this generator
+        self._rng = random.Random()
+        private_retry_jitter(self._client, self._rng)
         self._config = transfer_config or default_transfer_config()
         self._attempts = retry_attempts
         self._backoff = retry_backoff_seconds
@@ -123,7 +128,7 @@ class S3Store:
             if self._closed:
                 raise StorageError(f"S3 store for {self.uri} is closed", key=self.uri)
             if self._tm is None:
-                self._tm = TransferManager(self._client, self._config)
+                self._tm = TransferManager(self._client, self._config, osutil=PrivateRandomOSUtils(self._rng))
             return self._tm
 
     # ------------------------------------------------------------------------ diagnostics
@@ -229,7 +234,7 @@ class S3Store:
 
     def _sleep_backoff(self, attempt: int) -> None:
         delay = min(self._backoff * (2 ** (attempt - 1)), 20.0)
-        time.sleep(delay * (0.5 + random.random() / 2))
+        time.sleep(delay * (0.5 + self._rng.random() / 2))
 
     def _retry(self, fn: Callable[[], Any], key: str, cls: type[StorageError]) -> Any:
         for attempt in range(1, self._attempts + 1):
@@ -604,6 +609,12 @@ class S3Store:
             raise
 
     # ----------------------------------------------------------------------------- delete
+
+    def uncommit_step(self, step: int) -> None:
+        """Delete only a step's manifest: the step stops counting, its data objects stay (as
+        evidence; a later upload of the same step overwrites them)."""
+        man_key = self.step_key(step, MANIFEST_NAME)
+        self._retry(lambda: self._client.delete_object(Bucket=self.bucket, Key=man_key), man_key, StorageError)
 
     def delete_step(self, step: int) -> None:
         """Delete a step: its manifest first (the step stops counting), then its data."""

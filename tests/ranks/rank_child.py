@@ -61,6 +61,17 @@ def main() -> int:
             out["model_ok"] = all(torch.equal(a, b) for a, b in zip(st["model"].parameters(), want["model"].parameters()))  # type: ignore[union-attr]
             out["mine_ok"] = torch.equal(st["mine"], want["mine"])  # type: ignore[arg-type]
             out["info"] = st["info"]
+    elif scenario == "restore-save":  # restore, then save the next step again, wait and close
+        st = state_for(0, rank)
+        t0 = time.monotonic()
+        with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
+            step = mgr.restore(st)
+            again = int(rest[0])
+            mgr.save(again, state_for(again + 1, rank), blocking=True)  # other values than before
+            out["wait_ok"] = mgr.wait()
+            out["steps"] = mgr.all_steps()
+        out["step"] = step
+        out["seconds"] = time.monotonic() - t0
     elif scenario == "bad-step":  # rank 1 passes another step
         with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
             try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from spotckpt.local import LocalStore
 from spotckpt.s3 import S3Store
 from tests.helpers import finish_ranks, launch_ranks, result_of
 
@@ -57,3 +58,29 @@ def test_a_host_killed_mid_upload_leaves_the_step_uncommitted(tmp_path: Path, bu
         assert store.list_steps() == [1]  # step 2 has no manifest; step 1 stays valid
     finally:
         store.close()
+
+
+def test_a_step_only_one_host_kept_is_rolled_back_and_written_again(tmp_path: Path, bucket: str) -> None:
+    """Host 0 kept step 30 that host 1 lost (and S3 never got): the agreement picks 20, host 0
+    moves its 30 aside, and the job's new save of 30 is committed everywhere -- neither a silent
+    no-op (\"already committed\") nor a wait for the stale step's upload until the timeout."""
+    uri = f"s3://{bucket}/job"
+    hosts = [tmp_path / "h0", tmp_path / "h1"]
+    _ok(_run("save", hosts, "blocking", "10", "20", env={"S3_URI": uri}))
+    _ok(_run("save", hosts, "blocking", "30", env={}))  # local only: S3 never sees this 30
+    LocalStore(hosts[1], create=False, cleanup=False).delete_step(30)
+    res = _ok(_run("restore-save", hosts, "30", env={"S3_URI": uri, "TIMEOUT": "120"}))
+    assert [r["step"] for r in res] == [20, 20]
+    assert all(r["wait_ok"] for r in res) and [r["steps"] for r in res] == [[10, 20, 30]] * 2
+    assert all(r["seconds"] < 100 for r in res)  # well inside the collective timeout
+    store = S3Store(uri)
+    try:
+        m = store.read_manifest(30)
+        assert store.missing_objects(30, m) == []
+        for h in hosts:  # the new step 30, the same on both hosts and in S3
+            assert LocalStore(h, create=False, cleanup=False).read_manifest(30) == m
+    finally:
+        store.close()
+    old = LocalStore(hosts[0], create=False, cleanup=False)
+    moved = [p for p in old.staging_root.iterdir() if "quarantine" in p.name]
+    assert [p.name.rsplit("-", 1)[-1] for p in moved] == ["000000000030"]  # the stale 30, kept aside

@@ -82,15 +82,52 @@ def test_retention_keeps_newest_and_uncommits_atomically(tmp_path: Path) -> None
     store = LocalStore(tmp_path / "c")
     for s in range(1, 7):
         _commit(store, s)
-    # corrupt the newest manifest: the newest *valid* step must survive retention
+    # a damaged manifest un-commits its step: not counted, and retention keeps the valid ones
     (store.step_path(6) / "manifest.json").write_text("{garbage")
-    deleted = store.prune(KeepLast(2))
-    assert deleted == [1, 2, 3, 4]
-    assert store.committed_steps() == [5, 6]
-    (store.step_path(6) / "manifest.json").unlink()
-    assert store.prune(KeepLast(1)) == []  # 5 is the newest valid one
+    assert store.committed_steps() == [1, 2, 3, 4, 5]
+    assert store.uncommitted_entries() == {6: "damaged"}
+    assert store.prune(KeepLast(2)) == [1, 2, 3]
+    assert store.committed_steps() == [4, 5]
+    assert store.step_path(6).exists()  # never deleted by retention: evidence
     assert store.prune(KeepAll()) == []
-    assert store.committed_steps() == [5, 6]
+
+
+def test_retention_never_deletes_while_no_newer_step_is_known_good(tmp_path: Path) -> None:
+    first = LocalStore(tmp_path / "c")
+    for s in range(1, 5):
+        _commit(first, s)
+    # a new process: nothing verified yet -- the steps may all be corrupt, so none is deleted
+    store = LocalStore(tmp_path / "c")
+    assert store.prune(KeepLast(1)) == []
+    assert store.committed_steps() == [1, 2, 3, 4]
+    store.mark_verified(2)  # e.g. a restore checked step 2: only older steps may go
+    assert store.prune(KeepLast(1)) == [1]
+    _commit(store, 5)  # committed by this process: verified
+    assert store.prune(KeepLast(1)) == [2, 3, 4]
+
+
+def test_committed_means_a_manifest_that_parses_and_names_the_step(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "c")
+    _commit(store, 1)
+    store.step_path(2).mkdir()  # no manifest: a partial sync
+    (store.step_path(2) / "rank-00000.bin").write_bytes(b"x")
+    _commit(store, 3)
+    other = store.read_manifest(3).to_bytes()
+    (store.step_path(3) / "manifest.json").write_bytes(other.replace(b'"step": 3', b'"step": 4'))
+    store.step_path(4).write_text("a file where the directory should be")
+    assert store.committed_steps() == [1]
+    assert [store.is_committed(s) for s in (1, 2, 3, 4, 5)] == [True, False, False, False, False]
+    assert store.uncommitted_entries() == {2: "incomplete", 3: "damaged", 4: "incomplete"}
+    # a commit of such a step moves the entry aside (kept as evidence) and commits
+    for s in (2, 3, 4):
+        path = _commit(store, s, payload=b"new")
+        assert store.is_committed(s) and (path / "rank-00000.bin").read_bytes() == b"new"
+    assert sorted(p.name.split("-quarantine-")[1] for p in store.staging_root.iterdir()
+                  if "-quarantine-" in p.name) == ["step-000000000002", "step-000000000003", "step-000000000004"]
+    LocalStore(tmp_path / "c")  # a new process: quarantined entries stay until retention
+    assert len([p for p in store.staging_root.iterdir() if "-quarantine-" in p.name]) == 3
+    assert store.prune(KeepLast(2)) == [1, 2]
+    assert [p.name for p in store.staging_root.iterdir() if "-quarantine-" in p.name] == []  # all older than 4
 
 
 def test_stale_staging_is_cleaned_but_live_writers_are_not(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from spotckpt import errors
 
 PUBLIC = {
     "CheckpointManager", "RNGState", "__version__",
-    "SpotCkptError", "ConfigError", "StateError", "CheckpointCorruptError", "PickleRefusedError",
+    "SpotCkptError", "ConfigError", "StateError", "CheckpointCorruptError", "AllStepsCorruptError", "PickleRefusedError",
     "NoCheckpointError", "ClosedError", "CollectiveError", "SaveError", "StorageError", "UploadError", "DownloadError",
     "LocalStepVanishedError", "FolderChangedError",
 }

@@ -12,6 +12,8 @@ import crc32c
 import numpy as np
 import pytest
 import torch
+
+from spotckpt import AllStepsCorruptError
 from torch import nn
 
 import spotckpt.format.checksums as checksums
@@ -198,13 +200,17 @@ def test_corrupt_second_half_never_touches_live_state(
         model.b.fill_(-3.0)
     live = {k: v.clone() for k, v in model.state_dict().items()}
     with CheckpointManager(tmp_path, async_save=False, install_signal_handlers=False, metrics=False) as mgr:
-        got = mgr.restore(state)
+        if older_step:
+            got = mgr.restore(state)
+        else:  # the only step is corrupt: that is not "no checkpoint"
+            with pytest.raises(AllStepsCorruptError, match=r"step 2: local: .*CRC32C") as info:
+                mgr.restore(state)
+            assert list(info.value.problems) == [2]
     if older_step:
         assert got == 1
         for k, v in model.state_dict().items():
             assert torch.equal(v, step1[k]), k
     else:
-        assert got is None
         for k, v in model.state_dict().items():
             assert torch.equal(v, live[k]), k  # not one byte written
     assert not [t for t in threading.enumerate() if t.name.startswith(("spotckpt-verify", "spotckpt-restore-read"))]
