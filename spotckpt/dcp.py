@@ -36,6 +36,7 @@ Errors: DCP wraps whatever a storage layer raises -- spotckpt's errors included 
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -279,27 +280,78 @@ class StorageReader(_StepStorage, _DcpReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Every check first -- each stored chunk exists and holds the box, each destination has
+        the box's shape and takes the stored dtype, the chunks cover every tensor, each
+        non-tensor item decodes -- on every rank (one exchange), and only then the copies: a
+        refusal anywhere leaves every live tensor and value as it was. A dtype differing from
+        the saved one is cast, as DCP's own FileSystemReader does (``Tensor.copy_``)."""
+        mgr = self.manager
         assert self._index is not None
         try:
-            _check_coverage(plan, planner)
-            for item in plan.items:
-                if item.type == LoadItemType.BYTE_IO:
-                    enc, source = self._items[item.storage_index.fqn]
-                    obj = decode_tree(enc, _no_stored_tensor, source=source, allow_pickle=self.manager.allow_pickle)
-                    buf = io.BytesIO()
-                    torch.save(obj, buf)  # DCP's planner takes bytes in torch.save form; made here, from JSON
-                    buf.seek(0)
-                    planner.load_bytes(item, buf)
-                    continue
-                loc = self._index.where.get(item.storage_index)
-                if loc is None:
-                    raise CheckpointCorruptError(f"no stored chunk for {item.storage_index}; the checkpoint is damaged")
-                read_item(loc, item, planner)
+            err: BaseException | None = None
+            objs: list[tuple[Any, bytes]] = []
+            jobs: list[tuple[Any, Any, torch.Tensor]] = []
+            try:
+                objs, jobs = self._checked(plan, planner)
+            except BaseException as exc:  # noqa: BLE001 - every rank raises below, none copies
+                err = exc
+            if mgr._coord is not None:
+                mgr._coord.exchange("dcp: read checked", error=err)
+            elif err is not None:
+                raise err
+            for item, data in objs:
+                planner.load_bytes(item, io.BytesIO(data))
+            for loc, item, dest in jobs:
+                read_item(loc, item, planner, dest)
         finally:
             self._stack.close()
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
+
+    def _checked(self, plan: LoadPlan, planner: LoadPlanner) -> tuple[list[tuple[Any, bytes]],
+                                                                       list[tuple[Any, Any, torch.Tensor]]]:
+        """The read, checked and resolved, nothing written: the non-tensor items (DCP's planner
+        takes them in ``torch.save`` form, made here from JSON) and the tensor boxes with their
+        destinations."""
+        assert self._index is not None
+        objs: list[tuple[Any, bytes]] = []
+        jobs: list[tuple[Any, Any, torch.Tensor]] = []
+        casts: list[str] = []
+        for item in plan.items:
+            fqn = item.dest_index.fqn
+            if item.type == LoadItemType.BYTE_IO:
+                got = self._items.get(item.storage_index.fqn)
+                if got is None:
+                    raise CheckpointCorruptError(f"no stored item {item.storage_index.fqn!r}; the checkpoint is damaged")
+                enc, source = got
+                obj = decode_tree(enc, _no_stored_tensor, source=source, allow_pickle=self.manager.allow_pickle)
+                buf = io.BytesIO()
+                torch.save(obj, buf)
+                objs.append((item, buf.getvalue()))
+                continue
+            loc = self._index.where.get(item.storage_index)
+            if loc is None:
+                raise CheckpointCorruptError(f"no stored chunk for {item.storage_index}; the checkpoint is damaged")
+            offsets, lengths = tuple(item.storage_offsets), tuple(item.lengths)
+            if len(offsets) != len(loc.shape) or any(o < 0 or o + n > d for o, n, d in zip(offsets, lengths, loc.shape)):
+                raise CheckpointCorruptError(f"{fqn}: the box at {list(offsets)} of size {list(lengths)} is not inside "
+                                             f"its stored chunk {list(loc.shape)}; the checkpoint is damaged")
+            dest = planner.resolve_tensor(item).detach()
+            if tuple(dest.shape) != lengths:
+                raise StateError(f"{fqn}: the planner wants {list(lengths)} elements of the saved chunk in a "
+                                 f"{list(dest.shape)} tensor; load into a tensor of the saved shape", key_path=fqn)
+            if dest.dtype != loc.dtype:
+                if not _castable(loc.dtype, dest.dtype):
+                    raise StateError(f"{fqn}: saved as {loc.dtype}, which torch cannot copy into the live "
+                                     f"{dest.dtype} tensor; load into a {loc.dtype} tensor", key_path=fqn)
+                casts.append(f"{fqn} ({loc.dtype} -> {dest.dtype})")
+            jobs.append((loc, item, dest))
+        _check_coverage(plan, planner)
+        if casts:
+            log.info("spotckpt: dcp.load casts %d saved tensor chunk(s) to the live dtype, e.g. %s",
+                     len(casts), casts[0])
+        return objs, jobs
 
 
 def _check_coverage(plan: LoadPlan, planner: LoadPlanner) -> None:
@@ -309,6 +361,16 @@ def _check_coverage(plan: LoadPlan, planner: LoadPlanner) -> None:
         return  # a custom planner: nothing to check against
     read = {item.dest_index.fqn for item in plan.items if item.type != LoadItemType.BYTE_IO}
     check_coverage(plan.items, {fqn: targets[fqn] for fqn in read if fqn in targets})
+
+
+@functools.cache
+def _castable(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether ``Tensor.copy_`` (what DCP's own reader copies with) takes ``src`` into ``dst``."""
+    try:
+        torch.zeros(1, dtype=dst).copy_(torch.zeros(1, dtype=src))
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def _no_stored_tensor(name: str) -> torch.Tensor:

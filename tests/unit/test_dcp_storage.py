@@ -110,3 +110,26 @@ def test_a_committed_step_is_never_rewritten(tmp_path: Path) -> None:
         _save(mgr, 2, 5)  # logged no-op
         got, _ = _load(mgr)
     assert torch.equal(got["model"]["0.weight"], first["model"]["0.weight"])
+
+
+def test_a_saved_dtype_is_cast_into_the_live_one_as_dcp_does(tmp_path: Path) -> None:
+    """DCP's FileSystemReader copies with Tensor.copy_, which casts: fp32 into a bf16 model."""
+    with _mgr(tmp_path) as mgr:
+        saved = _save(mgr, 1, 1)
+        sd = {"model": {k: torch.zeros_like(v, dtype=torch.bfloat16) for k, v in saved["model"].items()}}
+        dcp.load(sd, storage_reader=StorageReader(mgr))
+    for k, v in saved["model"].items():
+        assert sd["model"][k].dtype == torch.bfloat16 and torch.equal(sd["model"][k], v.to(torch.bfloat16)), k
+
+
+def test_a_refused_load_changes_nothing_not_even_what_it_read_first(tmp_path: Path) -> None:
+    """The whole plan is checked before the first copy: a value that cannot be loaded (here a
+    pickle, refused) leaves the tensors planned before it untouched."""
+    with spotckpt.CheckpointManager(tmp_path, metrics=False, install_signal_handlers=False, allow_pickle=True) as mgr:
+        dcp.save({"a": torch.ones(3), "b": {"c": torch.full((2,), 2.0)}, "z": {"fn": print}},
+                 storage_writer=StorageWriter(mgr), checkpoint_id=1)
+    sd = {"a": torch.zeros(3), "b": {"c": torch.zeros(2, dtype=torch.bfloat16)}, "z": {"fn": None}}
+    with _mgr(tmp_path) as mgr, pytest.raises(CheckpointException, match="pickled value"):
+        dcp.load(sd, storage_reader=StorageReader(mgr))
+    assert torch.equal(sd["a"], torch.zeros(3)) and torch.equal(sd["b"]["c"], torch.zeros(2, dtype=torch.bfloat16))
+    assert sd["z"] == {"fn": None}
