@@ -162,6 +162,9 @@ class StorageWriter(_StepStorage, _DcpWriter):
         else:
             meta = {"format": FORMAT, "step": str(step), **shards_metadata(shards)}
             tree = {"format": FORMAT, "layout": LAYOUT, "step": step, "rank": mgr.rank, "items": items}
+            mapping = _planner_data_json(plan.planner_data)
+            if mapping is not None:
+                tree["planner_data"] = mapping
             extra = {"writer": f"spotckpt {__version__}", "world_size": mgr.world_size, "layout": LAYOUT}
             write_step(mgr.local, step, tree, lambda p: write_safetensors(p, tensors, meta), rank=mgr.rank,
                        extra=extra, coord=mgr._coord)
@@ -205,6 +208,32 @@ class StorageWriter(_StepStorage, _DcpWriter):
         """Nothing left: ``write_data`` committed the step on every host before returning."""
 
 
+def _planner_data_json(data: Any) -> dict[str, list[str | int]] | None:
+    """DCP's ``planner_data`` of a save plan as JSON: ``DefaultSavePlanner`` hands the mapping
+    of each flat key to its path in the nested state dict (``"model.w" -> ("model", "w")``),
+    which key-based and partial loads need back. None when there is none; anything else (a
+    custom planner's) is not kept, with a warning -- spotckpt pickles nothing."""
+    if data is None:
+        return None
+    if isinstance(data, dict) and all(
+            isinstance(k, str) and isinstance(v, (tuple, list))
+            and all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v) for k, v in data.items()):
+        return {k: list(v) for k, v in data.items()}
+    log.warning("spotckpt: the save planner's planner_data (%s) is not a mapping of flat keys to paths; not kept "
+                "(loads by key will see flat keys)", type(data).__name__)
+    return None
+
+
+def _planner_data_of(doc: dict[str, Any], where: str) -> dict[str, tuple[str | int, ...]]:
+    """The flat-key mapping a rank's tree file holds (empty for steps written before it was kept)."""
+    raw = doc.get("planner_data", {})
+    if not isinstance(raw, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v)
+            for v in raw.values()):
+        raise CheckpointCorruptError(f"{where}: malformed planner_data; the checkpoint is damaged", path=where)
+    return {k: tuple(v) for k, v in raw.items()}
+
+
 def _no_tensors(path: str, t: torch.Tensor) -> str:
     raise StateError(f"{path}: a tensor inside a non-tensor DCP item; put it at the top level of the "
                      "state dict", key_path=path)
@@ -222,6 +251,7 @@ class StorageReader(_StepStorage, _DcpReader):
         self._stack = ExitStack()
         self._index: ShardIndex | None = None
         self._items: dict[str, Any] = {}
+        self._planner_data: dict[str, tuple[str | int, ...]] = {}
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         mgr = self.manager
@@ -243,7 +273,8 @@ class StorageReader(_StepStorage, _DcpReader):
         for fqn, (tree, _) in self._items.items():
             md.state_dict_metadata[fqn] = BytesStorageMetadata()
             storage[MetadataIndex(fqn)] = ("bytes", tree)
-        return Metadata(state_dict_metadata=md.state_dict_metadata, storage_data=storage)
+        return Metadata(state_dict_metadata=md.state_dict_metadata, storage_data=storage,
+                        planner_data=dict(self._planner_data) if self._planner_data else None)
 
     def _open_step(self, step_dir: Path, manifest: Manifest, rank: int) -> None:
         """restore's loader: open the chosen (verified) step's files and index them."""
@@ -254,6 +285,7 @@ class StorageReader(_StepStorage, _DcpReader):
         try:
             readers = {f: stack.enter_context(SafetensorsFile(step_dir / f)) for f in tensor_files(manifest)}
             items: dict[str, Any] = {}
+            planner_data: dict[str, tuple[str | int, ...]] = {}
             for f in sorted(manifest.files):
                 if f.startswith("rank-") and f.endswith(".tree.json"):
                     doc = parse_tree_json((step_dir / f).read_bytes(), str(step_dir / f))
@@ -263,12 +295,14 @@ class StorageReader(_StepStorage, _DcpReader):
                     except (KeyError, TypeError, AttributeError) as exc:
                         raise CheckpointCorruptError(f"{step_dir / f}: not a DCP item file ({exc})",
                                                      path=step_dir / f) from exc
+                    for k, v in _planner_data_of(doc, str(step_dir / f)).items():
+                        planner_data.setdefault(k, v)  # the lowest rank's first, as DCP merges them
             index = ShardIndex(readers)
         except BaseException:
             stack.close()
             raise
         self._stack = stack
-        self._index, self._items = index, items
+        self._index, self._items, self._planner_data = index, items, planner_data
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         pass

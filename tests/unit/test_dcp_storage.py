@@ -133,3 +133,25 @@ def test_a_refused_load_changes_nothing_not_even_what_it_read_first(tmp_path: Pa
         dcp.load(sd, storage_reader=StorageReader(mgr))
     assert torch.equal(sd["a"], torch.zeros(3)) and torch.equal(sd["b"]["c"], torch.zeros(2, dtype=torch.bfloat16))
     assert sd["z"] == {"fn": None}
+
+
+def test_partial_and_key_based_loads_get_the_nested_dict_back(tmp_path: Path) -> None:
+    """DCP's planner hands the writer its flat-key -> path mapping (planner_data); it is kept
+    as JSON in the rank's tree file and given back by read_metadata, as DCP's own storage does."""
+    import json
+
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with _mgr(tmp_path) as mgr:
+        saved = _save(mgr, 3, 1)
+        tree = json.loads((tmp_path / step_dirname(3) / "rank-00000.tree.json").read_bytes())
+        assert tree["planner_data"]["model.0.weight"] == ["model", "0.weight"]
+        assert tree["planner_data"]["meta.lr"] == ["meta", "lr"]
+        everything = _load_state_dict_from_keys(storage_reader=StorageReader(mgr))
+        model = _load_state_dict_from_keys("model", storage_reader=StorageReader(mgr))
+        one = _load_state_dict_from_keys({"model.2.bias", "meta.name"}, storage_reader=StorageReader(mgr))
+    assert sorted(everything) == ["meta", "model"] and everything["meta"] == saved["meta"]
+    assert sorted(everything["model"]) == sorted(saved["model"])
+    assert sorted(model) == ["model"] and all(torch.equal(model["model"][k], v) for k, v in saved["model"].items())
+    assert one == {"model": {"2.bias": one["model"]["2.bias"]}, "meta": {"name": "run"}}
+    assert torch.equal(one["model"]["2.bias"], saved["model"]["2.bias"])
