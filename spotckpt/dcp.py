@@ -25,10 +25,33 @@ ranks exchange their file entries over spotckpt's own gloo group, each host's le
 step into place, and only then does ``write_data`` return -- so DCP's ``finish`` has nothing
 left to do, and no rank sees the step before every rank's files are durable. A failure on any
 rank commits nothing anywhere. Loading picks the newest step every rank can verify (local, else
-S3), checks the CRC32C of every file it reads before the planner touches a live tensor.
+S3), checks the CRC32C of every file it reads before the planner touches a live tensor, and
+checks the whole read plan on every rank (chunks, shapes, coverage, non-tensor items) before
+the first copy, so a refused load changes nothing. Targets may be plain tensors, DTensors or
+ShardedTensors (FSDP1's ``SHARDED_STATE_DICT``), resharded as DCP plans; a dtype other than the
+saved one is cast, as DCP's own reader does. The save planner's ``planner_data`` (flat key ->
+path in the nested state dict) is kept as JSON and given back, so key-based and partial loads
+return the nested dict.
 
 Async: pass ``async_checkpointer_type=AsyncCheckpointerType.THREAD`` (the default); the process
 executor would run the writer in another process, without this job's manager.
+
+Threads and who calls what (every rank, as DCP calls it):
+
+- ``StorageWriter.write_data`` runs on the thread that runs DCP's save: the training thread
+  (``dcp.save``) or DCP's async thread (``dcp.async_save``). It first waits for the manager's
+  pending async ``save()`` to finish on ``spotckpt-persist`` (not collective), then commits over
+  the manager's ``persist`` gloo group -- the one that thread commits on. Each group has a lock,
+  so two threads never run one group's collectives at once; the order of the ranks' turns is
+  this rule: while a ``dcp.async_save`` through a manager is in flight, do not call that
+  manager's ``save``/``maybe_save``/``adopt`` -- wait for DCP's future first (as before the next
+  ``dcp.async_save``).
+- ``StorageReader`` runs on the thread calling ``dcp.load`` (the training thread), over the
+  ``main`` group, like ``restore()``.
+
+Re-saving: a ``checkpoint_id`` that is already committed is not written again -- a committed
+step is never replaced -- so that save does nothing and logs a warning naming the step. Give
+each save a new, increasing ``checkpoint_id``.
 
 Errors: DCP wraps whatever a storage layer raises -- spotckpt's errors included -- in its own
 ``CheckpointException`` (a ``BaseException``) on every rank; the message carries spotckpt's.
@@ -152,13 +175,17 @@ class StorageWriter(_StepStorage, _DcpWriter):
         except BaseException as exc:  # noqa: BLE001 - every rank raises below, none waits
             err, tensors, shards, items, results = exc, {}, {}, {}, []
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        # The manager's own async save commits over the same gloo group: let it finish first,
+        # so that every rank runs the two commits' collectives in the same order.
+        mgr.wait_persist_idle()
         committed = err is None and mgr.local.is_committed(step)
         if mgr._coord is not None:  # every rank skips, or none does: the commit is collective
             committed = any(mgr._coord.exchange(f"dcp: committed {step}", committed, error=err, group="persist"))
         elif err is not None:
             raise err
         if committed:
-            log.info("spotckpt: step %d is already committed in %s; not writing it again", step, mgr.local_dir)
+            log.warning("spotckpt: step %d is already committed in %s; this dcp.save wrote nothing -- a committed "
+                        "step is never replaced: give each save a new, increasing checkpoint_id", step, mgr.local_dir)
         else:
             meta = {"format": FORMAT, "step": str(step), **shards_metadata(shards)}
             tree = {"format": FORMAT, "layout": LAYOUT, "step": step, "rank": mgr.rank, "items": items}

@@ -484,6 +484,15 @@ class CheckpointManager:
             job.done.wait()
             self._raise_bg_error()
 
+    def wait_persist_idle(self) -> None:
+        """Block until this rank's pending async save has finished on the persist thread
+        (committed, or failed: its error still surfaces from the next ``save()``/``wait()``).
+        Not collective; any thread. :mod:`spotckpt.dcp`'s writer calls it before its commit,
+        whose collectives share that thread's gloo group."""
+        job = self._pending
+        if job is not None:
+            job.done.wait()
+
     def _raise_bg_error(self) -> None:
         """Raise a background save's error on the caller's thread: a SpotCkptError as a copy of
         the same class (a failed async save raises what a blocking one would), chained to the

@@ -104,12 +104,43 @@ def test_no_checkpoint_says_to_start_fresh(tmp_path: Path) -> None:
         _load(mgr)
 
 
-def test_a_committed_step_is_never_rewritten(tmp_path: Path) -> None:
+def test_a_committed_step_is_never_rewritten(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with _mgr(tmp_path) as mgr:
         first = _save(mgr, 2, 1)
-        _save(mgr, 2, 5)  # logged no-op
+        with caplog.at_level("WARNING", logger="spotckpt.dcp"):
+            _save(mgr, 2, 5)  # a no-op, with a warning naming the step and the rule
         got, _ = _load(mgr)
     assert torch.equal(got["model"]["0.weight"], first["model"]["0.weight"])
+    [rec] = [r for r in caplog.records if r.name == "spotckpt.dcp"]
+    assert rec.levelname == "WARNING" and "step 2 is already committed" in rec.getMessage()
+    assert "never replaced" in rec.getMessage() and "increasing checkpoint_id" in rec.getMessage()
+
+
+def test_the_writer_waits_for_the_managers_pending_async_save(tmp_path: Path) -> None:
+    """The DCP writer's commit shares the persist thread's collectives: it starts only once the
+    manager's own async save has finished."""
+    import threading
+
+    with _mgr(tmp_path) as mgr:
+        gate = threading.Event()
+        original = mgr._write  # hold the async save on the persist thread until released
+
+        def slow_write(*args: object, **kw: object) -> None:
+            gate.wait()
+            original(*args, **kw)  # type: ignore[arg-type]
+
+        mgr._write = slow_write  # type: ignore[method-assign]
+        mgr.save(1, {"w": torch.ones(2)}, blocking=False)
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (_save(mgr, 2, 1), done.set()))
+        try:
+            t.start()
+            assert not done.wait(0.3)  # still waiting for step 1's persist
+            assert mgr.all_steps() == []
+        finally:
+            gate.set()
+            t.join()
+        assert done.is_set() and mgr.all_steps() == [1, 2]
 
 
 def test_a_saved_dtype_is_cast_into_the_live_one_as_dcp_does(tmp_path: Path) -> None:
