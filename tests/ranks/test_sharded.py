@@ -1,7 +1,9 @@
 """Sharded state (FSDP2 on gloo, several processes): saved by one number of ranks, restored by
 another (4 -> 2, 2 -> 4, 4 -> 1 onto a plain module) with every full tensor equal; a corrupted
 shard falls back to the older step; a model that cannot hold the saved shapes is refused before
-any live tensor changes; DCP's own save/load through spotckpt's storage layer, uploaded to S3."""
+any live tensor changes; DCP's own save/load through spotckpt's storage layer, uploaded to S3;
+and behaving like DCP's own storage (ShardedTensors resharded, dtype casts, loads by key, a refused
+load changing nothing on any rank)."""
 
 from __future__ import annotations
 
