@@ -25,10 +25,33 @@ ranks exchange their file entries over spotckpt's own gloo group, each host's le
 step into place, and only then does ``write_data`` return -- so DCP's ``finish`` has nothing
 left to do, and no rank sees the step before every rank's files are durable. A failure on any
 rank commits nothing anywhere. Loading picks the newest step every rank can verify (local, else
-S3), checks the CRC32C of every file it reads before the planner touches a live tensor.
+S3), checks the CRC32C of every file it reads before the planner touches a live tensor, and
+checks the whole read plan on every rank (chunks, shapes, coverage, non-tensor items) before
+the first copy, so a refused load changes nothing. Targets may be plain tensors, DTensors or
+ShardedTensors (FSDP1's ``SHARDED_STATE_DICT``), resharded as DCP plans; a dtype other than the
+saved one is cast, as DCP's own reader does. The save planner's ``planner_data`` (flat key ->
+path in the nested state dict) is kept as JSON and given back, so key-based and partial loads
+return the nested dict.
 
 Async: pass ``async_checkpointer_type=AsyncCheckpointerType.THREAD`` (the default); the process
 executor would run the writer in another process, without this job's manager.
+
+Threads and who calls what (every rank, as DCP calls it):
+
+- ``StorageWriter.write_data`` runs on the thread that runs DCP's save: the training thread
+  (``dcp.save``) or DCP's async thread (``dcp.async_save``). It first waits for the manager's
+  pending async ``save()`` to finish on ``spotckpt-persist`` (not collective), then commits over
+  the manager's ``persist`` gloo group -- the one that thread commits on. Each group has a lock,
+  so two threads never run one group's collectives at once; the order of the ranks' turns is
+  this rule: while a ``dcp.async_save`` through a manager is in flight, do not call that
+  manager's ``save``/``maybe_save``/``adopt`` -- wait for DCP's future first (as before the next
+  ``dcp.async_save``).
+- ``StorageReader`` runs on the thread calling ``dcp.load`` (the training thread), over the
+  ``main`` group, like ``restore()``.
+
+Re-saving: a ``checkpoint_id`` that is already committed is not written again -- a committed
+step is never replaced -- so that save does nothing and logs a warning naming the step. Give
+each save a new, increasing ``checkpoint_id``.
 
 Errors: DCP wraps whatever a storage layer raises -- spotckpt's errors included -- in its own
 ``CheckpointException`` (a ``BaseException``) on every rank; the message carries spotckpt's.
@@ -36,6 +59,7 @@ Errors: DCP wraps whatever a storage layer raises -- spotckpt's errors included 
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -151,16 +175,24 @@ class StorageWriter(_StepStorage, _DcpWriter):
         except BaseException as exc:  # noqa: BLE001 - every rank raises below, none waits
             err, tensors, shards, items, results = exc, {}, {}, {}, []
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        # The manager's own async save commits over the same gloo group: let it finish first,
+        # so that every rank runs the two commits' collectives in the same order.
+        mgr.wait_persist_idle()
+        mgr._roll_back_before_saving(group="persist")  # after restoring an older step on purpose
         committed = err is None and mgr.local.is_committed(step)
         if mgr._coord is not None:  # every rank skips, or none does: the commit is collective
             committed = any(mgr._coord.exchange(f"dcp: committed {step}", committed, error=err, group="persist"))
         elif err is not None:
             raise err
         if committed:
-            log.info("spotckpt: step %d is already committed in %s; not writing it again", step, mgr.local_dir)
+            log.warning("spotckpt: step %d is already committed in %s; this dcp.save wrote nothing -- a committed "
+                        "step is never replaced: give each save a new, increasing checkpoint_id", step, mgr.local_dir)
         else:
             meta = {"format": FORMAT, "step": str(step), **shards_metadata(shards)}
             tree = {"format": FORMAT, "layout": LAYOUT, "step": step, "rank": mgr.rank, "items": items}
+            mapping = _planner_data_json(plan.planner_data)
+            if mapping is not None:
+                tree["planner_data"] = mapping
             extra = {"writer": f"spotckpt {__version__}", "world_size": mgr.world_size, "layout": LAYOUT}
             write_step(mgr.local, step, tree, lambda p: write_safetensors(p, tensors, meta), rank=mgr.rank,
                        extra=extra, coord=mgr._coord)
@@ -204,6 +236,32 @@ class StorageWriter(_StepStorage, _DcpWriter):
         """Nothing left: ``write_data`` committed the step on every host before returning."""
 
 
+def _planner_data_json(data: Any) -> dict[str, list[str | int]] | None:
+    """DCP's ``planner_data`` of a save plan as JSON: ``DefaultSavePlanner`` hands the mapping
+    of each flat key to its path in the nested state dict (``"model.w" -> ("model", "w")``),
+    which key-based and partial loads need back. None when there is none; anything else (a
+    custom planner's) is not kept, with a warning -- spotckpt pickles nothing."""
+    if data is None:
+        return None
+    if isinstance(data, dict) and all(
+            isinstance(k, str) and isinstance(v, (tuple, list))
+            and all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v) for k, v in data.items()):
+        return {k: list(v) for k, v in data.items()}
+    log.warning("spotckpt: the save planner's planner_data (%s) is not a mapping of flat keys to paths; not kept "
+                "(loads by key will see flat keys)", type(data).__name__)
+    return None
+
+
+def _planner_data_of(doc: dict[str, Any], where: str) -> dict[str, tuple[str | int, ...]]:
+    """The flat-key mapping a rank's tree file holds (empty for steps written before it was kept)."""
+    raw = doc.get("planner_data", {})
+    if not isinstance(raw, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v)
+            for v in raw.values()):
+        raise CheckpointCorruptError(f"{where}: malformed planner_data; the checkpoint is damaged", path=where)
+    return {k: tuple(v) for k, v in raw.items()}
+
+
 def _no_tensors(path: str, t: torch.Tensor) -> str:
     raise StateError(f"{path}: a tensor inside a non-tensor DCP item; put it at the top level of the "
                      "state dict", key_path=path)
@@ -221,6 +279,7 @@ class StorageReader(_StepStorage, _DcpReader):
         self._stack = ExitStack()
         self._index: ShardIndex | None = None
         self._items: dict[str, Any] = {}
+        self._planner_data: dict[str, tuple[str | int, ...]] = {}
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         mgr = self.manager
@@ -236,13 +295,14 @@ class StorageReader(_StepStorage, _DcpReader):
             raise NoCheckpointError(f"no checkpoint in {mgr.local_dir}" + (f" or {mgr.s3_uri}" if mgr.s3_uri else "")
                                     + "; start fresh instead of calling dcp.load")
         self.loaded_step = res.step
-        mgr._note_restore(res)
+        mgr._note_restore(res, explicit=self.step is not None)
         md = self._index.metadata
         storage = dict(self._index.where)
         for fqn, (tree, _) in self._items.items():
             md.state_dict_metadata[fqn] = BytesStorageMetadata()
             storage[MetadataIndex(fqn)] = ("bytes", tree)
-        return Metadata(state_dict_metadata=md.state_dict_metadata, storage_data=storage)
+        return Metadata(state_dict_metadata=md.state_dict_metadata, storage_data=storage,
+                        planner_data=dict(self._planner_data) if self._planner_data else None)
 
     def _open_step(self, step_dir: Path, manifest: Manifest, rank: int) -> None:
         """restore's loader: open the chosen (verified) step's files and index them."""
@@ -253,6 +313,7 @@ class StorageReader(_StepStorage, _DcpReader):
         try:
             readers = {f: stack.enter_context(SafetensorsFile(step_dir / f)) for f in tensor_files(manifest)}
             items: dict[str, Any] = {}
+            planner_data: dict[str, tuple[str | int, ...]] = {}
             for f in sorted(manifest.files):
                 if f.startswith("rank-") and f.endswith(".tree.json"):
                     doc = parse_tree_json((step_dir / f).read_bytes(), str(step_dir / f))
@@ -262,12 +323,14 @@ class StorageReader(_StepStorage, _DcpReader):
                     except (KeyError, TypeError, AttributeError) as exc:
                         raise CheckpointCorruptError(f"{step_dir / f}: not a DCP item file ({exc})",
                                                      path=step_dir / f) from exc
+                    for k, v in _planner_data_of(doc, str(step_dir / f)).items():
+                        planner_data.setdefault(k, v)  # the lowest rank's first, as DCP merges them
             index = ShardIndex(readers)
         except BaseException:
             stack.close()
             raise
         self._stack = stack
-        self._index, self._items = index, items
+        self._index, self._items, self._planner_data = index, items, planner_data
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         pass
@@ -279,27 +342,78 @@ class StorageReader(_StepStorage, _DcpReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Every check first -- each stored chunk exists and holds the box, each destination has
+        the box's shape and takes the stored dtype, the chunks cover every tensor, each
+        non-tensor item decodes -- on every rank (one exchange), and only then the copies: a
+        refusal anywhere leaves every live tensor and value as it was. A dtype differing from
+        the saved one is cast, as DCP's own FileSystemReader does (``Tensor.copy_``)."""
+        mgr = self.manager
         assert self._index is not None
         try:
-            _check_coverage(plan, planner)
-            for item in plan.items:
-                if item.type == LoadItemType.BYTE_IO:
-                    enc, source = self._items[item.storage_index.fqn]
-                    obj = decode_tree(enc, _no_stored_tensor, source=source, allow_pickle=self.manager.allow_pickle)
-                    buf = io.BytesIO()
-                    torch.save(obj, buf)  # DCP's planner takes bytes in torch.save form; made here, from JSON
-                    buf.seek(0)
-                    planner.load_bytes(item, buf)
-                    continue
-                loc = self._index.where.get(item.storage_index)
-                if loc is None:
-                    raise CheckpointCorruptError(f"no stored chunk for {item.storage_index}; the checkpoint is damaged")
-                read_item(loc, item, planner)
+            err: BaseException | None = None
+            objs: list[tuple[Any, bytes]] = []
+            jobs: list[tuple[Any, Any, torch.Tensor]] = []
+            try:
+                objs, jobs = self._checked(plan, planner)
+            except BaseException as exc:  # noqa: BLE001 - every rank raises below, none copies
+                err = exc
+            if mgr._coord is not None:
+                mgr._coord.exchange("dcp: read checked", error=err)
+            elif err is not None:
+                raise err
+            for item, data in objs:
+                planner.load_bytes(item, io.BytesIO(data))
+            for loc, item, dest in jobs:
+                read_item(loc, item, planner, dest)
         finally:
             self._stack.close()
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
+
+    def _checked(self, plan: LoadPlan, planner: LoadPlanner) -> tuple[list[tuple[Any, bytes]],
+                                                                       list[tuple[Any, Any, torch.Tensor]]]:
+        """The read, checked and resolved, nothing written: the non-tensor items (DCP's planner
+        takes them in ``torch.save`` form, made here from JSON) and the tensor boxes with their
+        destinations."""
+        assert self._index is not None
+        objs: list[tuple[Any, bytes]] = []
+        jobs: list[tuple[Any, Any, torch.Tensor]] = []
+        casts: list[str] = []
+        for item in plan.items:
+            fqn = item.dest_index.fqn
+            if item.type == LoadItemType.BYTE_IO:
+                got = self._items.get(item.storage_index.fqn)
+                if got is None:
+                    raise CheckpointCorruptError(f"no stored item {item.storage_index.fqn!r}; the checkpoint is damaged")
+                enc, source = got
+                obj = decode_tree(enc, _no_stored_tensor, source=source, allow_pickle=self.manager.allow_pickle)
+                buf = io.BytesIO()
+                torch.save(obj, buf)
+                objs.append((item, buf.getvalue()))
+                continue
+            loc = self._index.where.get(item.storage_index)
+            if loc is None:
+                raise CheckpointCorruptError(f"no stored chunk for {item.storage_index}; the checkpoint is damaged")
+            offsets, lengths = tuple(item.storage_offsets), tuple(item.lengths)
+            if len(offsets) != len(loc.shape) or any(o < 0 or o + n > d for o, n, d in zip(offsets, lengths, loc.shape)):
+                raise CheckpointCorruptError(f"{fqn}: the box at {list(offsets)} of size {list(lengths)} is not inside "
+                                             f"its stored chunk {list(loc.shape)}; the checkpoint is damaged")
+            dest = planner.resolve_tensor(item).detach()
+            if tuple(dest.shape) != lengths:
+                raise StateError(f"{fqn}: the planner wants {list(lengths)} elements of the saved chunk in a "
+                                 f"{list(dest.shape)} tensor; load into a tensor of the saved shape", key_path=fqn)
+            if dest.dtype != loc.dtype:
+                if not _castable(loc.dtype, dest.dtype):
+                    raise StateError(f"{fqn}: saved as {loc.dtype}, which torch cannot copy into the live "
+                                     f"{dest.dtype} tensor; load into a {loc.dtype} tensor", key_path=fqn)
+                casts.append(f"{fqn} ({loc.dtype} -> {dest.dtype})")
+            jobs.append((loc, item, dest))
+        _check_coverage(plan, planner)
+        if casts:
+            log.info("spotckpt: dcp.load casts %d saved tensor chunk(s) to the live dtype, e.g. %s",
+                     len(casts), casts[0])
+        return objs, jobs
 
 
 def _check_coverage(plan: LoadPlan, planner: LoadPlanner) -> None:
@@ -309,6 +423,16 @@ def _check_coverage(plan: LoadPlan, planner: LoadPlanner) -> None:
         return  # a custom planner: nothing to check against
     read = {item.dest_index.fqn for item in plan.items if item.type != LoadItemType.BYTE_IO}
     check_coverage(plan.items, {fqn: targets[fqn] for fqn in read if fqn in targets})
+
+
+@functools.cache
+def _castable(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether ``Tensor.copy_`` (what DCP's own reader copies with) takes ``src`` into ``dst``."""
+    try:
+        torch.zeros(1, dtype=dst).copy_(torch.zeros(1, dtype=src))
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def _no_stored_tensor(name: str) -> torch.Tensor:

@@ -19,8 +19,14 @@ Hosts: a host is a distinct ``local_dir`` (ranks passing the same ``local_dir`` 
 shared filesystem included); its *leader* is its lowest rank, which commits that host's step
 directories and runs its uploader.
 
-Threads: ``exchange(group="main")`` is called by the training thread only, ``exchange(group=
-"persist")`` by the persist thread only; the request channel's listener is ``spotckpt-requests``.
+Threads: ``exchange(group="main")`` and ``broadcast_file`` are called by the training thread;
+``exchange(group="persist")`` by whichever thread commits a save -- the persist thread (async
+saves), the training thread (blocking saves), or the thread running :mod:`spotckpt.dcp`'s writer
+(the training thread, or DCP's async thread). Each group has a lock held for the whole of each
+collective, so one group's collectives never run from two threads of a process at once (gloo
+would mix them up); the order in which the ranks' threads take turns is the callers' rule: a
+blocking save and the DCP writer first wait for the manager's pending async save. The request
+channel's listener is ``spotckpt-requests``.
 """
 
 from __future__ import annotations
@@ -123,6 +129,8 @@ class Coordinator:
                 f"cannot create spotckpt's gloo process groups ({exc}); spotckpt needs the gloo "
                 "backend (built into every PyTorch) beside the job's own"
             ) from exc
+        #: one lock per group, held around each collective on it (see the module docstring)
+        self._locks = {name: threading.Lock() for name in self._groups}
         from torch.distributed import distributed_c10d as c10d
 
         self.store = c10d._get_default_store()
@@ -187,10 +195,14 @@ class Coordinator:
     SLOT_BYTES = 4096
 
     def _all_gather_bytes(self, payload: bytes, name: str, group: str) -> list[bytes]:
-        import torch.distributed as dist
-
         pg = self._groups[group]
         slot = self.SLOT_BYTES
+        with self._locks[group]:
+            return self._all_gather_locked(payload, name, pg, slot)
+
+    def _all_gather_locked(self, payload: bytes, name: str, pg: Any, slot: int) -> list[bytes]:
+        import torch.distributed as dist
+
         try:
             buf = torch.zeros(slot, dtype=torch.uint8)
             buf[:8] = torch.frombuffer(bytearray(len(payload).to_bytes(8, "little")), dtype=torch.uint8)
@@ -252,11 +264,12 @@ class Coordinator:
                 off += n
 
         try:
-            if dst is not None:
-                return write_chunks_durably(dst, parts())
-            for _ in parts():
-                pass
-            return None
+            with self._locks["main"]:
+                if dst is not None:
+                    return write_chunks_durably(dst, parts())
+                for _ in parts():
+                    pass
+                return None
         finally:
             if fin is not None:
                 fin.close()

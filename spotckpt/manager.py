@@ -512,14 +512,16 @@ class CheckpointManager:
         self._last_save_time = self._clock()
         self.events.emit(RestoreEvent(step=res.step, seconds=res.seconds, source=res.source, bytes=res.bytes))
 
-    def _roll_back_before_saving(self) -> None:
+    def _roll_back_before_saving(self, *, group: str = "main") -> None:
         """The first save after restoring an explicitly chosen older step: the run diverges
-        from the newer steps here, so they stop counting now (see :meth:`_roll_back`)."""
+        from the newer steps here, so they stop counting now (see :meth:`_roll_back`).
+        ``group``: the gloo group of the calling thread's collectives (:mod:`spotckpt.dcp`'s
+        writer: ``persist``)."""
         if self._rollback_to is not None:
             chosen, self._rollback_to = self._rollback_to, None
-            self._roll_back(chosen)
+            self._roll_back(chosen, group=group)
 
-    def _roll_back(self, chosen: int | None) -> None:
+    def _roll_back(self, chosen: int | None, *, group: str = "main") -> None:
         """A restore chose step ``chosen`` (None: a fresh start over damaged steps). This run
         writes the newer steps again, so they stop counting: each host's leader moves its newer
         committed steps aside (kept as evidence until retention), the manifest writer (rank 0)
@@ -550,7 +552,7 @@ class CheckpointManager:
         except SpotCkptError as exc:
             err = exc
         if self._coord is not None:
-            self._coord.exchange("restore: roll back", None, error=err)
+            self._coord.exchange("restore: roll back", None, error=err, group=group)
         elif err is not None:
             raise err
 
@@ -577,6 +579,15 @@ class CheckpointManager:
         if job is not None:
             job.done.wait()
             self._raise_bg_error()
+
+    def wait_persist_idle(self) -> None:
+        """Block until this rank's pending async save has finished on the persist thread
+        (committed, or failed: its error still surfaces from the next ``save()``/``wait()``).
+        Not collective; any thread. :mod:`spotckpt.dcp`'s writer calls it before its commit,
+        whose collectives share that thread's gloo group."""
+        job = self._pending
+        if job is not None:
+            job.done.wait()
 
     def _raise_bg_error(self) -> None:
         """Raise a background save's error on the caller's thread: a SpotCkptError as a copy of

@@ -55,9 +55,28 @@ def is_dtensor(t: Any) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
-def local_numel(t: torch.Tensor) -> int:
-    """Elements this rank holds of ``t`` (its shard's, for a DTensor)."""
-    return (t.to_local() if is_dtensor(t) else t).numel()
+@functools.cache
+def _sharded_tensor_cls() -> type | None:
+    try:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+    except ImportError:  # a torch without it
+        return None
+    return ShardedTensor
+
+
+def local_numel(t: Any) -> int:
+    """Elements this rank holds of ``t``: its shard's for a DTensor, its local shards' for a
+    ShardedTensor (FSDP1's SHARDED_STATE_DICT), the chunks it reports for another subclass DCP's
+    planner plans by chunks (``__create_chunk_list__``), all of a plain tensor. (``numel()`` of
+    a ShardedTensor is refused by torch.)"""
+    if is_dtensor(t):
+        return t.to_local().numel()
+    st = _sharded_tensor_cls()
+    if st is not None and isinstance(t, st):
+        return sum(s.tensor.numel() for s in t.local_shards())
+    if hasattr(t, "__create_chunk_list__"):
+        return sum(math.prod(c.sizes) for c in t.__create_chunk_list__())
+    return t.numel()
 
 
 @dataclass(frozen=True)
@@ -203,6 +222,8 @@ class LocalChunk:
 
     def __init__(self, reader: SafetensorsFile, name: str) -> None:
         self.reader, self.name = reader, name
+        spec = reader.specs[name]
+        self.dtype, self.shape = spec.dtype, tuple(spec.shape)
 
     def read_box(self, offsets: tuple[int, ...], lengths: tuple[int, ...], dest: torch.Tensor) -> None:
         self.reader.read_box_into(self.name, offsets, lengths, dest)
@@ -367,15 +388,17 @@ def check_coverage(items: list[Any], targets: Mapping[str, Any]) -> None:
                 "needs; the checkpoint is incomplete -- an older step will be used")
 
 
-def read_item(chunk: LocalChunk | RemoteChunk, item: Any, planner: Any) -> int:
-    """Copy one DCP read item (a box of a stored chunk) into the tensor the planner resolves
-    it to, and commit it; returns the bytes copied."""
+def read_item(chunk: LocalChunk | RemoteChunk, item: Any, planner: Any, dest: torch.Tensor | None = None) -> int:
+    """Copy one DCP read item (a box of a stored chunk) into ``dest`` (by default the tensor
+    the planner resolves it to), cast to its dtype as ``Tensor.copy_`` does, and commit it;
+    returns the bytes copied."""
     with torch.no_grad():
-        dest = planner.resolve_tensor(item)
-        if dest.device.type == "cpu":
+        if dest is None:
+            dest = planner.resolve_tensor(item)
+        if dest.device.type == "cpu" and dest.dtype == chunk.dtype:
             chunk.read_box(tuple(item.storage_offsets), tuple(item.lengths), dest)
         else:
-            tmp = torch.empty(tuple(item.lengths), dtype=dest.dtype)
+            tmp = torch.empty(tuple(item.lengths), dtype=chunk.dtype)
             chunk.read_box(tuple(item.storage_offsets), tuple(item.lengths), tmp)
             dest.copy_(tmp)
         planner.commit_tensor(item, dest)

@@ -1,7 +1,9 @@
 """Sharded state (FSDP2 on gloo, several processes): saved by one number of ranks, restored by
 another (4 -> 2, 2 -> 4, 4 -> 1 onto a plain module) with every full tensor equal; a corrupted
 shard falls back to the older step; a model that cannot hold the saved shapes is refused before
-any live tensor changes; DCP's own save/load through spotckpt's storage layer, uploaded to S3."""
+any live tensor changes; DCP's own save/load through spotckpt's storage layer, uploaded to S3;
+and behaving like DCP's own storage (ShardedTensors resharded, dtype casts, loads by key, a refused
+load changing nothing on any rank)."""
 
 from __future__ import annotations
 
@@ -21,21 +23,22 @@ from tests.helpers import REPO, finish_ranks, launch_ranks, result_of
 pytestmark = pytest.mark.ranks
 
 CHILD = str(Path(__file__).with_name("fsdp_child.py"))
+DCP_CHILD = str(Path(__file__).with_name("dcp_child.py"))
 
 
 def _run(world: int, scenario: str, local_dir: Path, out: Path, *args: str,
-         env: dict[str, str] | None = None) -> list[dict]:  # type: ignore[type-arg]
-    """``world`` ranks (0: one process, no process group) of fsdp_child.py; their results."""
+         env: dict[str, str] | None = None, child: str = CHILD) -> list[dict]:  # type: ignore[type-arg]
+    """``world`` ranks (0: one process, no process group) of ``child`` (fsdp_child.py); their results."""
     if world == 0:
         import subprocess
 
         e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         e.update(env or {}, SPOTCKPT_METRICS="0")
-        p = subprocess.run([sys.executable, CHILD, scenario, str(local_dir), str(out), *args], env=e,
+        p = subprocess.run([sys.executable, child, scenario, str(local_dir), str(out), *args], env=e,
                            capture_output=True, text=True, cwd=REPO)
         results = [(p.returncode, p.stdout, p.stderr)]
     else:
-        procs = launch_ranks(lambda r: [sys.executable, CHILD, scenario, str(local_dir), str(out), *args], world,
+        procs = launch_ranks(lambda r: [sys.executable, child, scenario, str(local_dir), str(out), *args], world,
                              env=env)
         results = finish_ranks(procs)
     for code, _, err in results:
@@ -167,3 +170,16 @@ def test_a_dcp_save_that_fails_on_one_rank_fails_on_every_rank_at_once_and_commi
         # told by the failing rank, not by the collective timeout
         assert "could not exchange" not in r["message"], r["message"]
         assert "odd.fn: value of type builtins.builtin_function_or_method cannot be checkpointed" in r["message"]
+
+
+def test_dcp_through_spotckpt_behaves_like_dcps_own_storage_on_two_ranks(tmp_path: Path) -> None:
+    """One 2-rank job (see dcp_child.py): a row-wise ShardedTensor saved by DCP right after an
+    async manager save, loaded column-wise, into a DTensor and into a plain bf16 tensor; the
+    nested dict back by key; a load refused on one rank changes nothing on any rank."""
+    res = _run(2, "parity", tmp_path / "ck", tmp_path / "unused", child=DCP_CHILD)
+    for rank, r in enumerate(res):
+        assert r["steps"] == [1, 2], r
+        assert r["columns"] and r["dtensor"] and r["plain_bf16"] and r["by_key"], r
+        # DCP raises every rank's failure on every rank: rank 1's refusal, rank 0 told of it
+        assert r["error"] == "CheckpointException" and "PickleRefusedError" in r["message"], r
+        assert r["untouched"] is True, r

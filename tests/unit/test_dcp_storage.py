@@ -104,9 +104,85 @@ def test_no_checkpoint_says_to_start_fresh(tmp_path: Path) -> None:
         _load(mgr)
 
 
-def test_a_committed_step_is_never_rewritten(tmp_path: Path) -> None:
+def test_a_committed_step_is_never_rewritten(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with _mgr(tmp_path) as mgr:
         first = _save(mgr, 2, 1)
-        _save(mgr, 2, 5)  # logged no-op
+        with caplog.at_level("WARNING", logger="spotckpt.dcp"):
+            _save(mgr, 2, 5)  # a no-op, with a warning naming the step and the rule
         got, _ = _load(mgr)
     assert torch.equal(got["model"]["0.weight"], first["model"]["0.weight"])
+    [rec] = [r for r in caplog.records if r.name == "spotckpt.dcp"]
+    assert rec.levelname == "WARNING" and "step 2 is already committed" in rec.getMessage()
+    assert "never replaced" in rec.getMessage() and "increasing checkpoint_id" in rec.getMessage()
+
+
+def test_the_writer_waits_for_the_managers_pending_async_save(tmp_path: Path) -> None:
+    """The DCP writer's commit shares the persist thread's collectives: it starts only once the
+    manager's own async save has finished."""
+    import threading
+
+    with _mgr(tmp_path) as mgr:
+        gate = threading.Event()
+        original = mgr._write  # hold the async save on the persist thread until released
+
+        def slow_write(*args: object, **kw: object) -> None:
+            gate.wait()
+            original(*args, **kw)  # type: ignore[arg-type]
+
+        mgr._write = slow_write  # type: ignore[method-assign]
+        mgr.save(1, {"w": torch.ones(2)}, blocking=False)
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (_save(mgr, 2, 1), done.set()))
+        try:
+            t.start()
+            assert not done.wait(0.3)  # still waiting for step 1's persist
+            assert mgr.all_steps() == []
+        finally:
+            gate.set()
+            t.join()
+        assert done.is_set() and mgr.all_steps() == [1, 2]
+
+
+def test_a_saved_dtype_is_cast_into_the_live_one_as_dcp_does(tmp_path: Path) -> None:
+    """DCP's FileSystemReader copies with Tensor.copy_, which casts: fp32 into a bf16 model."""
+    with _mgr(tmp_path) as mgr:
+        saved = _save(mgr, 1, 1)
+        sd = {"model": {k: torch.zeros_like(v, dtype=torch.bfloat16) for k, v in saved["model"].items()}}
+        dcp.load(sd, storage_reader=StorageReader(mgr))
+    for k, v in saved["model"].items():
+        assert sd["model"][k].dtype == torch.bfloat16 and torch.equal(sd["model"][k], v.to(torch.bfloat16)), k
+
+
+def test_a_refused_load_changes_nothing_not_even_what_it_read_first(tmp_path: Path) -> None:
+    """The whole plan is checked before the first copy: a value that cannot be loaded (here a
+    pickle, refused) leaves the tensors planned before it untouched."""
+    with spotckpt.CheckpointManager(tmp_path, metrics=False, install_signal_handlers=False, allow_pickle=True) as mgr:
+        dcp.save({"a": torch.ones(3), "b": {"c": torch.full((2,), 2.0)}, "z": {"fn": print}},
+                 storage_writer=StorageWriter(mgr), checkpoint_id=1)
+    sd = {"a": torch.zeros(3), "b": {"c": torch.zeros(2, dtype=torch.bfloat16)}, "z": {"fn": None}}
+    with _mgr(tmp_path) as mgr, pytest.raises(CheckpointException, match="pickled value"):
+        dcp.load(sd, storage_reader=StorageReader(mgr))
+    assert torch.equal(sd["a"], torch.zeros(3)) and torch.equal(sd["b"]["c"], torch.zeros(2, dtype=torch.bfloat16))
+    assert sd["z"] == {"fn": None}
+
+
+def test_partial_and_key_based_loads_get_the_nested_dict_back(tmp_path: Path) -> None:
+    """DCP's planner hands the writer its flat-key -> path mapping (planner_data); it is kept
+    as JSON in the rank's tree file and given back by read_metadata, as DCP's own storage does."""
+    import json
+
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with _mgr(tmp_path) as mgr:
+        saved = _save(mgr, 3, 1)
+        tree = json.loads((tmp_path / step_dirname(3) / "rank-00000.tree.json").read_bytes())
+        assert tree["planner_data"]["model.0.weight"] == ["model", "0.weight"]
+        assert tree["planner_data"]["meta.lr"] == ["meta", "lr"]
+        everything = _load_state_dict_from_keys(storage_reader=StorageReader(mgr))
+        model = _load_state_dict_from_keys("model", storage_reader=StorageReader(mgr))
+        one = _load_state_dict_from_keys({"model.2.bias", "meta.name"}, storage_reader=StorageReader(mgr))
+    assert sorted(everything) == ["meta", "model"] and everything["meta"] == saved["meta"]
+    assert sorted(everything["model"]) == sorted(saved["model"])
+    assert sorted(model) == ["model"] and all(torch.equal(model["model"][k], v) for k, v in saved["model"].items())
+    assert one == {"model": {"2.bias": one["model"]["2.bias"]}, "meta": {"name": "run"}}
+    assert torch.equal(one["model"]["2.bias"], saved["model"]["2.bias"])
