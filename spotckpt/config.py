@@ -86,10 +86,18 @@ def sagemaker_info() -> SageMakerInfo:
 
 
 def resolve_local_dir(arg: str | os.PathLike[str] | None = None) -> Path:
-    if arg is not None and str(arg) != "":
+    """``local_dir``: the argument, else $SPOTCKPT_LOCAL_DIR, else SageMaker's LocalPath, else
+    /opt/ml/checkpoints. An empty or blank value is a mistake (ConfigError), never a silent
+    fallback to the default directory."""
+    if arg is not None:
+        if not os.fspath(arg).strip():
+            raise ConfigError(f"local_dir={os.fspath(arg)!r} is empty; pass a directory, or None for the default "
+                              "($SPOTCKPT_LOCAL_DIR, SageMaker's LocalPath, /opt/ml/checkpoints)")
         return Path(arg).expanduser()
     env = os.environ.get("SPOTCKPT_LOCAL_DIR")
-    if env:
+    if env is not None and env != "":
+        if not env.strip():
+            raise ConfigError("SPOTCKPT_LOCAL_DIR is blank; set it to a directory or unset it")
         return Path(env).expanduser()
     sm = sagemaker_info()
     if sm.checkpoint_local_path:

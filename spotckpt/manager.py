@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import os
 import threading
 import time
@@ -65,6 +66,21 @@ from .torch_state import capture, replicated_keys
 __all__ = ["CheckpointManager"]
 
 log = logging.getLogger(__name__)
+
+
+def as_step(step: Any) -> int:
+    """A step as a plain int: ints and integer-like values (``numpy.int64``, a 0-dim integer
+    tensor) are accepted; anything else, a bool or a negative number is a ConfigError."""
+    if type(step) is int and step >= 0:
+        return step
+    if not isinstance(step, bool):
+        try:
+            value = operator.index(step)
+        except TypeError:
+            value = None
+        if value is not None and value >= 0:
+            return value
+    raise ConfigError(f"step must be a non-negative integer, got {step!r} ({type(step).__name__})")
 
 
 class CheckpointManager:
@@ -126,7 +142,8 @@ class CheckpointManager:
         self.stats = Stats()
         self.events = EventBus()
         self.events.subscribe(self.stats)
-        self.events.subscribe(MetricsListener(enabled=metrics if metrics is not None else env_bool("SPOTCKPT_METRICS", True)))
+        self._metrics = MetricsListener(enabled=metrics if metrics is not None else env_bool("SPOTCKPT_METRICS", True))
+        self.events.subscribe(self._metrics)
         self._lock = threading.Lock()
         self._pending: SaveJob | None = None
         self._bg_error: BaseException | None = None
@@ -196,6 +213,8 @@ class CheckpointManager:
         if rank is not None and rank != coord.rank:
             raise ConfigError(f"rank={rank} but torch.distributed says this is rank {coord.rank}; drop rank=")
         self.rank, self.world_size = coord.rank, coord.world_size
+        if self.world_size > 1:
+            self._metrics.rank = self.rank
         coord.set_hosts(str(self.local.root))
         self._requests = RequestChannel(coord.store, coord.rank, coord.world_size)
         self._agreement = SaveAgreement(self._requests)
@@ -269,6 +288,8 @@ class CheckpointManager:
         loaded will be written again by this run: they are moved aside locally (logged) and
         un-committed in S3, so a later save of the same step is never mistaken for done."""
         self._check_open()
+        if step is not None:
+            step = as_step(step)
         err: BaseException | None = None
         try:
             capture(state, step=0, rank=self.rank, allow_pickle=self.allow_pickle)  # save()'s rules, up front
@@ -314,8 +335,10 @@ class CheckpointManager:
         """The save; ``policy``: a policy save, skipped (on every rank) while one is persisting."""
         self._check_open()
         err: BaseException | None = None
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            err = ConfigError(f"step must be a non-negative int, got {step!r}")
+        try:
+            step = as_step(step)
+        except ConfigError as exc:
+            err = exc
         if self._coord is None:
             if err is not None:
                 raise err
@@ -346,25 +369,27 @@ class CheckpointManager:
         if blocking and all(t.device.type == "cpu" for t in snap.tensors.values()):
             # Host tensors: written straight from their memory, no copy at all.
             write = recording_shards(snap.tree, snap.shards, snap.tensors, lambda p, **kw: write_safetensors(p, snap.tensors, meta, **kw))
-            self._write(step, snap.tree, write, t0, snap.nbytes, extra)
+            self._write(step, snap.tree, write, t0, snap.nbytes, extra,
+                        before_durable=lambda: self._note_save(step, t0, snap.nbytes, True))
+            return True
         else:
             # Device tensors (blocking: one pinned device-to-host pass, much faster than copying
             # tensor by tensor into pageable memory) and every async save go through the stager.
             with self._lock:
                 staged = self._stager.stage(snap.tensors, meta)
 
-            def run() -> None:
+            def run(before_durable: Callable[[], None] | None = None) -> None:
                 try:
                     self._write(step, snap.tree, recording_shards(snap.tree, snap.shards, snap.tensors, staged.write_to), t0,
-                                staged.nbytes, extra)
+                                staged.nbytes, extra, before_durable=before_durable)
                 finally:
                     with self._lock:
                         self._stager.release(staged)
 
             if blocking:
-                run()
-            else:
-                self._pending = SaveJob(step, run)
+                run(lambda: self._note_save(step, t0, snap.nbytes, True))
+                return True
+            self._pending = SaveJob(step, run)
         self._note_save(step, t0, snap.nbytes, blocking)
         if not blocking:
             assert self._persist is not None and self._pending is not None
@@ -416,6 +441,8 @@ class CheckpointManager:
         every rank every step; a preemption noticed on any rank becomes a save of one agreed
         step on all of them (see :class:`spotckpt.dist.RequestChannel`)."""
         self._check_open()
+        if type(step) is not int:
+            step = as_step(step)
         self.events.emit(ProgressEvent(step=step))
         if self._preempted:
             return False
@@ -484,8 +511,12 @@ class CheckpointManager:
 
     # -- writing (training thread for blocking saves, persist thread for async ones) -------
     def _write(self, step: int, tree: dict[str, Any], write_tensors: Callable[[Any], Any], t0: float, nbytes: int,
-               extra: dict[str, Any]) -> None:
+               extra: dict[str, Any], *, before_durable: Callable[[], None] | None = None) -> None:
+        """Write and commit; ``before_durable`` (a blocking save's save event) runs between the
+        commit and the durable_local event, so the lines come in the order things happened."""
         write_step(self.local, step, tree, write_tensors, rank=self.rank, extra=extra, coord=self._coord)
+        if before_durable is not None:
+            before_durable()
         self._committed(step, t0, nbytes)
 
     def _note_save(self, step: int, t0: float, nbytes: int, blocking: bool) -> None:
@@ -636,12 +667,13 @@ class CheckpointManager:
         return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        """Committed steps, ascending: local, plus S3 when configured."""
+        """Committed steps, ascending: local, plus S3 when configured -- those retention keeps
+        (a step retention is about to delete is not shown, so never more than ``keep_last``)."""
         self._check_open()
         steps = set(self.local.committed_steps())
         if self._store is not None:
             steps |= set(self._store.list_steps())
-        return sorted(steps)
+        return sorted(self.retention.kept(steps))
 
     # -- lifecycle -------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -729,8 +761,7 @@ class CheckpointManager:
         it is copied; ConfigError for what cannot be adopted, and with several ranks."""
         self._check_open()
         require_one_process(self.world_size, "CheckpointManager.adopt")
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ConfigError(f"step must be a non-negative int, got {step!r}")
+        step = as_step(step)
         self._wait_pending()
         self._roll_back_before_saving()
         path = self.local.step_path(step)

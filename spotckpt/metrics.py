@@ -12,7 +12,7 @@
 so SageMaker ``MetricDefinitions`` can scrape them, e.g.
 ``{"Name": "ckpt:stall_s", "Regex": "event=save .*stall_s=([0-9.]+)"}``. Keys and event names are
 part of the public contract: new keys may be added at the end, existing ones never change.
-Progress events are not printed.
+Progress events are not printed. With several ranks every line ends with ``rank=R``.
 
 Lines go to the logger ``spotckpt.metrics`` (INFO) and, when enabled, straight to stderr, because
 SageMaker scrapes the container's output and the library must not configure logging handlers.
@@ -59,15 +59,19 @@ def format_line(event: str, **fields: Any) -> str:
 class MetricsListener:
     """Writes the metric line of each event (any thread; one lock around the stream)."""
 
-    def __init__(self, *, stream: TextIO | None = None, enabled: bool = True) -> None:
+    def __init__(self, *, stream: TextIO | None = None, enabled: bool = True, rank: int | None = None) -> None:
         self._stream = stream
         self.enabled = enabled
+        self.rank = rank  # several ranks: every line ends with rank=R
         self._lock = threading.Lock()
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, ProgressEvent):
             return
-        line = format_line(event.name, **event.fields())
+        fields = event.fields()
+        if self.rank is not None:
+            fields["rank"] = self.rank
+        line = format_line(event.name, **fields)
         log.info("%s", line)
         if self.enabled:
             stream = self._stream or sys.stderr

@@ -364,14 +364,14 @@ class Uploader:
                     self._cond.notify_all()
                 return
             raise
-        with self._cond:
-            self._remote.add(step)
-            self._cond.notify_all()
-        if uploaded and self._on_uploaded is not None:
+        if uploaded and self._on_uploaded is not None:  # before wait_for() returns: lines in order
             try:
                 self._on_uploaded(step, time.perf_counter() - t0, manifest.total_bytes)
             except Exception:  # noqa: BLE001 - a metrics callback must not stop uploads
                 log.exception("on_uploaded callback failed")
+        with self._cond:
+            self._remote.add(step)
+            self._cond.notify_all()
 
     def _upload_host_part(self, step: int, src: Path, manifest: Any) -> bool | None:
         """Several hosts: upload the files this host holds (data only). The host of rank 0 then

@@ -72,7 +72,7 @@ def test_every_step_corrupt_raises_naming_each_and_deletes_nothing(tmp_path: Pat
     for step in (1, 2):
         _flip(tmp_path / f"step-00000000000{step}" / "rank-00000.safetensors")
     (tmp_path / "step-000000000003" / "manifest.json").write_text("{not json")  # damaged manifest
-    with CheckpointManager(tmp_path, async_save=False, keep_last=1, metrics=False) as mgr:
+    with CheckpointManager(tmp_path, async_save=False, keep_last=3, metrics=False) as mgr:
         assert mgr.all_steps() == [1, 2]  # the damaged manifest un-commits step 3
         with pytest.raises(AllStepsCorruptError) as info:
             mgr.restore(st)

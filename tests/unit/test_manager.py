@@ -398,3 +398,49 @@ def test_a_torchrun_rank_without_a_process_group_is_refused(tmp_path: Path, monk
     monkeypatch.setenv("WORLD_SIZE", "1")
     with CheckpointManager(tmp_path, metrics=False) as mgr:
         assert mgr.rank == 0 and mgr.world_size == 1
+
+
+def test_newcomer_inputs_empty_local_dir_integer_like_steps_and_the_keep_last_cap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    for blank in ("", "  "):
+        with pytest.raises(ConfigError, match="empty"):  # never a silent /opt/ml/checkpoints
+            CheckpointManager(blank, metrics=False)
+    monkeypatch.setenv("SPOTCKPT_LOCAL_DIR", " ")
+    with pytest.raises(ConfigError, match="SPOTCKPT_LOCAL_DIR is blank"):
+        CheckpointManager(metrics=False)
+    monkeypatch.delenv("SPOTCKPT_LOCAL_DIR")
+    st = step_state(0, numel=16)
+    seen: list[list[int]] = []
+    with CheckpointManager(tmp_path, keep_last=2, async_save=True, every_steps=1) as mgr:
+        mgr.events.subscribe(lambda e: seen.append(mgr.all_steps()) if e.name == "durable_local" else None)
+        mgr.save(np.int64(1), st, blocking=True)
+        mgr.maybe_save(torch.tensor(2), st)
+        for s in (3, 4, 5):
+            mgr.save(s, st)
+            seen.append(mgr.all_steps())
+        mgr.wait()
+        assert mgr.all_steps() == [4, 5]
+        with pytest.raises(ConfigError, match="non-negative integer"):
+            mgr.save(True, st)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="non-negative integer"):
+            mgr.save(2.0, st)  # type: ignore[arg-type]
+    assert all(len(s) <= 2 for s in seen), seen  # never more than keep_last, even between commit and prune
+    # a blocking save's lines come in the order things happened: save, then durable_local
+    lines = [ln.split()[1] for ln in capsys.readouterr().err.splitlines() if ln.startswith("spotckpt event=")]
+    assert lines[:2] == ["event=save", "event=durable_local"], lines
+
+
+def test_metric_lines_end_with_the_rank_when_there_are_several() -> None:
+    import io
+
+    from spotckpt.events import SaveEvent
+    from spotckpt.metrics import MetricsListener
+
+    buf = io.StringIO()
+    MetricsListener(stream=buf, rank=3)(SaveEvent(step=7, stall_s=0.5, bytes=10, blocking=True))
+    MetricsListener(stream=buf)(SaveEvent(step=7, stall_s=0.5, bytes=10, blocking=True))
+    first, second = buf.getvalue().splitlines()
+    assert first == "spotckpt event=save step=7 stall_s=0.5000 bytes=10 blocking=1 rank=3"
+    assert second == "spotckpt event=save step=7 stall_s=0.5000 bytes=10 blocking=1"
