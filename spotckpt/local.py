@@ -111,9 +111,18 @@ class LocalStore:
     """Committed steps under ``root`` and their staging area."""
 
     def __init__(self, root: str | Path, *, create: bool = True, cleanup: bool = True,
-                 io: LocalIO | None = None) -> None:
+                 io: LocalIO | None = None, read_only: bool = False) -> None:
+        """``read_only=True`` (inspection: ``spotckpt ls``/``verify``, the source of a restore)
+        creates, probes and removes nothing -- no staging directory next to or inside ``root``
+        -- so it works on a read-only volume; only the scan and read methods may be used."""
         self.io = io or LocalIO()
         self.root = Path(root).expanduser().absolute()
+        self.read_only = read_only
+        if read_only:
+            if not self.root.is_dir():
+                raise ConfigError(f"checkpoint directory {self.root} does not exist or is not a directory")
+            self.staging_root = self.root.parent / f".{self.root.name}{_STAGING_SUFFIX}"  # never created
+            return
         self._check_root(create)
         self.staging_root = self._choose_staging()
         if cleanup:
@@ -233,6 +242,8 @@ class LocalStore:
         return self._mkdir_staging(self.staging_root / f"{owner_pid}-ranks-{step_dirname(step)}", step, exist_ok=True)
 
     def _mkdir_staging(self, d: Path, step: int, *, exist_ok: bool) -> Path:
+        if self.read_only:
+            raise ConfigError(f"{self.root} was opened read-only (for inspection); nothing can be written there")
         try:
             self.staging_root.mkdir(exist_ok=True)
             d.mkdir(exist_ok=exist_ok)
