@@ -113,8 +113,8 @@ def is_s3_uri(src: str) -> bool:
         return True
     if src[:3].lower() == "s3:":
         rest = src[3:].lstrip("/")
-        raise ConfigError(f"malformed S3 URI {src!r}: write it as s3://{rest or 'bucket/prefix'} "
-                          "(lower-case 's3' and two slashes)")
+        raise ConfigError(f"malformed S3 URI {src!r}: an S3 URI looks like s3://bucket/prefix (lower-case "
+                          f"'s3', two slashes) -- did you mean s3://{rest}?")
     return False
 
 

@@ -172,7 +172,7 @@ def test_malformed_s3_uris_are_refused_not_read_as_paths(tmp_path: Path, monkeyp
                      ["restore", str(tmp_path), "--to", uri]):
             assert main(argv) == 2, argv
             err = capsys.readouterr().err
-            assert "malformed S3 URI" in err and "s3://bucket/job" in err, (argv, err)
+            assert "malformed S3 URI" in err and "did you mean s3://bucket/job?" in err, (argv, err)
     assert list(tmp_path.iterdir()) == []  # nothing was created as a "local path"
 
 
