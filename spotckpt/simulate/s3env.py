@@ -31,7 +31,7 @@ class SimS3:
             from ..s3 import parse_s3_uri  # boto3: loaded when needed, not at ``spotckpt`` start-up
 
             parse_s3_uri(s3_uri)  # ConfigError with what to fix, before anything starts
-        self._uri_arg = s3_uri
+        self.uri_arg = s3_uri
         self.job = job
         self.s3_uri = ""
         self.endpoint: str | None = None
@@ -40,8 +40,8 @@ class SimS3:
 
     def start(self) -> None:
         env = dict(os.environ)
-        if self._uri_arg:
-            self.s3_uri = self._uri_arg.rstrip("/") + "/" + self.job
+        if self.uri_arg:
+            self.s3_uri = self.uri_arg.rstrip("/") + "/" + self.job
             self.endpoint = env.get("AWS_ENDPOINT_URL")
         elif env.get("AWS_ENDPOINT_URL"):
             self.endpoint = env["AWS_ENDPOINT_URL"]
@@ -67,6 +67,11 @@ class SimS3:
             self._create_bucket(BUCKET)
             self.s3_uri = f"s3://{BUCKET}/{self.job}"
         self.env = env
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the S3 server is moto embedded in this process (stopped, data and all, by close)."""
+        return self._server is not None
 
     def _client(self) -> Any:
         import boto3
