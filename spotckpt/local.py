@@ -246,7 +246,11 @@ class LocalStore:
             raise ConfigError(f"{self.root} was opened read-only (for inspection); nothing can be written there")
         try:
             self.staging_root.mkdir(exist_ok=True)
-            d.mkdir(exist_ok=exist_ok)
+            try:
+                d.mkdir(exist_ok=exist_ok)
+            except FileNotFoundError:  # another store sharing it released the empty root meanwhile
+                self.staging_root.mkdir(exist_ok=True)
+                d.mkdir(exist_ok=exist_ok)
         except OSError as exc:
             raise SaveError(
                 f"cannot create staging directory {d} ({exc.strerror}); check free space and "
@@ -317,6 +321,16 @@ class LocalStore:
         if deleted:
             log.info("spotckpt: retention removed local steps %s", deleted)
         return deleted
+
+    def release_staging(self) -> None:
+        """Remove the staging directory when it is empty (the owner's close: no staging folder
+        outlives the process that made it). Entries of other processes keep it in place."""
+        if self.read_only:
+            return
+        try:
+            self.staging_root.rmdir()
+        except OSError:
+            pass
 
     # -- read out ------------------------------------------------------------------------
     def download_step(

@@ -224,3 +224,12 @@ def test_commands_do_not_import_torch(ro_ckpt: Path, command: str) -> None:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "HEAVY [] RC 0" in res.stdout, (res.stdout, res.stderr)
+
+
+def test_no_staging_folder_outlives_the_manager(tmp_path: Path) -> None:
+    """The demo's reference run (`train_toy.py --local-dir $(mktemp -d)`) left
+    `.tmp.XXXX.spotckpt-staging` in the temp dir: a closed manager leaves only its steps."""
+    with CheckpointManager(tmp_path / "ckpt", metrics=False) as mgr:
+        mgr.save(1, step_state(1, numel=256))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-000000000001"]
