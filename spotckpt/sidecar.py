@@ -144,8 +144,11 @@ def forward_signal(pid: int, signum: int, *, whole_group: bool = False) -> None:
 
 def _default_local_dir(local_dir: str | Path | None) -> Path:
     """The argument, else $SPOTCKPT_LOCAL_DIR, else SageMaker's LocalPath, else the default."""
-    from .config import resolve_local_dir
+    from .config import is_s3_uri, resolve_local_dir
 
+    if local_dir is not None and is_s3_uri(str(local_dir)):
+        raise ConfigError(f"--local {local_dir}: the checkpoint directory must be a local path; the S3 URI "
+                          "goes to --s3")
     return resolve_local_dir(local_dir)
 
 

@@ -138,3 +138,15 @@ def test_sigterm_while_the_launcher_starts_is_not_a_silent_143(bucket: str, tmp_
     assert res.returncode == 128 + signal.SIGTERM, (res.returncode, res.stderr)
     assert "SIGTERM arrived before" in res.stderr and "not starting it" in res.stderr, res.stderr
     assert not started.exists()
+
+
+def test_settings_already_in_the_environment_stay_and_local_must_be_local(tmp_path: Path) -> None:
+    show = "import os; print(*(os.environ.get(k) for k in ('SPOTCKPT_LOCAL_DIR', 'SPOTCKPT_GRACE_SECONDS')))"
+    env = _env()
+    env["SPOTCKPT_LOCAL_DIR"], env["SPOTCKPT_GRACE_SECONDS"] = str(tmp_path / "preset"), "33"
+    res = subprocess.run([sys.executable, "-m", "spotckpt.cli", "run", "--", sys.executable, "-c", show],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.split() == [str(tmp_path / "preset"), "33"], res.stderr
+    res = subprocess.run([sys.executable, "-m", "spotckpt.cli", "run", "--local", "S3://b/p", "--", "true"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "malformed S3 URI" in res.stderr, res.stderr
