@@ -423,9 +423,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "sync",
         help="standalone uploader: sync committed steps of --local to --s3; flushes on SIGTERM",
     )
-    s.add_argument("--local", default=None, help="checkpoint directory (default: $SPOTCKPT_LOCAL_DIR, "
+    s.add_argument("--local", default=None, metavar="DIR", help="checkpoint directory (default: $SPOTCKPT_LOCAL_DIR, "
                    "SageMaker's LocalPath, /opt/ml/checkpoints)")
-    s.add_argument("--s3", default=None, help="s3://bucket/prefix (default: $SPOTCKPT_S3_URI)")
+    s.add_argument("--s3", default=None, metavar="URI", help="s3://bucket/prefix (default: $SPOTCKPT_S3_URI)")
     s.add_argument("--keep-last", type=int, default=None, metavar="N", help="keep only the newest N steps in S3 "
                    "(default: keep all)")
     s.add_argument("--once", action="store_true", help="one pass, then exit")
@@ -444,9 +444,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "uploading, or a trainer killed mid-upload). For continuous uploads of a program that does not "
         "use CheckpointManager, run `spotckpt sync` beside it.",
     )
-    r.add_argument("--s3", default=None, help="s3://bucket/prefix the trainer restores from and uploads to "
+    r.add_argument("--s3", default=None, metavar="URI", help="s3://bucket/prefix the trainer restores from and uploads to "
                    "(default: $SPOTCKPT_S3_URI; none: local only, e.g. SageMaker's own sync)")
-    r.add_argument("--local", default=None, help="checkpoint directory, passed on as SPOTCKPT_LOCAL_DIR "
+    r.add_argument("--local", default=None, metavar="DIR", help="checkpoint directory, passed on as SPOTCKPT_LOCAL_DIR "
                    "(default: $SPOTCKPT_LOCAL_DIR, SageMaker's LocalPath, /opt/ml/checkpoints)")
     r.add_argument("--keep-last", type=int, default=None, metavar="N",
                    help="after CMD exits, keep only the newest N steps in S3 (the trainer's keep_last "
