@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -188,8 +187,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     source = _open_source(src)
     created = [p for p in (to, *to.parents) if not p.exists()]
     staging_sibling = to.parent / f".{to.name}.spotckpt-staging"
-    made_sibling = not staging_sibling.exists()
-    dest = None
+    staging_inside = to / ".spotckpt-staging"  # where LocalStore stages when the sibling is not possible
+    made = [p for p in (staging_inside, staging_sibling) if not p.exists()]
     try:
         steps = sorted(source.list_steps(), reverse=True)
         if args.step is not None:
@@ -229,8 +228,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         close = getattr(source, "close", None)
         if close is not None:
             close()
-        _remove_if_empty([*(([dest.root / ".spotckpt-staging"]) if dest is not None else []),
-                          *([staging_sibling] if made_sibling else []), *created])
+        _remove_if_empty([*made, *created])
 
 
 def _remove_if_empty(paths: Sequence[Path]) -> None:
