@@ -288,6 +288,16 @@ class LocalStore:
     def abort(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
+    def release_staging(self) -> None:
+        """Remove the staging directory when it is empty (the owner's close: no staging folder
+        outlives the process that made it). Entries of other processes keep it in place."""
+        if self.read_only:
+            return
+        try:
+            self.staging_root.rmdir()
+        except OSError:
+            pass
+
     def delete_step(self, step: int) -> None:
         """Un-commit ``step`` atomically (rename out of ``root``), then delete its data."""
         src = self.step_path(step)
@@ -321,16 +331,6 @@ class LocalStore:
         if deleted:
             log.info("spotckpt: retention removed local steps %s", deleted)
         return deleted
-
-    def release_staging(self) -> None:
-        """Remove the staging directory when it is empty (the owner's close: no staging folder
-        outlives the process that made it). Entries of other processes keep it in place."""
-        if self.read_only:
-            return
-        try:
-            self.staging_root.rmdir()
-        except OSError:
-            pass
 
     # -- read out ------------------------------------------------------------------------
     def download_step(
