@@ -18,7 +18,7 @@ spotckpt simulate --interruptions 2 --total-steps "$steps" --seed "${SEED:-0}" \
   -- python examples/train_toy.py "${args[@]}" --step-sleep 0.02 2> >(tee "$log" >&2)
 echo
 echo "Reference: the same training, never interrupted"
-done_line=$(SPOTCKPT_METRICS=0 python examples/train_toy.py "${args[@]}" --local-dir "$ref" 2>/dev/null | tail -1)
+done_line=$(SPOTCKPT_METRICS=0 python examples/train_toy.py "${args[@]}" --local-dir "$ref/ckpt" 2>/dev/null | tail -1)
 echo "$done_line"
 sim=$(grep -o 'weights [0-9a-f]*; losses [0-9a-f]*' "$log" | tail -1)
 want=$(echo "$done_line" | grep -o 'weights [0-9a-f]*; losses [0-9a-f]*')

@@ -23,8 +23,33 @@ from .errors import (
     StorageError,
     UploadError,
 )
-from .manager import CheckpointManager
-from .torch_state import RNGState
+
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+if _TYPE_CHECKING:  # pragma: no cover
+    from .manager import CheckpointManager
+    from .torch_state import RNGState
+
+# CheckpointManager and RNGState import torch: they are loaded on first use, so that the
+# command line (``spotckpt ls``, ``verify``, ``sync``, ``run``) and other torch-free users of the
+# package start in a fraction of a second.
+_LAZY = {"CheckpointManager": "manager", "RNGState": "torch_state"}
+
+
+def __getattr__(name: str) -> object:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'spotckpt' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CheckpointManager",

@@ -1,27 +1,37 @@
 """The ``spotckpt`` command line.
 
     spotckpt ls DIR|s3://...           committed steps: size, created, valid/corrupt
-    spotckpt verify DIR|s3://...       the same with every CRC32C checked; exit 1 if the newest is bad
+    spotckpt verify DIR|s3://...       the same with every CRC32C checked; exit 1 if no step, none
+                                       valid, or the newest is bad
     spotckpt restore SRC --to DIR      copy the newest valid (or --step) step from SRC into DIR
     spotckpt sync --local DIR --s3 URI standalone uploader (sidecar); flushes on SIGTERM
     spotckpt run [--s3 URI] -- CMD     container entrypoint: forwards signals, uploads, exits with CMD
     spotckpt simulate [...] -- CMD     the managed-spot lifecycle on one machine
     spotckpt bench [...]               checkpoint benchmarks side by side with the peers
 
-Only this module configures logging handlers.
+Only this module configures logging handlers. Start-up imports neither torch nor boto3: each
+command loads what it needs (``ls``/``verify`` of a directory and ``run`` without ``--s3`` need
+neither), and ``run`` catches SIGTERM/SIGINT before anything else is imported.
+
+Inspection never writes: ``ls``, ``verify`` and the source of ``restore`` open a directory
+read-only (``LocalStore(read_only=True)``): no staging folder, no cleanup, nothing created.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, SpotCkptError
+from ._version import __version__
+from .config import is_s3_uri
+from .errors import ConfigError, NoCheckpointError, SpotCkptError
 
 __all__ = ["main", "build_parser"]
 
@@ -55,7 +65,7 @@ def _local_rows(root: Path, *, checksums: bool) -> list[StepRow]:
 
     if not root.is_dir():
         raise ConfigError(f"{root} is not a directory; pass the checkpoint directory (e.g. /opt/ml/checkpoints)")
-    store = LocalStore(root, create=False, cleanup=False)
+    store = LocalStore(root, read_only=True)
     rows = []
     for s in store.committed_steps():
         try:
@@ -101,7 +111,7 @@ def _s3_rows(uri: str, *, checksums: bool) -> list[StepRow]:
 
 
 def _rows(src: str, *, checksums: bool) -> list[StepRow]:
-    if src.startswith("s3://"):
+    if is_s3_uri(src):
         return _s3_rows(src, checksums=checksums)
     return _local_rows(Path(src), checksums=checksums)
 
@@ -123,33 +133,78 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 only when the newest committed step verifies; 1 when there is no committed step,
+    when none verifies, or when the newest does not (restore would fall back)."""
     rows = _rows(args.src, checksums=True)
     _print_table(rows)
-    if rows and not rows[-1].ok:
-        print(f"the newest step ({rows[-1].step}) is corrupt; restore will use the newest valid one", file=sys.stderr)
+    if not rows:
+        print(f"no committed step in {args.src}: nothing to verify -- check the directory or S3 prefix",
+              file=sys.stderr)
+        return 1
+    valid = [r for r in rows if r.ok]
+    if not valid:
+        print(f"no valid step in {args.src}: all {len(rows)} committed step(s) are corrupt (see STATUS); "
+              "a restore would fail", file=sys.stderr)
+        return 1
+    if not rows[-1].ok:
+        print(f"the newest step ({rows[-1].step}) is corrupt; restore will use step {valid[-1].step}, the "
+              "newest valid one", file=sys.stderr)
         return 1
     return 0
 
 
-def cmd_restore(args: argparse.Namespace) -> int:
-    """Copy the newest valid (or ``--step``) step of SRC into ``--to``, verified, committed there
-    atomically (:func:`spotckpt.restore.import_step`)."""
-    from .local import LocalStore
-    from .restore import import_step
-
-    dest = LocalStore(Path(args.to))
-    src: str = args.src
-    if src.startswith("s3://"):
+def _open_source(src: str) -> Any:
+    """The step source of a restore, opened read-only (nothing is created next to it)."""
+    if is_s3_uri(src):
         from .s3 import S3Store
 
-        source: Any = S3Store(src)
-        source.check_access()
-    else:
-        if not Path(src).is_dir():
-            raise ConfigError(f"{src} is not a directory; pass a checkpoint directory or s3://bucket/prefix")
-        source = LocalStore(Path(src), create=False, cleanup=False)
+        store = S3Store(src)
+        try:
+            store.check_access()
+        except BaseException:
+            store.close()
+            raise
+        return store
+    from .local import LocalStore
+
+    if not Path(src).is_dir():
+        raise ConfigError(f"{src} is not a directory; pass a checkpoint directory or s3://bucket/prefix")
+    return LocalStore(Path(src), read_only=True)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Copy the newest valid (or ``--step``) step of SRC into ``--to``, verified, committed there
+    atomically (:func:`spotckpt.restore.import_step`). The source is only read. What this
+    command creates on the target side -- the target directory, its staging folder -- is
+    removed again when it ends up empty (a failed restore leaves the target as it was)."""
+    src: str = args.src
+    to = Path(args.to).expanduser().absolute()
+    if is_s3_uri(args.to):
+        raise ConfigError(f"--to {args.to}: the target must be a local directory; to copy into S3, restore "
+                          "locally and run `spotckpt sync --once`")
+    if to.exists() and not to.is_dir():
+        raise ConfigError(f"--to {args.to} is an existing file; pass a directory (it is created if missing)")
+    source = _open_source(src)
+    created = [p for p in (to, *to.parents) if not p.exists()]
+    staging_sibling = to.parent / f".{to.name}.spotckpt-staging"
+    staging_inside = to / ".spotckpt-staging"  # where LocalStore stages when the sibling is not possible
+    made = [p for p in (staging_inside, staging_sibling) if not p.exists()]
     try:
-        steps = [args.step] if args.step is not None else sorted(source.list_steps(), reverse=True)
+        steps = sorted(source.list_steps(), reverse=True)
+        if args.step is not None:
+            if args.step not in steps:
+                have = ", ".join(str(s) for s in sorted(steps)) or "none"
+                raise NoCheckpointError(f"step {args.step} is not committed in {src}; committed steps: {have}",
+                                        step=args.step)
+            steps = [args.step]
+        if not steps:
+            print(f"no committed step in {src}: nothing to restore -- check the directory or S3 prefix",
+                  file=sys.stderr)
+            return 1
+        from .local import LocalStore
+        from .restore import import_step
+
+        dest = LocalStore(to)
         for s in steps:
             if dest.is_committed(s) and dest.verify_step(s).ok:
                 print(f"step {s} is already in {dest.root}")
@@ -167,12 +222,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
                     bar.close()
             print(f"restored step {s} from {src} into {dest.step_path(s)}")
             return 0
+        print(f"no valid step in {src}: every committed step failed to verify (see above)", file=sys.stderr)
+        return 1
     finally:
         close = getattr(source, "close", None)
         if close is not None:
             close()
-    print(f"no valid step in {src}", file=sys.stderr)
-    return 1
+        _remove_if_empty([*made, *created])
+
+
+def _remove_if_empty(paths: Sequence[Path]) -> None:
+    """rmdir each of ``paths`` (innermost first) that exists and is empty; never anything else."""
+    for p in paths:
+        try:
+            p.rmdir()
+        except OSError:
+            pass
 
 
 def _progress_bar(desc: str):  # type: ignore[no-untyped-def]
@@ -185,21 +250,26 @@ def _progress_bar(desc: str):  # type: ignore[no-untyped-def]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spotckpt", description="Checkpoints for spot training.")
+    p.add_argument("--version", action="version", version=f"spotckpt {__version__}",
+                   help="print the version and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("ls", help="list committed steps of a directory or s3:// prefix")
+    s = sub.add_parser("ls", help="list committed steps of a directory or s3:// prefix (reads only)")
     s.add_argument("src", help="checkpoint directory or s3://bucket/prefix")
     s.set_defaults(func=cmd_ls)
 
-    s = sub.add_parser("verify", help="check every file's size and CRC32C; exit 1 if the newest step is bad")
+    s = sub.add_parser("verify", help="check every file's size and CRC32C (reads only); exit 1 when there is "
+                       "no committed step, none verifies, or the newest is bad")
     s.add_argument("src", help="checkpoint directory or s3://bucket/prefix")
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("restore", help="copy the newest valid step (or --step) into a local directory")
-    s.add_argument("src", help="checkpoint directory or s3://bucket/prefix")
-    s.add_argument("--to", required=True, help="local checkpoint directory to commit the step into")
-    s.add_argument("--step", type=int, default=None)
+    s.add_argument("src", help="checkpoint directory or s3://bucket/prefix (only read)")
+    s.add_argument("--to", required=True, metavar="DIR",
+                   help="local checkpoint directory to commit the step into (created if missing)")
+    s.add_argument("--step", type=int, default=None, metavar="N",
+                   help="restore this step instead of the newest valid one")
     s.set_defaults(func=cmd_restore)
 
     _add_commands_of_other_modules(sub)
@@ -207,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_commands_of_other_modules(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Commands implemented in their own modules (sidecar, simulate, bench)."""
-    from . import bench, sidecar, simulate
+    """Commands implemented in their own modules (sidecar, simulate, bench); their heavy
+    imports happen when the command runs, not here."""
+    from . import sidecar, simulate
 
     sidecar.add_commands(sub)
     s = sub.add_parser("simulate", help="run CMD through a local managed-spot lifecycle with interruptions")
@@ -216,16 +287,66 @@ def _add_commands_of_other_modules(sub: argparse._SubParsersAction) -> None:  # 
     s.set_defaults(func=simulate.main_from_args)
     s = sub.add_parser("bench", help="checkpoint benchmarks side by side with torch.save, DCP, torchsnapshot "
                        "(options: spotckpt bench --help)", add_help=False)
-    s.set_defaults(func=lambda a: bench.main(a.bench_args))
+    s.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return int(bench.main(args.bench_args) or 0)
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first argument that is not a global option)."""
+    for a in argv:
+        if a == "--":
+            return None
+        if not a.startswith("-"):
+            return a
+    return None
+
+
+class _EarlySignals:
+    """SIGTERM/SIGINT caught from the first line of ``spotckpt run`` until ``run_command``
+    installs its own handlers (which take over the list): a container stopped while the
+    launcher starts is told so, instead of dying silently with 143."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+        self.previous = {s: signal.signal(s, self._on) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+
+    def restore(self) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+_QUIET_COMMANDS = ("ls", "verify", "restore")  # they print their result; INFO logs would repeat it
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    early = None
+    if _command_of(argv) == "run" and threading.current_thread() is threading.main_thread():
+        early = _EarlySignals()
+    try:
+        return _main(argv, early)
+    finally:
+        if early is not None:
+            early.restore()
+
+
+def _main(argv: list[str], early: _EarlySignals | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":
         args.bench_args = extra  # everything after `bench` belongs to the benchmark's own parser
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if early is not None:
+        args.early_signals = early.signals
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -233,11 +354,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("botocore").setLevel(logging.WARNING)
     logging.getLogger("spotckpt.metrics").setLevel(logging.WARNING)  # already on stderr
+    if args.command in _QUIET_COMMANDS and not args.verbose:
+        logging.getLogger("spotckpt").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except SpotCkptError as exc:
+    except ConfigError as exc:
         print(f"spotckpt: error: {exc}", file=sys.stderr)
         return 2
+    except SpotCkptError as exc:
+        print(f"spotckpt: error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, NoCheckpointError) else 2
     except KeyboardInterrupt:
         return 130
 

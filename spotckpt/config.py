@@ -26,6 +26,7 @@ __all__ = [
     "sagemaker_info",
     "resolve_local_dir",
     "resolve_s3_uri",
+    "is_s3_uri",
     "env_float",
     "env_bool",
 ]
@@ -107,9 +108,22 @@ def resolve_local_dir(arg: str | os.PathLike[str] | None = None) -> Path:
 
 def resolve_s3_uri(arg: str | None = None) -> str | None:
     uri = arg if arg else os.environ.get("SPOTCKPT_S3_URI") or None
-    if uri is not None and not uri.startswith("s3://"):
+    if uri is not None and not is_s3_uri(uri):
         raise ConfigError(f"S3 URI must look like s3://bucket/prefix, got {uri!r} (argument or SPOTCKPT_S3_URI)")
     return uri
+
+
+def is_s3_uri(src: str) -> bool:
+    """Whether ``src`` (a command-line source or target) names S3: True for ``s3://...``, False
+    for a local path. Something that starts like an S3 URI but is not one (``S3://b/p``,
+    ``s3:/b/p``, ``s3:b``) is a ConfigError naming the fix, not a local directory of that name."""
+    if src.startswith("s3://"):
+        return True
+    if src[:3].lower() == "s3:":
+        rest = src[3:].lstrip("/")
+        raise ConfigError(f"malformed S3 URI {src!r}: an S3 URI looks like s3://bucket/prefix (lower-case "
+                          f"'s3', two slashes) -- did you mean s3://{rest}?")
+    return False
 
 
 def env_float(name: str, default: float | None) -> float | None:

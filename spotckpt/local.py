@@ -128,9 +128,18 @@ class LocalStore:
     """Committed steps under ``root`` and their staging area."""
 
     def __init__(self, root: str | Path, *, create: bool = True, cleanup: bool = True,
-                 io: LocalIO | None = None) -> None:
+                 io: LocalIO | None = None, read_only: bool = False) -> None:
+        """``read_only=True`` (inspection: ``spotckpt ls``/``verify``, the source of a restore)
+        creates, probes and removes nothing -- no staging directory next to or inside ``root``
+        -- so it works on a read-only volume; only the scan and read methods may be used."""
         self.io = io or LocalIO()
         self.root = Path(root).expanduser().absolute()
+        self.read_only = read_only
+        if read_only:
+            if not self.root.is_dir():
+                raise ConfigError(f"checkpoint directory {self.root} does not exist or is not a directory")
+            self.staging_root = self.root.parent / f".{self.root.name}{_STAGING_SUFFIX}"  # never created
+            return
         self._check_root(create)
         self.staging_root = self._choose_staging()
         self._verified: set[int] = set()
@@ -289,9 +298,15 @@ class LocalStore:
         return self._mkdir_staging(self.staging_root / f"{owner_pid}-ranks-{step_dirname(step)}", step, exist_ok=True)
 
     def _mkdir_staging(self, d: Path, step: int, *, exist_ok: bool) -> Path:
+        if self.read_only:
+            raise ConfigError(f"{self.root} was opened read-only (for inspection); nothing can be written there")
         try:
             self.staging_root.mkdir(exist_ok=True)
-            d.mkdir(exist_ok=exist_ok)
+            try:
+                d.mkdir(exist_ok=exist_ok)
+            except FileNotFoundError:  # another store sharing it released the empty root meanwhile
+                self.staging_root.mkdir(exist_ok=True)
+                d.mkdir(exist_ok=exist_ok)
         except OSError as exc:
             raise SaveError(
                 f"cannot create staging directory {d} ({exc.strerror}); check free space and "
@@ -335,6 +350,16 @@ class LocalStore:
 
     def abort(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
+
+    def release_staging(self) -> None:
+        """Remove the staging directory when it is empty (the owner's close: no staging folder
+        outlives the process that made it). Entries of other processes keep it in place."""
+        if self.read_only:
+            return
+        try:
+            self.staging_root.rmdir()
+        except OSError:
+            pass
 
     def delete_step(self, step: int) -> None:
         """Un-commit ``step`` atomically (rename out of ``root``), then delete its data."""

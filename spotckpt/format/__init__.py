@@ -14,7 +14,8 @@ Modules (this package re-exports their public names; import from ``spotckpt.form
 - :mod:`.safetensors` -- plan, write and strictly read safetensors files
 - :mod:`.tree` -- the JSON tree codec for non-tensor values
 
-Nothing here unpickles unless the caller opts in. The package imports torch but nothing else
+Nothing here unpickles unless the caller opts in. :mod:`.safetensors` and :mod:`.tree` import
+torch, on first use of one of their names (manifests and CRC32C need no torch); nothing else is
 heavy, and nothing from other spotckpt modules except :mod:`spotckpt.errors`. Tuning knobs
 (``PARALLEL_MIN_BYTES``, ``VERIFY_WINDOW_BYTES``, ``io_threads``) are read from
 :mod:`.checksums` at call time: change them there, not on this package.
@@ -52,16 +53,39 @@ from .manifest import (
     step_dirname,
     utc_now_iso,
 )
-from .safetensors import (
-    MAX_HEADER_BYTES,
-    SafetensorsFile,
-    TensorSpec,
-    plan_safetensors,
-    tensor_byte_view,
-    tensor_ranges,
-    write_safetensors,
-)
-from .tree import decode_tree, encode_tree, parse_tree_json
+
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+if _TYPE_CHECKING:  # pragma: no cover
+    from .safetensors import (
+        MAX_HEADER_BYTES,
+        SafetensorsFile,
+        TensorSpec,
+        plan_safetensors,
+        tensor_byte_view,
+        tensor_ranges,
+        write_safetensors,
+    )
+    from .tree import decode_tree, encode_tree, parse_tree_json
+
+# The safetensors and tree modules import torch; they load on first use of one of their names,
+# so reading manifests and checking CRC32C (``spotckpt ls``/``verify``, the uploader) needs no torch.
+_LAZY = {
+    **dict.fromkeys(("MAX_HEADER_BYTES", "SafetensorsFile", "TensorSpec", "plan_safetensors", "tensor_byte_view",
+                     "tensor_ranges", "write_safetensors"), "safetensors"),
+    **dict.fromkeys(("decode_tree", "encode_tree", "parse_tree_json"), "tree"),
+}
+
+
+def __getattr__(name: str) -> object:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "DCP_LAYOUT",

@@ -15,7 +15,8 @@ What it does::
 CMD's environment: ``SPOTCKPT_LOCAL_DIR`` (the fresh dir), ``SPOTCKPT_S3_URI``
 (``s3://<bucket>/<job>``), ``SPOTCKPT_EVENTS_FILE`` (the manager appends its events there as JSON
 lines: the simulator follows the trainer through them only, not through its output),
-``TRAINING_JOB_NAME``, ``PYTHONUNBUFFERED=1``, and with the embedded S3 server
+``SPOTCKPT_GRACE_SECONDS`` (``--grace``: the trainer budgets its final save with the grace it
+really gets), ``TRAINING_JOB_NAME``, ``PYTHONUNBUFFERED=1``, and with the embedded S3 server
 ``AWS_ENDPOINT_URL`` and dummy credentials.
 
 The parts, one module each:
@@ -145,6 +146,9 @@ def simulate(
         sim.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if sim.embedded_s3 and not json_output:
+            stream.write(f"The embedded S3 server has stopped; its data ({sim.s3.s3_uri}) is gone.\n")
+            stream.flush()
 
 
 def _raise_system_exit(signum: int, frame: Any) -> None:
@@ -176,7 +180,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "1 counts only the unbilled waits")
     parser.add_argument("--s3", default=None, metavar="S3_URI", dest="s3",
                         help="use this s3://bucket/prefix (endpoint from the AWS configuration) instead "
-                             "of the embedded S3 server")
+                             "of the embedded S3 server; checkpoints go to S3_URI/sim-<timestamp>-<id>, so every "
+                             "simulation starts from an empty prefix, and stay there")
     parser.add_argument("--hosts", type=int, default=1, metavar="N",
                         help="simulate N hosts of one job (CMD must be torchrun: one agent per host, each with "
                              "its own fresh local dir)")

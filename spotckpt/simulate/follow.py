@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from ..events import Event, ProgressEvent, RestoreEvent, SaveEvent, parse_event_line
+from ..events import DurableS3Event, Event, PreemptedEvent, ProgressEvent, RestoreEvent, SaveEvent, parse_event_line
 from .summary import InstanceRecord
 
 __all__ = ["EventsTail", "MultiTail", "InstanceTracker"]
@@ -81,6 +81,8 @@ class InstanceTracker:
         self.restore_source: str | None = None
         self.progress: list[tuple[int, float]] = []
         self.saves: list[tuple[int, float]] = []
+        self.preempted_step: int | None = None  # its ``preempted`` event: it handled the signal
+        self.newest_s3_step: int | None = None  # the newest of its ``durable_s3`` events
         self.first_progress_seen_s: float | None = None  # on the simulator's clock, when read
         self.training_s: float | None = None
         self.sigterm_s: float | None = None
@@ -119,6 +121,10 @@ class InstanceTracker:
                 advanced = True
             elif isinstance(ev, SaveEvent) and ev.step is not None:
                 self.saves.append((ev.step, t))
+            elif isinstance(ev, PreemptedEvent) and self.preempted_step is None:
+                self.preempted_step = ev.step if ev.step is not None else -1
+            elif isinstance(ev, DurableS3Event) and ev.step is not None:
+                self.newest_s3_step = max(ev.step, self.newest_s3_step if self.newest_s3_step is not None else ev.step)
         return advanced
 
     def record(self) -> InstanceRecord:
@@ -127,4 +133,5 @@ class InstanceTracker:
             sigterm_s=self.sigterm_s, interrupted=self.interrupted, killed=self.killed,
             exit_code=self.exit_code, restored_step=self.restored_step, restore_source=self.restore_source,
             step_at_sigterm=self.step_at_sigterm, progress=tuple(self.progress), saves=tuple(self.saves),
+            preempted_step=self.preempted_step, newest_s3_step=self.newest_s3_step,
         )

@@ -77,6 +77,8 @@ class Simulation:
         self.lock = threading.Lock()  # one writer at a time on the shared streams
         self.work = Path(tempfile.mkdtemp(prefix="spotckpt-sim-"))
         self._proc: TrainerProcess | HostGroup | None = None
+        self.stderr_tail: list[str] = []
+        self.embedded_s3 = False
 
     # -- output ----------------------------------------------------------------------------
     def status(self, name: str, message: str = "") -> None:
@@ -99,8 +101,15 @@ class Simulation:
         """The job, to its end; returns the exit status (see the package docstring)."""
         self.s3.start()
         self.clock.reset()  # the job starts once S3 is there (not part of TrainingTime)
-        self._say(f"job {self.job}: checkpoints in {self.s3.s3_uri} (S3 endpoint "
-                  f"{self.s3.endpoint or 'from the AWS configuration'})")
+        self.embedded_s3 = self.s3.embedded
+        if self.embedded_s3:
+            where = "the embedded S3 server (moto on 127.0.0.1; stopped, with its data, when simulate ends)"
+        elif self.s3.uri_arg:
+            where = (f"S3 endpoint {self.s3.endpoint or 'from the AWS configuration'}; /{self.job} is appended "
+                     "to --s3 so that every simulation starts from an empty prefix")
+        else:
+            where = f"S3 endpoint {self.s3.endpoint}"
+        self._say(f"job {self.job}: checkpoints in {self.s3.s3_uri} ({where})")
         try:
             return self._run()
         finally:
@@ -162,7 +171,7 @@ class Simulation:
             for d, cmd in zip(host_dirs, host_commands(self.cmd, self.hosts, port=free_port())):
                 env = dict(self.s3.env, SPOTCKPT_LOCAL_DIR=str(d / "checkpoints"), SPOTCKPT_S3_URI=self.s3.s3_uri,
                            SPOTCKPT_EVENTS_FILE=str(d / "events.jsonl"), TRAINING_JOB_NAME=self.job,
-                           PYTHONUNBUFFERED="1")
+                           SPOTCKPT_GRACE_SECONDS=f"{self.grace_s:g}", PYTHONUNBUFFERED="1")
                 procs.append(TrainerProcess(cmd, env=env, log_path=d / "output.log",
                                             echo=None if self.json_output else sys.stderr, lock=self.lock))
             proc: TrainerProcess | HostGroup = procs[0] if self.hosts == 1 else HostGroup(procs)
@@ -176,6 +185,7 @@ class Simulation:
             if reason:
                 self._stop(inst, proc, tail, reason)
             rc = proc.wait()
+            self.stderr_tail = proc.stderr_tail()
             self._follow(inst, tail)
             inst.ended_s = self.clock.now()
             inst.exit_code = rc
@@ -233,9 +243,15 @@ class Simulation:
             which = "every host" if len(proc.interrupt) == len(proc.hosts) else f"host {proc.interrupt[0]}"
             self._say(f"{'':36}spot capacity reclaimed: {which} of {len(proc.hosts)}")
         inst.killed = proc.stop(self.grace_s, while_waiting=lambda: self._follow(inst, tail))
+        self._follow(inst, tail)
         took = self.clock.now() - inst.sigterm_s
-        how = (f"ignored SIGTERM, killed with SIGKILL after {self.grace_s:g} s" if inst.killed
-               else f"exited with status {proc.proc.returncode} {took:.2f} s after SIGTERM")
+        outcome = inst.record().sigterm_outcome
+        how = {
+            "exited": f"exited with status {proc.proc.returncode} {took:.2f} s after SIGTERM",
+            "handled-in-s3": f"handled SIGTERM, step {inst.newest_s3_step} in S3, killed with SIGKILL before "
+                             f"exiting ({self.grace_s:g} s grace)",
+            "handled": f"handled SIGTERM but its step was not in S3 when SIGKILL came after {self.grace_s:g} s",
+        }.get(outcome, f"ignored SIGTERM, killed with SIGKILL after {self.grace_s:g} s")
         self._say(f"{'':36}trainer {how}")
 
     # -- results -----------------------------------------------------------------------------
@@ -249,6 +265,8 @@ class Simulation:
             interruptions_planned=self.scheduler.interruptions,
             interrupt_every_seconds=self.scheduler.every_seconds, total_steps=self.scheduler.total_steps,
             notes=tuple(self.scheduler.notes),
+            stderr_tail=tuple(self.stderr_tail) if self.outcome == "Failed" else (),
+            embedded_s3=self.embedded_s3,
         )
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ trainer through its events file, not its output.
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import subprocess
@@ -26,15 +27,20 @@ __all__ = ["TrainerProcess", "HostGroup", "free_port", "host_commands"]
 _POLL_SECONDS = 0.05
 
 
+_TAIL_LINES = 20
+
+
 class _Copier:
     def __init__(self, pipe: IO[bytes], log_file: IO[bytes], echo: TextIO | None, lock: threading.Lock) -> None:
         self._pipe, self._log, self._echo, self._lock = pipe, log_file, echo, lock
+        self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)  # its last lines
         self.thread = threading.Thread(target=self._run, name="spotckpt-sim-output", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         for raw in iter(self._pipe.readline, b""):
             with self._lock:
+                self.tail.append(raw.decode("utf-8", "replace").rstrip())
                 self._log.write(raw)
                 if self._echo is not None:
                     try:
@@ -65,6 +71,10 @@ class TrainerProcess:
 
     def poll(self) -> int | None:
         return self.proc.poll()
+
+    def stderr_tail(self) -> list[str]:
+        """The last lines CMD wrote to stderr (call after :meth:`wait`)."""
+        return list(self._copiers[-1].tail) if len(self._copiers) == 2 else []
 
     def stop(self, grace_s: float, *, while_waiting: Callable[[], None]) -> bool:
         """SIGTERM to CMD (and through a shell to its children), SIGKILL to its whole group if it
@@ -172,6 +182,9 @@ class HostGroup:
     def kill_group(self) -> None:
         for p in self.hosts:
             p.kill_group()
+
+    def stderr_tail(self) -> list[str]:
+        return [f"host {h}: {ln}" for h, p in enumerate(self.hosts) for ln in p.stderr_tail()]
 
     def wait(self) -> int:
         codes = [p.wait() for p in self.hosts]

@@ -18,7 +18,6 @@ import os
 from typing import Any
 
 from ..errors import ConfigError, SpotCkptError, StorageError
-from ..s3 import S3Store, parse_s3_uri
 
 __all__ = ["SimS3", "BUCKET"]
 
@@ -29,8 +28,10 @@ _DUMMY_CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testin
 class SimS3:
     def __init__(self, s3_uri: str | None, *, job: str) -> None:
         if s3_uri is not None:
+            from ..s3 import parse_s3_uri  # boto3: loaded when needed, not at ``spotckpt`` start-up
+
             parse_s3_uri(s3_uri)  # ConfigError with what to fix, before anything starts
-        self._uri_arg = s3_uri
+        self.uri_arg = s3_uri
         self.job = job
         self.s3_uri = ""
         self.endpoint: str | None = None
@@ -39,8 +40,8 @@ class SimS3:
 
     def start(self) -> None:
         env = dict(os.environ)
-        if self._uri_arg:
-            self.s3_uri = self._uri_arg.rstrip("/") + "/" + self.job
+        if self.uri_arg:
+            self.s3_uri = self.uri_arg.rstrip("/") + "/" + self.job
             self.endpoint = env.get("AWS_ENDPOINT_URL")
         elif env.get("AWS_ENDPOINT_URL"):
             self.endpoint = env["AWS_ENDPOINT_URL"]
@@ -67,6 +68,11 @@ class SimS3:
             self.s3_uri = f"s3://{BUCKET}/{self.job}"
         self.env = env
 
+    @property
+    def embedded(self) -> bool:
+        """Whether the S3 server is moto embedded in this process (stopped, data and all, by close)."""
+        return self._server is not None
+
     def _client(self) -> Any:
         import boto3
 
@@ -88,6 +94,8 @@ class SimS3:
 
     def committed_steps(self) -> list[int] | None:
         """The job's committed steps in S3 (ascending), or None when they cannot be listed."""
+        from ..s3 import S3Store
+
         try:
             with S3Store(self.s3_uri, client=self._client()) as store:
                 return store.list_steps()

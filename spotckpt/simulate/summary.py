@@ -21,6 +21,10 @@ The summary, in SageMaker's terms, with the definitions used in a simulation:
   restored step to the last one it reached); whether SIGKILL was needed; ``seconds_to_resume``
   (``Starting`` to ``Training`` of the next instance) and ``downtime_seconds`` (``Interrupted``
   to ``Training``).
+- ``sigterm_outcome`` per interruption: ``exited``; ``handled-in-s3`` (killed after the grace,
+  but it had handled SIGTERM -- its ``preempted`` event -- and its step was in S3 -- ``durable_s3``);
+  ``handled`` (handled, step not in S3 yet); ``ignored`` (killed, no sign of handling it).
+- a ``Failed`` job gets no savings figure (``None``) and carries the tail of the trainer's stderr.
 - ``final_step``: the last step the final instance reported (progress or save event), else the
   step it restored (a trainer restored at its last step reports no progress).
 """
@@ -58,6 +62,21 @@ class InstanceRecord:
     step_at_sigterm: int | None = None  # the newest progress step seen when SIGTERM was sent
     progress: tuple[tuple[int, float], ...] = ()
     saves: tuple[tuple[int, float], ...] = ()
+    preempted_step: int | None = None  # its ``preempted`` event: it handled SIGTERM (-1: no step given)
+    newest_s3_step: int | None = None  # the newest step its ``durable_s3`` events reported
+
+    @property
+    def sigterm_outcome(self) -> str:
+        """What the instance did with SIGTERM: ``exited``; ``handled-in-s3`` (it handled the
+        signal, its step reached S3, and it was killed before it exited); ``handled`` (handled,
+        killed before its step was in S3); ``ignored`` (killed, no sign it handled the signal)."""
+        if not self.killed:
+            return "exited"
+        if self.preempted_step is None:
+            return "ignored"
+        if self.newest_s3_step is not None and self.newest_s3_step >= max(self.preempted_step, 0):
+            return "handled-in-s3"
+        return "handled"
 
     @property
     def resumed_from(self) -> int | None:
@@ -92,6 +111,8 @@ class JobRecord:
     interrupt_every_seconds: float | None = None
     total_steps: int | None = None
     notes: tuple[str, ...] = field(default=())
+    stderr_tail: tuple[str, ...] = field(default=())  # the failed final instance's last stderr lines
+    embedded_s3: bool = False  # moto embedded: stopped, with its data, when simulate exits
 
 
 def _time_at_step(progress: tuple[tuple[int, float], ...], step: int) -> float | None:
@@ -121,6 +142,8 @@ def _interruption(job: JobRecord, inst: InstanceRecord, nxt: InstanceRecord | No
         "during_training": (None if inst.step_at_sigterm is None or final_step is None
                             else inst.step_at_sigterm < final_step),
         "killed_after_grace": inst.killed,
+        "sigterm_outcome": inst.sigterm_outcome,
+        "step_in_s3": inst.newest_s3_step,
         "exit_code": inst.exit_code,
         "ran_seconds": None if inst.ended_s is None else round(inst.ended_s - inst.started_s, 3),
         "last_step_reached": reached,
@@ -165,6 +188,10 @@ def summary(job: JobRecord) -> dict[str, Any]:
         for k, inst in enumerate(instances) if inst.interrupted
     ]
     notes = list(job.notes)
+    failed = job.outcome == "Failed"
+    if job.embedded_s3:
+        notes.append("the embedded S3 server stops when simulate exits; its data (the checkpoints in "
+                     f"{job.s3_uri}) goes with it -- pass --s3 to keep them")
     planned = job.interruptions_planned
     if job.outcome == "Completed" and planned is not None and len(interruptions) < planned:
         notes.append(f"{len(interruptions)} of {planned} interruptions happened: the job finished first")
@@ -176,7 +203,7 @@ def summary(job: JobRecord) -> dict[str, Any]:
         "seed": job.seed,
         "TrainingTimeInSeconds": training,
         "BillableTimeInSeconds": billable,
-        "savings_percent": round(savings, 2),
+        "savings_percent": None if failed else round(savings, 2),
         "savings_formula": SAVINGS_FORMULA,
         "spot_price_ratio": job.spot_price_ratio,
         "savings_assumption": f"spot price = {job.spot_price_ratio:g} x on-demand price "
@@ -184,7 +211,7 @@ def summary(job: JobRecord) -> dict[str, Any]:
                               f"{job.spot_price_ratio:g}",
         "instance_seconds": instance_seconds,
         "unbilled_wait_seconds": round(training - instance_seconds, 3),
-        "savings_from_waits_only_percent": round(wait_only, 2),
+        "savings_from_waits_only_percent": None if failed else round(wait_only, 2),
         "instances": len(instances),
         "interruptions_planned": planned,
         "interrupt_every_seconds": job.interrupt_every_seconds,
@@ -194,6 +221,7 @@ def summary(job: JobRecord) -> dict[str, Any]:
         "lost_seconds_total": round(sum(i["lost_seconds"] or 0.0 for i in interruptions), 3),
         "final_step": final_step,
         "exit_code": last.exit_code if last is not None else None,
+        "stderr_tail": list(job.stderr_tail),
         "notes": notes,
     }
 
@@ -206,9 +234,16 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  TrainingTimeInSeconds  {s['TrainingTimeInSeconds']:.1f}   (wall time of the whole job, waits included)",
         f"  BillableTimeInSeconds  {s['BillableTimeInSeconds']:.1f}   ({s['instance_seconds']:.1f} s on instances "
         f"x spot price ratio {s['spot_price_ratio']:g})",
-        f"  savings                {s['savings_percent']:.1f} %  = {s['savings_formula']}",
-        f"                         assuming spot price = {s['spot_price_ratio']:g} x on-demand "
-        f"(--spot-price-ratio); from the unbilled waits alone: {s['savings_from_waits_only_percent']:.1f} %",
+    ]
+    if s["savings_percent"] is None:
+        lines.append("  savings                n/a (the job failed)")
+    else:
+        lines += [
+            f"  savings                {s['savings_percent']:.1f} %  = {s['savings_formula']}",
+            f"                         assuming spot price = {s['spot_price_ratio']:g} x on-demand "
+            f"(--spot-price-ratio); from the unbilled waits alone: {s['savings_from_waits_only_percent']:.1f} %",
+        ]
+    lines += [
         f"  instances              {s['instances']}, final step {s['final_step']}, outcome {s['outcome']}",
     ]
     for i, it in enumerate(s["interruptions"], 1):
@@ -217,10 +252,16 @@ def format_summary(s: dict[str, Any]) -> str:
         resume = ("" if it["seconds_to_resume"] is None else
                   f"; resumed {it['seconds_to_resume']:.2f} s after restart "
                   f"({it['downtime_seconds']:.2f} s after the interruption)")
-        kill = " [ignored SIGTERM: SIGKILLed]" if it["killed_after_grace"] else ""
+        kill = {"ignored": " [ignored SIGTERM: SIGKILLed]",
+                "handled": " [handled SIGTERM, its step not in S3 yet: SIGKILLed before exiting]",
+                "handled-in-s3": f" [handled SIGTERM, step {it['step_in_s3']} in S3, killed before exiting]",
+                }.get(it.get("sigterm_outcome", ""), "")
         late = " [after the final step]" if it["during_training"] is False else ""
         lines.append(f"  interruption {i}: at step {it['step_at_interruption']}, reached step "
                      f"{it['last_step_reached']}, restored step {it['restored_step']} -> lost {lost}{secs}"
                      f"{resume}{kill}{late}")
     lines += [f"  note: {note}" for note in s["notes"]]
+    if s.get("stderr_tail"):
+        lines.append(f"  the trainer's stderr, last {len(s['stderr_tail'])} lines:")
+        lines += [f"    {ln}" for ln in s["stderr_tail"]]
     return "\n".join(lines) + "\n"

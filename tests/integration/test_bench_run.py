@@ -87,3 +87,26 @@ def test_sigterm_kills_the_worker_and_keeps_what_was_measured(tmp_path: Path) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_without_matplotlib_the_picture_is_skipped_with_one_line(tmp_path: Path) -> None:
+    """Everything is measured and written; only save.png is left out, saying how to get it."""
+    import os
+
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['matplotlib'] = None  # unimportable\n")
+    out, data = tmp_path / "out", tmp_path / "data"
+    data.mkdir()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(shim), str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "spotckpt.cli", "bench", "--sizes", "1", "--gpu-gib", "0", "--reps", "1",
+         "--rows", "memcpy_reused", "--out", str(out), "--dir", str(data)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ModuleNotFoundError" not in proc.stderr and "Traceback" not in proc.stderr
+    said = [ln for ln in proc.stderr.splitlines() if "matplotlib is not installed" in ln]
+    assert len(said) == 1 and "pip install" in said[0], proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["save.json", "save.md"]
+    assert json.loads((out / "save.json").read_text())["rows"][0]["row"] == "memcpy_reused"

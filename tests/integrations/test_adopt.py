@@ -92,7 +92,7 @@ def test_folder_changed_while_adopted_is_refused_and_nothing_committed(
         assert ei.value.step == 2 and copied
         assert mgr.all_steps() == [1]
         assert mgr.restore_folder() == mgr.local.step_path(1)  # the last good step is the resume point
-    assert not list((tmp_path / ".ckpt.spotckpt-staging").iterdir())  # no staging left behind
+    assert not (tmp_path / ".ckpt.spotckpt-staging").exists()  # no staging left behind
 
 
 def test_what_cannot_be_adopted_is_refused_with_what_to_do(tmp_path: Path) -> None:

@@ -1,0 +1,40 @@
+"""The inspection commands against a real S3 endpoint (moto): a mistyped prefix, the result of
+a restore printed once, and `sync` starting without torch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from spotckpt import CheckpointManager
+from tests.helpers import REPO, step_state
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "spotckpt.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_s3_inspection_restore_once_and_sync_without_torch(bucket: str, tmp_path: Path) -> None:
+    uri = f"s3://{bucket}/job"
+    with CheckpointManager(tmp_path / "ckpt", s3_uri=uri, metrics=False) as mgr:
+        mgr.save(4, step_state(4, numel=256), blocking=True)
+    res = _cli("verify", uri)
+    assert res.returncode == 0 and " valid" in res.stdout, res.stderr
+    res = _cli("verify", f"s3://{bucket}/jbo")  # a typo in the prefix
+    assert res.returncode == 1 and "no committed step" in res.stderr, (res.stdout, res.stderr)
+    res = _cli("restore", uri, "--to", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    said = [ln for ln in (res.stdout + res.stderr).splitlines() if "step 4" in ln]
+    assert len(said) == 1 and said[0].startswith("restored step 4 from"), res.stdout + res.stderr
+    code = (f"import sys\nfrom spotckpt.cli import main\n"
+            f"rc = main(['sync', '--once', '--local', {str(tmp_path / 'ckpt')!r}, '--s3', '{uri}2'])\n"
+            "print('TORCH', 'torch' in sys.modules, 'RC', rc)\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "TORCH False RC 0" in res.stdout, (res.stdout, res.stderr)
