@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from spotckpt import AllStepsCorruptError, CheckpointManager
 from spotckpt import cli
 from spotckpt.dcp import StorageReader, StorageWriter
-from spotckpt.errors import ConfigError, NoCheckpointError, SaveError, StorageError
+from spotckpt.errors import ConfigError, SaveError, StorageError
 from spotckpt.format import MANIFEST_NAME, step_dirname
 from spotckpt.local import LocalStore, read_step_manifest, scan_committed_steps, verify_files
 from spotckpt.s3 import S3Store, make_client
@@ -339,7 +339,7 @@ def test_resume_then_save_replaces_a_corrupt_newest_step(make_world: Callable[..
 # -- save of step 30 (sync, async; adopt; the DCP writer) ---------------------------------------
 
 SAVE_OUTCOME = {"empty": "commits", **dict.fromkeys(INCOMPLETE, "moves aside, commits"),
-                **dict.fromkeys(CORRUPT, "no-op"), "all_damaged_manifests": "moves aside, commits"}
+                **dict.fromkeys(CORRUPT, "no-op"), "all_corrupt": "no-op", "all_damaged_manifests": "moves aside, commits"}
 
 
 def _save_cases() -> list[Any]:
