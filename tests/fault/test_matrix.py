@@ -207,12 +207,21 @@ def make_world(tmp_path: Path, templates: Callable[[str], Path]) -> Iterator[Cal
 
     yield make
     for w in worlds:
-        if w.good and w.root.is_dir():
-            store = LocalStore(w.root, create=False, cleanup=False)
-            newest_good = max(w.good)
-            check = store.verify_step(newest_good)
-            newer = [s for s in store.committed_steps() if s > newest_good and store.verify_step(s).ok]
-            assert check.ok or newer, f"good step {newest_good} lost: {check.problems}"
+        assert_good_kept(w)
+
+
+def assert_good_kept(w: World) -> None:
+    """The invariant: the newest step that verified once the state was applied still verifies,
+    or a newer step verifies (a restore-then-save replaced it)."""
+    if not w.good or not w.root.is_dir():
+        return
+    root = w.root
+    newest_good = max(w.good)
+    problems = verify_files(root / step_dirname(newest_good), read_step_manifest(root, newest_good)) \
+        if newest_good in scan_committed_steps(root) else ["not committed any more"]
+    newer = [s for s in scan_committed_steps(root) if s > newest_good
+             and not verify_files(root / step_dirname(s), read_step_manifest(root, s))]
+    assert not problems or newer, f"good step {newest_good} lost: {problems}"
 
 
 def _warned(caplog: pytest.LogCaptureFixture, *needles: str) -> bool:
@@ -455,6 +464,8 @@ def full_disk(tmp_path: Path, make_world: Callable[..., World]) -> Iterator[Worl
         w.good = [10, 20]
         _fill(mnt)
         yield w
+        assert_good_kept(w)  # before the tmpfs goes
+        w.good = []
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
