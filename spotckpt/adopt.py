@@ -44,7 +44,7 @@ from typing import Any
 from .errors import CheckpointCorruptError, ConfigError, FolderChangedError, NoCheckpointError, SaveError
 from .format import FOLDER_LAYOUT, MANIFEST_NAME, FileEntry, Manifest, copy_file_durably, fsync_dir, safe_relpath
 from .local import LocalStore
-from .restore import RestoreResult, import_step
+from .restore import RestoreResult, import_step, raise_if_all_bad
 from .store import StepSource
 
 __all__ = ["FolderScan", "scan", "adopt_into", "folder_extra", "newest_folder", "require_one_process"]
@@ -243,24 +243,31 @@ def newest_folder(
     candidates = sorted(local_steps | remote_steps, reverse=True)
     if step is not None:
         candidates = [step] if step in candidates else []
+    problems: dict[int, str] = {}
     for s in candidates:
         if s in local_steps:
             check = local.verify_step(s, checksums=verify)
             if check.ok and check.manifest is not None:
                 _require_folder(check.manifest, str(check.path))
+                if verify:
+                    local.mark_verified(s)
                 return RestoreResult(s, "local", time.perf_counter() - t0, check.manifest.total_bytes, check.path)
             log.warning("spotckpt: skipping local step %d: %s", s, "; ".join(check.problems))
+            problems[s] = "local: " + "; ".join(check.problems)
         if remote is not None and s in remote_steps:
             try:
                 _require_folder(remote.read_manifest(s), f"{remote.uri} step {s}")
                 path, manifest = import_step(local, remote, s, replace=s in local_steps, progress=progress)
             except CheckpointCorruptError as exc:
                 log.warning("spotckpt: skipping S3 step %d: %s", s, exc)
+                problems[s] = (problems[s] + "; " if s in problems else "") + f"{remote.uri}: {exc}"
                 continue
+            local.mark_verified(s)
             return RestoreResult(s, remote.uri, time.perf_counter() - t0, manifest.total_bytes, path)
     if step is not None:
         raise NoCheckpointError(f"step {step} is not committed (or does not verify) in {local.root}"
                                 + (f" nor in {remote.uri}" if remote is not None else ""), step=step)
+    raise_if_all_bad(problems, local)  # adopted steps exist and none verifies: not a fresh start
     return None
 
 

@@ -31,7 +31,16 @@ from ._version import __version__
 from .adopt import adopt_into, folder_extra, newest_folder, require_one_process, scan as scan_folder
 from .config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
 from .dist import Coordinator, RequestChannel, SaveAgreement, check_save, coordinator_from_torch
-from .errors import AllStepsCorruptError, ClosedError, CollectiveError, ConfigError, SaveError, SpotCkptError, StateError
+from .errors import (
+    AllStepsCorruptError,
+    ClosedError,
+    CollectiveError,
+    ConfigError,
+    SaveError,
+    SpotCkptError,
+    StateError,
+    StorageError,
+)
 from .events import (
     DurableLocalEvent,
     DurableS3Event,
@@ -355,7 +364,7 @@ class CheckpointManager:
         else:
             replicated = set()
             self._wait_pending()
-            if self.local.is_committed(step):
+            if self.local.is_committed(step) and self._trust_committed(step):
                 self._already_committed(step)
                 return False
         snap = capture(state, step=step, rank=self.rank, allow_pickle=self.allow_pickle, keys=keys)
@@ -421,6 +430,20 @@ class CheckpointManager:
             self._already_committed(step)
             return None
         return (None if self.rank == 0 else set(state) - replicated), replicated
+
+    def _trust_committed(self, step: int) -> bool:
+        """A save of a step that is committed already: trust it when this run saved or restored
+        it; an earlier run's is CRC-checked first, and moved aside when it does not verify (the
+        save then writes it) -- a damaged step must never stand in for a save."""
+        if step == self._last_saved_step:
+            return True
+        check = self.local.verify_step(step)
+        if check.ok:
+            self.local.mark_verified(step)
+            return True
+        self.local.quarantine(step, "committed by an earlier run but does not verify ("
+                              + "; ".join(check.problems)[:300] + "); saving it again")
+        return False
 
     def _already_committed(self, step: int) -> None:
         """A save of a step that is committed already: a committed step is never replaced. Said
@@ -495,8 +518,17 @@ class CheckpointManager:
         -- or raises (SaveError when the upload did not finish before the deadline)."""
         self.events.emit(PreemptedEvent(step=step, reason=reason))
         saved = self._save(step, state, blocking=True, policy=False)
-        ok = self.wait(timeout=self._watcher.seconds_left())
-        self._preempted = True
+        self._preempted = True  # committed locally: whatever the upload does, the loop must stop
+        try:
+            ok = self.wait(timeout=self._watcher.seconds_left())
+        except SpotCkptError as exc:
+            if not isinstance(exc, (StorageError, CollectiveError)):
+                raise
+            raise SaveError(
+                f"the final checkpoint (step {step}) is committed in {self.local_dir} but did not reach "
+                f"{self.s3_uri}: its upload failed ({exc}); a new instance resumes from the newest step in S3 -- check "
+                "S3 access, and the next run's uploader uploads this step if this disk survives", step=step,
+            ) from exc
         if not self.local.is_committed(step) and self._leader:
             raise SaveError(f"the final checkpoint (step {step}) is not committed in {self.local_dir}; the "
                             "newest earlier step is the resume point", step=step)
@@ -767,7 +799,7 @@ class CheckpointManager:
         self._wait_pending()
         self._roll_back_before_saving()
         path = self.local.step_path(step)
-        if self.local.is_committed(step):
+        if self.local.is_committed(step) and self._trust_committed(step):
             self._already_committed(step)
             return path
         t0 = time.perf_counter()
@@ -788,15 +820,24 @@ class CheckpointManager:
             self._persist.submit(self._pending)  # type: ignore[arg-type]
         return path
 
-    def restore_folder(self, *, step: int | None = None) -> Path | None:
+    def restore_folder(self, *, step: int | None = None, start_fresh_if_corrupt: bool = False) -> Path | None:
         """The path of the newest adopted step that verifies (or of ``step``): local, else
-        downloaded from S3, CRC32C-checked and committed locally. None when there is none.
-        The framework loads its own files from there; spotckpt reads them only to verify.
-        ConfigError for a step written by ``save()`` (use ``restore(state)``)."""
+        downloaded from S3, CRC32C-checked and committed locally. None when there is none;
+        AllStepsCorruptError when adopted steps exist and none verifies (as ``restore()``;
+        ``start_fresh_if_corrupt=True`` moves them aside and returns None). The framework loads
+        its own files from there; spotckpt reads them only to verify. ConfigError for a step
+        written by ``save()`` (use ``restore(state)``)."""
         self._check_open()
         require_one_process(self.world_size, "CheckpointManager.restore_folder")
-        res = newest_folder(self.local, self._store, step=step, verify=self.verify_on_restore,
-                            progress=progress_logger())
+        try:
+            res = newest_folder(self.local, self._store, step=step, verify=self.verify_on_restore,
+                                progress=progress_logger())
+        except AllStepsCorruptError as exc:
+            if not start_fresh_if_corrupt:
+                raise
+            log.warning("spotckpt: no adopted step verifies; starting fresh as asked:\n%s", exc)
+            self._roll_back(None)
+            return None
         if res is None:
             return None
         self._note_restore(res, explicit=step is not None)

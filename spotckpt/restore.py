@@ -76,6 +76,12 @@ def load_step(
         problems = verify_files(step_dir, manifest)
         if problems:
             raise CheckpointCorruptError("; ".join(problems), path=step_dir)
+    ws = saved_world_size(manifest)
+    if ws != 1 and not reshardable(manifest):
+        raise ConfigError(
+            f"step {manifest.step} was saved by {ws} ranks and this job has 1; restoring onto another world "
+            "size needs sharded state (DTensor / FSDP2) -- start with the same number of ranks, or pass step= "
+            "of a step saved by one process")
     _note_reshard(manifest.step, manifest, 1, rank)
     with ExitStack() as stack:
         _prepare_files(state, step_dir, manifest, stack, rank=rank, keys=None, allow_pickle=allow_pickle,

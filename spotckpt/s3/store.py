@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -299,7 +300,12 @@ class S3Store:
                 if isinstance(exc, (bce.BotoCoreError, bce.ClientError)) or _is_retryable(exc):
                     err = self._storage_error(exc, job.key, cls)
                 else:
-                    err = cls(f"{'download' if download else 'upload'} of {self._url(job.key)} failed: {type(exc).__name__}: {exc}", key=job.key)
+                    advice = ""
+                    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                        advice = ("; the local disk is full -- free space on the checkpoint volume (or lower "
+                                  "keep_last); nothing was committed")
+                    err = cls(f"{'download' if download else 'upload'} of {self._url(job.key)} failed: "
+                              f"{type(exc).__name__}: {exc}{advice}", key=job.key)
                 if attempt > 1:
                     err.args = (f"{err.args[0]} (after {attempt} attempts)",)
                 raise err from exc
