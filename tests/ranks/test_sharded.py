@@ -159,8 +159,10 @@ def test_an_older_step_is_crc_checked_when_it_is_the_one_chosen(tmp_path: Path) 
         data = bytearray(f.read_bytes())
         data[-7] ^= 0x01  # same size: only the CRC32C can tell
         f.write_bytes(bytes(data))
-    res = _run(2, "restore", ck, tmp_path / "r.st")
-    assert [r["step"] for r in res] == [None, None]
+    procs = launch_ranks(lambda r: [sys.executable, CHILD, "restore", str(ck), str(tmp_path / "r.st")], 2)
+    for code, _, err in finish_ranks(procs):  # every step is corrupt: not a fresh start, on every rank
+        assert code != 0 and "AllStepsCorruptError" in err, err[-3000:]
+        assert "step 3: rank 1:" in err and "step 2: rank 0:" in err and "CRC32C" in err, err[-3000:]
 
 
 def test_a_dcp_save_that_fails_on_one_rank_fails_on_every_rank_at_once_and_commits_nothing(tmp_path: Path) -> None:
