@@ -158,13 +158,7 @@ def _open_source(src: str) -> Any:
     if is_s3_uri(src):
         from .s3 import S3Store
 
-        store = S3Store(src)
-        try:
-            store.check_access()
-        except BaseException:
-            store.close()
-            raise
-        return store
+        return S3Store.open(src)
     from .local import LocalStore
 
     if not Path(src).is_dir():

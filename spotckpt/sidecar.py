@@ -158,13 +158,7 @@ def _make_uploader(local_dir: Path, s3_uri: str, keep_last: int | None) -> Any:
     from .uploader import Uploader
 
     retention = retention_from(keep_last)  # validated before anything is started
-    store = S3Store(s3_uri)
-    try:
-        store.check_access()
-    except BaseException:
-        store.close()
-        raise
-    return Uploader(local_dir, store, retention=retention)
+    return Uploader(local_dir, S3Store.open(s3_uri), retention=retention)
 
 
 def run_sync(
@@ -261,18 +255,6 @@ def trainer_env(local_dir: Path, s3_uri: str | None, grace_seconds: float,
     return env
 
 
-def _open_s3(s3_uri: str) -> Any:
-    from .s3 import S3Store
-
-    store = S3Store(s3_uri)
-    try:
-        store.check_access()
-    except BaseException:
-        store.close()
-        raise
-    return store
-
-
 def final_upload(local_dir: Path, store: Any, *, keep_last: int | None = None) -> int | None:
     """After CMD exited: when the newest step committed in ``local_dir`` is newer than every
     step in S3 (a program that writes steps but does not upload them, or a trainer killed
@@ -356,7 +338,9 @@ def run_command(
         local = _default_local_dir(local_dir)
         env = trainer_env(local, s3_uri, grace_seconds)
         if s3_uri:
-            store = _open_s3(s3_uri)  # fail now, before training starts, on a bad bucket or credentials
+            from .s3 import S3Store
+
+            store = S3Store.open(s3_uri)  # fail now, before training starts, on a bad bucket or credentials
         if got:
             name = signal.Signals(got[0]).name
             log.warning("spotckpt run: %s arrived before %s was started; not starting it", name, cmd[0])

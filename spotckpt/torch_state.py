@@ -9,7 +9,8 @@
 
 :func:`capture` runs on the training thread and copies nothing: it returns the live tensors by
 name plus a JSON-able tree in which every non-tensor value is already snapshotted.
-:func:`apply` loads a verified step into ``state``: module parameters and buffers are read from
+:func:`prepare_load` checks a verified step against ``state``, and :meth:`LoadPlan.run` loads it
+in place: module parameters and buffers are read from
 the file straight into their existing memory (no second full copy); everything else goes through
 ``load_state_dict``.
 """
@@ -29,7 +30,7 @@ from .errors import CheckpointCorruptError, StateError
 from .format import FORMAT, SafetensorsFile, decode_tree, encode_tree
 from .shard import ShardIndex, ShardInfo, init_optimizer_state, is_dtensor, local_shard, plan_boxes
 
-__all__ = ["RNGState", "Snapshot", "LoadPlan", "capture", "apply", "prepare_load", "is_stateful", "replicated_keys"]
+__all__ = ["RNGState", "Snapshot", "LoadPlan", "capture", "prepare_load", "is_stateful", "replicated_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -207,23 +208,6 @@ def _live_tensors(value: Any, key: str) -> dict[str, torch.Tensor]:
     return named
 
 
-def apply(
-    state: MutableMapping[str, Any],
-    tree: Mapping[str, Any],
-    reader: SafetensorsFile,
-    *,
-    allow_pickle: bool = False,
-    bounce: torch.Tensor | None = None,
-    source: str = "tree",
-    keys: Collection[str] | None = None,
-    shards: ShardIndex | None = None,
-) -> None:
-    """Load a verified step's tree and tensors into ``state`` in place: :func:`prepare_load`
-    (every check), then :meth:`LoadPlan.run`."""
-    prepare_load(state, tree, reader, allow_pickle=allow_pickle, bounce=bounce, source=source, keys=keys,
-                 shards=shards).run(state)
-
-
 @dataclass
 class LoadPlan:
     """A restore of some keys of ``state`` that passed every check and has not touched live
@@ -337,10 +321,8 @@ def prepare_load(
                 plan.in_place.append((key, pairs))
                 continue
         elif kind == "tensor" and isinstance(live, torch.Tensor) and isinstance(doc, dict) and "__tensor__" in doc:
-            pairs = [(doc["__tensor__"], live)]
-            for name, t in pairs:
-                reader._checked_spec(name, t)  # StateError before anything lands
-            plan.in_place.append((key, pairs))
+            reader._checked_spec(doc["__tensor__"], live)  # StateError before anything lands
+            plan.in_place.append((key, [(doc["__tensor__"], live)]))
             continue
         rest.append((key, kind, doc, live))
     if resharded:  # every size and the coverage are checked, remote chunks fetched and verified
@@ -372,14 +354,16 @@ def prepare_load(
     return plan
 
 
+def _has_load_hooks(module: torch.nn.Module) -> bool:
+    return any(getattr(m, "_load_state_dict_pre_hooks", None) or getattr(m, "_load_state_dict_post_hooks", None)
+               for m in module.modules())
+
+
 def _check_module(key: str, live: torch.nn.Module, sd: Any) -> None:
     """Before anything lands: the saved module state has the live module's keys and shapes
     (what a strict ``load_state_dict`` would refuse only after loading part of the state).
     Modules with load hooks may transform what is loaded: their own load decides."""
-    if not isinstance(sd, Mapping) or any(
-        getattr(m, "_load_state_dict_pre_hooks", None) or getattr(m, "_load_state_dict_post_hooks", None)
-        for m in live.modules()
-    ):
+    if not isinstance(sd, Mapping) or _has_load_hooks(live):
         return
     have = live.state_dict()
     missing = sorted(set(have) - set(sd))
@@ -467,10 +451,7 @@ def _module_in_place_plan(
     when the layouts do not line up one to one. Changes nothing."""
     if not isinstance(doc, dict):
         return None
-    if any(
-        getattr(m, "_load_state_dict_pre_hooks", None) or getattr(m, "_load_state_dict_post_hooks", None)
-        for m in module.modules()
-    ):
+    if _has_load_hooks(module):
         return None  # hooks may transform what is loaded: let load_state_dict run them
     live = module.state_dict()
     if set(live) != set(doc):

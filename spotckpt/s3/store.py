@@ -108,6 +108,18 @@ class S3Store:
         self._lock = threading.Lock()
         self._closed = False
 
+    @classmethod
+    def open(cls, uri: str) -> S3Store:
+        """A store for ``uri`` whose bucket was checked reachable (:meth:`check_access`), so a
+        bad bucket or credentials fail now with what to do; closed again when the check fails."""
+        store = cls(uri)
+        try:
+            store.check_access()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
     @property
     def client(self) -> Any:
         return self._client
