@@ -15,10 +15,9 @@ The step directory then holds the files at the same relative paths (and ``manife
 the framework loads it as the folder it wrote. spotckpt never opens the files beyond copying
 and checksumming them: it never unpickles what it did not write.
 
-:func:`newest_folder` is the way back: the newest committed step that verifies (local, else
-downloaded from S3 through :func:`spotckpt.restore.import_step`, verified as it lands and
-committed locally), returned as a path. A step saved by ``CheckpointManager.save`` is refused
-there, as ``restore(state)`` refuses an adopted one.
+The way back is ``CheckpointManager.restore_folder()``: the restore's candidate walk with the
+folder layout's loader (:mod:`spotckpt.layouts`), returning the verified step's path. A step
+saved by ``CheckpointManager.save`` is refused there, as ``restore(state)`` refuses an adopted one.
 
 Limits: the change check compares file metadata, not contents a second time. A writer that
 rewrites a file with the same size within the filesystem's timestamp granularity (a few ms)
@@ -35,19 +34,16 @@ import json
 import logging
 import os
 import stat
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointCorruptError, ConfigError, FolderChangedError, NoCheckpointError, SaveError
-from .format import FOLDER_LAYOUT, MANIFEST_NAME, FileEntry, Manifest, copy_file_durably, fsync_dir, safe_relpath
+from .errors import CheckpointCorruptError, ConfigError, FolderChangedError, SaveError
+from .format import MANIFEST_NAME, FileEntry, Manifest, copy_file_durably, fsync_dir, safe_relpath
 from .local import LocalStore
-from .restore import RestoreResult, import_step, raise_if_all_bad
-from .store import StepSource
 
-__all__ = ["FolderScan", "scan", "adopt_into", "folder_extra", "newest_folder", "require_one_process"]
+__all__ = ["FolderScan", "scan", "adopt_into", "folder_extra", "require_one_process"]
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +205,7 @@ def adopt_into(
         for d in sorted(dirs - {staging}, key=lambda p: len(p.parts), reverse=True):
             if staging in d.parents:
                 fsync_dir(d)
-        manifest = Manifest(step=step, files=files, extra={**extra, "layout": FOLDER_LAYOUT})
+        manifest = Manifest(step=step, files=files, extra=dict(extra))
         return local.commit(staging, manifest)
     except BaseException as exc:
         local.abort(staging)
@@ -223,68 +219,10 @@ def adopt_into(
         raise
 
 
-def newest_folder(
-    local: LocalStore,
-    remote: StepSource | None,
-    *,
-    step: int | None = None,
-    verify: bool = True,
-    progress: Callable[[int], None] | None = None,
-) -> RestoreResult | None:
-    """The newest committed step (or exactly ``step``) that verifies, local first, else copied
-    from ``remote`` (verified as it lands, then committed locally). None when there is none.
-
-    A step that does not verify is skipped with a warning and the next older one is tried, so a
-    folder whose save was cut short -- never committed, or damaged since -- is never chosen.
-    ConfigError for a step written by ``CheckpointManager.save`` (load it with ``restore``)."""
-    t0 = time.perf_counter()
-    local_steps = set(local.committed_steps())
-    remote_steps = set(remote.list_steps()) if remote is not None else set()
-    candidates = sorted(local_steps | remote_steps, reverse=True)
-    if step is not None:
-        candidates = [step] if step in candidates else []
-    problems: dict[int, str] = {}
-    for s in candidates:
-        if s in local_steps:
-            check = local.verify_step(s, checksums=verify)
-            if check.ok and check.manifest is not None:
-                _require_folder(check.manifest, str(check.path))
-                if verify:
-                    local.mark_verified(s)
-                return RestoreResult(s, "local", time.perf_counter() - t0, check.manifest.total_bytes, check.path)
-            log.warning("spotckpt: skipping local step %d: %s", s, "; ".join(check.problems))
-            problems[s] = "local: " + "; ".join(check.problems)
-        if remote is not None and s in remote_steps:
-            try:
-                _require_folder(remote.read_manifest(s), f"{remote.uri} step {s}")
-                path, manifest = import_step(local, remote, s, replace=s in local_steps, progress=progress)
-            except CheckpointCorruptError as exc:
-                log.warning("spotckpt: skipping S3 step %d: %s", s, exc)
-                problems[s] = (problems[s] + "; " if s in problems else "") + f"{remote.uri}: {exc}"
-                continue
-            local.mark_verified(s)
-            return RestoreResult(s, remote.uri, time.perf_counter() - t0, manifest.total_bytes, path)
-    if step is not None:
-        raise NoCheckpointError(f"step {step} is not committed (or does not verify) in {local.root}"
-                                + (f" nor in {remote.uri}" if remote is not None else ""), step=step)
-    raise_if_all_bad(problems, local)  # adopted steps exist and none verifies: not a fresh start
-    return None
-
-
-def _require_folder(manifest: Manifest, where: str) -> None:
-    if manifest.extra.get("layout") != FOLDER_LAYOUT:
-        raise ConfigError(
-            f"{where}: step {manifest.step} was saved by CheckpointManager.save, not adopted from a "
-            "folder; load it with restore(state), or point restore_folder() at a local_dir / S3 prefix "
-            "that holds only adopted steps"
-        )
-
-
-def folder_extra(scan_: FolderScan, meta: Mapping[str, Any] | None, writer: str) -> dict[str, Any]:
-    """The manifest extras of an adopted step: who wrote the manifest, what was adopted (the
-    folder's or file's name) and the caller's JSON ``meta``."""
-    extra: dict[str, Any] = {"writer": writer, "world_size": 1,
-                             "adopted": scan_.root.name if not scan_.single_file else next(iter(scan_.files))}
+def folder_extra(scan_: FolderScan, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The adopted step's own manifest extras (beside the pipeline's stamp): what was adopted
+    (the folder's or file's name) and the caller's JSON ``meta``."""
+    extra: dict[str, Any] = {"adopted": scan_.root.name if not scan_.single_file else next(iter(scan_.files))}
     if meta:
         try:
             json.dumps(dict(meta), allow_nan=False)

@@ -168,7 +168,7 @@ def _open_source(src: str) -> Any:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """Copy the newest valid (or ``--step``) step of SRC into ``--to``, verified, committed there
-    atomically (:func:`spotckpt.restore.import_step`). The source is only read. What this
+    atomically (:meth:`spotckpt.local.LocalStore.import_step`). The source is only read. What this
     command creates on the target side -- the target directory, its staging folder -- is
     removed again when it ends up empty (a failed restore leaves the target as it was)."""
     src: str = args.src
@@ -196,7 +196,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         from .local import LocalStore
-        from .restore import import_step
 
         dest = LocalStore(to)
         for s in steps:
@@ -205,7 +204,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 return 0
             bar = _progress_bar(f"step {s}")
             try:
-                import_step(dest, source, s, replace=dest.is_committed(s), progress=bar.update if bar is not None else None)
+                dest.import_step(source, s, replace=dest.is_committed(s), progress=bar.update if bar is not None else None)
             except SpotCkptError as exc:
                 print(f"step {s}: {exc}", file=sys.stderr)
                 if args.step is not None:

@@ -78,12 +78,12 @@ from torch.distributed.checkpoint.storage import StorageReader as _DcpReader
 from torch.distributed.checkpoint.storage import StorageWriter as _DcpWriter
 from torch.distributed.checkpoint.storage import WriteResult
 
-from ._version import __version__
 from .errors import CheckpointCorruptError, ConfigError, NoCheckpointError, StateError
-from .format import DCP_LAYOUT, FORMAT, Manifest, SafetensorsFile, data_file_names, decode_tree, encode_tree
+from .format import FORMAT, Manifest, SafetensorsFile, data_file_names, decode_tree, encode_tree
 from .format import parse_step_dirname, parse_tree_json, write_safetensors
-from .persist import write_step
-from .restore import progress_logger, restore_agreed, restore_newest, tensor_files
+from .layouts import DCP, tensor_files
+from .metrics import progress_logger
+from .restore import RestoreOptions
 from .shard import ShardIndex, ShardInfo, check_coverage, read_item, shards_metadata
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ __all__ = ["StorageWriter", "StorageReader", "LAYOUT"]
 log = logging.getLogger(__name__)
 
 #: ``manifest.json``'s ``"layout"`` of a step DCP wrote through :class:`StorageWriter`.
-LAYOUT = DCP_LAYOUT
+LAYOUT = DCP.name
 
 
 def _step_of(checkpoint_id: Any) -> int | None:
@@ -154,7 +154,7 @@ class StorageWriter(_StepStorage, _DcpWriter):
     ``manager``'s ``local_dir`` (then uploaded, and retention applied, like any save)."""
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        self.manager._check_open()
+        self.manager.check_open()
         if self.step is None:
             raise ConfigError("spotckpt.dcp.StorageWriter needs a step: dcp.save(..., checkpoint_id=step) "
                               "or StorageWriter(mgr, step)")
@@ -178,13 +178,9 @@ class StorageWriter(_StepStorage, _DcpWriter):
         # The manager's own async save commits over the same gloo group: let it finish first,
         # so that every rank runs the two commits' collectives in the same order.
         mgr.wait_persist_idle()
-        mgr._roll_back_before_saving(group="persist")  # after restoring an older step on purpose
-        committed = err is None and mgr.local.is_committed(step)
-        if mgr._coord is not None:  # every rank skips, or none does: the commit is collective
-            committed = any(mgr._coord.exchange(f"dcp: committed {step}", committed, error=err, group="persist"))
-        elif err is not None:
-            raise err
-        if committed:
+        pipe = mgr.pipeline
+        pipe.roll_back_before_saving(group="persist")  # after restoring an older step on purpose
+        if pipe.agree_committed(step, error=err, group="persist"):  # every rank skips, or none does
             log.warning("spotckpt: step %d is already committed in %s; this dcp.save wrote nothing -- a committed "
                         "step is never replaced: give each save a new, increasing checkpoint_id", step, mgr.local_dir)
         else:
@@ -193,11 +189,9 @@ class StorageWriter(_StepStorage, _DcpWriter):
             mapping = _planner_data_json(plan.planner_data)
             if mapping is not None:
                 tree["planner_data"] = mapping
-            extra = {"writer": f"spotckpt {__version__}", "world_size": mgr.world_size, "layout": LAYOUT}
-            write_step(mgr.local, step, tree, lambda p: write_safetensors(p, tensors, meta), rank=mgr.rank,
-                       extra=extra, coord=mgr._coord)
-            mgr._note_save(step, t0, nbytes, True)
-            mgr._committed(step, t0, nbytes)
+            extra = pipe.stamp(layout=LAYOUT)
+            pipe.commit(step, lambda: pipe.write_files(step, tree, lambda p: write_safetensors(p, tensors, meta), extra),
+                        t0=t0, nbytes=nbytes, blocking=True)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
@@ -283,19 +277,14 @@ class StorageReader(_StepStorage, _DcpReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         mgr = self.manager
-        mgr._check_open()
+        mgr.check_open()
         self._stack.close()
-        kw: dict[str, Any] = {"step": self.step, "verify": mgr.verify_on_restore, "progress": progress_logger(),
-                              "loader": self._open_step}
-        if mgr._coord is not None:
-            res = restore_agreed({}, mgr.local, mgr._store, mgr._coord, **kw)
-        else:
-            res = restore_newest({}, mgr.local, mgr._store, **kw)
+        res = mgr.pipeline.restore(None, RestoreOptions(step=self.step, verify=mgr.verify_on_restore,
+                                                        progress=progress_logger(), loader=self._open_step))
         if res is None or self._index is None:
             raise NoCheckpointError(f"no checkpoint in {mgr.local_dir}" + (f" or {mgr.s3_uri}" if mgr.s3_uri else "")
                                     + "; start fresh instead of calling dcp.load")
         self.loaded_step = res.step
-        mgr._note_restore(res, explicit=self.step is not None)
         md = self._index.metadata
         storage = dict(self._index.where)
         for fqn, (tree, _) in self._items.items():
@@ -306,9 +295,7 @@ class StorageReader(_StepStorage, _DcpReader):
 
     def _open_step(self, step_dir: Path, manifest: Manifest, rank: int) -> None:
         """restore's loader: open the chosen (verified) step's files and index them."""
-        if manifest.extra.get("layout") != LAYOUT:
-            raise ConfigError(f"{step_dir} was not written through spotckpt.dcp.StorageWriter; load it with "
-                              "CheckpointManager.restore(state)")
+        DCP.require(manifest, step_dir)
         stack = ExitStack()
         try:
             readers = {f: stack.enter_context(SafetensorsFile(step_dir / f)) for f in tensor_files(manifest)}
@@ -357,10 +344,7 @@ class StorageReader(_StepStorage, _DcpReader):
                 objs, jobs = self._checked(plan, planner)
             except BaseException as exc:  # noqa: BLE001 - every rank raises below, none copies
                 err = exc
-            if mgr._coord is not None:
-                mgr._coord.exchange("dcp: read checked", error=err)
-            elif err is not None:
-                raise err
+            mgr.pipeline.agree_ok("dcp: read checked", err)
             for item, data in objs:
                 planner.load_bytes(item, io.BytesIO(data))
             for loc, item, dest in jobs:

@@ -38,6 +38,7 @@ import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointCorruptError, ConfigError, SaveError, StorageError
 from .format import (
@@ -52,6 +53,9 @@ from .format import (
     write_file_durably,
 )
 from .policy import RetentionPolicy, doomed
+
+if TYPE_CHECKING:
+    from .store import StepSource
 
 __all__ = [
     "COMMITTED",
@@ -408,6 +412,43 @@ class LocalStore:
                 if entry.exists():
                     entry.unlink(missing_ok=True)
 
+    # -- copy in ---------------------------------------------------------------------------
+    def import_step(self, source: StepSource, step: int, *, replace: bool = False,
+                    progress: Callable[[int], None] | None = None,
+                    files: Collection[str] | None = None) -> tuple[Path, Manifest]:
+        """Copy committed ``step`` from ``source`` (an S3 prefix or another local directory)
+        and commit it here: every file lands in a staging directory, fsynced and verified
+        against the manifest, and only then is the step renamed into place. Any failure
+        removes the staging directory and leaves this store as it was. With ``replace``, a
+        (corrupt) local copy of the step is un-committed right before the verified one takes
+        its place. With ``files`` (several hosts), only those files are copied -- the ones this
+        host's ranks need -- and the step is committed with the whole manifest.
+
+        CheckpointCorruptError when the source does not verify, StorageError (S3) or
+        SaveError (local disk) when copying fails."""
+        staging = self.begin(step)
+        try:
+            if files is None:
+                manifest = source.download_step(step, staging, progress=progress)
+            else:
+                manifest = source.read_manifest(step)
+                missing = sorted(set(files) - set(manifest.files))
+                if missing:
+                    raise CheckpointCorruptError(
+                        f"{source.uri}: step {step} lists no {', '.join(missing)}; it was written by "
+                        "another set of ranks", path=source.uri)
+                part = Manifest(step=step, files={k: v for k, v in manifest.files.items() if k in files},
+                                created=manifest.created, extra=dict(manifest.extra))
+                source.download_step(step, staging, part, progress=progress)
+            if replace:
+                log.warning("spotckpt: replacing local step %d with the verified copy from %s", step, source.uri)
+                self.delete_step(step)
+            path = self.commit(staging, manifest)
+        except BaseException:
+            self.abort(staging)
+            raise
+        return path, manifest
+
     # -- read out ------------------------------------------------------------------------
     def download_step(
         self, step: int, dest_dir: Path, manifest: Manifest | None = None, *,
@@ -416,7 +457,7 @@ class LocalStore:
         """Copy committed ``step`` into ``dest_dir`` (a staging directory of another store):
         every data file copied with its CRC32C computed in the same pass and fsynced, then
         checked against the manifest. The same contract as ``S3Store.download_step``, so a
-        local directory can be the source of :func:`spotckpt.restore.import_step`.
+        local directory can be the source of :meth:`import_step`.
         CheckpointCorruptError when the source does not verify."""
         src = self.step_path(step)
         m = manifest if manifest is not None else self.read_manifest(step)

@@ -16,23 +16,19 @@ Errors of background threads are kept and raised, chained, from the next ``save(
 
 from __future__ import annotations
 
-import copy
 import logging
 import operator
 import os
-import threading
 import time
 from collections.abc import Callable, Collection, MutableMapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ._version import __version__
-from .adopt import adopt_into, folder_extra, newest_folder, require_one_process, scan as scan_folder
+from .adopt import adopt_into, folder_extra, require_one_process, scan as scan_folder
 from .config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
 from .dist import Coordinator, RequestChannel, SaveAgreement, check_save, coordinator_from_torch
 from .errors import (
-    AllStepsCorruptError,
     ClosedError,
     CollectiveError,
     ConfigError,
@@ -41,24 +37,18 @@ from .errors import (
     StateError,
     StorageError,
 )
+from .layouts import FOLDER
 from .events import (
-    DurableLocalEvent,
-    DurableS3Event,
     EventBus,
     JsonLinesListener,
     PreemptedEvent,
     ProgressEvent,
-    RestoreEvent,
-    SaveEvent,
 )
-from .format import write_safetensors
 from .local import LocalStore
-from .metrics import MetricsListener, Stats
-from .persist import PersistWorker, PruneJob, SaveJob, write_step
+from .metrics import MetricsListener, Stats, progress_logger
 from .policy import (
     EveryNSeconds,
     EveryNSteps,
-    KeepAll,
     RetentionPolicy,
     SaveContext,
     SavePolicy,
@@ -66,9 +56,10 @@ from .policy import (
     save_policy_from,
 )
 from .preemption import DEFAULT_GRACE_SECONDS, PreemptionWatcher
-from .shard import recording_shards, shards_metadata
-from .restore import bounce_buffer_for, progress_logger, restore_agreed, restore_newest
-from .stage import Stager
+from .shard import shards_metadata
+from .restore import RestoreOptions
+from .stage import bounce_buffer_for
+from .steps import CommitPipeline
 from .store import RemoteStore
 from .torch_state import capture, replicated_keys
 
@@ -153,25 +144,17 @@ class CheckpointManager:
         self.events.subscribe(self.stats)
         self._metrics = MetricsListener(enabled=metrics if metrics is not None else env_bool("SPOTCKPT_METRICS", True))
         self.events.subscribe(self._metrics)
-        self._lock = threading.Lock()
-        self._pending: SaveJob | None = None
-        self._bg_error: BaseException | None = None
-        self._last_saved_step: int | None = None
-        self._last_save_time = clock()
         self._preempted = False
         self._closed = False
-        self._save_started: dict[int, float] = {}  # step -> perf_counter() at save(), until in S3
         self._events_file: JsonLinesListener | None = None
         self._store: RemoteStore | None = None
         self._uploader: Any = None
         self._imds: Any = None
-        self._persist: PersistWorker | None = None
         self._coord: Coordinator | None = None
         self._requests: RequestChannel | None = None
         self._abandoned = False
-        self._rollback_to: int | None = None  # a restore of an explicit step: roll back at the first save
         self._agreement: SaveAgreement | None = None
-        self._stager = Stager()
+        self.pipeline: CommitPipeline | None = None
         self._watcher = PreemptionWatcher(grace_seconds=grace)
         try:
             self.local = LocalStore(resolve_local_dir(local_dir))
@@ -184,6 +167,8 @@ class CheckpointManager:
                     f"rank={rank} but torch.distributed is not initialised; call "
                     "init_process_group() first (rank and world size then come from it)"
                 )
+            self.pipeline = CommitPipeline(self.local, events=self.events, retention=self.retention, clock=clock,
+                                           coord=self._coord, rank=self.rank, world_size=self.world_size)
             self.s3_uri = remote_store.uri if remote_store is not None else resolve_s3_uri(s3_uri)
             if self.s3_uri is None and sagemaker_info().checkpoint_sync_active:
                 log.info("spotckpt: SageMaker syncs %s to S3 itself; spotckpt uploads nothing", self.local_dir)
@@ -203,7 +188,6 @@ class CheckpointManager:
                 self._coord.exchange("construct")  # every rank got here: none failed above
             if imds if imds is not None else env_bool("SPOTCKPT_IMDS", False):
                 self._start_imds()
-            self._persist = PersistWorker(prune=self._prune, on_error=self._on_persist_error)
             if install_signal_handlers:
                 self._watcher.install()  # last: nothing after it can fail
         except BaseException as exc:
@@ -228,11 +212,6 @@ class CheckpointManager:
         self._requests = RequestChannel(coord.store, coord.rank, coord.world_size)
         self._agreement = SaveAgreement(self._requests)
 
-    @property
-    def _leader(self) -> bool:
-        """Whether this rank commits, prunes and uploads its host's ``local_dir``."""
-        return self._coord is None or self._coord.is_host_leader
-
     # -- optional components ------------------------------------------------------------
     def _start_upload(self, remote_store: RemoteStore | None) -> None:
         from .uploader import Uploader
@@ -240,26 +219,24 @@ class CheckpointManager:
         if remote_store is None:
             from .s3 import S3Store
 
-            store = S3Store(self.s3_uri)  # type: ignore[arg-type]
-            self._store = store
-            store.check_access()
+            self._store = S3Store(self.s3_uri)  # type: ignore[arg-type]
         else:
             self._store = remote_store
-        if not self._leader:
+        self._store.check_access()
+        pipe = self._pipe
+        pipe.store = self._store
+        if not pipe.leader:
             return  # every rank lists and reads S3 (restore); each host's leader uploads its files
-        self._uploader = Uploader(self.local_dir, self._store, retention=self.retention, on_uploaded=self._on_uploaded,
+        self._uploader = Uploader(self.local_dir, self._store, retention=self.retention, on_uploaded=pipe.on_uploaded,
                                   world_size=self.world_size, writes_manifest=self.rank == 0,
                                   await_hosts_seconds=self._coord.timeout_seconds if self._coord else 600.0)
+        pipe.uploader = self._uploader
         self._uploader.start()
 
-    def _on_uploaded(self, step: int, seconds: float, nbytes: int) -> None:
-        """Uploader thread: a step's manifest is in S3. ``since_save_s`` runs from ``save()``."""
-        with self._lock:
-            t0 = self._save_started.get(step)
-            for s in [s for s in self._save_started if s <= step]:  # older ones were skipped
-                del self._save_started[s]
-        since = time.perf_counter() - t0 if t0 is not None else None
-        self.events.emit(DurableS3Event(step=step, seconds=seconds, bytes=nbytes, since_save_s=since))
+    @property
+    def _pipe(self) -> CommitPipeline:
+        assert self.pipeline is not None
+        return self.pipeline
 
     def _start_imds(self) -> None:
         from .preemption import ImdsPoller
@@ -308,27 +285,13 @@ class CheckpointManager:
             self._coord.exchange("restore: state", None, error=err)
         elif err is not None:
             raise err
-        try:
-            if self._coord is not None:
-                res = restore_agreed(state, self.local, self._store, self._coord, step=step,
-                                     verify=self.verify_on_restore, allow_pickle=self.allow_pickle,
-                                     bounce=bounce_buffer_for(state), progress=progress_logger())
-            else:
-                res = restore_newest(state, self.local, self._store, step=step, rank=self.rank,
-                                     verify=self.verify_on_restore, allow_pickle=self.allow_pickle,
-                                     bounce=bounce_buffer_for(state), progress=progress_logger())
-        except AllStepsCorruptError as exc:
-            if not start_fresh_if_corrupt:
-                raise
-            log.warning("spotckpt: no checkpoint verifies; starting fresh as asked (start_fresh_if_corrupt=True):\n%s",
-                        exc)
-            self._roll_back(None)
-            return None
+        opts = RestoreOptions(step=step, verify=self.verify_on_restore, allow_pickle=self.allow_pickle,
+                              bounce=bounce_buffer_for(state), progress=progress_logger())
+        res = self._pipe.restore(state, opts, start_fresh_if_corrupt=start_fresh_if_corrupt)
         if res is None:
             log.info("spotckpt: no checkpoint in %s%s; starting fresh", self.local_dir,
                      f" or {self.s3_uri}" if self.s3_uri else "")
             return None
-        self._note_restore(res, explicit=step is not None)
         return res.step
 
     # -- save ----------------------------------------------------------------------------
@@ -351,10 +314,11 @@ class CheckpointManager:
         if self._coord is None:
             if err is not None:
                 raise err
-            self._raise_bg_error()
+            self._pipe.raise_bg_error()
         blocking = (not self.async_save) if blocking is None else blocking
         t0 = time.perf_counter()
-        self._roll_back_before_saving()
+        pipe = self._pipe
+        pipe.roll_back_before_saving()
         keys: set[str] | None = None
         if self._coord is not None:
             decision = self._agree_save(step, state, err, policy=policy)
@@ -363,46 +327,16 @@ class CheckpointManager:
             keys, replicated = decision
         else:
             replicated = set()
-            self._wait_pending()
-            if self.local.is_committed(step) and self._trust_committed(step):
-                self._already_committed(step)
+            pipe.wait_pending()
+            if pipe.committed(step):
+                pipe.skip(step)
                 return False
         snap = capture(state, step=step, rank=self.rank, allow_pickle=self.allow_pickle, keys=keys)
         meta = {"format": "spotckpt/1", "step": str(step)}
-        extra: dict[str, Any] = {"writer": f"spotckpt {__version__}", "world_size": self.world_size}
-        if replicated:
-            extra["replicated"] = sorted(replicated)
+        extra = pipe.stamp(replicated=sorted(replicated), sharded=sorted(snap.sharded_keys))
         if snap.sharded_keys:
-            extra["sharded"] = sorted(snap.sharded_keys)
             meta.update(shards_metadata(snap.shards))
-        if blocking and all(t.device.type == "cpu" for t in snap.tensors.values()):
-            # Host tensors: written straight from their memory, no copy at all.
-            write = recording_shards(snap.tree, snap.shards, snap.tensors, lambda p, **kw: write_safetensors(p, snap.tensors, meta, **kw))
-            self._write(step, snap.tree, write, t0, snap.nbytes, extra,
-                        before_durable=lambda: self._note_save(step, t0, snap.nbytes, True))
-            return True
-        else:
-            # Device tensors (blocking: one pinned device-to-host pass, much faster than copying
-            # tensor by tensor into pageable memory) and every async save go through the stager.
-            with self._lock:
-                staged = self._stager.stage(snap.tensors, meta)
-
-            def run(before_durable: Callable[[], None] | None = None) -> None:
-                try:
-                    self._write(step, snap.tree, recording_shards(snap.tree, snap.shards, snap.tensors, staged.write_to), t0,
-                                staged.nbytes, extra, before_durable=before_durable)
-                finally:
-                    with self._lock:
-                        self._stager.release(staged)
-
-            if blocking:
-                run(lambda: self._note_save(step, t0, snap.nbytes, True))
-                return True
-            self._pending = SaveJob(step, run)
-        self._note_save(step, t0, snap.nbytes, blocking)
-        if not blocking:
-            assert self._persist is not None and self._pending is not None
-            self._persist.submit(self._pending)  # after the save event, so durable_local follows it
+        pipe.write_snapshot(step, snap, meta, extra, blocking=blocking, t0=t0)
         return True
 
     def _agree_save(self, step: int, state: MutableMapping[str, Any], err: BaseException | None, *,
@@ -411,51 +345,24 @@ class CheckpointManager:
         this rank writes, replicated keys), or None to skip it on every rank."""
         assert self._coord is not None
         replicated = replicated_keys(state, self._replicated_hint)
-        job = self._pending
-        busy = policy and job is not None and not job.done.is_set()
+        pipe = self._pipe
+        busy = policy and pipe.busy()
         if not busy:
             try:
-                self._wait_pending()
+                pipe.wait_pending()
             except SpotCkptError as exc:
                 err = err or exc
         check = check_save(self._coord, step=step, keys=sorted(map(str, state)), replicated=sorted(replicated),
-                           busy=busy, committed=step == self._last_saved_step or self.local.is_committed(step),
-                           error=err)
+                           busy=busy, committed=err is None and pipe.committed(step), error=err)
         if check.skip == "busy":
             self.stats.saves_skipped += 1
             log.info("spotckpt: skipping the policy save of step %d: a rank is still writing the last one", step)
             return None
-        self._wait_pending()
+        pipe.wait_pending()
         if check.skip == "committed":
-            self._already_committed(step)
+            pipe.skip(step)
             return None
         return (None if self.rank == 0 else set(state) - replicated), replicated
-
-    def _trust_committed(self, step: int) -> bool:
-        """A save of a step that is committed already: trust it when this run saved or restored
-        it; an earlier run's is CRC-checked first, and moved aside when it does not verify (the
-        save then writes it) -- a damaged step must never stand in for a save."""
-        if step == self._last_saved_step:
-            return True
-        check = self.local.verify_step(step)
-        if check.ok:
-            self.local.mark_verified(step)
-            return True
-        self.local.quarantine(step, "committed by an earlier run but does not verify ("
-                              + "; ".join(check.problems)[:300] + "); saving it again")
-        return False
-
-    def _already_committed(self, step: int) -> None:
-        """A save of a step that is committed already: a committed step is never replaced. Said
-        at INFO when this run saved it (e.g. a final save() after maybe_save() of the same step),
-        as a WARNING when it is an earlier run's step."""
-        if step == self._last_saved_step:
-            log.info("spotckpt: step %d is already committed in %s; not saving it again", step, self.local_dir)
-        else:
-            log.warning("spotckpt: step %d is already committed in %s by an earlier run; a committed step is never "
-                        "replaced, so this save was skipped -- steps must increase across restarts (resume from "
-                        "mgr.restore())", step, self.local_dir)
-        self._last_saved_step = step
 
     def maybe_save(self, step: int, state: MutableMapping[str, Any]) -> bool:
         """Save when the policy says so (``every_steps`` / ``every_seconds``) or when the job is
@@ -473,9 +380,10 @@ class CheckpointManager:
             return self._maybe_save_ranks(step, state)
         if self._watcher.requested:
             return self._final_save(step, state, self._watcher.reason or "requested")
-        if step == self._last_saved_step or not self.save_policy.should_save(self._context(step)):
+        pipe = self.pipeline
+        if step == pipe.last_saved_step or not self.save_policy.should_save(self._context(step)):
             return False
-        job = self._pending
+        job = pipe.pending
         if job is not None and not job.done.is_set():
             self.stats.saves_skipped += 1
             log.info("spotckpt: skipping the policy save of step %d: step %d is still being written", step, job.step)
@@ -483,8 +391,9 @@ class CheckpointManager:
         return self._save(step, state, blocking=None, policy=True)
 
     def _context(self, step: int) -> SaveContext:
-        return SaveContext(step=step, seconds_since_last_save=self._clock() - self._last_save_time,
-                           last_saved_step=self._last_saved_step)
+        pipe = self.pipeline
+        return SaveContext(step=step, seconds_since_last_save=self._clock() - pipe.last_save_time,
+                           last_saved_step=pipe.last_saved_step)
 
     def _maybe_save_ranks(self, step: int, state: MutableMapping[str, Any]) -> bool:
         """Several ranks. Step-count policies are the same on every rank, so every rank saves
@@ -495,14 +404,15 @@ class CheckpointManager:
         ask = None
         if self._watcher.requested:
             ask = ("preempt", self._watcher.reason or "requested")
-        elif self.rank == 0 and step != self._last_saved_step and self._rank0_policy_due(step):
+        elif self.rank == 0 and step != self.pipeline.last_saved_step and self._rank0_policy_due(step):
             ask = ("policy", f"rank 0's policy at step {step}")
         req = self._agreement.due(step, ask)
         if req is not None:
             if req.kind == "preempt":
                 return self._final_save(step, state, req.reason)
             return self._save(step, state, blocking=None, policy=True)
-        if self._every_steps is not None and step != self._last_saved_step and self._every_steps.should_save(self._context(step)):
+        if (self._every_steps is not None and step != self.pipeline.last_saved_step
+                and self._every_steps.should_save(self._context(step))):
             return self._save(step, state, blocking=None, policy=True)
         return False
 
@@ -529,7 +439,7 @@ class CheckpointManager:
                 f"{self.s3_uri}: its upload failed ({exc}); a new instance resumes from the newest step in S3 -- check "
                 "S3 access, and the next run's uploader uploads this step if this disk survives", step=step,
             ) from exc
-        if not self.local.is_committed(step) and self._leader:
+        if not self.local.is_committed(step) and self._pipe.leader:
             raise SaveError(f"the final checkpoint (step {step}) is not committed in {self.local_dir}; the "
                             "newest earlier step is the resume point", step=step)
         if not ok:
@@ -541,129 +451,12 @@ class CheckpointManager:
                 "use faster storage or a longer grace (SPOTCKPT_GRACE_SECONDS)", step=step)
         return saved
 
-    # -- writing (training thread for blocking saves, persist thread for async ones) -------
-    def _write(self, step: int, tree: dict[str, Any], write_tensors: Callable[[Any], Any], t0: float, nbytes: int,
-               extra: dict[str, Any], *, before_durable: Callable[[], None] | None = None) -> None:
-        """Write and commit; ``before_durable`` (a blocking save's save event) runs between the
-        commit and the durable_local event, so the lines come in the order things happened."""
-        write_step(self.local, step, tree, write_tensors, rank=self.rank, extra=extra, coord=self._coord)
-        if before_durable is not None:
-            before_durable()
-        self._committed(step, t0, nbytes)
-
-    def _note_save(self, step: int, t0: float, nbytes: int, blocking: bool) -> None:
-        """A save of ``step`` (by save(), adopt() or :mod:`spotckpt.dcp`'s writer) returns to
-        its caller: remember it, start its S3 clock, emit the save event."""
-        self._last_saved_step = step
-        self._last_save_time = self._clock()
-        if self._uploader is not None:
-            with self._lock:
-                self._save_started[step] = t0
-        self.events.emit(SaveEvent(step=step, stall_s=time.perf_counter() - t0, bytes=nbytes, blocking=blocking))
-
-    def _note_restore(self, res: Any, *, explicit: bool = False) -> None:
-        """Step ``res.step`` was restored (restore(), restore_folder(), or chosen by
-        :mod:`spotckpt.dcp`'s reader; several ranks: on every rank). Newer steps are rolled
-        back: now when the restore chose the step (the newer ones did not load), or at the
-        first save after it when the caller asked for this step (``explicit``: the newer steps
-        are good, and a restore only to look at an older step must not cost them)."""
-        if explicit:
-            self._rollback_to = res.step
-        else:
-            self._roll_back(res.step)
-        self._last_saved_step = res.step
-        self._last_save_time = self._clock()
-        self.events.emit(RestoreEvent(step=res.step, seconds=res.seconds, source=res.source, bytes=res.bytes))
-
-    def _roll_back_before_saving(self, *, group: str = "main") -> None:
-        """The first save after restoring an explicitly chosen older step: the run diverges
-        from the newer steps here, so they stop counting now (see :meth:`_roll_back`).
-        ``group``: the gloo group of the calling thread's collectives (:mod:`spotckpt.dcp`'s
-        writer: ``persist``)."""
-        if self._rollback_to is not None:
-            chosen, self._rollback_to = self._rollback_to, None
-            self._roll_back(chosen, group=group)
-
-    def _roll_back(self, chosen: int | None, *, group: str = "main") -> None:
-        """A restore chose step ``chosen`` (None: a fresh start over damaged steps). This run
-        writes the newer steps again, so they stop counting: each host's leader moves its newer
-        committed steps aside (kept as evidence until retention), the manifest writer (rank 0)
-        un-commits them in S3 -- while the uploader holds off those steps -- and, with several
-        ranks, every rank waits until every host is done. Nothing happens when none is newer."""
-        def newer(steps: Collection[int]) -> list[int]:
-            return sorted(s for s in steps if chosen is None or s > chosen)
-
-        def action() -> None:
-            if self._leader:
-                for s in newer(self.local.committed_steps()):
-                    self.local.quarantine(s, f"the restore chose {'no step' if chosen is None else f'step {chosen}'}, "
-                                             "and this run will write this step again")
-            if self._store is not None and self.rank == 0:
-                for s in newer(self._store.list_steps()):
-                    log.warning("spotckpt: un-committing step %d in %s (its manifest is deleted, its data kept "
-                                "until the step is written again): the restore chose %s", s, self._store.uri,
-                                "no step" if chosen is None else f"step {chosen}")
-                    uncommit = getattr(self._store, "uncommit_step", None)
-                    (uncommit or self._store.delete_step)(s)
-
-        err: BaseException | None = None
-        try:
-            if self._uploader is not None:
-                self._uploader.roll_back(chosen, action)
-            else:
-                action()
-        except SpotCkptError as exc:
-            err = exc
-        if self._coord is not None:
-            self._coord.exchange("restore: roll back", None, error=err, group=group)
-        elif err is not None:
-            raise err
-
-    def _committed(self, step: int, t0: float, nbytes: int) -> None:
-        """``step`` is committed locally (by a save, or by :mod:`spotckpt.dcp`'s writer): tell
-        the listeners and the uploader, then run retention."""
-        self.events.emit(DurableLocalEvent(step=step, seconds=time.perf_counter() - t0, bytes=nbytes))
-        if self._uploader is not None:
-            self._uploader.notify(step)
-        if not isinstance(self.retention, KeepAll) and self._persist is not None and self._leader:
-            self._persist.submit(PruneJob(step))  # retention runs on the persist thread, after this save
-
-    def _prune(self, protect: int) -> None:
-        try:
-            self.local.prune(self.retention, protect=protect)
-        except SpotCkptError as exc:
-            log.warning("spotckpt: local retention failed: %s", exc)
-
-    def _on_persist_error(self, job: SaveJob, exc: BaseException) -> None:
-        self._bg_error = exc
-
-    def _wait_pending(self) -> None:
-        job = self._pending
-        if job is not None:
-            job.done.wait()
-            self._raise_bg_error()
-
     def wait_persist_idle(self) -> None:
         """Block until this rank's pending async save has finished on the persist thread
         (committed, or failed: its error still surfaces from the next ``save()``/``wait()``).
         Not collective; any thread. :mod:`spotckpt.dcp`'s writer calls it before its commit,
         whose collectives share that thread's gloo group."""
-        job = self._pending
-        if job is not None:
-            job.done.wait()
-
-    def _raise_bg_error(self) -> None:
-        """Raise a background save's error on the caller's thread: a SpotCkptError as a copy of
-        the same class (a failed async save raises what a blocking one would), chained to the
-        original; anything else as SaveError."""
-        exc = self._bg_error
-        if exc is not None:
-            self._bg_error = None
-            if isinstance(exc, SpotCkptError):
-                raise copy.copy(exc) from exc
-            raise SaveError(f"an earlier background save failed: {exc!r}") from exc
-        if self._uploader is not None:
-            self._uploader.raise_if_failed()
+        self._pipe.wait_idle()
 
     # -- wait / queries --------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
@@ -680,19 +473,7 @@ class CheckpointManager:
         return all(self._coord.exchange("wait", ok, error=err))
 
     def _wait_here(self, timeout: float | None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        job = self._pending
-        if job is not None and not job.done.wait(timeout):
-            return False
-        if timeout is None and self._persist is not None:
-            self._persist.join_queue()  # retention of the last save has run too
-        self._raise_bg_error()
-        if self._uploader is not None and self._last_saved_step is not None:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ok = bool(self._uploader.wait_for(self._last_saved_step, timeout=left))
-            self._uploader.raise_if_failed()
-            return ok
-        return True
+        return self._pipe.wait(timeout)
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()
@@ -712,6 +493,10 @@ class CheckpointManager:
         if self._closed:
             raise ClosedError("this CheckpointManager is closed; create a new one")
 
+    def check_open(self) -> None:
+        """ClosedError once :meth:`close` has begun (for spotckpt's adapters)."""
+        self._check_open()
+
     def close(self, *, timeout: float | None = None) -> None:
         """Finish pending work (local save, upload), stop threads, restore signal handlers.
         Several ranks: collective (every rank closes), unless closing after an exception."""
@@ -720,36 +505,22 @@ class CheckpointManager:
         self._closed = True
         err: BaseException | None = None
         try:
-            job = self._pending
-            if job is not None:
-                job.done.wait()
-            if self._uploader is not None and not self._abandoned:
-                if self._persist is not None:
-                    self._persist.join_queue()
-                try:
-                    self._uploader.flush(timeout=timeout)
-                except SpotCkptError as exc:
-                    err = exc
+            err = self._pipe.close(flush=not self._abandoned, timeout=timeout)
             if self._coord is not None and not self._abandoned:
                 self._coord.exchange("close", error=err)
         finally:
             self._teardown()
             if getattr(self, "local", None) is not None:
                 self.local.release_staging()  # nothing of this process is left in it
-        exc = self._bg_error
-        self._bg_error = None
-        if exc is not None:
-            if isinstance(exc, SpotCkptError):
-                raise copy.copy(exc) from exc
-            raise SaveError(f"a background save failed: {exc!r}") from exc
+        self._pipe.raise_kept()
         if err is not None:
             raise err
 
     def _teardown(self) -> None:
         """Stop whatever was started, in reverse order (construction failures and close())."""
         self._closed = True
-        if self._persist is not None:
-            self._persist.stop()
+        if self.pipeline is not None:
+            self.pipeline.stop()
         if self._uploader is not None:
             self._uploader.close()
         if self._store is not None:
@@ -761,7 +532,6 @@ class CheckpointManager:
         if self._coord is not None:
             self._coord.close()
         self._watcher.uninstall()
-        self._stager.close()
         if self._events_file is not None:
             self._events_file.close()
 
@@ -796,28 +566,18 @@ class CheckpointManager:
         self._check_open()
         require_one_process(self.world_size, "CheckpointManager.adopt")
         step = as_step(step)
-        self._wait_pending()
-        self._roll_back_before_saving()
+        pipe = self._pipe
+        pipe.wait_pending()
+        pipe.roll_back_before_saving()
         path = self.local.step_path(step)
-        if self.local.is_committed(step) and self._trust_committed(step):
-            self._already_committed(step)
+        if pipe.committed(step):
+            pipe.skip(step)
             return path
         t0 = time.perf_counter()
         seen = scan_folder(folder)
-        extra = folder_extra(seen, meta, f"spotckpt {__version__}")
-
-        def run() -> None:
-            adopt_into(self.local, step, seen, extra=extra)
-            self._committed(step, t0, seen.nbytes)
-
-        if blocking:
-            run()
-        else:
-            self._pending = SaveJob(step, run)
-        self._note_save(step, t0, seen.nbytes, blocking)
-        if not blocking:
-            assert self._persist is not None
-            self._persist.submit(self._pending)  # type: ignore[arg-type]
+        extra = pipe.stamp(layout=FOLDER.name, **folder_extra(seen, meta))
+        pipe.commit(step, lambda: adopt_into(self.local, step, seen, extra=extra), t0=t0, nbytes=seen.nbytes,
+                    blocking=blocking)
         return path
 
     def restore_folder(self, *, step: int | None = None, start_fresh_if_corrupt: bool = False) -> Path | None:
@@ -829,16 +589,9 @@ class CheckpointManager:
         written by ``save()`` (use ``restore(state)``)."""
         self._check_open()
         require_one_process(self.world_size, "CheckpointManager.restore_folder")
-        try:
-            res = newest_folder(self.local, self._store, step=step, verify=self.verify_on_restore,
-                                progress=progress_logger())
-        except AllStepsCorruptError as exc:
-            if not start_fresh_if_corrupt:
-                raise
-            log.warning("spotckpt: no adopted step verifies; starting fresh as asked:\n%s", exc)
-            self._roll_back(None)
-            return None
+        opts = RestoreOptions(step=None if step is None else as_step(step), verify=self.verify_on_restore,
+                              progress=progress_logger(), loader=lambda path, manifest, rank: FOLDER.require(manifest, path))
+        res = self._pipe.restore(None, opts, start_fresh_if_corrupt=start_fresh_if_corrupt)
         if res is None:
             return None
-        self._note_restore(res, explicit=step is not None)
         return res.path

@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
@@ -38,7 +40,7 @@ from .events import (
     SaveEvent,
 )
 
-__all__ = ["Stats", "format_line", "MetricsListener"]
+__all__ = ["Stats", "format_line", "MetricsListener", "progress_logger"]
 
 log = logging.getLogger("spotckpt.metrics")
 
@@ -128,3 +130,17 @@ class Stats:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def progress_logger() -> Callable[[int], None]:
+    """A download progress callback: a log line every 2 s with the MiB so far."""
+    state = {"bytes": 0, "last": time.monotonic()}
+
+    def cb(n: int) -> None:
+        state["bytes"] += n
+        now = time.monotonic()
+        if now - state["last"] > 2.0:
+            state["last"] = now
+            log.info("spotckpt: downloaded %.1f MiB", state["bytes"] / 2**20)
+
+    return cb

@@ -1,10 +1,7 @@
-"""From a captured save to a committed step: the writer, and the persist thread that runs it.
+"""The persist thread: async saves and local retention, off the training thread.
 
-``write_step`` is the one path every save takes to disk (blocking saves call it on the training
-thread, async saves on the persist thread): a staging directory, the rank's tensors
-(safetensors) and tree (JSON), the manifest, the atomic commit -- and, on any failure, the
-staging directory removed and one typed error (``SaveError`` for the disk, ``StateError`` for a
-value that cannot be serialised), so the caller sees the same error whichever thread wrote.
+What it runs comes from :class:`spotckpt.steps.CommitPipeline` (the one path every save takes
+to disk); this module only owns the thread and its jobs.
 
 The persist thread (``spotckpt-persist``) takes explicit jobs from one queue::
 
@@ -18,113 +15,16 @@ else runs on ``spotckpt-persist``. A job's error is kept on the job and handed t
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from .errors import SaveError, SpotCkptError, StateError
-from .dist import Coordinator
-from .format import FileEntry, Manifest, data_file_names, utc_now_iso, write_file_durably
-from .local import LocalStore
 
-__all__ = ["write_step", "SaveJob", "PruneJob", "StopJob", "PersistWorker"]
+__all__ = ["SaveJob", "PruneJob", "StopJob", "PersistWorker"]
 
 log = logging.getLogger(__name__)
-
-
-def write_step(
-    local: LocalStore,
-    step: int,
-    tree: dict[str, Any],
-    write_tensors: Callable[[Path], FileEntry],
-    *,
-    rank: int = 0,
-    extra: dict[str, Any] | None = None,
-    coord: Coordinator | None = None,
-) -> Path:
-    """Write one rank's files for ``step`` and commit the step; returns the step path.
-
-    One process: a private staging directory, committed at once. Several ranks (``coord``):
-    every rank of a host writes into the host's shared staging directory; the file entries of
-    every rank are exchanged (rank 0 adds the ``created`` time, so every host writes the same
-    global manifest); then each host's leader commits its directory -- the host's files plus the
-    manifest listing every rank's -- and a second exchange makes sure every host committed
-    before anyone returns. Any rank's failure is raised on every rank, and no host commits."""
-    if coord is None:
-        staging = local.begin(step)
-        try:
-            files = _write_rank_files(staging, step, tree, write_tensors, rank)
-            return local.commit(staging, Manifest(step=step, files=files, extra=dict(extra or {})))
-        except BaseException as exc:
-            local.abort(staging)
-            err = _translated(exc, step, local)
-            if err is exc:
-                raise
-            raise err from exc
-    staging = local.shared_staging(step, owner_pid=coord.leader_pid)
-    files: dict[str, FileEntry] = {}
-    err: BaseException | None = None
-    try:
-        files = _write_rank_files(staging, step, tree, write_tensors, rank)
-    except BaseException as exc:  # noqa: BLE001 - reported to every rank below
-        err = _translated(exc, step, local)
-    mine = {"files": {k: [v.size, v.crc32c] for k, v in files.items()},
-            "created": utc_now_iso() if coord.rank == 0 else None}
-    try:
-        recs = coord.exchange(f"write step {step}", mine, error=err, group="persist")
-    except BaseException:
-        if coord.is_host_leader:
-            local.abort(staging)
-        raise
-    every: dict[str, FileEntry] = {}
-    for rec in recs:
-        every.update({k: FileEntry(int(v[0]), str(v[1])) for k, v in rec["files"].items()})
-    manifest = Manifest(step=step, files=every, created=recs[0]["created"], extra=dict(extra or {}))
-    path = local.step_path(step)
-    err = None
-    if coord.is_host_leader:
-        try:
-            path = local.commit(staging, manifest)
-        except BaseException as exc:  # noqa: BLE001 - reported to every rank below
-            err = exc
-    coord.exchange(f"commit step {step}", None, error=err, group="persist")
-    return path
-
-
-def _write_rank_files(staging: Path, step: int, tree: dict[str, Any],
-                      write_tensors: Callable[[Path], FileEntry], rank: int) -> dict[str, FileEntry]:
-    st_name, tree_name = data_file_names(rank)
-    files = {st_name: write_tensors(staging / st_name)}
-    tree_bytes = json.dumps(tree, separators=(",", ":"), allow_nan=False).encode("utf-8")
-    files[tree_name] = write_file_durably(staging / tree_name, tree_bytes)
-    return files
-
-
-def _translated(exc: BaseException, step: int, local: LocalStore) -> BaseException:
-    """The typed error for a failure while writing: SaveError for the disk (what to do, and
-    that earlier checkpoints are intact), StateError for a value that cannot be serialised."""
-    if isinstance(exc, SpotCkptError):
-        return exc
-    if isinstance(exc, OSError):
-        what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        err: BaseException = SaveError(
-            f"could not write step {step} to {local.root}: {what}; the partial save was "
-            "removed and earlier checkpoints are intact -- free space on the checkpoint "
-            "volume or lower keep_last",
-            step=step,
-        )
-    elif isinstance(exc, (ValueError, TypeError)):
-        err = StateError(f"could not serialise step {step}: {exc}")
-    else:
-        return exc
-    err.__cause__ = exc
-    return err
 
 
 @dataclass(eq=False)

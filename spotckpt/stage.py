@@ -37,7 +37,7 @@ from .errors import SaveError
 from .format import FileEntry, TensorSpec, tensor_byte_view, tensor_ranges, write_chunks_durably
 from .format.safetensors import plan_entries, render_header
 
-__all__ = ["Stager", "StagedTensors"]
+__all__ = ["Stager", "StagedTensors", "bounce_buffer_for"]
 
 log = logging.getLogger(__name__)
 
@@ -191,3 +191,14 @@ def _copy_cpu(dst: torch.Tensor, src: torch.Tensor, spec: TensorSpec) -> None:
         dst.view(src.dtype).view(src.shape).copy_(src)  # strided copy, no temporary
     else:
         dst.copy_(src.contiguous().reshape(-1).view(torch.uint8))
+
+
+#: Pinned host memory through which restore feeds CUDA tensors (two alternating halves).
+RESTORE_BOUNCE_BYTES = 128 * 1024 * 1024
+
+
+def bounce_buffer_for(state: Mapping[str, Any]) -> Any:
+    """A pinned bounce buffer when CUDA is in use (restoring into device tensors), else None."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return torch.empty(RESTORE_BOUNCE_BYTES, dtype=torch.uint8, pin_memory=True)

@@ -341,9 +341,9 @@ def test_resume_then_save_replaces_a_corrupt_newest_step(make_world: Callable[..
 
 SAVE_OUTCOME = {"empty": "commits", **dict.fromkeys(INCOMPLETE, "moves aside, commits"),
                 **dict.fromkeys(CORRUPT, "no-op"), "all_corrupt": "no-op", "all_damaged_manifests": "moves aside, commits"}
-# save() and adopt() CRC-check a step an earlier run committed before trusting it: a corrupt one is
-# moved aside and written again; the DCP writer never replaces a committed checkpoint_id (warning)
-CORRUPT_REWRITTEN = ("state", "folder")
+# save(), adopt() and the DCP writer share one "committed" (the commit pipeline): a step an earlier
+# run committed is CRC-checked before it is trusted; a corrupt one is moved aside and written again
+CORRUPT_REWRITTEN = ("state", "folder", "dcp")
 
 
 def _save_cases() -> list[Any]:

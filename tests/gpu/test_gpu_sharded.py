@@ -42,7 +42,7 @@ def run_sharded_round_trip(tmp_path: Path, device: str) -> None:
         with CheckpointManager(tmp_path, metrics=False, install_signal_handlers=False) as mgr:
             mgr.save(1, {"model": model, "optim": opt})  # async: one copy of the shards
             if device == "cuda":
-                assert mgr._stager._buf is not None and mgr._stager._buf.is_pinned()
+                assert mgr.pipeline.stager._buf is not None and mgr.pipeline.stager._buf.is_pinned()
             mgr.wait()
         fresh, fresh_opt = _fsdp(device, 1)
         with CheckpointManager(tmp_path, metrics=False, install_signal_handlers=False) as mgr:

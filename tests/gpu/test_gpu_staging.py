@@ -20,7 +20,7 @@ def test_async_save_uses_pinned_buffer_and_round_trips(tmp_path: Path) -> None:
     want = {k: v.clone() for k, v in st.items()}
     with CheckpointManager(tmp_path, metrics=False) as mgr:
         mgr.save(1, st)
-        assert mgr._stager._buf is not None and mgr._stager._buf.is_pinned()
+        assert mgr.pipeline.stager._buf is not None and mgr.pipeline.stager._buf.is_pinned()
         mgr.wait()
     target = {k: torch.zeros_like(v) for k, v in st.items()}
     with CheckpointManager(tmp_path, metrics=False) as mgr:
@@ -69,7 +69,7 @@ def test_blocking_save_of_device_tensors_goes_through_pinned_staging(tmp_path: P
     with CheckpointManager(tmp_path, metrics=False) as mgr:
         mgr.save(5, st, blocking=True)
         assert mgr.all_steps() == [5]
-        assert mgr._stager._buf is not None and mgr._stager._buf.is_pinned() and not mgr._stager.in_use
+        assert mgr.pipeline.stager._buf is not None and mgr.pipeline.stager._buf.is_pinned() and not mgr.pipeline.stager.in_use
     target = {"w": torch.zeros_like(st["w"])}
     with CheckpointManager(tmp_path, metrics=False) as mgr:
         assert mgr.restore(target) == 5

@@ -31,12 +31,48 @@ def state_for(step: int, rank: int) -> dict[str, object]:
     return {"model": net, "optim": opt, "mine": torch.randn(16, generator=g), "info": {"rank": rank, "step": step}}
 
 
+def memory_store(address: str) -> object:
+    """The test's MemoryStore, served from the test process (multiprocessing.managers), behind
+    exactly the methods of the RemoteStore protocol: anything else the manager called would
+    fail here."""
+    from multiprocessing.managers import BaseManager
+
+    from spotckpt.store import REMOTE_STORE_METHODS
+
+    class Manager(BaseManager):
+        pass
+
+    Manager.register("store")
+    host, port = address.rsplit(":", 1)
+    m = Manager(address=(host, int(port)), authkey=b"spotckpt-test")
+    m.connect()
+    proxy = m.store()  # type: ignore[attr-defined]
+
+    class Forwarding:
+        uri = "mem://two-hosts"
+
+    store = Forwarding()
+    for name in REMOTE_STORE_METHODS:
+        if name == "download_step":  # a progress callback stays in this process
+            def download_step(step, dest_dir, manifest=None, *, progress=None):  # type: ignore[no-untyped-def]
+                got = proxy.download_step(step, dest_dir, manifest)
+                if progress is not None:
+                    progress(sum(e.size for e in (manifest or got).files.values()))
+                return got
+            store.download_step = download_step  # type: ignore[attr-defined]
+        else:
+            setattr(store, name, getattr(proxy, name))
+    return store
+
+
 def main() -> int:
     scenario, local_dir, *rest = sys.argv[1:]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     kw = {"metrics": False, "keep_last": None, "collective_timeout_seconds": float(os.environ.get("TIMEOUT", "60")),
           "s3_uri": os.environ.get("S3_URI") or None}
+    if os.environ.get("MEM_STORE"):
+        kw["remote_store"] = memory_store(os.environ["MEM_STORE"])
     out: dict[str, object] = {}
     if scenario == "save":  # save the given steps, blocking or async
         mode = rest[0]

@@ -123,13 +123,14 @@ def test_the_writer_waits_for_the_managers_pending_async_save(tmp_path: Path) ->
 
     with _mgr(tmp_path) as mgr:
         gate = threading.Event()
-        original = mgr._write  # hold the async save on the persist thread until released
+        original = mgr.pipeline.write_files  # hold the async save on the persist thread until released
 
-        def slow_write(*args: object, **kw: object) -> None:
-            gate.wait()
-            original(*args, **kw)  # type: ignore[arg-type]
+        def slow_write(*args: object, **kw: object) -> object:
+            if threading.current_thread().name == "spotckpt-persist":
+                gate.wait()
+            return original(*args, **kw)  # type: ignore[arg-type]
 
-        mgr._write = slow_write  # type: ignore[method-assign]
+        mgr.pipeline.write_files = slow_write  # type: ignore[method-assign]
         mgr.save(1, {"w": torch.ones(2)}, blocking=False)
         done = threading.Event()
         t = threading.Thread(target=lambda: (_save(mgr, 2, 1), done.set()))

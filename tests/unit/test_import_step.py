@@ -13,7 +13,6 @@ from spotckpt.cli import main
 from spotckpt.errors import CheckpointCorruptError, StorageError
 from spotckpt.format import Manifest
 from spotckpt.local import LocalStore
-from spotckpt.restore import import_step
 from tests.helpers import assert_all_steps_verify, write_step
 
 
@@ -39,7 +38,7 @@ def test_a_copy_failing_midway_commits_nothing_and_leaks_no_staging(tmp_path: Pa
     dest = _dest_with_one_step(tmp_path)
     src = _FailsMidway(tmp_path / "src", create=False, cleanup=False)
     with pytest.raises(StorageError, match="midway"):
-        import_step(dest, src, 7)
+        dest.import_step(src, 7)
     assert assert_all_steps_verify(dest.root) == [1]
     assert list(dest.staging_root.iterdir()) == []
     assert (src.step_path(7) / "manifest.json").is_file()  # the source is never touched
@@ -53,7 +52,7 @@ def test_a_source_that_does_not_verify_is_refused(tmp_path: Path) -> None:
     f.write_bytes(bytes(raw))
     dest = _dest_with_one_step(tmp_path)
     with pytest.raises(CheckpointCorruptError, match="rank-00000.safetensors"):
-        import_step(dest, LocalStore(tmp_path / "src", create=False, cleanup=False), 7)
+        dest.import_step(LocalStore(tmp_path / "src", create=False, cleanup=False), 7)
     assert assert_all_steps_verify(dest.root) == [1]
     assert list(dest.staging_root.iterdir()) == []
 
@@ -62,7 +61,7 @@ def test_imported_step_is_committed_and_verifies(tmp_path: Path) -> None:
     man = write_step(tmp_path / "src", 7, nbytes=64 * 1024, nfiles=2)
     dest = _dest_with_one_step(tmp_path)
     seen: list[int] = []
-    path, m = import_step(dest, LocalStore(tmp_path / "src", create=False, cleanup=False), 7, progress=seen.append)
+    path, m = dest.import_step(LocalStore(tmp_path / "src", create=False, cleanup=False), 7, progress=seen.append)
     assert path == dest.step_path(7) and m.files == man.files
     assert sum(seen) == man.total_bytes
     assert assert_all_steps_verify(dest.root) == [1, 7]
@@ -93,6 +92,6 @@ def test_disk_errors_while_copying_are_storage_errors(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(local_mod, "copy_file_durably", full)
     with pytest.raises(StorageError, match="disk is full"):
-        import_step(dest, LocalStore(tmp_path / "src", create=False, cleanup=False), 3)
+        dest.import_step(LocalStore(tmp_path / "src", create=False, cleanup=False), 3)
     assert assert_all_steps_verify(dest.root) == [1]
     assert list(dest.staging_root.iterdir()) == []

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import spotckpt
+from spotckpt.memstore import MemoryStore
 import spotckpt.format as format_mod
 from spotckpt import CheckpointManager, RNGState
 from spotckpt.errors import ConfigError, SaveError, StateError
@@ -227,7 +228,7 @@ def test_no_buffer_growth_over_20_saves(tmp_path: Path) -> None:
             mgr.wait()
             gc.collect()
             rss.append(proc.memory_info().rss)
-        assert mgr._stager.capacity_bytes == 4 * numel * 4 + 3 * 4  # one buffer, never regrown
+        assert mgr.pipeline.stager.capacity_bytes == 4 * numel * 4 + 3 * 4  # one buffer, never regrown
     growth = max(rss[5:]) - rss[4]
     assert growth < 16 << 20, [r >> 20 for r in rss]
 
@@ -251,31 +252,10 @@ def test_close_joins_every_thread(tmp_path: Path) -> None:
         mgr.restore({})
 
 
-class _MemoryRemote:
-    """A RemoteStore in memory: what the uploader needs, nothing else."""
+class _MemoryRemote(MemoryStore):
+    """The in-memory reference store, telling whether it was closed."""
 
-    uri = "mem://remote"
-
-    def __init__(self) -> None:
-        self.closed = False
-
-    def list_steps(self) -> list[int]:
-        return []
-
-    def read_manifest(self, step: int):  # type: ignore[no-untyped-def]
-        raise spotckpt.NoCheckpointError("empty", step=step)
-
-    def download_step(self, step, dest_dir, manifest=None, *, progress=None):  # type: ignore[no-untyped-def]
-        raise spotckpt.NoCheckpointError("empty", step=step)
-
-    def upload_step(self, step, src_dir, manifest=None) -> bool:  # type: ignore[no-untyped-def]
-        return True
-
-    def delete_step(self, step: int) -> None:
-        pass
-
-    def cleanup_incomplete_uploads(self, *, older_than_seconds: float = 3600.0) -> int:
-        return 0
+    closed = False
 
     def close(self) -> None:
         self.closed = True
