@@ -16,8 +16,9 @@ CMD's environment: ``SPOTCKPT_LOCAL_DIR`` (the fresh dir), ``SPOTCKPT_S3_URI``
 (``s3://<bucket>/<job>``), ``SPOTCKPT_EVENTS_FILE`` (the manager appends its events there as JSON
 lines: the simulator follows the trainer through them only, not through its output),
 ``SPOTCKPT_GRACE_SECONDS`` (``--grace``: the trainer budgets its final save with the grace it
-really gets), ``TRAINING_JOB_NAME``, ``PYTHONUNBUFFERED=1``, and with the embedded S3 server
-``AWS_ENDPOINT_URL`` and dummy credentials.
+really gets), ``TRAINING_JOB_NAME``, ``PYTHONUNBUFFERED=1``, with the embedded S3 server
+``AWS_ENDPOINT_URL`` and dummy credentials, and for ``torchrun --nproc_per_node N`` (N > 1)
+``OMP_NUM_THREADS=1`` unless it is set (torchrun's own default, without its banner per start).
 
 The parts, one module each:
 
