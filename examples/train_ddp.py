@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             mgr.wait()
             losses = hashlib.sha256(repr(state["losses"]).encode()).hexdigest()[:16]
             say(f"{tag}: done at step {step}; weights {digest(list(model.state_dict().values()))}; "
-                  f"losses {losses}")
+                f"losses {losses}")
     dist.destroy_process_group()
     return 0
 

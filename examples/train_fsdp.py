@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import signal
 import sys
 import time
 
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
              "rng": spotckpt.RNGState(), "losses": []}
 
     tag = f"train_fsdp[{rank}]"
+    done = ""
     with spotckpt.CheckpointManager(local_dir=args.local_dir, s3_uri=args.s3_uri, every_steps=args.every_steps,
                                     keep_last=args.keep_last) as mgr:
         start = mgr.restore(state) or 0
@@ -133,8 +135,14 @@ def main(argv: list[str] | None = None) -> int:
             mgr.save(step, state)
             mgr.wait()
             losses = hashlib.sha256(repr(state["losses"]).encode()).hexdigest()[:16]
-            say(f"{tag}: done at step {step}; weights {digest(list(model.state_dict().values()))}; "
-                  f"losses {losses}")
+            done = f"{tag}: done at step {step}; weights {digest(list(model.state_dict().values()))}; losses {losses}"
+        # Every checkpoint is durable: a SIGTERM from here on (the instance going away right
+        # after the last step) has nothing left to save. Ignore it, so that no rank dies before
+        # or in the barrier below and turns the finished run into a failed one. (The manager's
+        # close() leaves this handler in place: it restores only its own.)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if done:
+        say(done)
     dist.barrier()
     if not cuda:
         # gloo (CPU) can abort the process at teardown after FSDP2's collectives ("terminate

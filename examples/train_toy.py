@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         mgr.wait()
     losses = hashlib.sha256(repr(state["losses"]).encode()).hexdigest()[:16]
     say(f"train_toy: done at step {step}; final loss {state['losses'][-1]:.5f}; "
-          f"weights {weights_digest(model)}; losses {losses}")
+        f"weights {weights_digest(model)}; losses {losses}")
     return 0
 
 
