@@ -65,6 +65,8 @@ class InstanceRecord:
     saves: tuple[tuple[int, float], ...] = ()
     preempted_step: int | None = None  # its ``preempted`` event: it handled SIGTERM (-1: no step given)
     newest_s3_step: int | None = None  # the newest step its ``durable_s3`` events reported
+    durable_local: tuple[tuple[int, float], ...] = ()  # (step, t): committed locally (its events)
+    durable_s3: tuple[tuple[int, float], ...] = ()  # (step, t): committed in S3 (its events)
 
     @property
     def sigterm_outcome(self) -> str:
