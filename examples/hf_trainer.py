@@ -29,6 +29,13 @@ from spotckpt.integrations.transformers import SpotckptCallback
 VOCAB, SEQ = 128, 32
 
 
+def say(line: str) -> None:
+    """Print one line with one write: under torchrun every rank shares one pipe, and print()'s
+    separate write of the newline (unbuffered, as simulate runs it) lets ranks glue lines."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class TokenDataset(torch.utils.data.Dataset):
     """Synthetic sequences with some structure to learn: each is a seeded random walk mod VOCAB."""
 
@@ -61,7 +68,7 @@ class Report(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
         if logs and "loss" in logs and state.global_step % self.every == 0:
-            print(f"hf_trainer: step {state.global_step} loss {logs['loss']:.5f}", flush=True)
+            say(f"hf_trainer: step {state.global_step} loss {logs['loss']:.5f}")
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if self.sleep:
@@ -100,14 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     trainer.remove_callback(PrinterCallback)  # Report prints the loss instead of every log dict
     resume = spot.resume_path()
     start = 0 if resume is None else json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
-    print(f"hf_trainer: starting at step {start} of {args.steps}", flush=True)
+    say(f"hf_trainer: starting at step {start} of {args.steps}")
     trainer.train(resume_from_checkpoint=resume)  # spotckpt: exits 0 here after a preemption
     losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
     digest = weights_digest(model)
     if args.report:
         Path(args.report).write_text(json.dumps({"losses": losses, "weights": digest}))
     loss_digest = hashlib.sha256(repr(sorted(losses.items())).encode()).hexdigest()[:16]
-    print(f"hf_trainer: done at step {trainer.state.global_step}; weights {digest}; losses {loss_digest}", flush=True)
+    say(f"hf_trainer: done at step {trainer.state.global_step}; weights {digest}; losses {loss_digest}")
     return 0
 
 

@@ -30,6 +30,13 @@ from spotckpt.data import ResumableDataLoader
 from spotckpt.integrations.lightning import SpotckptCallback
 
 
+def say(line: str) -> None:
+    """Print one line with one write: under torchrun every rank shares one pipe, and print()'s
+    separate write of the newline (unbuffered, as simulate runs it) lets ranks glue lines."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def make_dataset(n: int = 512, dim: int = 16, seed: int = 1234) -> torch.utils.data.TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, dim, generator=g)
@@ -69,7 +76,7 @@ class Report(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
         if trainer.global_step % self.every == 0:
-            print(f"lightning_fit: step {trainer.global_step} loss {outputs['loss'].item():.5f}", flush=True)
+            say(f"lightning_fit: step {trainer.global_step} loss {outputs['loss'].item():.5f}")
         if self.sleep:
             time.sleep(self.sleep)
 
@@ -108,20 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     trainer = pl.Trainer(
         max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[spot, Report(args.print_every, args.step_sleep),  # spotckpt: the callback and its plugin
+        callbacks=[Report(args.print_every, args.step_sleep), spot,  # spotckpt: the callback and its plugin
                    ModelCheckpoint(dirpath=dirpath, every_n_train_steps=args.save_steps, save_top_k=2,
                                    monitor="step", mode="max")],
         plugins=[spot.checkpoint_io],
     )
     resume = spot.resume_path()
     start = 0 if resume is None else int(Path(resume).parent.name.split("-")[1])  # step-000000000040
-    print(f"lightning_fit: starting at step {start} of {args.steps}", flush=True)
+    say(f"lightning_fit: starting at step {start} of {args.steps}")
     trainer.fit(model, loader, ckpt_path=resume)  # spotckpt: after a preemption, exits 0 here
     digest = weights_digest(model)
     if args.report:
         Path(args.report).write_text(json.dumps({"losses": model.losses, "weights": digest}))
     loss_digest = hashlib.sha256(repr(sorted(model.losses.items())).encode()).hexdigest()[:16]
-    print(f"lightning_fit: done at step {trainer.global_step}; weights {digest}; losses {loss_digest}", flush=True)
+    say(f"lightning_fit: done at step {trainer.global_step}; weights {digest}; losses {loss_digest}")
     return 0
 
 

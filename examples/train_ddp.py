@@ -29,6 +29,13 @@ import spotckpt
 from spotckpt.data import ResumableDataLoader
 
 
+def say(line: str) -> None:
+    """Print one line with one write: under torchrun every rank shares one pipe, and print()'s
+    separate write of the newline (unbuffered, as simulate runs it) lets ranks glue lines."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class NoisyRegression(torch.utils.data.Dataset):
     """A fixed regression problem with random augmentation noise per sample."""
 
@@ -87,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     with spotckpt.CheckpointManager(local_dir=args.local_dir, s3_uri=args.s3_uri, every_steps=args.every_steps,
                                     keep_last=args.keep_last) as mgr:
         start = mgr.restore(state) or 0
-        print(f"{tag}: starting at step {start} of {args.steps}", flush=True)
+        say(f"{tag}: starting at step {start} of {args.steps}")
         step = start
         it = iter(loader)
         while step < args.steps:
@@ -105,19 +112,19 @@ def main(argv: list[str] | None = None) -> int:
             step += 1
             state["losses"].append(loss.item())
             if step % args.print_every == 0:
-                print(f"{tag}: step {step} loss {state['losses'][-1]:.5f}", flush=True)
+                say(f"{tag}: step {step} loss {state['losses'][-1]:.5f}")
             if args.step_sleep:
                 time.sleep(args.step_sleep)
             mgr.maybe_save(step, state)
             if mgr.preempted:
-                print(f"{tag}: preempted at step {step}; checkpoint is durable on every rank, exiting 0", flush=True)
+                say(f"{tag}: preempted at step {step}; checkpoint is durable on every rank, exiting 0")
                 break
         else:
             mgr.save(step, state)
             mgr.wait()
             losses = hashlib.sha256(repr(state["losses"]).encode()).hexdigest()[:16]
-            print(f"{tag}: done at step {step}; weights {digest(list(model.state_dict().values()))}; "
-                  f"losses {losses}", flush=True)
+            say(f"{tag}: done at step {step}; weights {digest(list(model.state_dict().values()))}; "
+                f"losses {losses}")
     dist.destroy_process_group()
     return 0
 

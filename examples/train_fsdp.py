@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import signal
 import sys
 import time
 
@@ -29,6 +30,13 @@ from torch.distributed.fsdp import fully_shard
 
 import spotckpt
 from spotckpt.data import ResumableDataLoader
+
+
+def say(line: str) -> None:
+    """Print one line with one write: under torchrun every rank shares one pipe, and print()'s
+    separate write of the newline (unbuffered, as simulate runs it) lets ranks glue lines."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class NoisyRegression(torch.utils.data.Dataset):
@@ -94,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
              "rng": spotckpt.RNGState(), "losses": []}
 
     tag = f"train_fsdp[{rank}]"
+    done = ""
     with spotckpt.CheckpointManager(local_dir=args.local_dir, s3_uri=args.s3_uri, every_steps=args.every_steps,
                                     keep_last=args.keep_last) as mgr:
         start = mgr.restore(state) or 0
-        print(f"{tag}: starting at step {start} of {args.steps} with {world} rank(s)", flush=True)
+        say(f"{tag}: starting at step {start} of {args.steps} with {world} rank(s)")
         step = start
         it = iter(loader)
         while step < args.steps:
@@ -115,19 +124,25 @@ def main(argv: list[str] | None = None) -> int:
             step += 1
             state["losses"].append(loss.item())
             if step % args.print_every == 0:
-                print(f"{tag}: step {step} loss {state['losses'][-1]:.5f}", flush=True)
+                say(f"{tag}: step {step} loss {state['losses'][-1]:.5f}")
             if args.step_sleep:
                 time.sleep(args.step_sleep)
             mgr.maybe_save(step, state)
             if mgr.preempted:
-                print(f"{tag}: preempted at step {step}; checkpoint is durable on every rank, exiting 0", flush=True)
+                say(f"{tag}: preempted at step {step}; checkpoint is durable on every rank, exiting 0")
                 break
         else:
             mgr.save(step, state)
             mgr.wait()
             losses = hashlib.sha256(repr(state["losses"]).encode()).hexdigest()[:16]
-            print(f"{tag}: done at step {step}; weights {digest(list(model.state_dict().values()))}; "
-                  f"losses {losses}", flush=True)
+            done = f"{tag}: done at step {step}; weights {digest(list(model.state_dict().values()))}; losses {losses}"
+        # Every checkpoint is durable: a SIGTERM from here on (the instance going away right
+        # after the last step) has nothing left to save. Ignore it, so that no rank dies before
+        # or in the barrier below and turns the finished run into a failed one. (The manager's
+        # close() leaves this handler in place: it restores only its own.)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if done:
+        say(done)
     dist.barrier()
     if not cuda:
         # gloo (CPU) can abort the process at teardown after FSDP2's collectives ("terminate

@@ -23,6 +23,13 @@ import spotckpt
 from spotckpt.data import ResumableDataLoader
 
 
+def say(line: str) -> None:
+    """Print one line with one write: under torchrun every rank shares one pipe, and print()'s
+    separate write of the newline (unbuffered, as simulate runs it) lets ranks glue lines."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def make_dataset(n: int = 4096, dim: int = 32, seed: int = 1234) -> torch.utils.data.TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, dim, generator=g)
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     with spotckpt.CheckpointManager(local_dir=args.local_dir, s3_uri=args.s3_uri, every_steps=args.every_steps,
                                     keep_last=args.keep_last, async_save=not args.sync_save) as mgr:
         start = mgr.restore(state) or 0
-        print(f"train_toy: starting at step {start} of {args.steps}", flush=True)
+        say(f"train_toy: starting at step {start} of {args.steps}")
         step = start
         it = iter(loader)
         while step < args.steps:
@@ -103,18 +110,18 @@ def main(argv: list[str] | None = None) -> int:
             loss_value = loss.item()
             state["losses"].append(loss_value)
             if step % args.print_every == 0:
-                print(f"train_toy: step {step} loss {loss_value:.5f}", flush=True)
+                say(f"train_toy: step {step} loss {loss_value:.5f}")
             if args.step_sleep:
                 time.sleep(args.step_sleep)
             mgr.maybe_save(step, state)
             if mgr.preempted:
-                print(f"train_toy: preempted at step {step}; checkpoint is durable, exiting 0", flush=True)
+                say(f"train_toy: preempted at step {step}; checkpoint is durable, exiting 0")
                 return 0
         mgr.save(step, state)
         mgr.wait()
     losses = hashlib.sha256(repr(state["losses"]).encode()).hexdigest()[:16]
-    print(f"train_toy: done at step {step}; final loss {state['losses'][-1]:.5f}; "
-          f"weights {weights_digest(model)}; losses {losses}", flush=True)
+    say(f"train_toy: done at step {step}; final loss {state['losses'][-1]:.5f}; "
+        f"weights {weights_digest(model)}; losses {losses}")
     return 0
 
 

@@ -14,8 +14,11 @@ steps=120
 args=(--steps "$steps" --workers 2)
 # --total-steps places both interruptions at steps inside the run (never after the last step);
 # --step-sleep paces the demo (changes no result)
-spotckpt simulate --interruptions 2 --total-steps "$steps" --seed "${SEED:-0}" \
-  -- python examples/train_toy.py "${args[@]}" --step-sleep 0.02 2> >(tee "$log" >&2)
+# 2>&1: one stream, so the simulator's lines and the trainer's come in the order written;
+# --plot draws the job's timeline (instances, interruptions, saves, durable steps, lost work)
+png=${PLOT:-demo-timeline.png}
+spotckpt simulate --interruptions 2 --total-steps "$steps" --seed "${SEED:-0}" --plot "$png" \
+  -- python examples/train_toy.py "${args[@]}" --step-sleep 0.02 2>&1 | tee "$log"
 echo
 echo "Reference: the same training, never interrupted"
 done_line=$(SPOTCKPT_METRICS=0 python examples/train_toy.py "${args[@]}" --local-dir "$ref/ckpt" 2>/dev/null | tail -1)
@@ -25,6 +28,7 @@ want=$(echo "$done_line" | grep -o 'weights [0-9a-f]*; losses [0-9a-f]*')
 echo
 if [ -n "$sim" ] && [ "$sim" = "$want" ]; then
   echo "Identical: interrupted twice, resumed from S3 each time, same final $sim"
+  [ -f "$png" ] && echo "The picture of the interrupted run: $(pwd)/$png"
 else
   echo "MISMATCH: interrupted run '$sim' vs uninterrupted '$want'" >&2
   exit 1

@@ -88,6 +88,34 @@ def torchrun_arg_index(argv: list[str]) -> int | None:
     return None
 
 
+def torchrun_nproc(cmd: list[str]) -> int | None:
+    """torchrun's ``--nproc_per_node`` (``--nproc-per-node``) in ``cmd`` when it is a number;
+    None when ``cmd`` is not torchrun, or gives none or a word (``auto``, ``gpu``)."""
+    at = torchrun_arg_index(cmd)
+    if at is None:
+        return None
+    args = cmd[at:]
+    for i, a in enumerate(args):
+        name, eq, value = a.partition("=")
+        if name in ("--nproc_per_node", "--nproc-per-node"):
+            if not eq:
+                value = args[i + 1] if i + 1 < len(args) else ""
+            return int(value) if value.isdigit() else None
+        if not a.startswith("-"):
+            return None  # the training script: what follows is its own arguments
+    return None
+
+
+def with_torchrun_threads(cmd: list[str], env: dict[str, str]) -> dict[str, str]:
+    """``env`` with ``OMP_NUM_THREADS=1`` when ``cmd`` is torchrun with ``--nproc_per_node`` > 1
+    and ``env`` has no ``OMP_NUM_THREADS`` -- what torchrun would set itself, minus the banner it
+    prints about it on every start (every host, every restart). A value the user set is kept."""
+    nproc = torchrun_nproc(cmd)
+    if nproc is None or nproc < 2 or "OMP_NUM_THREADS" in env:
+        return env
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
 def with_torchrun_grace(cmd: list[str], grace_seconds: float) -> list[str]:
     """``cmd`` with ``--shutdown-timeout`` set from the grace period when ``cmd`` starts torchrun
     directly and this PyTorch's torchrun has the option (2.13 does; older ones hard-code 30 s)
@@ -152,13 +180,24 @@ def _default_local_dir(local_dir: str | Path | None) -> Path:
     return resolve_local_dir(local_dir)
 
 
+def _durable_s3_line(step: int, seconds: float, nbytes: int) -> None:
+    """The ``event=durable_s3`` metric line of a step this process committed in S3 -- the same
+    line a trainer's manager prints (``$SPOTCKPT_METRICS=0``: none), so a MetricDefinition
+    scrapes the launcher's and the standalone uploader's uploads too."""
+    from .config import env_bool
+    from .events import DurableS3Event
+    from .metrics import MetricsListener
+
+    MetricsListener(enabled=env_bool("SPOTCKPT_METRICS", True))(DurableS3Event(step=step, seconds=seconds, bytes=nbytes))
+
+
 def _make_uploader(local_dir: Path, s3_uri: str, keep_last: int | None) -> Any:
     from .policy import retention_from
     from .s3 import S3Store
     from .uploader import Uploader
 
     retention = retention_from(keep_last)  # validated before anything is started
-    return Uploader(local_dir, S3Store.open(s3_uri), retention=retention)
+    return Uploader(local_dir, S3Store.open(s3_uri), retention=retention, on_uploaded=_durable_s3_line)
 
 
 def run_sync(
@@ -278,7 +317,9 @@ def final_upload(local_dir: Path, store: Any, *, keep_last: int | None = None) -
                         "upload a step of several ranks itself", step, store.uri)
         else:
             log.info("step %s is committed locally but not in %s: uploading it", step, store.uri)
-            store.upload_step(step, local_dir / step_dirname(step), manifest)
+            t0 = time.perf_counter()
+            if store.upload_step(step, local_dir / step_dirname(step), manifest):
+                _durable_s3_line(step, time.perf_counter() - t0, manifest.total_bytes)
             uploaded = step
     remote = store.list_steps()
     for s in doomed(retention, remote, protect=remote[-1:]):
@@ -346,7 +387,8 @@ def run_command(
             log.warning("spotckpt run: %s arrived before %s was started; not starting it", name, cmd[0])
             return 128 + got[0]
         try:
-            proc = subprocess.Popen(with_torchrun_grace(cmd, grace_seconds), env=env, start_new_session=True)
+            proc = subprocess.Popen(with_torchrun_grace(cmd, grace_seconds), env=with_torchrun_threads(cmd, env),
+                                    start_new_session=True)
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
             raise ConfigError(f"cannot start {cmd[0]!r}: {exc}; check the command after '--' and PATH") from exc
         rc = proc.wait()

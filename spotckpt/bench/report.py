@@ -157,52 +157,107 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_plot(result: dict[str, Any], path: str) -> None:
-    """A bar chart per state: stall and durable seconds for each row (log scale)."""
+#: The panels of the chart: (title, row kind, the record's field, the floor row drawn as a line).
+#: A save method has stall, time to durable and (when measured: ``s3_s``) time to S3; a restore
+#: method its restore time. A panel whose field no row has says it was not measured.
+PLOT_PANELS: tuple[tuple[str, str, str, str], ...] = (
+    ("stall: training held", "save", "stall_s", "memcpy_reused"),
+    ("time to durable (local disk)", "save", "durable_s", "raw_write_fsync"),
+    ("time to S3", "save", "s3_s", "raw_upload"),
+    ("restore", "restore", "durable_s", "torch_load_mmap_copy"),
+)
+_PANEL_COLORS = ("#d62728", "#1f77b4", "#6a3d9a", "#2ca02c")
+
+
+def render_plot(result: dict[str, Any], path: str) -> dict[str, int]:
+    """The chart: per state one row of panels (:data:`PLOT_PANELS`) -- stall, time to durable,
+    time to S3 and restore seconds of each method (log scale; spotckpt's bars solid, the others
+    light), the physical floor of each drawn as a dashed line. Returns what was drawn:
+    ``states``, ``panels``, ``methods`` (distinct methods with a bar), ``bars``, ``floors``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter
 
-    per_state = [(st, [r for r in result["rows"] if r["state"] == st["key"] and "skipped" not in r])
-                 for st in result["states"]]
-    per_state = [(st, rows) for st, rows in per_state if rows]
-    if not per_state:  # interrupted before the first row finished, or nothing could run
+    counts = {"states": 0, "panels": 0, "methods": 0, "bars": 0, "floors": 0}
+    states = [(st, [r for r in result["rows"] if r["state"] == st["key"] and "skipped" not in r])
+              for st in result["states"]]
+    states = [(st, rows) for st, rows in states if rows]
+    if not states:  # interrupted before the first row finished, or nothing could run
         fig = plt.figure(figsize=(6, 2))
         fig.text(0.5, 0.5, "no rows were measured", ha="center")
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
-        return
-    fig, axes = plt.subplots(1, len(per_state), figsize=(6.5 * len(per_state), 6), squeeze=False)
-    for ax, (st, rows) in zip(axes[0], per_state):
-        labels = [r["label"].replace(" (floor)", "*") for r in rows]
-        stall = [r["stall_s"] if measured(r) else 0.0 for r in rows]
-        dur = [r["durable_s"] if measured(r) else 0.0 for r in rows]
-        y = list(range(len(rows)))
-        ax.barh([i + 0.2 for i in y], stall, height=0.4, label="stall (caller held)",
-                color="#d62728")
-        ax.barh([i - 0.2 for i in y], dur, height=0.4, label="durable / total", color="#1f77b4")
-        for i, r in enumerate(rows):
-            if not measured(r):  # x in axes fraction: a log axis has no 0
-                ax.text(0.01, i, "n/a (see save.md)", va="center", fontsize=8,
-                        transform=ax.get_yaxis_transform())
-            if i and r["kind"] != rows[i - 1]["kind"] and "restore" in (r["kind"], rows[i - 1]["kind"]):
-                ax.axhline(i - 0.5, color="grey", lw=0.8)
-        ax.set_yticks(y)
-        ax.set_yticklabels(labels, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xscale("log")
-        ax.set_xlabel("seconds (log)")
-        ax.set_title(st["title"], fontsize=10)
-        ax.grid(axis="x", which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        return counts
+    floors = {f for _, _, _, f in PLOT_PANELS}
+    per_panel = [[r for r in rows if r.get("kind") == kind and r["row"] not in floors] for kind in ("save", "restore")
+                 for st, rows in states[:1]]
+    nmax = max(len(x) for x in per_panel) if per_panel else 1
+    fig, axes = plt.subplots(len(states), len(PLOT_PANELS), squeeze=False,
+                             figsize=(3.5 * len(PLOT_PANELS), 0.7 + (0.5 * nmax + 0.8) * len(states)),
+                             gridspec_kw={"width_ratios": [1, 1, 0.8, 1]})
+    methods: set[str] = set()
+    for si, (st, rows) in enumerate(states):
+        counts["states"] += 1
+        for pi, (title, kind, field, floor_key) in enumerate(PLOT_PANELS):
+            ax = axes[si][pi]
+            counts["panels"] += 1
+            color = _PANEL_COLORS[pi]
+            items = [r for r in rows if r.get("kind") == kind and r["row"] not in floors]
+            ax.set_title(f"{st['title'] if pi == 0 else ''}\n{title}", fontsize=9, loc="left")
+            for sp in ("top", "right"):
+                ax.spines[sp].set_visible(False)
+            ax.set_yticks([])
+            vals = [(r, r.get(field)) for r in items if measured(r) and isinstance(r.get(field), (int, float))]
+            if not vals:
+                ax.text(0.5, 0.5, "not measured by this run" + ("\n\nS3 uploads on a real server:\n"
+                        "benchmarks/bench_s3.py" if field == "s3_s" else ""), ha="center", va="center",
+                        fontsize=8, color="#636363", transform=ax.transAxes)
+                ax.set_xticks([])
+                for sp in ax.spines.values():
+                    sp.set_visible(False)
+                continue
+            ours = [r["row"].startswith("spotckpt") for r, _ in vals]
+            ax.barh(range(len(vals)), [v for _, v in vals], height=0.42,
+                    color=[color if o else color + "4d" for o in ours], edgecolor=color, linewidth=0.8)
+            counts["bars"] += len(vals)
+            methods.update(r["row"] for r, _ in vals)
+            lows = [v for _, v in vals]
+            floor = find(rows, st["key"], floor_key)
+            fv = None
+            if floor is not None:
+                fv = floor.get("stall_s" if field == "stall_s" else "durable_s")
+            if isinstance(fv, (int, float)):
+                ax.axvline(fv, color="black", linestyle="--", linewidth=1)
+                ax.text(0.0, -1.05, f"- - floor: {floor['label'].replace(' (floor)', '')}, {fv:.3g} s",  # type: ignore[index]
+                        fontsize=7, va="center", ha="left", transform=ax.get_yaxis_transform())
+                counts["floors"] += 1
+                lows.append(fv)
+            lo, hi = min(lows) / 2.5, max(lows) * 4.0
+            ax.set_xscale("log")
+            ax.set_xlim(lo, hi)
+            for i, (r, v) in enumerate(vals):
+                ax.text(lo * 1.05, i - 0.36, r["label"], fontsize=7.5, va="bottom", ha="left",
+                        fontweight="bold" if ours[i] else "normal",
+                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.3, "alpha": 0.85})
+                ax.text(v * 1.08, i, f"{v:.3g} s", va="center", fontsize=7)
+            ax.set_ylim(len(vals) - 0.5, -1.35)
+            ax.xaxis.set_major_locator(LogLocator(base=10))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.tick_params(axis="x", labelsize=7.5)
+            ax.grid(axis="x", which="major", alpha=0.3)
+            if si == len(states) - 1:
+                ax.set_xlabel("seconds (log)", fontsize=8)
+    counts["methods"] = len(methods)
     m = result["machine"]
-    fig.suptitle(f"Checkpoint save/restore — {m.get('gpu') or m.get('cpu_model')}, "
-                 f"{m.get('cpu_count')} cores, torch {m.get('torch')} (* = physical floor)",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.suptitle(f"Checkpoint save and restore per method: {m.get('gpu') or m.get('cpu_model')}, "
+                 f"{m.get('cpu_count')} cores, torch {m.get('torch')} -- dashed: the physical floor; "
+                 "bold, solid: spotckpt", fontsize=9.5)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=90)
     plt.close(fig)
+    return counts
 
 
 def write_outputs(result: dict[str, Any], out_dir: str, *, plot: bool = True,

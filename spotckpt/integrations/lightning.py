@@ -31,6 +31,12 @@ them) and restores them on resume.
 
 One process only (``WORLD_SIZE`` > 1 is refused). ``AsyncCheckpointIO`` is not needed: the
 upload already runs in the background; only the local copy is on the training thread.
+
+Output: once the callback is set up, two Lightning warnings that only confuse are filtered, by
+message and module: ``ModelCheckpoint``'s "The dirpath has changed" on a resume (its ``dirpath``
+is scratch, per machine: a fresh instance has a new one, and its top-k bookkeeping starts over
+there by design) and the ``LeafSpec`` deprecation Lightning's own pytree helper triggers in
+PyTorch. Every other warning stays.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +63,14 @@ from . import ManagerSlot, refuse_several_ranks
 __all__ = ["SpotckptCallback", "SpotckptCheckpointIO"]
 
 log = logging.getLogger(__name__)
+
+
+def _filter_lightning_noise() -> None:
+    """The two warnings the module docstring names; each filter is added once."""
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from ", category=UserWarning,
+                            module=r"pytorch_lightning\.callbacks\.model_checkpoint")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"pytorch_lightning\.utilities\._pytree")
 
 
 class SpotckptCheckpointIO(CheckpointIO):
@@ -113,6 +128,7 @@ class SpotckptCallback(ManagerSlot, pl.Callback):
 
     # -- Lightning hooks -----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _filter_lightning_noise()
         if trainer.world_size > 1:
             refuse_several_ranks("lightning")  # the environment said 1; Lightning says more
             raise ConfigError(f"spotckpt's lightning integration supports one process; world_size={trainer.world_size}")

@@ -25,8 +25,12 @@ What it does, with ``spotckpt run`` as the entrypoint (it forwards SIGTERM to th
   only it; spotckpt's ``keep_last`` governs the committed steps (local and S3). Deleting a
   ``checkpoint-N`` never touches a committed step, which is a copy.
 - A SIGTERM during the Trainer's own save lets that save finish (the handler only sets a
-  flag), then commits it; a kill in the middle of it leaves the previous committed step as the
+  flag), then commits it as the final step (its ``event=preempted`` line comes first, as for a
+  SIGTERM between saves); a kill in the middle of it leaves the previous committed step as the
   resume point.
+- Output: transformers' "Writing model shards" progress bar is switched off around the saves
+  the Trainer makes (one bar per save, even with ``disable_tqdm``, is noise in a training log);
+  its setting is put back after each save.
 
 One process only (``WORLD_SIZE`` > 1 is refused): see :func:`spotckpt.integrations.refuse_several_ranks`.
 Leave ``enable_jit_checkpoint`` off: this callback does what it does, with a commit order.
@@ -40,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import logging as hf_logging
 
 from ..errors import ConfigError, FolderChangedError
 from ..events import PreemptedEvent, ProgressEvent
@@ -71,6 +76,8 @@ class SpotckptCallback(ManagerSlot, TrainerCallback):
         self.exit_on_preemption = exit_on_preemption
         self.preempted = False  # the final step is committed (and uploaded, within the grace)
         self._stopping = False
+        self._announced = False  # its preempted event is out
+        self._bar_off = False  # the shards bar is switched off for the save under way
 
     def resume_path(self) -> str | None:
         """The folder to pass to ``trainer.train(resume_from_checkpoint=...)``: the newest
@@ -93,6 +100,14 @@ class SpotckptCallback(ManagerSlot, TrainerCallback):
             raise ConfigError(f"output_dir {out} is inside spotckpt's local_dir {root}: the Trainer writes "
                               "there in place; give it a scratch output_dir outside local_dir")
         self._stopping = False
+        self._announced = False
+
+    def _announce(self, step: int) -> None:
+        """The ``preempted`` event, once: at the first hook that sees the SIGTERM."""
+        if not self._announced:
+            self._announced = True
+            mgr = self.manager
+            mgr.events.emit(PreemptedEvent(step=step, reason=mgr.watcher.reason or "requested"))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> TrainerControl:
@@ -100,17 +115,34 @@ class SpotckptCallback(ManagerSlot, TrainerCallback):
         mgr.events.emit(ProgressEvent(step=state.global_step))
         if mgr.preemption_requested and not self._stopping:
             self._stopping = True
-            mgr.events.emit(PreemptedEvent(step=state.global_step, reason=mgr.watcher.reason or "requested"))
+            self._announce(state.global_step)
             control.should_save = True
             control.should_training_stop = True
+        self._quiet_save(control)
         return control
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> TrainerControl:
+        self._quiet_save(control)  # save_strategy="epoch"
+        return control
+
+    def _quiet_save(self, control: TrainerControl) -> None:
+        """The Trainer saves right after this hook: no shards bar for it (on_save puts it back)."""
+        if control.should_save and not self._bar_off and hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            self._bar_off = True
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> TrainerControl:
+        if self._bar_off:
+            self._bar_off = False
+            hf_logging.enable_progress_bar()
         if not args.should_save:
             return control
         mgr = self.manager
         step = state.global_step
+        if mgr.preemption_requested:  # a SIGTERM during the Trainer's own save: this is the final step
+            self._announce(step)
         folder = Path(args.output_dir) / f"checkpoint-{step}"
         if (folder / INCOMPLETE_SENTINEL).exists():
             log.warning("spotckpt: %s is marked incomplete; not committing it", folder)
@@ -120,6 +152,7 @@ class SpotckptCallback(ManagerSlot, TrainerCallback):
             except FolderChangedError as exc:  # the previous committed step stays the resume point
                 log.warning("spotckpt: %s", exc)
         if mgr.preemption_requested:
+            self._announce(step)
             control.should_training_stop = True
             self._stopping = True
             ok = mgr.wait(timeout=mgr.watcher.seconds_left())
@@ -132,6 +165,9 @@ class SpotckptCallback(ManagerSlot, TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
+        if self._bar_off:  # a save announced but never made
+            self._bar_off = False
+            hf_logging.enable_progress_bar()
         mgr = self.manager
         left = mgr.watcher.seconds_left()  # None unless preempted: then never past the grace
         mgr.wait(timeout=left)  # the periodic saves' uploads

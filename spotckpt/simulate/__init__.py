@@ -16,8 +16,9 @@ CMD's environment: ``SPOTCKPT_LOCAL_DIR`` (the fresh dir), ``SPOTCKPT_S3_URI``
 (``s3://<bucket>/<job>``), ``SPOTCKPT_EVENTS_FILE`` (the manager appends its events there as JSON
 lines: the simulator follows the trainer through them only, not through its output),
 ``SPOTCKPT_GRACE_SECONDS`` (``--grace``: the trainer budgets its final save with the grace it
-really gets), ``TRAINING_JOB_NAME``, ``PYTHONUNBUFFERED=1``, and with the embedded S3 server
-``AWS_ENDPOINT_URL`` and dummy credentials.
+really gets), ``TRAINING_JOB_NAME``, ``PYTHONUNBUFFERED=1``, with the embedded S3 server
+``AWS_ENDPOINT_URL`` and dummy credentials, and for ``torchrun --nproc_per_node N`` (N > 1)
+``OMP_NUM_THREADS=1`` unless it is set (torchrun's own default, without its banner per start).
 
 The parts, one module each:
 
@@ -29,6 +30,7 @@ The parts, one module each:
 - :mod:`.summary`  the recorded data and the summary: training and billable seconds, the savings
   with the spot-price assumption, lost work and time to resume per interruption (see there)
 - :mod:`.job`      the lifecycle loop that drives them
+- :mod:`.plot`     the picture of the job (``--plot FILE.png``)
 
 Exit status: 0 when the final run of CMD exits 0; CMD's status when it fails on its own (1 when it
 died of a signal); 3 for ``MaxWaitTimeExceeded``. Bad input (CMD not found, conflicting options)
@@ -88,6 +90,7 @@ def simulate(
     spot_price_ratio: float = DEFAULT_SPOT_PRICE_RATIO,
     hosts: int = 1,
     interrupt_hosts: str = "one",
+    plot: str | os.PathLike[str] | None = None,
     stream: TextIO = sys.stdout,
 ) -> int:
     """Run ``cmd`` through a simulated managed-spot lifecycle; returns the exit status.
@@ -97,8 +100,10 @@ def simulate(
     for spot capacity after each interruption. ``spot_price_ratio`` (spot / on-demand price) turns
     instance seconds into ``BillableTimeInSeconds`` (see :mod:`.summary`). ``hosts`` > 1 runs one
     torchrun agent per simulated host (separate local dirs, one job); an interruption takes
-    ``interrupt_hosts`` ("one" host, at random, or "all") away, as spot capacity does. Raises
-    :class:`ConfigError` on bad input before anything is started.
+    ``interrupt_hosts`` ("one" host, at random, or "all") away, as spot capacity does. ``plot``:
+    a PNG file to draw the job's timeline into (:mod:`.plot`; needs matplotlib, else one line
+    says how to get it and the simulation runs all the same). Raises :class:`ConfigError` on bad
+    input before anything is started.
     """
     if interruptions is not None and interrupt_every_seconds is not None:
         raise ConfigError("--interruptions and --interrupt-every conflict: give one of them")
@@ -135,12 +140,15 @@ def simulate(
         previous = signal.signal(signal.SIGTERM, _raise_system_exit)
     try:
         rc = sim.run()
-        s = summary(sim.record())
+        record = sim.record()
+        s = summary(record)
         if json_output:
             stream.write(json.dumps({"events": sim.statuses, **s}, indent=2) + "\n")
         else:
             stream.write(format_summary(s))
         stream.flush()
+        if plot is not None:
+            _write_plot(record, s, plot, sys.stderr if json_output else stream)
         return rc
     finally:
         sim.close()
@@ -149,6 +157,18 @@ def simulate(
         if sim.embedded_s3 and not json_output:
             stream.write(f"The embedded S3 server has stopped; its data ({sim.s3.s3_uri}) is gone.\n")
             stream.flush()
+
+
+def _write_plot(record: Any, s: dict[str, Any], path: str | os.PathLike[str], out: TextIO) -> None:
+    from .plot import plot_job, plot_unavailable
+
+    why = plot_unavailable()
+    if why is not None:
+        out.write(f"No timeline: {why}.\n")
+    else:
+        plot_job(record, s, path)
+        out.write(f"Timeline of the job: {os.path.abspath(path)}\n")
+    out.flush()
 
 
 def _raise_system_exit(signum: int, frame: Any) -> None:
@@ -188,6 +208,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interrupt-hosts", choices=("one", "all"), default="one", dest="interrupt_hosts",
                         help="with --hosts: an interruption takes one host (default) or all of them")
     parser.add_argument("--json", action="store_true", dest="json", help="print one JSON document instead")
+    parser.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="draw the job's timeline into FILE.png: instances, interruptions, saves, when each "
+                             "step became durable locally and in S3, lost work, waits for capacity, and the "
+                             "summary (needs matplotlib: pip install 'spotckpt[bench]')")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the training command")
 
 
@@ -200,7 +224,7 @@ def main_from_args(args: argparse.Namespace) -> int:
                     total_steps=args.total_steps, seed=args.seed, grace_seconds=args.grace,
                     max_wait_seconds=args.max_wait, json_output=args.json, s3_uri=args.s3,
                     restart_delay_seconds=args.restart_delay, spot_price_ratio=args.spot_price_ratio,
-                    hosts=args.hosts, interrupt_hosts=args.interrupt_hosts)
+                    hosts=args.hosts, interrupt_hosts=args.interrupt_hosts, plot=args.plot)
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from ..events import DurableS3Event, Event, PreemptedEvent, ProgressEvent, RestoreEvent, SaveEvent, parse_event_line
+from ..events import (
+    DurableLocalEvent,
+    DurableS3Event,
+    Event,
+    PreemptedEvent,
+    ProgressEvent,
+    RestoreEvent,
+    SaveEvent,
+    parse_event_line,
+)
 from .summary import InstanceRecord
 
 __all__ = ["EventsTail", "MultiTail", "InstanceTracker"]
@@ -81,6 +90,8 @@ class InstanceTracker:
         self.restore_source: str | None = None
         self.progress: list[tuple[int, float]] = []
         self.saves: list[tuple[int, float]] = []
+        self.durable_local: list[tuple[int, float]] = []  # (step, t) of its durable_local events
+        self.durable_s3: list[tuple[int, float]] = []  # (step, t) of its durable_s3 events
         self.preempted_step: int | None = None  # its ``preempted`` event: it handled the signal
         self.newest_s3_step: int | None = None  # the newest of its ``durable_s3`` events
         self.first_progress_seen_s: float | None = None  # on the simulator's clock, when read
@@ -123,7 +134,10 @@ class InstanceTracker:
                 self.saves.append((ev.step, t))
             elif isinstance(ev, PreemptedEvent) and self.preempted_step is None:
                 self.preempted_step = ev.step if ev.step is not None else -1
+            elif isinstance(ev, DurableLocalEvent) and ev.step is not None:
+                self.durable_local.append((ev.step, t))
             elif isinstance(ev, DurableS3Event) and ev.step is not None:
+                self.durable_s3.append((ev.step, t))
                 self.newest_s3_step = max(ev.step, self.newest_s3_step if self.newest_s3_step is not None else ev.step)
         return advanced
 
@@ -134,4 +148,5 @@ class InstanceTracker:
             exit_code=self.exit_code, restored_step=self.restored_step, restore_source=self.restore_source,
             step_at_sigterm=self.step_at_sigterm, progress=tuple(self.progress), saves=tuple(self.saves),
             preempted_step=self.preempted_step, newest_s3_step=self.newest_s3_step,
+            durable_local=tuple(self.durable_local), durable_s3=tuple(self.durable_s3),
         )

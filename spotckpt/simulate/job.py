@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .follow import InstanceTracker, MultiTail
+from ..sidecar import with_torchrun_threads
 from .process import HostGroup, TrainerProcess, free_port, host_commands
 from .s3env import SimS3
 from .schedule import Observation, Scheduler, Trigger
@@ -172,6 +173,7 @@ class Simulation:
                 env = dict(self.s3.env, SPOTCKPT_LOCAL_DIR=str(d / "checkpoints"), SPOTCKPT_S3_URI=self.s3.s3_uri,
                            SPOTCKPT_EVENTS_FILE=str(d / "events.jsonl"), TRAINING_JOB_NAME=self.job,
                            SPOTCKPT_GRACE_SECONDS=f"{self.grace_s:g}", PYTHONUNBUFFERED="1")
+                env = with_torchrun_threads(cmd, env)
                 procs.append(TrainerProcess(cmd, env=env, log_path=d / "output.log",
                                             echo=None if self.json_output else sys.stderr, lock=self.lock))
             proc: TrainerProcess | HostGroup = procs[0] if self.hosts == 1 else HostGroup(procs)
@@ -185,7 +187,7 @@ class Simulation:
             if reason:
                 self._stop(inst, proc, tail, reason)
             rc = proc.wait()
-            self.stderr_tail = proc.stderr_tail()
+            self.stderr_tail = proc.output_tail()
             self._follow(inst, tail)
             inst.ended_s = self.clock.now()
             inst.exit_code = rc

@@ -1,10 +1,13 @@
 """One run of CMD on a simulated instance: started in its own process group, its output copied,
 stopped like a spot instance (SIGTERM, then SIGKILL to the whole group after the grace).
 
-Threads: the simulator's thread calls every method; two ``spotckpt-sim-output`` threads per
-process copy CMD's stdout and stderr, line by line, to the instance's log file and (unless
-``echo`` is None) to ``echo`` prefixed with ``  | ``. They only copy: the simulator follows the
-trainer through its events file, not its output.
+Threads: the simulator's thread calls every method; one ``spotckpt-sim-output`` thread per
+process copies CMD's output, whole line by whole line, to the instance's log file and (unless
+``echo`` is None) to ``echo`` prefixed with ``  | ``. CMD's stdout and stderr are one pipe, so
+its lines come out in the order it wrote them (two pipes read by two threads could print a
+``durable_s3`` metric line, written to stderr, after the ``preempted ... durable`` line the
+trainer printed to stdout after it). The copier only copies: the simulator follows the trainer
+through its events file, not its output.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ _TAIL_LINES = 20
 class _Copier:
     def __init__(self, pipe: IO[bytes], log_file: IO[bytes], echo: TextIO | None, lock: threading.Lock) -> None:
         self._pipe, self._log, self._echo, self._lock = pipe, log_file, echo, lock
-        self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)  # its last lines
+        self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)  # the last lines
         self.thread = threading.Thread(target=self._run, name="spotckpt-sim-output", daemon=True)
         self.thread.start()
 
@@ -58,12 +61,13 @@ class TrainerProcess:
                  lock: threading.Lock) -> None:
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in wait()
         try:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:
             self._log.close()
             raise ConfigError(f"cannot start {cmd[0]!r}: {exc}; check the command after '--'") from exc
-        self._copiers = [_Copier(p, self._log, echo, lock) for p in (self.proc.stdout, self.proc.stderr) if p]
+        assert self.proc.stdout is not None
+        self._copier = _Copier(self.proc.stdout, self._log, echo, lock)
 
     @property
     def pid(self) -> int:
@@ -72,9 +76,9 @@ class TrainerProcess:
     def poll(self) -> int | None:
         return self.proc.poll()
 
-    def stderr_tail(self) -> list[str]:
-        """The last lines CMD wrote to stderr (call after :meth:`wait`)."""
-        return list(self._copiers[-1].tail) if len(self._copiers) == 2 else []
+    def output_tail(self) -> list[str]:
+        """The last lines CMD wrote, stdout and stderr together (call after :meth:`wait`)."""
+        return list(self._copier.tail)
 
     def stop(self, grace_s: float, *, while_waiting: Callable[[], None]) -> bool:
         """SIGTERM to CMD (and through a shell to its children), SIGKILL to its whole group if it
@@ -110,8 +114,7 @@ class TrainerProcess:
     def wait(self) -> int:
         """CMD's exit status once it and the output copiers are done (negative: died of a signal)."""
         rc = self.proc.wait()
-        for c in self._copiers:
-            c.thread.join()
+        self._copier.thread.join()
         self._log.close()
         return rc
 
@@ -183,8 +186,8 @@ class HostGroup:
         for p in self.hosts:
             p.kill_group()
 
-    def stderr_tail(self) -> list[str]:
-        return [f"host {h}: {ln}" for h, p in enumerate(self.hosts) for ln in p.stderr_tail()]
+    def output_tail(self) -> list[str]:
+        return [f"host {h}: {ln}" for h, p in enumerate(self.hosts) for ln in p.output_tail()]
 
     def wait(self) -> int:
         codes = [p.wait() for p in self.hosts]

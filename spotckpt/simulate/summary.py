@@ -24,7 +24,8 @@ The summary, in SageMaker's terms, with the definitions used in a simulation:
 - ``sigterm_outcome`` per interruption: ``exited``; ``handled-in-s3`` (killed after the grace,
   but it had handled SIGTERM -- its ``preempted`` event -- and its step was in S3 -- ``durable_s3``);
   ``handled`` (handled, step not in S3 yet); ``ignored`` (killed, no sign of handling it).
-- a ``Failed`` job gets no savings figure (``None``) and carries the tail of the trainer's stderr.
+- a ``Failed`` job gets no savings figure (``None``) and carries the tail of the trainer's output
+  (``stderr_tail``: its last lines, stdout and stderr together -- one pipe, in the order written).
 - ``final_step``: the last step the final instance reported (progress or save event), else the
   step it restored (a trainer restored at its last step reports no progress).
 """
@@ -64,6 +65,8 @@ class InstanceRecord:
     saves: tuple[tuple[int, float], ...] = ()
     preempted_step: int | None = None  # its ``preempted`` event: it handled SIGTERM (-1: no step given)
     newest_s3_step: int | None = None  # the newest step its ``durable_s3`` events reported
+    durable_local: tuple[tuple[int, float], ...] = ()  # (step, t): committed locally (its events)
+    durable_s3: tuple[tuple[int, float], ...] = ()  # (step, t): committed in S3 (its events)
 
     @property
     def sigterm_outcome(self) -> str:
@@ -111,7 +114,7 @@ class JobRecord:
     interrupt_every_seconds: float | None = None
     total_steps: int | None = None
     notes: tuple[str, ...] = field(default=())
-    stderr_tail: tuple[str, ...] = field(default=())  # the failed final instance's last stderr lines
+    stderr_tail: tuple[str, ...] = field(default=())  # the failed final instance's last output lines
     embedded_s3: bool = False  # moto embedded: stopped, with its data, when simulate exits
 
 
@@ -262,6 +265,6 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"{resume}{kill}{late}")
     lines += [f"  note: {note}" for note in s["notes"]]
     if s.get("stderr_tail"):
-        lines.append(f"  the trainer's stderr, last {len(s['stderr_tail'])} lines:")
+        lines.append(f"  the trainer's output (stdout and stderr), last {len(s['stderr_tail'])} lines:")
         lines += [f"    {ln}" for ln in s["stderr_tail"]]
     return "\n".join(lines) + "\n"

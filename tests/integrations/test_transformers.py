@@ -82,11 +82,14 @@ def test_sigterm_under_spotckpt_run_then_fresh_machine_resumes_from_s3_bitwise(t
 
 
 def test_signal_during_the_trainers_own_save(tmp_path: Path) -> None:
-    """SIGTERM while the Trainer writes checkpoint-20: the save finishes, is committed, and the
-    process exits 0. SIGKILL at the same moment: checkpoint-20 stays half-written in output_dir,
-    and step 10 remains the resume point."""
+    """SIGTERM while the Trainer writes checkpoint-20: the save finishes, is committed (its
+    ``preempted`` event says so, as for a SIGTERM between saves), and the process exits 0 --
+    without a "Writing model shards" bar per save. SIGKILL at the same moment: checkpoint-20
+    stays half-written in output_dir, and step 10 remains the resume point."""
+    events = tmp_path / "events.jsonl"
     procs = {sig: subprocess.Popen([*_example(tmp_path / sig.name, "--slow-step", "20", cmd=SLOW_SAVE),
-                                    "--save-steps", "10"], env=_env(),
+                                    "--save-steps", "10"],
+                                   env=dict(_env(), SPOTCKPT_EVENTS_FILE=str(events)) if sig == signal.SIGTERM else _env(),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
              for sig in (signal.SIGTERM, signal.SIGKILL)}
     try:
@@ -98,7 +101,12 @@ def test_signal_during_the_trainers_own_save(tmp_path: Path) -> None:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-    assert codes[signal.SIGTERM] == 0, procs[signal.SIGTERM].stderr.read()[-3000:]  # type: ignore[union-attr]
+    err = procs[signal.SIGTERM].stderr.read()  # type: ignore[union-attr]
+    assert codes[signal.SIGTERM] == 0, err[-3000:]
+    assert "Writing model shards" not in err, err[-3000:]
+    names = [(e["event"], e.get("step")) for e in map(json.loads, events.read_text().splitlines())]
+    assert ("preempted", 20) in names, names
+    assert names.index(("preempted", 20)) < names.index(("save", 20)), names  # announced before its save
     assert codes[signal.SIGKILL] == -signal.SIGKILL
     assert assert_all_steps_verify(tmp_path / "SIGTERM") == [10, 20]  # and training stopped there
     assert assert_all_steps_verify(tmp_path / "SIGKILL") == [10]

@@ -61,3 +61,20 @@ def test_fsdp_sigterm_to_one_rank_then_exact_resume_and_resharded_resume(tmp_pat
     for code, out, _ in results:
         assert f"starting at step {stopped[0]} of 40 with 2 rank(s)" in out
     assert done_lines(results) == want
+
+
+def test_fsdp_sigterm_right_after_the_last_step_still_exits_0(tmp_path: Path) -> None:
+    """The instance goes away right after the last step: rank 1 gets SIGTERM once it printed
+    "done" (manager closed, every step durable) while rank 0 is held back, so rank 1 is in the
+    final barrier. It must finish there with rank 0, not die and fail the finished run."""
+    procs = _job(tmp_path / "ck", "--steps", "10", "--every-steps", "10")
+    read_lines_until(procs[1], count_prefix("train_fsdp[1]: done at step 10"), what="rank 1 done")
+    procs[0].send_signal(signal.SIGSTOP)
+    try:
+        procs[1].send_signal(signal.SIGTERM)
+        procs[0].send_signal(signal.SIGTERM)  # delivered once it runs again
+    finally:
+        procs[0].send_signal(signal.SIGCONT)
+    for code, out, err in finish_ranks(procs):
+        assert code == 0, err[-3000:]
+    assert LocalStore(tmp_path / "ck", create=False, cleanup=False).committed_steps() == [10]
