@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from ._version import __version__
+from .autopilot import Autopilot, AutoInterval
 from .adopt import adopt_into, folder_extra, newest_folder, require_one_process, scan as scan_folder
 from .config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
 from .dist import Coordinator, RequestChannel, SaveAgreement, check_save, coordinator_from_torch
@@ -103,8 +104,8 @@ class CheckpointManager:
     ``imds`` (poll the EC2 spot notice; default from ``$SPOTCKPT_IMDS``), ``metrics`` (metric
     lines on stderr; default from ``$SPOTCKPT_METRICS``, on), ``save_policy`` and ``retention``
     (objects from :mod:`spotckpt.policy`, replacing ``every_steps``/``every_seconds`` and
-    ``keep_last``), ``remote_store`` (any :class:`spotckpt.store.RemoteStore` instead of the S3
-    store of ``s3_uri``) and ``clock`` (a monotonic clock for ``every_seconds``).
+    ``keep_last``; ``every_steps="auto"`` is :class:`spotckpt.policy.AutoInterval`),
+    ``remote_store`` (any :class:`spotckpt.store.RemoteStore` instead of the S3 store of ``s3_uri``) and ``clock`` (a monotonic clock for ``every_seconds``).
 
     Construction is all or nothing: when it raises, nothing it started is left running and the
     signal handlers are the ones from before.
@@ -115,7 +116,7 @@ class CheckpointManager:
         local_dir: str | os.PathLike[str] | None = None,
         s3_uri: str | None = None,
         *,
-        every_steps: int | None = 500,
+        every_steps: int | str | None = 500,
         every_seconds: float | None = None,
         keep_last: int | None = 3,
         async_save: bool = True,
@@ -133,6 +134,10 @@ class CheckpointManager:
         collective_timeout_seconds: float | None = None,
         rank: int | None = None,
     ) -> None:
+        if every_steps == "auto":  # the autopilot chooses the interval (spotckpt.autopilot)
+            if save_policy is not None or every_seconds is not None:
+                raise ConfigError("every_steps='auto' chooses the interval itself; drop every_seconds/save_policy")
+            save_policy, every_steps = AutoInterval(), None
         self._custom_policy = save_policy is not None
         # several ranks: step counts need no talking; rank 0's clock (or a custom policy) does
         self._every_steps = None if save_policy is not None or every_steps is None else EveryNSteps(every_steps)
@@ -197,6 +202,12 @@ class CheckpointManager:
                         f"({exc.strerror or exc}); point it at a writable file or unset it"
                     ) from exc
                 self.events.subscribe(self._events_file)
+            # grace budget, costs and restart history; subscribed last, so its grace_budget and
+            # autopilot events follow the save event they come from in every listener
+            self._autopilot = Autopilot(self.events, grace_seconds=grace, uploads=self.s3_uri is not None)
+            bind = getattr(self.save_policy, "bind", None)
+            if callable(bind):
+                bind(self._autopilot)
             if self.s3_uri is not None:
                 self._start_upload(remote_store)
             if self._coord is not None:
@@ -369,7 +380,8 @@ class CheckpointManager:
                 return False
         snap = capture(state, step=step, rank=self.rank, allow_pickle=self.allow_pickle, keys=keys)
         meta = {"format": "spotckpt/1", "step": str(step)}
-        extra: dict[str, Any] = {"writer": f"spotckpt {__version__}", "world_size": self.world_size}
+        extra: dict[str, Any] = {"writer": f"spotckpt {__version__}", "world_size": self.world_size,
+                                 **self._autopilot.manifest_extra()}
         if replicated:
             extra["replicated"] = sorted(replicated)
         if snap.sharded_keys:
@@ -574,6 +586,7 @@ class CheckpointManager:
         self._last_saved_step = res.step
         self._last_save_time = self._clock()
         self.events.emit(RestoreEvent(step=res.step, seconds=res.seconds, source=res.source, bytes=res.bytes))
+        self._autopilot.restored(res.step, getattr(res, "path", None), res.seconds)
 
     def _roll_back_before_saving(self, *, group: str = "main") -> None:
         """The first save after restoring an explicitly chosen older step: the run diverges

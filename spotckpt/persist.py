@@ -37,6 +37,10 @@ __all__ = ["write_step", "SaveJob", "PruneJob", "StopJob", "PersistWorker"]
 
 log = logging.getLogger(__name__)
 
+#: Manifest extras that differ between processes (the autopilot's history, spotckpt.autopilot):
+#: with several ranks, rank 0's go into every host's manifest, so all hosts write the same one.
+RANK0_EXTRA = ("autopilot", "final_save")
+
 
 def write_step(
     local: LocalStore,
@@ -75,7 +79,8 @@ def write_step(
     except BaseException as exc:  # noqa: BLE001 - reported to every rank below
         err = _translated(exc, step, local)
     mine = {"files": {k: [v.size, v.crc32c] for k, v in files.items()},
-            "created": utc_now_iso() if coord.rank == 0 else None}
+            "created": utc_now_iso() if coord.rank == 0 else None,
+            "rank0": {k: v for k, v in (extra or {}).items() if k in RANK0_EXTRA} if coord.rank == 0 else None}
     try:
         recs = coord.exchange(f"write step {step}", mine, error=err, group="persist")
     except BaseException:
@@ -85,7 +90,8 @@ def write_step(
     every: dict[str, FileEntry] = {}
     for rec in recs:
         every.update({k: FileEntry(int(v[0]), str(v[1])) for k, v in rec["files"].items()})
-    manifest = Manifest(step=step, files=every, created=recs[0]["created"], extra=dict(extra or {}))
+    extra = {**{k: v for k, v in (extra or {}).items() if k not in RANK0_EXTRA}, **(recs[0]["rank0"] or {})}
+    manifest = Manifest(step=step, files=every, created=recs[0]["created"], extra=extra)
     path = local.step_path(step)
     err = None
     if coord.is_host_leader:
