@@ -1,6 +1,6 @@
 """Checkpoint policies compared on the same interruptions: AutoInterval against fixed intervals.
 
-    python benchmarks/bench_autopilot.py [--seeds 3] [--grid 5,20,80] [--schedules noticed,hard30,unfit]
+    python benchmarks/bench_autopilot.py [--seeds 3] [--grid 10,40] [--schedules noticed,hard30,unfit]
 
 Each run is ``spotckpt simulate --json --interrupt-every S --hard-kill-fraction F --seed K`` of
 ``examples/train_toy.py --save-policy P`` (compressed time: a few seconds between interruptions,
@@ -12,7 +12,7 @@ through ``$SPOTCKPT_INTERRUPTIONS``, so AutoInterval is told what the schedule d
 
 - ``noticed``: 10 % of the interruptions without notice, the final save fits the grace;
 - ``hard30``:  30 % without notice;
-- ``unfit``:   10 % without notice, a state (64 MiB) whose final save does not fit a 0.3 s grace.
+- ``unfit``:   10 % without notice, a state (16 MiB) whose final save does not fit a 0.1 s grace.
 
 Policies: ``every:N`` for each N of ``--grid``; ``auto`` (AutoInterval); ``young-daly`` (Young/Daly
 from the total interruption rate, ignoring notice: the interval a user would pick from the rate).
@@ -45,9 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SCHEDULES = {
-    "noticed": {"every": 4.0, "hard": 0.1, "grace": 5.0, "state_mb": 8.0},
-    "hard30": {"every": 4.0, "hard": 0.3, "grace": 5.0, "state_mb": 8.0},
-    "unfit": {"every": 4.0, "hard": 0.1, "grace": 0.3, "state_mb": 64.0},
+    "noticed": {"every": 3.0, "hard": 0.1, "grace": 5.0, "state_mb": 2.0},
+    "hard30": {"every": 3.0, "hard": 0.3, "grace": 5.0, "state_mb": 2.0},
+    "unfit": {"every": 3.0, "hard": 0.1, "grace": 0.1, "state_mb": 16.0},
 }
 
 
@@ -112,9 +112,9 @@ def hot_path(n: int = 50000) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--grid", default="5,20,80", help="fixed intervals (steps) to compare")
+    ap.add_argument("--grid", default="10,40", help="fixed intervals (steps) to compare")
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--step-sleep", type=float, default=0.01)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "autopilot.json"))
     args = ap.parse_args()
