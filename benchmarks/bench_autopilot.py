@@ -17,6 +17,9 @@ through ``$SPOTCKPT_INTERRUPTIONS``, so AutoInterval is told what the schedule d
 Policies: ``every:N`` for each N of ``--grid``; ``auto`` (AutoInterval); ``young-daly`` (Young/Daly
 from the total interruption rate, ignoring notice: the interval a user would pick from the rate).
 
+The schedules are the same draws for every policy, but in *time*: a policy that loses more work
+runs longer and meets more interruptions, so the table also gives the waste per interruption.
+
 Per run: wasted time (simulate's split: checkpoint stalls, lost work, restart + restore). The
 policy-dependent part is stalls + lost work: restart + restore is the same for every policy (the
 same interruptions, a restore of the same size) and dominated here by the trainer's start (Python
@@ -137,13 +140,20 @@ def main() -> int:
     return 0
 
 
+def from_json(path: str) -> str:
+    """The table of a saved run (``python -c 'import bench_autopilot as b; print(b.from_json(P))'``)."""
+    doc = json.loads(Path(path).read_text())
+    runs = doc["runs"]
+    return table(runs, list(dict.fromkeys(r["schedule"] for r in runs)), list(dict.fromkeys(r["policy"] for r in runs)))
+
+
 def _spread(xs: list[float]) -> str:
     return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})" if xs else "n/a"
 
 
 def table(runs: list[dict], schedules: list[str], policies: list[str]) -> str:
-    lines = ["| schedule | policy | stalls + lost work, s | stalls, s | lost work, s | restart + restore, s | "
-             "interruptions (no notice) | misses |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| schedule | policy | stalls + lost work, s | per interruption, s | stalls, s | lost work, s | "
+             "restart + restore, s | interruptions (no notice) | misses |", "|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for sc in schedules:
         med = {}
@@ -152,7 +162,8 @@ def table(runs: list[dict], schedules: list[str], policies: list[str]) -> str:
             if not rs:
                 continue
             med[pol] = statistics.median(r["policy_wasted_s"] for r in rs)
-            lines.append(f"| {sc} | {pol} | {_spread([r['policy_wasted_s'] for r in rs])} | "
+            per = [r["policy_wasted_s"] / max(1, r["interruptions"]) for r in rs]
+            lines.append(f"| {sc} | {pol} | {_spread([r['policy_wasted_s'] for r in rs])} | {_spread(per)} | "
                          f"{_spread([r['stalls_s'] for r in rs])} | {_spread([r['lost_s'] for r in rs])} | "
                          f"{_spread([r['restart_s'] for r in rs])} | "
                          f"{sum(r['interruptions'] for r in rs)} ({sum(r['without_notice'] for r in rs)}) | "
