@@ -6,7 +6,9 @@ numbers and data order, so the final weights equal those of an uninterrupted run
     # Ctrl-C / kill -TERM <pid>, then run the same command again
 
 Checkpoints go to --local-dir (default: $SPOTCKPT_LOCAL_DIR, SageMaker's LocalPath or
-/opt/ml/checkpoints) and, with --s3-uri or $SPOTCKPT_S3_URI, to S3.
+/opt/ml/checkpoints) and, with --s3-uri or $SPOTCKPT_S3_URI, to S3. --save-policy auto lets the
+autopilot choose the interval (docs/autopilot.md); --state-mb adds untrained state to every
+checkpoint, to try a large one.
 """
 
 from __future__ import annotations
@@ -60,10 +62,30 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def policy_from(text: str | None, every_steps: int):  # type: ignore[no-untyped-def]
+    """``--save-policy``: (every_steps, save_policy) for the manager."""
+    if text is None:
+        return every_steps, None
+    if text == "auto":
+        return "auto", None
+    if text == "young-daly":
+        from spotckpt.policy import AutoInterval
+
+        return None, AutoInterval(notice_aware=False)
+    if text.startswith("every:") and text[6:].isdigit() and int(text[6:]) > 0:
+        return int(text[6:]), None
+    raise SystemExit(f"train_toy: --save-policy is auto, every:N or young-daly, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=400, help="total optimizer steps")
     p.add_argument("--every-steps", type=int, default=25, help="checkpoint every N steps")
+    p.add_argument("--save-policy", default=None, metavar="auto|every:N",
+                   help="auto: AutoInterval chooses the interval (docs/autopilot.md); every:N: every N steps "
+                        "(default: --every-steps); young-daly: Young/Daly from the total interruption rate, "
+                        "ignoring notice (a baseline)")
+    p.add_argument("--state-mb", type=float, default=0.0, help="extra MiB of state saved with every checkpoint")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--hidden", type=int, default=256)
@@ -87,9 +109,13 @@ def main(argv: list[str] | None = None) -> int:
                                  seed=7, num_workers=args.workers, drop_last=True)
     state = {"model": model, "optim": optim, "sched": sched, "loader": loader,
              "rng": spotckpt.RNGState(), "losses": []}
+    if args.state_mb:
+        state["ballast"] = torch.zeros(int(args.state_mb * 2**20) // 4)
+    every_steps, save_policy = policy_from(args.save_policy, args.every_steps)
 
-    with spotckpt.CheckpointManager(local_dir=args.local_dir, s3_uri=args.s3_uri, every_steps=args.every_steps,
-                                    keep_last=args.keep_last, async_save=not args.sync_save) as mgr:
+    with spotckpt.CheckpointManager(local_dir=args.local_dir, s3_uri=args.s3_uri, every_steps=every_steps,
+                                    save_policy=save_policy, keep_last=args.keep_last,
+                                    async_save=not args.sync_save) as mgr:
         start = mgr.restore(state) or 0
         say(f"train_toy: starting at step {start} of {args.steps}")
         step = start

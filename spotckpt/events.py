@@ -9,6 +9,10 @@ its payload in a stable order (new fields are only ever added at the end)::
     RestoreEvent       restore()       step, seconds, source, bytes
     PreemptedEvent     maybe_save()    step, reason                  (final save starts)
     ProgressEvent      maybe_save()    step                          (every call: training advanced)
+    GraceBudgetEvent   the thread of the save's last event   step, need_s, grace_s, fits, need_busy_s,
+                       fits_busy                    (what a final save would take now: see autopilot)
+    AutopilotEvent     the same, or restore()  step, interval_s, steps, rate_per_h, cost_s, why
+                       (AutoInterval chose a new interval)
 
 Listeners are plain callables ``listener(event) -> None``, called on the thread that emits the
 event (named in the table), so they must be quick and thread-safe. A listener that raises is
@@ -41,6 +45,8 @@ __all__ = [
     "RestoreEvent",
     "PreemptedEvent",
     "ProgressEvent",
+    "GraceBudgetEvent",
+    "AutopilotEvent",
     "Listener",
     "EventBus",
     "JsonLinesListener",
@@ -114,10 +120,38 @@ class ProgressEvent(Event):
     name: ClassVar[str] = "progress"
 
 
+@dataclass(frozen=True, kw_only=True)
+class GraceBudgetEvent(Event):
+    """What a final save would take now (:mod:`spotckpt.autopilot`): ``need_s`` with nothing else
+    on its way to S3, ``need_busy_s`` when SIGTERM comes while the previous save is still being
+    written and uploaded; ``fits``/``fits_busy``: within the safe share of ``grace_s``."""
+
+    name: ClassVar[str] = "grace_budget"
+    need_s: float
+    grace_s: float
+    fits: bool
+    need_busy_s: float
+    fits_busy: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutopilotEvent(Event):
+    """:class:`spotckpt.policy.AutoInterval` chose a new interval (``steps``: at the measured step
+    time, 0 when unknown); ``why`` says which bound decided, in one token."""
+
+    name: ClassVar[str] = "autopilot"
+    interval_s: float
+    steps: int
+    rate_per_h: float
+    cost_s: float
+    why: str
+
+
 #: Event classes by their stable name.
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.name: cls
-    for cls in (SaveEvent, DurableLocalEvent, DurableS3Event, RestoreEvent, PreemptedEvent, ProgressEvent)
+    for cls in (SaveEvent, DurableLocalEvent, DurableS3Event, RestoreEvent, PreemptedEvent, ProgressEvent,
+                GraceBudgetEvent, AutopilotEvent)
 }
 
 Listener = Callable[[Event], None]

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .autopilot import Autopilot, AutoInterval
 from .adopt import adopt_into, folder_extra, require_one_process, scan as scan_folder
 from .config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
 from .dist import Coordinator, RequestChannel, SaveAgreement, check_save, coordinator_from_torch
@@ -94,8 +95,9 @@ class CheckpointManager:
     ``imds`` (poll the EC2 spot notice; default from ``$SPOTCKPT_IMDS``), ``metrics`` (metric
     lines on stderr; default from ``$SPOTCKPT_METRICS``, on), ``save_policy`` and ``retention``
     (objects from :mod:`spotckpt.policy`, replacing ``every_steps``/``every_seconds`` and
-    ``keep_last``), ``remote_store`` (any :class:`spotckpt.store.RemoteStore` instead of the S3
-    store of ``s3_uri``) and ``clock`` (a monotonic clock for ``every_seconds``).
+    ``keep_last``; ``every_steps="auto"`` is :class:`spotckpt.policy.AutoInterval`),
+    ``remote_store`` (any :class:`spotckpt.store.RemoteStore` instead of the S3 store of
+    ``s3_uri``) and ``clock`` (a monotonic clock for ``every_seconds``).
 
     Construction is all or nothing: when it raises, nothing it started is left running and the
     signal handlers are the ones from before.
@@ -106,7 +108,7 @@ class CheckpointManager:
         local_dir: str | os.PathLike[str] | None = None,
         s3_uri: str | None = None,
         *,
-        every_steps: int | None = 500,
+        every_steps: int | str | None = 500,
         every_seconds: float | None = None,
         keep_last: int | None = 3,
         async_save: bool = True,
@@ -124,6 +126,10 @@ class CheckpointManager:
         collective_timeout_seconds: float | None = None,
         rank: int | None = None,
     ) -> None:
+        if every_steps == "auto":  # the autopilot chooses the interval (spotckpt.autopilot)
+            if save_policy is not None or every_seconds is not None:
+                raise ConfigError("every_steps='auto' chooses the interval itself; drop every_seconds/save_policy")
+            save_policy, every_steps = AutoInterval(), None
         self._custom_policy = save_policy is not None
         # several ranks: step counts need no talking; rank 0's clock (or a custom policy) does
         self._every_steps = None if save_policy is not None or every_steps is None else EveryNSteps(every_steps)
@@ -182,6 +188,12 @@ class CheckpointManager:
                         f"({exc.strerror or exc}); point it at a writable file or unset it"
                     ) from exc
                 self.events.subscribe(self._events_file)
+            # grace budget, costs and restart history; subscribed last, so its grace_budget and
+            # autopilot events follow the save event they come from in every listener
+            self._pipe.autopilot = Autopilot(self.events, grace_seconds=grace, uploads=self.s3_uri is not None)
+            bind = getattr(self.save_policy, "bind", None)
+            if callable(bind):
+                bind(self._pipe.autopilot)
             if self.s3_uri is not None:
                 self._start_upload(remote_store)
             if self._coord is not None:

@@ -8,6 +8,8 @@
     spotckpt event=durable_s3 step=1200 seconds=8.3390 bytes=1073750012 since_save_s=9.8710
     spotckpt event=restore step=1200 seconds=0.9130 source=s3://bucket/job bytes=1073741824
     spotckpt event=preempted step=1234 reason=signal_SIGTERM
+    spotckpt event=grace_budget step=1200 need_s=14.2100 grace_s=120.0000 fits=1 need_busy_s=27.9000 fits_busy=1
+    spotckpt event=autopilot step=1200 interval_s=1840.0000 steps=3680 rate_per_h=0.0210 cost_s=0.0812 why=daly
 
 so SageMaker ``MetricDefinitions`` can scrape them, e.g.
 ``{"Name": "ckpt:stall_s", "Regex": "event=save .*stall_s=([0-9.]+)"}``. Keys and event names are
@@ -31,9 +33,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
 from .events import (
+    AutopilotEvent,
     DurableLocalEvent,
     DurableS3Event,
     Event,
+    GraceBudgetEvent,
     PreemptedEvent,
     ProgressEvent,
     RestoreEvent,
@@ -105,6 +109,11 @@ class Stats:
     restore_source: str | None = None
     restore_s: float | None = None
     preempted_at_step: int | None = None
+    grace_need_s: float | None = None  # the grace budget (spotckpt.autopilot): a final save now
+    grace_need_busy_s: float | None = None  # ... while the previous save is still on its way
+    grace_s: float | None = None
+    grace_fits: bool | None = None
+    autopilot_interval_s: float | None = None  # AutoInterval's current interval
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, SaveEvent):
@@ -127,6 +136,13 @@ class Stats:
             self.restore_s = event.seconds
         elif isinstance(event, PreemptedEvent):
             self.preempted_at_step = event.step
+        elif isinstance(event, GraceBudgetEvent):
+            self.grace_need_s = event.need_s
+            self.grace_need_busy_s = event.need_busy_s
+            self.grace_s = event.grace_s
+            self.grace_fits = event.fits
+        elif isinstance(event, AutopilotEvent):
+            self.autopilot_interval_s = event.interval_s
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

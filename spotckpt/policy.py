@@ -6,6 +6,9 @@ arrive in one keyword-only context, so a new signal never changes every signatur
     AnySavePolicy([EveryNSteps(500), EveryNSeconds(600.0)]).should_save(
         SaveContext(step=1500, seconds_since_last_save=12.0, last_saved_step=1000))
 
+:class:`AutoInterval` (``every_steps="auto"``) chooses the interval itself, from measured costs
+and the interruption rates (:mod:`spotckpt.autopilot`).
+
 Preemption is not a policy: a preemption always saves (``CheckpointManager.maybe_save``).
 
 Retention policies say which steps survive: :class:`KeepLast` (``keep_last=N``) and
@@ -28,6 +31,7 @@ __all__ = [
     "EveryNSteps",
     "EveryNSeconds",
     "AnySavePolicy",
+    "AutoInterval",
     "save_policy_from",
     "RetentionPolicy",
     "KeepLast",
@@ -142,3 +146,6 @@ def doomed(policy: RetentionPolicy, steps: Sequence[int], *, protect: Iterable[i
     ``protect`` (e.g. the newest valid step, or the one being saved)."""
     keep = policy.kept(steps) | {p for p in protect if p is not None}
     return sorted(s for s in steps if s not in keep)
+
+
+from .autopilot import AutoInterval  # noqa: E402 - defined there, with the interval math it needs

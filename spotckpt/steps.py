@@ -52,6 +52,10 @@ __all__ = ["CommitPipeline", "write_step"]
 
 log = logging.getLogger(__name__)
 
+#: Manifest extras that differ between processes (the autopilot's history, spotckpt.autopilot):
+#: with several ranks, rank 0's go into every host's manifest, so all hosts write the same one.
+RANK0_EXTRA = ("autopilot", "final_save")
+
 
 class CommitPipeline:
     """One manager's way from a step's bytes to a committed (and uploaded) step; see the
@@ -68,6 +72,7 @@ class CommitPipeline:
         self.world_size = world_size
         self.store: RemoteStore | None = None
         self.uploader: Any = None
+        self.autopilot: Any = None  # spotckpt.autopilot.Autopilot: its history goes into every stamp
         self.closed = False
         self._clock = clock
         self._lock = threading.Lock()
@@ -143,6 +148,8 @@ class CommitPipeline:
         in which layout (None: a state saved by ``save()``), and the writer's own ``extra``
         (empty values left out)."""
         out: dict[str, Any] = {"writer": f"spotckpt {__version__}", "world_size": self.world_size}
+        if self.autopilot is not None:
+            out.update(self.autopilot.manifest_extra())
         if layout is not None:
             out["layout"] = layout
         out.update({k: v for k, v in extra.items() if v})
@@ -340,6 +347,8 @@ class CommitPipeline:
         self.last_saved_step = res.step
         self.last_save_time = self._clock()
         self.events.emit(RestoreEvent(step=res.step, seconds=res.seconds, source=res.source, bytes=res.bytes))
+        if self.autopilot is not None:
+            self.autopilot.restored(res.step, res.path, res.seconds)
 
     def roll_back_before_saving(self, *, group: str = "main") -> None:
         """The first save after restoring an explicitly chosen older step: the run diverges
@@ -425,7 +434,8 @@ def write_step(
     except BaseException as exc:  # noqa: BLE001 - reported to every rank below
         err = _translated(exc, step, local)
     mine = {"files": {k: [v.size, v.crc32c] for k, v in files.items()},
-            "created": utc_now_iso() if coord.rank == 0 else None}
+            "created": utc_now_iso() if coord.rank == 0 else None,
+            "rank0": {k: v for k, v in (extra or {}).items() if k in RANK0_EXTRA} if coord.rank == 0 else None}
     try:
         recs = coord.exchange(f"write step {step}", mine, error=err, group=group)
     except BaseException:
@@ -435,7 +445,8 @@ def write_step(
     every: dict[str, FileEntry] = {}
     for rec in recs:
         every.update({k: FileEntry(int(v[0]), str(v[1])) for k, v in rec["files"].items()})
-    manifest = Manifest(step=step, files=every, created=recs[0]["created"], extra=dict(extra or {}))
+    extra = {**{k: v for k, v in (extra or {}).items() if k not in RANK0_EXTRA}, **(recs[0]["rank0"] or {})}
+    manifest = Manifest(step=step, files=every, created=recs[0]["created"], extra=extra)
     path = local.step_path(step)
     err = None
     if coord.is_host_leader:

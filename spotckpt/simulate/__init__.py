@@ -16,9 +16,11 @@ CMD's environment: ``SPOTCKPT_LOCAL_DIR`` (the fresh dir), ``SPOTCKPT_S3_URI``
 (``s3://<bucket>/<job>``), ``SPOTCKPT_EVENTS_FILE`` (the manager appends its events there as JSON
 lines: the simulator follows the trainer through them only, not through its output),
 ``SPOTCKPT_GRACE_SECONDS`` (``--grace``: the trainer budgets its final save with the grace it
-really gets), ``TRAINING_JOB_NAME``, ``PYTHONUNBUFFERED=1``, with the embedded S3 server
-``AWS_ENDPOINT_URL`` and dummy credentials, and for ``torchrun --nproc_per_node N`` (N > 1)
-``OMP_NUM_THREADS=1`` unless it is set (torchrun's own default, without its banner per start).
+really gets), ``SPOTCKPT_INTERRUPTIONS`` (with ``--interrupt-every``: the schedule's rates, as a
+user would give them to ``AutoInterval``; see :mod:`.schedule`), ``TRAINING_JOB_NAME``,
+``PYTHONUNBUFFERED=1``, with the embedded S3 server ``AWS_ENDPOINT_URL`` and dummy credentials,
+and for ``torchrun --nproc_per_node N`` (N > 1) ``OMP_NUM_THREADS=1`` unless it is set
+(torchrun's own default, without its banner per start).
 
 The parts, one module each:
 
@@ -91,6 +93,7 @@ def simulate(
     hosts: int = 1,
     interrupt_hosts: str = "one",
     plot: str | os.PathLike[str] | None = None,
+    hard_kill_fraction: float = 0.0,
     stream: TextIO = sys.stdout,
 ) -> int:
     """Run ``cmd`` through a simulated managed-spot lifecycle; returns the exit status.
@@ -100,10 +103,11 @@ def simulate(
     for spot capacity after each interruption. ``spot_price_ratio`` (spot / on-demand price) turns
     instance seconds into ``BillableTimeInSeconds`` (see :mod:`.summary`). ``hosts`` > 1 runs one
     torchrun agent per simulated host (separate local dirs, one job); an interruption takes
-    ``interrupt_hosts`` ("one" host, at random, or "all") away, as spot capacity does. ``plot``:
-    a PNG file to draw the job's timeline into (:mod:`.plot`; needs matplotlib, else one line
-    says how to get it and the simulation runs all the same). Raises :class:`ConfigError` on bad
-    input before anything is started.
+    ``interrupt_hosts`` ("one" host, at random, or "all") away, as spot capacity does.
+    ``hard_kill_fraction``: that share of interruptions is a SIGKILL with no SIGTERM (every
+    host). ``plot``: a PNG file to draw the job's timeline into (:mod:`.plot`; needs
+    matplotlib, else one line says how to get it and the simulation runs all the same). Raises
+    :class:`ConfigError` on bad input before anything is started.
     """
     if interruptions is not None and interrupt_every_seconds is not None:
         raise ConfigError("--interruptions and --interrupt-every conflict: give one of them")
@@ -125,12 +129,14 @@ def simulate(
         raise ConfigError(f"--spot-price-ratio is spot price / on-demand price, in (0, 1]; got {spot_price_ratio!r}")
     if isinstance(hosts, bool) or not isinstance(hosts, int) or hosts < 1:
         raise ConfigError(f"--hosts must be an int >= 1, got {hosts!r}")
+    if isinstance(hard_kill_fraction, bool) or not 0 <= hard_kill_fraction <= 1:
+        raise ConfigError(f"--hard-kill-fraction is a share of the interruptions, in [0, 1]; got {hard_kill_fraction!r}")
     if interrupt_hosts not in ("one", "all"):
         raise ConfigError(f"--interrupt-hosts is 'one' or 'all', got {interrupt_hosts!r}")
     cmd = _resolve_cmd(cmd)
     host_commands(cmd, hosts, port=0)  # refuse a command that cannot run on several hosts, now
     scheduler = Scheduler(interruptions=interruptions, every_seconds=interrupt_every_seconds, seed=seed,
-                          total_steps=total_steps)
+                          total_steps=total_steps, hard_kill_fraction=hard_kill_fraction)
     sim = Simulation(cmd, scheduler=scheduler, s3_uri=s3_uri, grace_s=grace_seconds, max_wait_s=max_wait_seconds,
                      restart_delay_s=restart_delay_seconds, spot_price_ratio=spot_price_ratio, seed=seed,
                      json_output=json_output, stream=stream, hosts=hosts, interrupt_hosts=interrupt_hosts)
@@ -207,6 +213,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "its own fresh local dir)")
     parser.add_argument("--interrupt-hosts", choices=("one", "all"), default="one", dest="interrupt_hosts",
                         help="with --hosts: an interruption takes one host (default) or all of them")
+    parser.add_argument("--hard-kill-fraction", type=float, default=0.0, metavar="F", dest="hard_kill_fraction",
+                        help="make that share of the interruptions a SIGKILL with no SIGTERM before it (a host "
+                             "lost); the summary splits the wasted time into checkpoint stalls, lost work and "
+                             "restart + restore")
     parser.add_argument("--json", action="store_true", dest="json", help="print one JSON document instead")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="draw the job's timeline into FILE.png: instances, interruptions, saves, when each "
@@ -224,7 +234,8 @@ def main_from_args(args: argparse.Namespace) -> int:
                     total_steps=args.total_steps, seed=args.seed, grace_seconds=args.grace,
                     max_wait_seconds=args.max_wait, json_output=args.json, s3_uri=args.s3,
                     restart_delay_seconds=args.restart_delay, spot_price_ratio=args.spot_price_ratio,
-                    hosts=args.hosts, interrupt_hosts=args.interrupt_hosts, plot=args.plot)
+                    hosts=args.hosts, interrupt_hosts=args.interrupt_hosts,
+                    hard_kill_fraction=args.hard_kill_fraction, plot=args.plot)
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from ..events import (
     DurableLocalEvent,
     DurableS3Event,
     Event,
+    GraceBudgetEvent,
     PreemptedEvent,
     ProgressEvent,
     RestoreEvent,
@@ -99,7 +100,12 @@ class InstanceTracker:
         self.sigterm_s: float | None = None
         self.step_at_sigterm: int | None = None
         self.interrupted = False
+        self.notice = True  # False: killed without SIGTERM (--hard-kill-fraction)
         self.killed = False
+        self.stall_s = 0.0  # the stalls of its saves before the interruption
+        self.grace_fits: bool | None = None  # its newest grace budget before the interruption
+        self.grace_fits_busy: bool | None = None
+        self.grace_unfit_s: float | None = None  # when a grace budget first said "does not fit"
         self.ended_s: float | None = None
         self.exit_code: int | None = None
 
@@ -132,6 +138,12 @@ class InstanceTracker:
                 advanced = True
             elif isinstance(ev, SaveEvent) and ev.step is not None:
                 self.saves.append((ev.step, t))
+                if self.sigterm_s is None or t < self.sigterm_s:
+                    self.stall_s += ev.stall_s
+            elif isinstance(ev, GraceBudgetEvent) and (self.sigterm_s is None or t < self.sigterm_s):
+                self.grace_fits, self.grace_fits_busy = ev.fits, ev.fits_busy
+                if not ev.fits_busy and self.grace_unfit_s is None:
+                    self.grace_unfit_s = t
             elif isinstance(ev, PreemptedEvent) and self.preempted_step is None:
                 self.preempted_step = ev.step if ev.step is not None else -1
             elif isinstance(ev, DurableLocalEvent) and ev.step is not None:
@@ -149,4 +161,6 @@ class InstanceTracker:
             step_at_sigterm=self.step_at_sigterm, progress=tuple(self.progress), saves=tuple(self.saves),
             preempted_step=self.preempted_step, newest_s3_step=self.newest_s3_step,
             durable_local=tuple(self.durable_local), durable_s3=tuple(self.durable_s3),
+            notice=self.notice, stall_s=self.stall_s, grace_fits=self.grace_fits,
+            grace_fits_busy=self.grace_fits_busy, grace_unfit_s=self.grace_unfit_s,
         )

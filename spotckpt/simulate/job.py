@@ -172,7 +172,8 @@ class Simulation:
             for d, cmd in zip(host_dirs, host_commands(self.cmd, self.hosts, port=free_port())):
                 env = dict(self.s3.env, SPOTCKPT_LOCAL_DIR=str(d / "checkpoints"), SPOTCKPT_S3_URI=self.s3.s3_uri,
                            SPOTCKPT_EVENTS_FILE=str(d / "events.jsonl"), TRAINING_JOB_NAME=self.job,
-                           SPOTCKPT_GRACE_SECONDS=f"{self.grace_s:g}", PYTHONUNBUFFERED="1")
+                           SPOTCKPT_GRACE_SECONDS=f"{self.grace_s:g}", PYTHONUNBUFFERED="1",
+                           **self.scheduler.trainer_env())
                 env = with_torchrun_threads(cmd, env)
                 procs.append(TrainerProcess(cmd, env=env, log_path=d / "output.log",
                                             echo=None if self.json_output else sys.stderr, lock=self.lock))
@@ -185,7 +186,7 @@ class Simulation:
                         "(if any)")
             reason = self._watch(inst, proc, tail, trigger)
             if reason:
-                self._stop(inst, proc, tail, reason)
+                self._stop(inst, proc, tail, reason, notice=trigger.notice if trigger is not None else True)
             rc = proc.wait()
             self.stderr_tail = proc.output_tail()
             self._follow(inst, tail)
@@ -231,10 +232,18 @@ class Simulation:
                 return "interrupt"
             time.sleep(_POLL_SECONDS)
 
-    def _stop(self, inst: InstanceTracker, proc: TrainerProcess | HostGroup, tail: MultiTail, reason: str) -> None:
+    def _stop(self, inst: InstanceTracker, proc: TrainerProcess | HostGroup, tail: MultiTail, reason: str,
+              notice: bool = True) -> None:
         inst.sigterm_s = self.clock.now()
         inst.step_at_sigterm = inst.last_progress_step
         at = f"at step {inst.step_at_sigterm}" if inst.progress else "before any progress"
+        if reason == "interrupt" and not notice:  # a host lost: every host of the instance goes at once
+            inst.interrupted, inst.notice, inst.killed = True, False, True
+            self.status("Interrupted", f"host lost without notice {at}: SIGKILL to the trainer's process group "
+                        f"(pid {proc.pid}), no SIGTERM")
+            proc.kill_group()
+            self._follow(inst, tail)
+            return
         then = f"SIGTERM to the trainer (pid {proc.pid}), SIGKILL to its process group in {self.grace_s:g} s"
         if reason == "interrupt":
             inst.interrupted = True
@@ -266,6 +275,7 @@ class Simulation:
             outcome=self.outcome, spot_price_ratio=self.spot_price_ratio, instances=instances,
             interruptions_planned=self.scheduler.interruptions,
             interrupt_every_seconds=self.scheduler.every_seconds, total_steps=self.scheduler.total_steps,
+            hard_kill_fraction=self.scheduler.hard_kill_fraction,
             notes=tuple(self.scheduler.notes),
             stderr_tail=tuple(self.stderr_tail) if self.outcome == "Failed" else (),
             embedded_s3=self.embedded_s3,

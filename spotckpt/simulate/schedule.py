@@ -17,6 +17,15 @@ before its interruption is due is simply not interrupted (the summary reports fe
   progress, for as long as the job runs -- stopping after 3 restarts in a row that resumed from no
   newer step (the trainer saves nothing: it would loop forever).
 
+``hard_kill_fraction=F``: each interruption is, with probability F, a host lost without notice
+(SIGKILL, no SIGTERM: ``Trigger.notice`` False), drawn from a generator of its own
+(``random.Random(f"hard-{seed}")``), so the times drawn for a seed do not depend on F.
+
+:meth:`Scheduler.trainer_env` is how the trainer learns the schedule's rates, as a user would
+configure them: ``SPOTCKPT_INTERRUPTIONS=per_hour=3600/S,hard_fraction=F`` with
+``interrupt_every_seconds`` (one interruption per S seconds of training, on average); nothing
+with ``interruptions=N`` (a count, not a rate). See :mod:`spotckpt.autopilot`.
+
 Used from the simulator's thread only.
 """
 
@@ -24,7 +33,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = ["Trigger", "Observation", "Scheduler"]
 
@@ -41,6 +50,7 @@ class Trigger:
 
     after_seconds: float | None = None
     at_step: int | None = None
+    notice: bool = True  # False: SIGKILL without SIGTERM (a host lost)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,11 +66,13 @@ class Observation:
 
 class Scheduler:
     def __init__(self, *, interruptions: int | None, every_seconds: float | None, seed: int,
-                 total_steps: int | None = None) -> None:
+                 total_steps: int | None = None, hard_kill_fraction: float = 0.0) -> None:
         self.interruptions = interruptions
         self.every_seconds = every_seconds
         self.total_steps = total_steps
+        self.hard_kill_fraction = hard_kill_fraction
         self.rng = random.Random(seed)
+        self._hard_rng = random.Random(f"hard-{seed}")
         self.notes: list[str] = []
         self._step_targets = self._draw_step_targets()
 
@@ -77,9 +89,22 @@ class Scheduler:
             targets.append(self.rng.randint(a, b))
         return targets
 
+    def trainer_env(self) -> dict[str, str]:
+        """What the trainer is told of the schedule (see the module docstring)."""
+        if self.every_seconds is None:
+            return {}
+        return {"SPOTCKPT_INTERRUPTIONS": f"per_hour={3600.0 / self.every_seconds:.6g},"
+                                          f"hard_fraction={self.hard_kill_fraction:g}"}
+
     def plan(self, number: int, resumed_from: list[int | None]) -> Trigger | None:
         """The trigger of instance ``number`` (1-based); ``resumed_from`` lists the step each
         earlier instance started from (None: unknown). None: it is not interrupted."""
+        trigger = self._plan(number, resumed_from)
+        if trigger is None or not self.hard_kill_fraction:
+            return trigger
+        return replace(trigger, notice=self._hard_rng.random() >= self.hard_kill_fraction)
+
+    def _plan(self, number: int, resumed_from: list[int | None]) -> Trigger | None:
         if self.every_seconds is not None:
             if _stalled_restarts(resumed_from) >= NO_PROGRESS_RESTARTS:
                 if not self.notes:

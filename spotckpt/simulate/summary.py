@@ -23,7 +23,19 @@ The summary, in SageMaker's terms, with the definitions used in a simulation:
   to ``Training``).
 - ``sigterm_outcome`` per interruption: ``exited``; ``handled-in-s3`` (killed after the grace,
   but it had handled SIGTERM -- its ``preempted`` event -- and its step was in S3 -- ``durable_s3``);
-  ``handled`` (handled, step not in S3 yet); ``ignored`` (killed, no sign of handling it).
+  ``handled`` (handled, step not in S3 yet); ``ignored`` (killed, no sign of handling it);
+  ``no-notice`` (``--hard-kill-fraction``: SIGKILL without SIGTERM, a host lost).
+- ``notice`` per interruption: whether SIGTERM came first; ``grace_budget_fits`` /
+  ``grace_budget_fits_busy``: what the trainer's newest ``grace_budget`` event before the
+  interruption said (None: it published none).
+- ``wasted_seconds``: ``checkpoint_stalls`` (the stalls of every save made before an
+  interruption, from the ``save`` events), ``lost_work`` (``lost_seconds_total``) and
+  ``restart_restore`` (the ``seconds_to_resume`` of every restart: process start, imports,
+  restore), and their ``total``. Not counted: the grace (the instance is going anyway) and the
+  wait for capacity (unbilled, and no checkpoint policy changes it). A stall inside lost work
+  is counted in both.
+- ``grace_budget_unfit_elapsed_seconds``: when a ``grace_budget`` event first said a final
+  save does not fit (the trainer warned then), on the job's timeline; None when none did.
 - a ``Failed`` job gets no savings figure (``None``) and carries the tail of the trainer's output
   (``stderr_tail``: its last lines, stdout and stderr together -- one pipe, in the order written).
 - ``final_step``: the last step the final instance reported (progress or save event), else the
@@ -67,12 +79,20 @@ class InstanceRecord:
     newest_s3_step: int | None = None  # the newest step its ``durable_s3`` events reported
     durable_local: tuple[tuple[int, float], ...] = ()  # (step, t): committed locally (its events)
     durable_s3: tuple[tuple[int, float], ...] = ()  # (step, t): committed in S3 (its events)
+    notice: bool = True  # False: killed without SIGTERM (a host lost)
+    stall_s: float = 0.0  # the stalls of its saves before the interruption
+    grace_fits: bool | None = None  # its newest grace_budget event before the interruption
+    grace_fits_busy: bool | None = None
+    grace_unfit_s: float | None = None  # its first grace_budget event that said "does not fit"
 
     @property
     def sigterm_outcome(self) -> str:
         """What the instance did with SIGTERM: ``exited``; ``handled-in-s3`` (it handled the
         signal, its step reached S3, and it was killed before it exited); ``handled`` (handled,
-        killed before its step was in S3); ``ignored`` (killed, no sign it handled the signal)."""
+        killed before its step was in S3); ``ignored`` (killed, no sign it handled the signal);
+        ``no-notice`` (SIGKILL without SIGTERM)."""
+        if not self.notice:
+            return "no-notice"
         if not self.killed:
             return "exited"
         if self.preempted_step is None:
@@ -112,6 +132,7 @@ class JobRecord:
     instances: tuple[InstanceRecord, ...]
     interruptions_planned: int | None = None
     interrupt_every_seconds: float | None = None
+    hard_kill_fraction: float = 0.0
     total_steps: int | None = None
     notes: tuple[str, ...] = field(default=())
     stderr_tail: tuple[str, ...] = field(default=())  # the failed final instance's last output lines
@@ -155,6 +176,9 @@ def _interruption(job: JobRecord, inst: InstanceRecord, nxt: InstanceRecord | No
         "lost_seconds": None,
         "seconds_to_resume": None,
         "downtime_seconds": None,
+        "notice": inst.notice,
+        "grace_budget_fits": inst.grace_fits,
+        "grace_budget_fits_busy": inst.grace_fits_busy,
     }
     if reached is not None and restored is not None:
         item["lost_steps"] = max(0, reached - restored)
@@ -195,6 +219,10 @@ def summary(job: JobRecord) -> dict[str, Any]:
     if job.embedded_s3:
         notes.append("the embedded S3 server stops when simulate exits; its data (the checkpoints in "
                      f"{job.s3_uri}) goes with it -- pass --s3 to keep them")
+    stalls = round(sum(i.stall_s for i in instances), 3)
+    lost = round(sum(i["lost_seconds"] or 0.0 for i in interruptions), 3)
+    restart = round(sum(i["seconds_to_resume"] or 0.0 for i in interruptions), 3)
+    unfit = [i.grace_unfit_s for i in instances if i.grace_unfit_s is not None]
     planned = job.interruptions_planned
     if job.outcome == "Completed" and planned is not None and len(interruptions) < planned:
         notes.append(f"{len(interruptions)} of {planned} interruptions happened: the job finished first")
@@ -222,6 +250,11 @@ def summary(job: JobRecord) -> dict[str, Any]:
         "interruptions": interruptions,
         "lost_steps_total": sum(i["lost_steps"] or 0 for i in interruptions),
         "lost_seconds_total": round(sum(i["lost_seconds"] or 0.0 for i in interruptions), 3),
+        "hard_kill_fraction": job.hard_kill_fraction,
+        "interruptions_without_notice": sum(1 for i in interruptions if not i["notice"]),
+        "wasted_seconds": {"total": round(stalls + lost + restart, 3), "checkpoint_stalls": stalls,
+                           "lost_work": lost, "restart_restore": restart},
+        "grace_budget_unfit_elapsed_seconds": round(min(unfit), 3) if unfit else None,
         "final_step": final_step,
         "exit_code": last.exit_code if last is not None else None,
         "stderr_tail": list(job.stderr_tail),
@@ -258,11 +291,18 @@ def format_summary(s: dict[str, Any]) -> str:
         kill = {"ignored": " [ignored SIGTERM: SIGKILLed]",
                 "handled": " [handled SIGTERM, its step not in S3 yet: SIGKILLed before exiting]",
                 "handled-in-s3": f" [handled SIGTERM, step {it['step_in_s3']} in S3, killed before exiting]",
+                "no-notice": " [no notice: SIGKILL, no SIGTERM]",
                 }.get(it.get("sigterm_outcome", ""), "")
         late = " [after the final step]" if it["during_training"] is False else ""
         lines.append(f"  interruption {i}: at step {it['step_at_interruption']}, reached step "
                      f"{it['last_step_reached']}, restored step {it['restored_step']} -> lost {lost}{secs}"
                      f"{resume}{kill}{late}")
+    w = s.get("wasted_seconds")
+    if w is not None:
+        hard = s.get("interruptions_without_notice", 0)
+        lines.append(f"  wasted                 {w['total']:.2f} s = checkpoint stalls {w['checkpoint_stalls']:.2f} s"
+                     f" + lost work {w['lost_work']:.2f} s + restart and restore {w['restart_restore']:.2f} s"
+                     + (f"  ({hard} of {len(s['interruptions'])} interruptions without notice)" if hard else ""))
     lines += [f"  note: {note}" for note in s["notes"]]
     if s.get("stderr_tail"):
         lines.append(f"  the trainer's output (stdout and stderr), last {len(s['stderr_tail'])} lines:")

@@ -167,6 +167,27 @@ def test_a_trainer_that_finishes_first_is_not_interrupted_after_its_last_step(tr
     assert "0 of 2 interruptions happened: the job finished first" in doc["notes"]
 
 
+def test_hard_kill_fraction_kills_without_notice_and_splits_the_wasted_time(trainer: Path) -> None:
+    # Every interruption a host lost: SIGKILL with no SIGTERM, so the trainer (saving every 10
+    # steps) makes no final save and the next instance resumes from its last periodic step.
+    out = io.StringIO()
+    rc = simulate([sys.executable, str(trainer), "60", "0.02", "10", "honour"], interruptions=1, total_steps=60,
+                  seed=2, grace_seconds=30, restart_delay_seconds=0.0, hard_kill_fraction=1.0, json_output=True,
+                  stream=out)
+    doc = json.loads(out.getvalue())
+    assert rc == 0 and doc["outcome"] == "Completed", doc
+    assert_interruptions_during_training(doc, 60)
+    (it,) = doc["interruptions"]
+    assert it["notice"] is False and it["sigterm_outcome"] == "no-notice" and it["killed_after_grace"] is True
+    assert it["restored_step"] % 10 == 0 and it["lost_steps"] == it["last_step_reached"] - it["restored_step"]
+    assert doc["interruptions_without_notice"] == 1 and doc["hard_kill_fraction"] == 1.0
+    w = doc["wasted_seconds"]
+    assert w["checkpoint_stalls"] > 0 and w["lost_work"] == doc["lost_seconds_total"]
+    assert w["restart_restore"] == it["seconds_to_resume"] > 0
+    assert w["total"] == pytest.approx(w["checkpoint_stalls"] + w["lost_work"] + w["restart_restore"], abs=0.002)
+    assert "no notice" in doc["events"][3]["message"] or "without notice" in doc["events"][3]["message"]
+
+
 def test_conflicting_flags() -> None:
     with pytest.raises(ConfigError, match="conflict"):
         simulate([sys.executable, "-c", "pass"], interruptions=1, interrupt_every_seconds=5.0)
@@ -180,7 +201,7 @@ def test_command_not_found(cmd: list[str]) -> None:
 
 @pytest.mark.parametrize("kw", [{"interruptions": -1}, {"interrupt_every_seconds": 0.0},
                                 {"grace_seconds": 0.0}, {"max_wait_seconds": -5.0}, {"total_steps": 0},
-                                {"spot_price_ratio": 0.0}, {"spot_price_ratio": 1.5},
+                                {"spot_price_ratio": 0.0}, {"spot_price_ratio": 1.5}, {"hard_kill_fraction": 1.5},
                                 {"s3_uri": "s3://Not_A_Bucket/x"}])
 def test_bad_numbers(kw: dict) -> None:
     with pytest.raises(ConfigError):

@@ -334,7 +334,8 @@ def test_events_reach_listeners_and_the_events_file(tmp_path: Path, monkeypatch:
     kinds = [type(e) for e in seen]
     assert kinds.count(ProgressEvent) == 2 and kinds.count(SaveEvent) == 1 and kinds.count(DurableLocalEvent) == 1
     from_file = [parse_event_line(line) for line in path.read_bytes().splitlines()]
-    assert [e.name for e in from_file if e is not None] == ["progress", "progress", "save", "durable_local", "progress"]
+    assert [e.name for e in from_file if e is not None] == ["progress", "progress", "save", "durable_local",
+                                                            "grace_budget", "progress"]  # issue 19: budget after a save
     assert all(e is not None for e in from_file)
     save = next(e for e in from_file if isinstance(e, SaveEvent))
     assert save.step == 2 and save.bytes > 0 and save.blocking is False

@@ -203,3 +203,16 @@ def test_every_seconds_gives_up_after_restarts_that_resume_from_no_newer_step() 
     assert sch.plan(4, [0, 0, 0]) is not None  # 2 stalls
     assert sch.plan(5, [0, 0, 0, 0]) is None  # 3 stalls in a row
     assert len(sch.notes) == 1 and "no newer step" in sch.notes[0]
+
+
+def test_hard_kills_are_drawn_apart_from_the_times_and_the_rate_reaches_the_trainer() -> None:
+    from spotckpt.simulate.schedule import Scheduler
+
+    plain = Scheduler(interruptions=None, every_seconds=3.0, seed=4)
+    hard = Scheduler(interruptions=None, every_seconds=3.0, seed=4, hard_kill_fraction=0.5)
+    a = [plain.plan(n, []) for n in range(1, 41)]
+    b = [hard.plan(n, []) for n in range(1, 41)]
+    assert [t.after_seconds for t in a] == [t.after_seconds for t in b]  # the same times for the seed
+    assert all(t.notice for t in a) and 5 < sum(not t.notice for t in b) < 35
+    assert hard.trainer_env() == {"SPOTCKPT_INTERRUPTIONS": "per_hour=1200,hard_fraction=0.5"}
+    assert Scheduler(interruptions=2, every_seconds=None, seed=0).trainer_env() == {}

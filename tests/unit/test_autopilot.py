@@ -1,0 +1,184 @@
+"""The autopilot's math and bookkeeping (spotckpt.autopilot): the interval, the rates, the history,
+the grace budget from measured times -- pure, no threads, no S3."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+
+from spotckpt.autopilot import (
+    ABSORB,
+    PRIOR_EVENTS,
+    PRIOR_EXPOSURE_S,
+    SAFE_SHARE,
+    Autopilot,
+    AutoInterval,
+    History,
+    daly_interval,
+    parse_rates,
+    plan_interval,
+    user_rates,
+)
+from spotckpt.errors import ConfigError
+from spotckpt.events import DurableLocalEvent, DurableS3Event, EventBus, GraceBudgetEvent, PreemptedEvent, SaveEvent
+from spotckpt.policy import SaveContext
+from spotckpt.simulate.summary import InstanceRecord, JobRecord, summary
+
+
+def test_daly_interval_is_the_formula() -> None:
+    c, m = 2.0, 3600.0
+    r = c / (2 * m)
+    assert daly_interval(c, m) == pytest.approx(math.sqrt(2 * c * m) * (1 + math.sqrt(r) / 3 + r / 9) - c)
+    assert daly_interval(c, m) == pytest.approx(math.sqrt(2 * c * m), rel=0.02)  # ~ Young's
+    assert daly_interval(10.0, 4.0) == 4.0  # C >= 2M: M
+    assert daly_interval(1.0, math.inf) == math.inf
+
+
+def test_plan_uses_the_effective_rate_and_documented_clamps() -> None:
+    hard, notice = 1 / 3600, 9 / 3600
+    fits = plan_interval(cost_s=2.0, to_durable_s=5.0, hard_per_s=hard, notice_per_s=notice, fits=True,
+                         fits_busy=True, max_s=1e6)
+    assert fits.why == "daly" and fits.interval_s == pytest.approx(daly_interval(2.0, 3600.0))
+    assert fits.rate_eff_per_s == pytest.approx(hard)
+    unfit = plan_interval(cost_s=2.0, to_durable_s=5.0, hard_per_s=hard, notice_per_s=notice, fits=False,
+                          fits_busy=False, max_s=1e6)
+    assert unfit.interval_s == pytest.approx(daly_interval(2.0, 360.0))  # every interruption counts
+    # only a save on its way makes the final save miss (a share D/t of the time): Young with the
+    # cost C + notice * D^2 and the rate without notice -- longer, as fewer saves are on their way
+    busy = plan_interval(cost_s=2.0, to_durable_s=5.0, hard_per_s=hard, notice_per_s=notice, fits=True,
+                         fits_busy=False, max_s=1e6)
+    assert busy.why == "daly+busy" and busy.interval_s == pytest.approx(math.sqrt(2 * (2.0 + notice * 25) / hard),
+                                                                        rel=0.03)
+    # never more often than the pipeline absorbs; never longer than max; min when asked
+    slow = plan_interval(cost_s=0.01, to_durable_s=50.0, hard_per_s=1.0, notice_per_s=0.0, fits=True, fits_busy=True)
+    assert slow.why == "pipeline" and slow.interval_s == pytest.approx(ABSORB * 50.0)
+    calm = plan_interval(cost_s=1.0, to_durable_s=1.0, hard_per_s=0.0, notice_per_s=1.0, fits=True, fits_busy=True,
+                         max_s=900.0)
+    assert calm.why == "max" and calm.interval_s == 900.0
+    floor = plan_interval(cost_s=0.01, to_durable_s=0.1, hard_per_s=1.0, notice_per_s=0.0, fits=True,
+                          fits_busy=True, min_s=30.0)
+    assert floor.why == "min" and floor.interval_s == 30.0
+    assert "interval" in fits.text and "effective failure rate" in fits.text
+
+
+def test_rates_from_the_user_a_bucket_and_the_environment() -> None:
+    r = user_rates(per_hour=0.5, bucket=None, hard_fraction=None, instances=4)
+    assert r is not None and r.per_hour == 2.0 and r.hard_fraction == 0.05
+    b = user_rates(per_hour=None, bucket="5-10%", hard_fraction=0.2, instances=None)
+    assert b is not None and b.per_hour == pytest.approx(-math.log(0.9) / 720) and b.hard_fraction == 0.2
+    e = parse_rates("per_hour=900, hard_fraction=0.3")
+    assert e is not None and e.per_hour == 900 and e.hard_fraction == 0.3 and e.source == "env"
+    assert parse_rates("") is None and user_rates(per_hour=None, bucket=None, hard_fraction=None, instances=None) is None
+    for bad in ("per_hour=x", "rate=3", "bucket=7%", "per_hour=1,bucket=<5%", "per_hour=1,hard_fraction=2"):
+        with pytest.raises(ConfigError):
+            parse_rates(bad)
+
+
+def test_auto_interval_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPOTCKPT_INTERRUPTIONS", "per_hour=3600,hard_fraction=0.25")
+    p = AutoInterval()
+    hard, notice, source = p.current_rates()
+    assert (hard, notice, source) == (pytest.approx(0.25), pytest.approx(0.75), "env")
+    assert AutoInterval(interruptions_per_hour=36.0, hard_fraction=0.5).current_rates()[2] == "user"  # args win
+
+
+def test_rate_estimate_from_a_recorded_history() -> None:
+    doc = {"instances": [[0.0, 1000.0, 1], [1010.0, 3010.0, 0], [3020.0, 4020.0, 1], [4030.0, 5030.0, None]]}
+    h = History.restored(doc, final=False, now=6000.0)  # the writer of the restored step: periodic -> 0
+    assert [r[2] for r in h.past] == [1, 0, 1, 0]
+    unsaved, saved, exposure = h.counts(now=6100.0)
+    assert (unsaved, saved) == (2, 2) and exposure == pytest.approx(1000 + 2000 + 1000 + 1000 + 100)
+    lu, ls = h.rates(now=6100.0)
+    assert lu == pytest.approx((2 + PRIOR_EVENTS) / (5100 + PRIOR_EXPOSURE_S))
+    assert ls == pytest.approx((2 + PRIOR_EVENTS) / (5100 + PRIOR_EXPOSURE_S))
+    fresh = History(now=0.0)  # no history: the prior alone, one of each kind per day
+    assert fresh.rates(now=0.0)[0] * 86400 == pytest.approx(1.0)
+    assert History.restored({"instances": [[1.0, 2.0, None]]}, final=True, now=3.0).past[0][2] == 1
+    rows = fresh.rows(now=5.0, final=True)
+    assert rows[-1] == [0.0, 5.0, 1]
+
+
+def _feed(bus: EventBus, step: int, *, stall: float, write: float, up: float, nbytes: int) -> None:
+    bus.emit(SaveEvent(step=step, stall_s=stall, bytes=nbytes, blocking=False))
+    bus.emit(DurableLocalEvent(step=step, seconds=write, bytes=nbytes))
+    bus.emit(DurableS3Event(step=step, seconds=up, bytes=nbytes, since_save_s=write + up))
+
+
+def test_grace_budget_from_measured_times_drops_the_first_save_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    bus = EventBus()
+    seen: list[GraceBudgetEvent] = []
+    bus.subscribe(lambda ev: seen.append(ev) if isinstance(ev, GraceBudgetEvent) else None)
+    pilot = Autopilot(bus, grace_seconds=10.0, uploads=True)
+    mb = 10**6
+    _feed(bus, 1, stall=0.5, write=4.0, up=20.0, nbytes=100 * mb)  # the first, slower save
+    assert seen[-1].need_s == pytest.approx(24.0) and not seen[-1].fits
+    _feed(bus, 2, stall=0.1, write=1.0, up=2.0, nbytes=100 * mb)
+    _feed(bus, 3, stall=0.1, write=1.2, up=2.5, nbytes=100 * mb)
+    b = seen[-1]
+    # slowest write of the kept samples + the bytes at the lowest measured throughput (40 MB/s)
+    assert b.need_s == pytest.approx(1.2 + 100 / 40)
+    assert b.need_busy_s == pytest.approx(b.need_s + (1.2 - 0.1) + 100 / 40)
+    assert b.fits == (b.need_s <= SAFE_SHARE * 10) and b.fits and b.fits_busy
+    assert pilot.costs().stall_s == pytest.approx(0.1)  # the first save's stall is gone
+    warnings = [r for r in caplog.records if "grace budget" in r.getMessage()]
+    assert len(warnings) == 1 and "longer grace" in warnings[0].getMessage()
+    extra = pilot.manifest_extra()
+    assert "final_save" not in extra and extra["autopilot"]["costs"]["bytes"] == 100 * mb
+    bus.emit(PreemptedEvent(step=4, reason="signal SIGTERM"))
+    extra = pilot.manifest_extra()
+    assert extra["final_save"] is True and extra["autopilot"]["instances"][-1][2] == 1
+
+
+def test_auto_interval_probes_then_plans_and_replans() -> None:
+    bus = EventBus()
+    pilot = Autopilot(bus, grace_seconds=120.0, uploads=True)
+    policy = AutoInterval(interruptions_per_hour=360.0, hard_fraction=0.5, probe_steps=5)
+    policy.bind(pilot)
+    ctx = lambda step, secs, last: SaveContext(step=step, seconds_since_last_save=secs, last_saved_step=last)  # noqa: E731
+    assert not policy.should_save(ctx(1, 0.1, None)) and not policy.should_save(ctx(4, 0.4, None))
+    assert policy.should_save(ctx(5, 0.5, None))  # the probe: measure the costs
+    assert not policy.should_save(ctx(9, 99.0, 5))  # probed; nothing planned yet, no second probe
+    _feed(bus, 5, stall=0.02, write=0.1, up=0.2, nbytes=10**6)
+    _feed(bus, 6, stall=0.02, write=0.1, up=0.2, nbytes=10**6)
+    assert policy.plan is not None and policy.interval_s == pytest.approx(daly_interval(0.02, 20.0))
+    assert not policy.should_save(ctx(20, policy.interval_s * 0.9, 6))
+    assert policy.should_save(ctx(20, policy.interval_s, 6))
+    assert pilot.costs().step_s == pytest.approx(policy.interval_s / 14)
+    _feed(bus, 20, stall=0.02, write=0.1, up=20.0, nbytes=10**6)  # uploads slow down: the pipeline bounds it
+    assert policy.plan.why == "pipeline" and policy.interval_s >= ABSORB * 0.3
+    naive = AutoInterval(interruptions_per_hour=360.0, hard_fraction=0.5, notice_aware=False)
+    naive.bind(pilot)
+    assert naive.replan() is not None and naive.plan.rate_eff_per_s == pytest.approx(0.1)
+
+
+def test_auto_interval_rejects_bad_arguments() -> None:
+    for kw in ({"min_interval_seconds": 5.0, "max_interval_seconds": 1.0}, {"probe_steps": 0},
+               {"interruptions_per_hour": -1.0}, {"frequency_bucket": "3%"}, {"hard_fraction": 1.5}):
+        with pytest.raises(ConfigError):
+            AutoInterval(**kw)  # type: ignore[arg-type]
+
+
+def test_summary_splits_wasted_time_and_marks_interruptions_without_notice() -> None:
+    a = InstanceRecord(number=1, started_s=0.0, ended_s=10.0, training_s=1.0, sigterm_s=9.0, interrupted=True,
+                       killed=True, notice=False, stall_s=0.25, progress=((1, 2.0), (5, 6.0), (8, 9.0)),
+                       saves=((5, 6.0),), grace_fits=True, grace_fits_busy=True)
+    b = InstanceRecord(number=2, started_s=11.0, ended_s=20.0, training_s=13.0, restored_step=5, stall_s=0.5,
+                       restore_source="s3://b/j", progress=((6, 14.0), (10, 18.0)), exit_code=0)
+    s = summary(JobRecord(job="j", command=("x",), s3_uri="s3://b/j", seed=0, wall_start=0.0, end_s=20.0,
+                          outcome="Completed", spot_price_ratio=0.3, instances=(a, b), hard_kill_fraction=1.0))
+    it = s["interruptions"][0]
+    assert it["notice"] is False and it["sigterm_outcome"] == "no-notice" and it["grace_budget_fits"] is True
+    assert s["interruptions_without_notice"] == 1 and s["hard_kill_fraction"] == 1.0
+    assert s["wasted_seconds"] == {"total": pytest.approx(0.75 + 3.0 + 2.0), "checkpoint_stalls": 0.75,
+                                   "lost_work": 3.0, "restart_restore": 2.0}
+
+
+def test_no_extra_log_noise_without_auto(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="spotckpt.autopilot")
+    bus = EventBus()
+    Autopilot(bus, grace_seconds=120.0, uploads=False)
+    bus.emit(SaveEvent(step=1, stall_s=0.01, bytes=10, blocking=True))
+    bus.emit(DurableLocalEvent(step=1, seconds=0.02, bytes=10))
+    assert not [r for r in caplog.records if r.name == "spotckpt.autopilot"]  # fits: no warning, no plan line
