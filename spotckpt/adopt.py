@@ -47,7 +47,7 @@ from .local import LocalStore
 from .restore import RestoreResult, import_step, raise_if_all_bad
 from .store import StepSource
 
-__all__ = ["FolderScan", "scan", "adopt_into", "folder_extra", "newest_folder", "require_one_process"]
+__all__ = ["FolderScan", "scan", "adopt_into", "copy_into", "folder_extra", "newest_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +72,6 @@ class FolderScan:
     @property
     def nbytes(self) -> int:
         return sum(s.size for s in self.files.values())
-
-
-def require_one_process(world_size: int, what: str) -> None:
-    """Adopting is for one process: several ranks would each commit the folder as their own."""
-    if world_size > 1:
-        raise ConfigError(
-            f"{what} supports one process; this job has {world_size} ranks. Adopted folders are "
-            "committed by one writer: run the framework on one process, or use "
-            "CheckpointManager.save/restore on every rank"
-        )
 
 
 def scan(src: str | os.PathLike[str]) -> FolderScan:
@@ -182,8 +172,21 @@ def adopt_into(
 
     FolderChangedError when the source changed (nothing committed); SaveError for the disk.
     A step that is already committed is left as it is (see :meth:`LocalStore.commit`)."""
-    src = before.root
     staging = local.begin(step)
+    try:
+        files = copy_into(staging, step, before, local)
+        manifest = Manifest(step=step, files=files, extra={**extra, "layout": FOLDER_LAYOUT})
+        return local.commit(staging, manifest)
+    except BaseException:
+        local.abort(staging)
+        raise
+
+
+def copy_into(staging: Path, step: int, before: FolderScan, local: LocalStore) -> dict[str, FileEntry]:
+    """Copy the files of ``before`` into ``staging`` (CRC32C in the same pass, fsynced), then
+    check that nothing changed since ``before`` was taken; the file entries. FolderChangedError
+    when the source changed, SaveError (what to do) for the disk."""
+    src = before.root
     try:
         files: dict[str, FileEntry] = {}
         dirs = {staging}
@@ -209,18 +212,14 @@ def adopt_into(
         for d in sorted(dirs - {staging}, key=lambda p: len(p.parts), reverse=True):
             if staging in d.parents:
                 fsync_dir(d)
-        manifest = Manifest(step=step, files=files, extra={**extra, "layout": FOLDER_LAYOUT})
-        return local.commit(staging, manifest)
-    except BaseException as exc:
-        local.abort(staging)
-        if isinstance(exc, OSError):
-            what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-            raise SaveError(
-                f"could not adopt {src} as step {step} into {local.root}: {what}; nothing was "
-                "committed and earlier checkpoints are intact -- free space on the checkpoint volume",
-                step=step,
-            ) from exc
-        raise
+        return files
+    except OSError as exc:
+        what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise SaveError(
+            f"could not adopt {src} as step {step} into {local.root}: {what}; nothing was "
+            "committed and earlier checkpoints are intact -- free space on the checkpoint volume",
+            step=step,
+        ) from exc
 
 
 def newest_folder(
@@ -280,11 +279,15 @@ def _require_folder(manifest: Manifest, where: str) -> None:
         )
 
 
-def folder_extra(scan_: FolderScan, meta: Mapping[str, Any] | None, writer: str) -> dict[str, Any]:
-    """The manifest extras of an adopted step: who wrote the manifest, what was adopted (the
-    folder's or file's name) and the caller's JSON ``meta``."""
-    extra: dict[str, Any] = {"writer": writer, "world_size": 1,
-                             "adopted": scan_.root.name if not scan_.single_file else next(iter(scan_.files))}
+def folder_extra(scan_: FolderScan | None, meta: Mapping[str, Any] | None, writer: str, *, world_size: int = 1,
+                 adopted: str | None = None) -> dict[str, Any]:
+    """The manifest extras of an adopted step: who wrote the manifest, the job's world size,
+    what was adopted (the folder's or file's name: ``adopted``, else from ``scan_``) and the
+    caller's JSON ``meta``."""
+    if adopted is None:
+        assert scan_ is not None
+        adopted = scan_.root.name if not scan_.single_file else next(iter(scan_.files))
+    extra: dict[str, Any] = {"writer": writer, "world_size": world_size, "adopted": adopted}
     if meta:
         try:
             json.dumps(dict(meta), allow_nan=False)
@@ -292,4 +295,3 @@ def folder_extra(scan_: FolderScan, meta: Mapping[str, Any] | None, writer: str)
             raise ConfigError(f"meta must be JSON-serialisable, got {meta!r}: {exc}") from exc
         extra["meta"] = dict(meta)
     return extra
-

@@ -230,18 +230,19 @@ class Coordinator:
         return [o[:n].numpy().tobytes() for o, n in zip(outs, sizes)]
 
     def broadcast_file(self, name: str, src: Path | None, dst: Path | None, nbytes: int,
-                       *, chunk_bytes: int = 64 << 20) -> FileEntry | None:
-        """Collective over ``main``: rank 0 sends the ``nbytes`` of file ``src``; each rank with
-        a ``dst`` writes them there through the one durable write path (CRC32C in the same
-        pass, fsynced) and gets its size and CRC32C back, to check against the manifest. How a
-        host without a shared filesystem or S3 gets rank 0's replicated files on restore. A
-        read error on rank 0 sends zeros, which that check then refuses."""
+                       *, chunk_bytes: int = 64 << 20, root: int = 0) -> FileEntry | None:
+        """Collective over ``main``: rank ``root`` (default 0) sends the ``nbytes`` of file
+        ``src``; each rank with a ``dst`` writes them there through the one durable write path
+        (CRC32C in the same pass, fsynced) and gets its size and CRC32C back, to check against
+        the manifest. How a host without a shared filesystem or S3 gets another host's files on
+        restore (rank 0's replicated files; an adopted folder's files). A read error on the
+        sending rank sends zeros, which that check then refuses."""
         import torch.distributed as dist
 
         from .format import write_chunks_durably
 
         pg = self._groups["main"]
-        fin = open(src, "rb", buffering=0) if (self.rank == 0 and src is not None) else None  # noqa: SIM115
+        fin = open(src, "rb", buffering=0) if (self.rank == root and src is not None) else None  # noqa: SIM115
 
         def parts() -> Iterator[memoryview]:
             buf = torch.empty(max(1, min(chunk_bytes, nbytes)), dtype=torch.uint8)
@@ -257,9 +258,9 @@ class Coordinator:
                     if got != n:
                         part.zero_()
                 try:
-                    dist.broadcast(part, src=0, group=pg)
+                    dist.broadcast(part, src=root, group=pg)
                 except (RuntimeError, ValueError) as exc:
-                    raise CollectiveError(f"{name}: rank {self.rank} lost the transfer from rank 0 ({exc})") from exc
+                    raise CollectiveError(f"{name}: rank {self.rank} lost the transfer from rank {root} ({exc})") from exc
                 yield memoryview(part.numpy())
                 off += n
 

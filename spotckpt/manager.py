@@ -28,7 +28,8 @@ from types import TracebackType
 from typing import Any
 
 from ._version import __version__
-from .adopt import adopt_into, folder_extra, newest_folder, require_one_process, scan as scan_folder
+from .adopt import adopt_into, folder_extra, newest_folder, scan as scan_folder
+from .adopt_ranks import agree_folder, commit_folder, newest_folder_agreed
 from .config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
 from .dist import Coordinator, RequestChannel, SaveAgreement, check_save, coordinator_from_torch
 from .errors import (
@@ -784,7 +785,7 @@ class CheckpointManager:
                 log.error("spotckpt: while closing after an error: %s", close_exc)
 
     # -- folders other code writes (spotckpt.adopt; integrations use these) -----------------
-    def adopt(self, step: int, folder: str | os.PathLike[str], *, blocking: bool = True,
+    def adopt(self, step: int, folder: str | os.PathLike[str] | None, *, blocking: bool = True,
               meta: dict[str, Any] | None = None) -> Path:
         """Commit ``folder`` -- a directory (or one file) another program wrote, e.g. a Hugging
         Face ``checkpoint-N`` -- as ``step``: every file copied with its CRC32C, the manifest
@@ -792,29 +793,57 @@ class CheckpointManager:
         and the upload, like a save. Returns the step's path. ``blocking=False`` copies on the
         persist thread: leave the folder alone until ``wait()``. A committed step is never
         replaced (no-op). FolderChangedError (nothing committed) when the folder changes while
-        it is copied; ConfigError for what cannot be adopted, and with several ranks."""
+        it is copied; ConfigError for what cannot be adopted.
+
+        Several ranks: collective, called by every rank after its part of the framework's save
+        (a rank that wrote nothing passes the same folder, or None). Each host's files of the
+        folder are committed as one step, one manifest listing every host's files
+        (:mod:`spotckpt.adopt_ranks`)."""
         self._check_open()
-        require_one_process(self.world_size, "CheckpointManager.adopt")
         step = as_step(step)
-        self._wait_pending()
+        if folder is None and self._coord is None:
+            raise ConfigError("adopt(step, None) is for a rank of several that wrote nothing; pass the folder")
+        err: BaseException | None = None
+        try:
+            self._wait_pending()
+        except SpotCkptError as exc:
+            if self._coord is None:
+                raise
+            err = exc  # raised on every rank by the agreement below
         self._roll_back_before_saving()
         path = self.local.step_path(step)
-        if self.local.is_committed(step) and self._trust_committed(step):
-            self._already_committed(step)
-            return path
         t0 = time.perf_counter()
-        seen = scan_folder(folder)
-        extra = folder_extra(seen, meta, f"spotckpt {__version__}")
+        if self._coord is not None:
+            agreed = agree_folder(self._coord, step, folder, error=err,
+                                  committed=step == self._last_saved_step or self.local.is_committed(step))
+            if agreed.skip:
+                self._already_committed(step)
+                return path
+            extra = folder_extra(None, meta, f"spotckpt {__version__}", world_size=self.world_size,
+                                 adopted=agreed.adopted)
+            coord, nbytes = self._coord, agreed.nbytes
 
-        def run() -> None:
-            adopt_into(self.local, step, seen, extra=extra)
-            self._committed(step, t0, seen.nbytes)
+            def run() -> None:
+                commit_folder(self.local, step, agreed, extra=extra, coord=coord)
+                self._committed(step, t0, nbytes)
+        else:
+            if self.local.is_committed(step) and self._trust_committed(step):
+                self._already_committed(step)
+                return path
+            assert folder is not None
+            seen = scan_folder(folder)
+            extra = folder_extra(seen, meta, f"spotckpt {__version__}")
+            nbytes = seen.nbytes
+
+            def run() -> None:
+                adopt_into(self.local, step, seen, extra=extra)
+                self._committed(step, t0, nbytes)
 
         if blocking:
             run()
         else:
             self._pending = SaveJob(step, run)
-        self._note_save(step, t0, seen.nbytes, blocking)
+        self._note_save(step, t0, nbytes, blocking)
         if not blocking:
             assert self._persist is not None
             self._persist.submit(self._pending)  # type: ignore[arg-type]
@@ -826,12 +855,19 @@ class CheckpointManager:
         AllStepsCorruptError when adopted steps exist and none verifies (as ``restore()``;
         ``start_fresh_if_corrupt=True`` moves them aside and returns None). The framework loads
         its own files from there; spotckpt reads them only to verify. ConfigError for a step
-        written by ``save()`` (use ``restore(state)``)."""
+        written by ``save()`` (use ``restore(state)``).
+
+        Several ranks: collective; the same step on every rank, and every host's ``local_dir``
+        then holds the whole step (files other hosts wrote come from S3, else from those hosts
+        over spotckpt's gloo group), as frameworks load it on every node."""
         self._check_open()
-        require_one_process(self.world_size, "CheckpointManager.restore_folder")
         try:
-            res = newest_folder(self.local, self._store, step=step, verify=self.verify_on_restore,
-                                progress=progress_logger())
+            if self._coord is not None:
+                res = newest_folder_agreed(self.local, self._store, self._coord, step=step,
+                                           verify=self.verify_on_restore, progress=progress_logger())
+            else:
+                res = newest_folder(self.local, self._store, step=step, verify=self.verify_on_restore,
+                                    progress=progress_logger())
         except AllStepsCorruptError as exc:
             if not start_fresh_if_corrupt:
                 raise

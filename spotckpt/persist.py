@@ -33,7 +33,7 @@ from .dist import Coordinator
 from .format import FileEntry, Manifest, data_file_names, utc_now_iso, write_file_durably
 from .local import LocalStore
 
-__all__ = ["write_step", "SaveJob", "PruneJob", "StopJob", "PersistWorker"]
+__all__ = ["write_step", "commit_files", "SaveJob", "PruneJob", "StopJob", "PersistWorker"]
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,33 @@ def write_step(
     global manifest); then each host's leader commits its directory -- the host's files plus the
     manifest listing every rank's -- and a second exchange makes sure every host committed
     before anyone returns. Any rank's failure is raised on every rank, and no host commits."""
+    return commit_files(local, step, lambda staging: _write_rank_files(staging, step, tree, write_tensors, rank),
+                        extra=extra, coord=coord)
+
+
+def commit_files(
+    local: LocalStore,
+    step: int,
+    write_files: Callable[[Path], dict[str, FileEntry]],
+    *,
+    extra: dict[str, Any] | None = None,
+    coord: Coordinator | None = None,
+) -> Path:
+    """Commit ``step`` from the files ``write_files(staging)`` writes into a staging directory
+    (returning each one's size and CRC32C): the one commit of :func:`write_step` and of an
+    adopted folder (:mod:`spotckpt.adopt`). Returns the step path.
+
+    One process: a private staging directory, committed at once. Several ranks (``coord``):
+    every rank of a host writes into the host's shared staging directory (a rank may write
+    nothing); the entries of every rank are exchanged (rank 0 adds the ``created`` time, so
+    every host writes the same global manifest, which lists each path once: the lowest rank's
+    entry wins, and a host whose copy of a path differs from it leaves its copy out); then each
+    host's leader commits its directory and a second exchange makes sure every host committed
+    before anyone returns. Any rank's failure is raised on every rank, and no host commits."""
     if coord is None:
         staging = local.begin(step)
         try:
-            files = _write_rank_files(staging, step, tree, write_tensors, rank)
+            files = write_files(staging)
             return local.commit(staging, Manifest(step=step, files=files, extra=dict(extra or {})))
         except BaseException as exc:
             local.abort(staging)
@@ -71,7 +94,7 @@ def write_step(
     files: dict[str, FileEntry] = {}
     err: BaseException | None = None
     try:
-        files = _write_rank_files(staging, step, tree, write_tensors, rank)
+        files = write_files(staging)
     except BaseException as exc:  # noqa: BLE001 - reported to every rank below
         err = _translated(exc, step, local)
     mine = {"files": {k: [v.size, v.crc32c] for k, v in files.items()},
@@ -84,12 +107,20 @@ def write_step(
         raise
     every: dict[str, FileEntry] = {}
     for rec in recs:
-        every.update({k: FileEntry(int(v[0]), str(v[1])) for k, v in rec["files"].items()})
+        for k, v in rec["files"].items():
+            every.setdefault(k, FileEntry(int(v[0]), str(v[1])))
     manifest = Manifest(step=step, files=every, created=recs[0]["created"], extra=dict(extra or {}))
     path = local.step_path(step)
     err = None
     if coord.is_host_leader:
         try:
+            assert coord.hosts is not None
+            for r in coord.hosts.ranks_of(coord.host):  # this host's copies that lost to a lower rank's
+                for k, v in recs[r]["files"].items():
+                    if every[k] != FileEntry(int(v[0]), str(v[1])):
+                        log.warning("spotckpt: step %d: this host's %s differs from the copy of a lower rank's host; "
+                                    "the manifest lists that one and this host leaves its copy out", step, k)
+                        (staging / k).unlink(missing_ok=True)
             path = local.commit(staging, manifest)
         except BaseException as exc:  # noqa: BLE001 - reported to every rank below
             err = exc
