@@ -483,6 +483,28 @@ class CheckpointManager:
             return False
         return self._save(step, state, blocking=None, policy=True)
 
+    def preemption_due(self, step: int) -> bool:
+        """Whether to make the preemption save now, at ``step``: for code whose saves a framework
+        makes (the integrations ask the framework to save, then :meth:`adopt` what it wrote).
+        One process: as soon as SIGTERM (or the spot notice) arrived. Several ranks: call it on
+        every rank at every step; a preemption noticed on any rank makes it True on every rank
+        at the same agreed step (:class:`spotckpt.dist.RequestChannel`: a local read per step,
+        no collective), and ``preemption_requested`` then holds on every rank, the grace
+        counted from that moment where the signal did not arrive."""
+        self._check_open()
+        if self._agreement is None:
+            return self._watcher.requested
+        ask = ("preempt", self._watcher.reason or "requested") if self._watcher.requested else None
+        req = self._agreement.due(as_step(step), ask)
+        if req is None:
+            return False
+        if req.kind != "preempt":
+            log.info("spotckpt: step %d: %s asks for a save; the framework decides when to save here", step, req.reason)
+            return False
+        if not self._watcher.requested:
+            self._watcher.request(f"rank {req.by_rank}: {req.reason}")
+        return True
+
     def _context(self, step: int) -> SaveContext:
         return SaveContext(step=step, seconds_since_last_save=self._clock() - self._last_save_time,
                            last_saved_step=self._last_saved_step)
