@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=5, save_steps=args.save_steps,
         save_total_limit=2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
         dataloader_num_workers=0, disable_tqdm=True,
-        ddp_backend="gloo", ddp_find_unused_parameters=False,  # under torchrun: DDP on CPU
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None,  # torchrun: DDP on CPU
+        ddp_find_unused_parameters=False,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=TokenDataset(),
                       callbacks=[spot, Report(args.print_every, args.step_sleep)])  # spotckpt: the callback
