@@ -31,6 +31,7 @@ channel's listener is ``spotckpt-requests``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -296,6 +297,9 @@ class Request:
     reason: str
 
 
+_CHANNEL_SEQ = itertools.count()
+
+
 class RequestChannel:
     """Ask every rank to save at one agreed step, without a collective on the hot path.
 
@@ -313,9 +317,13 @@ class RequestChannel:
     drift further apart have no such bound; a rank past the sync step raises CollectiveError.
     """
 
-    def __init__(self, store: Any, rank: int, world_size: int, *, prefix: str = "spotckpt/") -> None:
+    def __init__(self, store: Any, rank: int, world_size: int, *, prefix: str | None = None) -> None:
         import torch.distributed as dist
 
+        if prefix is None:
+            # a key space per channel: a job that closes its manager and builds another one (every
+            # rank in the same order) must not see the old channel's requests again
+            prefix = f"spotckpt/{next(_CHANNEL_SEQ)}/"
         self._store = dist.PrefixStore(prefix, store)
         # the listener blocks on its own connection, so the training thread's store calls never
         # queue behind its wait

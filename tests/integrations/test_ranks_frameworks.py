@@ -20,6 +20,7 @@ import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("pytorch_lightning")
+pytest.importorskip("accelerate")
 
 from spotckpt.local import LocalStore  # noqa: E402
 from spotckpt.s3 import S3Store  # noqa: E402
@@ -29,6 +30,7 @@ from tests.helpers import (  # noqa: E402
     finish_ranks,
     launch_ranks,
     read_lines_until,
+    result_of,
 )
 
 HF = str(Path(__file__).with_name("hf_ranks.py"))
@@ -109,3 +111,21 @@ def test_trainer_ddp_sigterm_one_rank_resume_from_s3_bitwise_and_kill_mid_save(t
 
 def test_lightning_ddp_sigterm_one_rank_resume_from_s3_bitwise(tmp_path: Path, bucket: str) -> None:
     _preempt_resume_and_kill(tmp_path, bucket, PL, "lightning_fit", kill=None)
+
+
+def test_accelerate_loop_sigterm_one_rank_resume_from_s3_bitwise(tmp_path: Path, bucket: str) -> None:
+    """The same guarantees for an Accelerate loop (save_state/load_state through
+    AccelerateCheckpoints): the three runs in one process per rank."""
+    child = str(Path(__file__).with_name("accelerate_child.py"))
+    results = finish_ranks(launch_ranks(lambda r: [sys.executable, child, str(tmp_path), f"s3://{bucket}/acc"], 2,
+                                        env=_env()))
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    res = [result_of(out) for _, out, _ in results]
+    a, b, ref = (res[0][k] for k in ("a", "b", "ref"))
+    stopped = max(int(s) for s in a["losses"])
+    assert res[0]["a"]["preempted"] and res[1]["a"]["preempted"]
+    assert max(int(s) for s in res[1]["a"]["losses"]) == stopped and 5 <= stopped < 12  # the same step
+    assert b["start"] == res[1]["b"]["start"] == stopped  # fresh hosts, from S3
+    assert {**a["losses"], **b["losses"]} == ref["losses"] and len(ref["losses"]) == 12
+    assert b["weights"] == ref["weights"] == res[1]["b"]["weights"]
