@@ -4,6 +4,7 @@ again -- even on a fresh machine, from S3 -- and it resumes from the step it com
 
     spotckpt run -- python examples/hf_trainer.py --local-dir /tmp/ckpt --steps 200
     spotckpt simulate --interruptions 2 --total-steps 120 -- python examples/hf_trainer.py --steps 120
+    torchrun --nproc_per_node 2 examples/hf_trainer.py --local-dir /tmp/ckpt    # DDP (gloo on CPU)
 
 The two lines that matter are marked "spotckpt". Checkpoints are committed under --local-dir
 (default: $SPOTCKPT_LOCAL_DIR, SageMaker's LocalPath or /opt/ml/checkpoints) and uploaded to
@@ -16,6 +17,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     spot = SpotckptCallback(local_dir=args.local_dir, s3_uri=args.s3_uri, keep_last=args.keep_last)  # spotckpt
-    out = Path(args.output_dir or spot.manager.local_dir.parent / f"{spot.manager.local_dir.name}-trainer-output")
+    out = Path(args.output_dir or spot.local_dir.parent / f"{spot.local_dir.name}-trainer-output")
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
                                        bos_token_id=0, eos_token_id=0))
@@ -101,16 +103,22 @@ def main(argv: list[str] | None = None) -> int:
         learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=5, save_steps=args.save_steps,
         save_total_limit=2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
         dataloader_num_workers=0, disable_tqdm=True,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None,  # torchrun: DDP on CPU
+        ddp_find_unused_parameters=False,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=TokenDataset(),
                       callbacks=[spot, Report(args.print_every, args.step_sleep)])  # spotckpt: the callback
     trainer.remove_callback(PrinterCallback)  # Report prints the loss instead of every log dict
-    resume = spot.resume_path()
+    resume = spot.resume_path()  # after the Trainer: under torchrun it started torch.distributed
     start = 0 if resume is None else json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
-    say(f"hf_trainer: starting at step {start} of {args.steps}")
+    main_process = targs.process_index == 0  # several ranks: rank 0 prints and reports
+    say(f"hf_trainer[{targs.process_index}]: starting at step {start} of {args.steps}" if targs.world_size > 1
+        else f"hf_trainer: starting at step {start} of {args.steps}")
     trainer.train(resume_from_checkpoint=resume)  # spotckpt: exits 0 here after a preemption
     losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
     digest = weights_digest(model)
+    if not main_process:
+        return 0
     if args.report:
         Path(args.report).write_text(json.dumps({"losses": losses, "weights": digest}))
     loss_digest = hashlib.sha256(repr(sorted(losses.items())).encode()).hexdigest()[:16]

@@ -3,6 +3,7 @@ Stop it with SIGTERM at any moment and start it again -- even on a fresh machine
 ``trainer.fit`` resumes from the checkpoint spotckpt committed.
 
     spotckpt run -- python examples/lightning_fit.py --local-dir /tmp/ckpt --steps 200
+    torchrun --nproc_per_node 2 examples/lightning_fit.py --local-dir /tmp/ckpt    # DDP (gloo on CPU)
 
 The lines that matter are marked "spotckpt". Checkpoints are committed under --local-dir
 (default: $SPOTCKPT_LOCAL_DIR, SageMaker's LocalPath or /opt/ml/checkpoints) and uploaded to
@@ -15,6 +16,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -106,25 +108,35 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
+    world, local_world = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world > 1:  # under torchrun: spotckpt needs the process group before resume_path(); Lightning reuses it
+        torch.distributed.init_process_group("gloo")
     spot = SpotckptCallback(local_dir=args.local_dir, s3_uri=args.s3_uri, keep_last=args.keep_last)  # spotckpt
-    dirpath = Path(args.dirpath or spot.manager.local_dir.parent / f"{spot.manager.local_dir.name}-lightning")
+    dirpath = Path(args.dirpath or spot.local_dir.parent / f"{spot.local_dir.name}-lightning")
     pl.seed_everything(0, verbose=False)
     model = Regressor()
-    # a loader with state_dict/load_state_dict: Lightning saves its position and resumes mid-epoch
-    loader = ResumableDataLoader(make_dataset(), batch_size=args.batch_size, shuffle=True, seed=7)
+    # a loader with state_dict/load_state_dict: Lightning saves its position and resumes mid-epoch;
+    # with several ranks each reads its shard of one permutation
+    loader = ResumableDataLoader(make_dataset(), batch_size=args.batch_size, shuffle=True, seed=7,
+                                 num_replicas=world, rank=rank)
     trainer = pl.Trainer(
-        max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[Report(args.print_every, args.step_sleep), spot,  # spotckpt: the callback and its plugin
+        max_steps=args.steps, accelerator="cpu", devices=local_world, num_nodes=world // local_world,
+        strategy="ddp" if world > 1 else "auto", use_distributed_sampler=False,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[spot, Report(args.print_every, args.step_sleep),  # spotckpt: the callback and its plugin
                    ModelCheckpoint(dirpath=dirpath, every_n_train_steps=args.save_steps, save_top_k=2,
                                    monitor="step", mode="max")],
         plugins=[spot.checkpoint_io],
     )
     resume = spot.resume_path()
     start = 0 if resume is None else int(Path(resume).parent.name.split("-")[1])  # step-000000000040
-    say(f"lightning_fit: starting at step {start} of {args.steps}")
+    say(f"lightning_fit[{rank}]: starting at step {start} of {args.steps}" if world > 1
+        else f"lightning_fit: starting at step {start} of {args.steps}")
     trainer.fit(model, loader, ckpt_path=resume)  # spotckpt: after a preemption, exits 0 here
     digest = weights_digest(model)
+    if rank != 0:  # several ranks: rank 0 prints and reports
+        return 0
     if args.report:
         Path(args.report).write_text(json.dumps({"losses": model.losses, "weights": digest}))
     loss_digest = hashlib.sha256(repr(sorted(model.losses.items())).encode()).hexdigest()[:16]

@@ -15,9 +15,10 @@ The step directory then holds the files at the same relative paths (and ``manife
 the framework loads it as the folder it wrote. spotckpt never opens the files beyond copying
 and checksumming them: it never unpickles what it did not write.
 
-The way back is ``CheckpointManager.restore_folder()``: the restore's candidate walk with the
-folder layout's loader (:mod:`spotckpt.layouts`), returning the verified step's path. A step
-saved by ``CheckpointManager.save`` is refused there, as ``restore(state)`` refuses an adopted one.
+The way back is ``CheckpointManager.restore_folder()``: one process, the restore's candidate
+walk with the folder layout's loader (:mod:`spotckpt.layouts`); several ranks,
+:func:`spotckpt.adopt_ranks.newest_folder_agreed`. A step saved by ``CheckpointManager.save``
+is refused there, as ``restore(state)`` refuses an adopted one.
 
 Limits: the change check compares file metadata, not contents a second time. A writer that
 rewrites a file with the same size within the filesystem's timestamp granularity (a few ms)
@@ -43,7 +44,7 @@ from .errors import CheckpointCorruptError, ConfigError, FolderChangedError, Sav
 from .format import MANIFEST_NAME, FileEntry, Manifest, copy_file_durably, fsync_dir, safe_relpath
 from .local import LocalStore
 
-__all__ = ["FolderScan", "scan", "adopt_into", "folder_extra", "require_one_process"]
+__all__ = ["FolderScan", "scan", "adopt_into", "copy_into", "folder_extra"]
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,6 @@ class FolderScan:
     @property
     def nbytes(self) -> int:
         return sum(s.size for s in self.files.values())
-
-
-def require_one_process(world_size: int, what: str) -> None:
-    """Adopting is for one process: several ranks would each commit the folder as their own."""
-    if world_size > 1:
-        raise ConfigError(
-            f"{what} supports one process; this job has {world_size} ranks. Adopted folders are "
-            "committed by one writer: run the framework on one process, or use "
-            "CheckpointManager.save/restore on every rank"
-        )
 
 
 def scan(src: str | os.PathLike[str]) -> FolderScan:
@@ -178,8 +169,21 @@ def adopt_into(
 
     FolderChangedError when the source changed (nothing committed); SaveError for the disk.
     A step that is already committed is left as it is (see :meth:`LocalStore.commit`)."""
-    src = before.root
     staging = local.begin(step)
+    try:
+        files = copy_into(staging, step, before, local)
+        manifest = Manifest(step=step, files=files, extra=dict(extra))
+        return local.commit(staging, manifest)
+    except BaseException:
+        local.abort(staging)
+        raise
+
+
+def copy_into(staging: Path, step: int, before: FolderScan, local: LocalStore) -> dict[str, FileEntry]:
+    """Copy the files of ``before`` into ``staging`` (CRC32C in the same pass, fsynced), then
+    check that nothing changed since ``before`` was taken; the file entries. FolderChangedError
+    when the source changed, SaveError (what to do) for the disk."""
+    src = before.root
     try:
         files: dict[str, FileEntry] = {}
         dirs = {staging}
@@ -205,24 +209,25 @@ def adopt_into(
         for d in sorted(dirs - {staging}, key=lambda p: len(p.parts), reverse=True):
             if staging in d.parents:
                 fsync_dir(d)
-        manifest = Manifest(step=step, files=files, extra=dict(extra))
-        return local.commit(staging, manifest)
-    except BaseException as exc:
-        local.abort(staging)
-        if isinstance(exc, OSError):
-            what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-            raise SaveError(
-                f"could not adopt {src} as step {step} into {local.root}: {what}; nothing was "
-                "committed and earlier checkpoints are intact -- free space on the checkpoint volume",
-                step=step,
-            ) from exc
-        raise
+        return files
+    except OSError as exc:
+        what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise SaveError(
+            f"could not adopt {src} as step {step} into {local.root}: {what}; nothing was "
+            "committed and earlier checkpoints are intact -- free space on the checkpoint volume",
+            step=step,
+        ) from exc
 
 
-def folder_extra(scan_: FolderScan, meta: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The adopted step's own manifest extras (beside the pipeline's stamp): what was adopted
-    (the folder's or file's name) and the caller's JSON ``meta``."""
-    extra: dict[str, Any] = {"adopted": scan_.root.name if not scan_.single_file else next(iter(scan_.files))}
+def folder_extra(scan_: FolderScan | None, meta: Mapping[str, Any] | None, *,
+                 adopted: str | None = None) -> dict[str, Any]:
+    """The adopted step's own manifest extras (beside the commit pipeline's stamp): what was
+    adopted (the folder's or file's name: ``adopted``, else from ``scan_``) and the caller's
+    JSON ``meta``."""
+    if adopted is None:
+        assert scan_ is not None
+        adopted = scan_.root.name if not scan_.single_file else next(iter(scan_.files))
+    extra: dict[str, Any] = {"adopted": adopted}
     if meta:
         try:
             json.dumps(dict(meta), allow_nan=False)
@@ -230,4 +235,3 @@ def folder_extra(scan_: FolderScan, meta: Mapping[str, Any] | None) -> dict[str,
             raise ConfigError(f"meta must be JSON-serialisable, got {meta!r}: {exc}") from exc
         extra["meta"] = dict(meta)
     return extra
-

@@ -31,6 +31,7 @@ channel's listener is ``spotckpt-requests``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -230,18 +231,19 @@ class Coordinator:
         return [o[:n].numpy().tobytes() for o, n in zip(outs, sizes)]
 
     def broadcast_file(self, name: str, src: Path | None, dst: Path | None, nbytes: int,
-                       *, chunk_bytes: int = 64 << 20) -> FileEntry | None:
-        """Collective over ``main``: rank 0 sends the ``nbytes`` of file ``src``; each rank with
-        a ``dst`` writes them there through the one durable write path (CRC32C in the same
-        pass, fsynced) and gets its size and CRC32C back, to check against the manifest. How a
-        host without a shared filesystem or S3 gets rank 0's replicated files on restore. A
-        read error on rank 0 sends zeros, which that check then refuses."""
+                       *, chunk_bytes: int = 64 << 20, root: int = 0) -> FileEntry | None:
+        """Collective over ``main``: rank ``root`` (default 0) sends the ``nbytes`` of file
+        ``src``; each rank with a ``dst`` writes them there through the one durable write path
+        (CRC32C in the same pass, fsynced) and gets its size and CRC32C back, to check against
+        the manifest. How a host without a shared filesystem or S3 gets another host's files on
+        restore (rank 0's replicated files; an adopted folder's files). A read error on the
+        sending rank sends zeros, which that check then refuses."""
         import torch.distributed as dist
 
         from .format import write_chunks_durably
 
         pg = self._groups["main"]
-        fin = open(src, "rb", buffering=0) if (self.rank == 0 and src is not None) else None  # noqa: SIM115
+        fin = open(src, "rb", buffering=0) if (self.rank == root and src is not None) else None  # noqa: SIM115
 
         def parts() -> Iterator[memoryview]:
             buf = torch.empty(max(1, min(chunk_bytes, nbytes)), dtype=torch.uint8)
@@ -257,9 +259,9 @@ class Coordinator:
                     if got != n:
                         part.zero_()
                 try:
-                    dist.broadcast(part, src=0, group=pg)
+                    dist.broadcast(part, src=root, group=pg)
                 except (RuntimeError, ValueError) as exc:
-                    raise CollectiveError(f"{name}: rank {self.rank} lost the transfer from rank 0 ({exc})") from exc
+                    raise CollectiveError(f"{name}: rank {self.rank} lost the transfer from rank {root} ({exc})") from exc
                 yield memoryview(part.numpy())
                 off += n
 
@@ -295,6 +297,9 @@ class Request:
     reason: str
 
 
+_CHANNEL_SEQ = itertools.count()
+
+
 class RequestChannel:
     """Ask every rank to save at one agreed step, without a collective on the hot path.
 
@@ -312,9 +317,13 @@ class RequestChannel:
     drift further apart have no such bound; a rank past the sync step raises CollectiveError.
     """
 
-    def __init__(self, store: Any, rank: int, world_size: int, *, prefix: str = "spotckpt/") -> None:
+    def __init__(self, store: Any, rank: int, world_size: int, *, prefix: str | None = None) -> None:
         import torch.distributed as dist
 
+        if prefix is None:
+            # a key space per channel: a job that closes its manager and builds another one (every
+            # rank in the same order) must not see the old channel's requests again
+            prefix = f"spotckpt/{next(_CHANNEL_SEQ)}/"
         self._store = dist.PrefixStore(prefix, store)
         # the listener blocks on its own connection, so the training thread's store calls never
         # queue behind its wait

@@ -26,10 +26,12 @@ from types import TracebackType
 from typing import Any
 
 from .autopilot import Autopilot, AutoInterval
-from .adopt import adopt_into, folder_extra, require_one_process, scan as scan_folder
+from .adopt import adopt_into, folder_extra, scan as scan_folder
+from .adopt_ranks import agree_folder, commit_folder, newest_folder_agreed
 from .config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
 from .dist import Coordinator, RequestChannel, SaveAgreement, check_save, coordinator_from_torch
 from .errors import (
+    AllStepsCorruptError,
     ClosedError,
     CollectiveError,
     ConfigError,
@@ -402,6 +404,28 @@ class CheckpointManager:
             return False
         return self._save(step, state, blocking=None, policy=True)
 
+    def preemption_due(self, step: int) -> bool:
+        """Whether to make the preemption save now, at ``step``: for code whose saves a framework
+        makes (the integrations ask the framework to save, then :meth:`adopt` what it wrote).
+        One process: as soon as SIGTERM (or the spot notice) arrived. Several ranks: call it on
+        every rank at every step; a preemption noticed on any rank makes it True on every rank
+        at the same agreed step (:class:`spotckpt.dist.RequestChannel`: a local read per step,
+        no collective), and ``preemption_requested`` then holds on every rank, the grace
+        counted from that moment where the signal did not arrive."""
+        self._check_open()
+        if self._agreement is None:
+            return self._watcher.requested
+        ask = ("preempt", self._watcher.reason or "requested") if self._watcher.requested else None
+        req = self._agreement.due(as_step(step), ask)
+        if req is None:
+            return False
+        if req.kind != "preempt":
+            log.info("spotckpt: step %d: %s asks for a save; the framework decides when to save here", step, req.reason)
+            return False
+        if not self._watcher.requested:
+            self._watcher.request(f"rank {req.by_rank}: {req.reason}")
+        return True
+
     def _context(self, step: int) -> SaveContext:
         pipe = self.pipeline
         return SaveContext(step=step, seconds_since_last_save=self._clock() - pipe.last_save_time,
@@ -566,7 +590,7 @@ class CheckpointManager:
                 log.error("spotckpt: while closing after an error: %s", close_exc)
 
     # -- folders other code writes (spotckpt.adopt; integrations use these) -----------------
-    def adopt(self, step: int, folder: str | os.PathLike[str], *, blocking: bool = True,
+    def adopt(self, step: int, folder: str | os.PathLike[str] | None, *, blocking: bool = True,
               meta: dict[str, Any] | None = None) -> Path:
         """Commit ``folder`` -- a directory (or one file) another program wrote, e.g. a Hugging
         Face ``checkpoint-N`` -- as ``step``: every file copied with its CRC32C, the manifest
@@ -574,18 +598,41 @@ class CheckpointManager:
         and the upload, like a save. Returns the step's path. ``blocking=False`` copies on the
         persist thread: leave the folder alone until ``wait()``. A committed step is never
         replaced (no-op). FolderChangedError (nothing committed) when the folder changes while
-        it is copied; ConfigError for what cannot be adopted, and with several ranks."""
+        it is copied; ConfigError for what cannot be adopted.
+
+        Several ranks: collective, called by every rank after its part of the framework's save
+        (a rank that wrote nothing passes the same folder, or None). Each host's files of the
+        folder are committed as one step, one manifest listing every host's files
+        (:mod:`spotckpt.adopt_ranks`)."""
         self._check_open()
-        require_one_process(self.world_size, "CheckpointManager.adopt")
         step = as_step(step)
         pipe = self._pipe
-        pipe.wait_pending()
+        if folder is None and self._coord is None:
+            raise ConfigError("adopt(step, None) is for a rank of several that wrote nothing; pass the folder")
+        err: BaseException | None = None
+        try:
+            pipe.wait_pending()
+        except SpotCkptError as exc:
+            if self._coord is None:
+                raise
+            err = exc  # raised on every rank by the agreement below
         pipe.roll_back_before_saving()
         path = self.local.step_path(step)
+        t0 = time.perf_counter()
+        if self._coord is not None:
+            agreed = agree_folder(self._coord, step, folder, error=err, committed=err is None and pipe.committed(step))
+            if agreed.skip:
+                pipe.skip(step)
+                return path
+            extra = pipe.stamp(layout=FOLDER.name, **folder_extra(None, meta, adopted=agreed.adopted))
+            coord, nbytes = self._coord, agreed.nbytes
+            pipe.commit(step, lambda: commit_folder(self.local, step, agreed, extra=extra, coord=coord), t0=t0,
+                        nbytes=nbytes, blocking=blocking)
+            return path
         if pipe.committed(step):
             pipe.skip(step)
             return path
-        t0 = time.perf_counter()
+        assert folder is not None
         seen = scan_folder(folder)
         extra = pipe.stamp(layout=FOLDER.name, **folder_extra(seen, meta))
         pipe.commit(step, lambda: adopt_into(self.local, step, seen, extra=extra), t0=t0, nbytes=seen.nbytes,
@@ -598,12 +645,28 @@ class CheckpointManager:
         AllStepsCorruptError when adopted steps exist and none verifies (as ``restore()``;
         ``start_fresh_if_corrupt=True`` moves them aside and returns None). The framework loads
         its own files from there; spotckpt reads them only to verify. ConfigError for a step
-        written by ``save()`` (use ``restore(state)``)."""
+        written by ``save()`` (use ``restore(state)``).
+
+        Several ranks: collective; the same step on every rank, and every host's ``local_dir``
+        then holds the whole step (files other hosts wrote come from S3, else from those hosts
+        over spotckpt's gloo group), as frameworks load it on every node."""
         self._check_open()
-        require_one_process(self.world_size, "CheckpointManager.restore_folder")
         opts = RestoreOptions(step=None if step is None else as_step(step), verify=self.verify_on_restore,
                               progress=progress_logger(), loader=lambda path, manifest, rank: FOLDER.require(manifest, path))
-        res = self._pipe.restore(None, opts, start_fresh_if_corrupt=start_fresh_if_corrupt)
+        if self._coord is None:
+            res = self._pipe.restore(None, opts, start_fresh_if_corrupt=start_fresh_if_corrupt)
+        else:  # every host gets the whole step, from S3 or from the other hosts
+            try:
+                res = newest_folder_agreed(self.local, self._store, self._coord, step=opts.step, verify=opts.verify,
+                                           progress=opts.progress)
+            except AllStepsCorruptError as exc:
+                if not start_fresh_if_corrupt:
+                    raise
+                log.warning("spotckpt: no adopted step verifies; starting fresh as asked:\n%s", exc)
+                self._pipe.roll_back(None)
+                return None
+            if res is not None:
+                self._pipe.note_restore(res, explicit=opts.step is not None)
         if res is None:
             return None
         return res.path

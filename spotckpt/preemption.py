@@ -87,6 +87,19 @@ class PreemptionWatcher:
         self._previous.clear()
         self._installed = False
 
+    def take_over(self) -> bool:
+        """Make this watcher's handler the one for its signals again, without calling handlers
+        installed after it: a framework's own SIGTERM handling that would stop one rank on its
+        own (Lightning's runs a collective from inside its handler) must not run beside the
+        agreement that stops every rank at one step. Main thread only; False when not installed
+        or off the main thread. ``uninstall`` restores what was there before ``install``."""
+        if not self._installed or threading.current_thread() is not threading.main_thread():
+            return False
+        for sig in self.signals:
+            if signal.getsignal(sig) != self._handle:
+                signal.signal(sig, self._handle)
+        return True
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.request(f"signal {signal.Signals(signum).name}")
         prev = self._previous.get(signum)

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .store import RemoteStore
     from .torch_state import Snapshot
 
-__all__ = ["CommitPipeline", "write_step"]
+__all__ = ["CommitPipeline", "write_step", "commit_files"]
 
 log = logging.getLogger(__name__)
 
@@ -405,20 +405,38 @@ def write_step(
     coord: Coordinator | None = None,
     group: str = "persist",
 ) -> Path:
-    """Write one rank's files for ``step`` and commit the step; returns the step path.
+    """Write one rank's files for ``step`` (its tensors and tree) and commit the step
+    (:func:`commit_files`); returns the step path."""
+    return commit_files(local, step, lambda staging: _write_rank_files(staging, step, tree, write_tensors, rank),
+                        extra=extra, coord=coord, group=group)
+
+
+def commit_files(
+    local: LocalStore,
+    step: int,
+    write_files: Callable[[Path], dict[str, FileEntry]],
+    *,
+    extra: dict[str, Any] | None = None,
+    coord: Coordinator | None = None,
+    group: str = "persist",
+) -> Path:
+    """Commit ``step`` from the files ``write_files(staging)`` writes into a staging directory
+    (returning each one's size and CRC32C): the one commit of a saved state, a DCP step and an
+    adopted folder. Returns the step path.
 
     One process: a private staging directory, committed at once. Several ranks (``coord``):
-    every rank of a host writes into the host's shared staging directory; the file entries of
-    every rank are exchanged (rank 0 adds the ``created`` time, so every host writes the same
-    global manifest); then each host's leader commits its directory -- the host's files plus the
-    manifest listing every rank's -- and a second exchange makes sure every host committed
-    before anyone returns. Any rank's failure is raised on every rank, and no host commits.
-    On any failure the staging directory is removed and one typed error raised (SaveError for
-    the disk, StateError for a value that cannot be serialised), whichever thread wrote."""
+    every rank of a host writes into the host's shared staging directory (a rank may write
+    nothing); the entries of every rank are exchanged (rank 0 adds the ``created`` time and its
+    per-process extras, so every host writes the same global manifest, which lists each path
+    once: the lowest rank's entry wins, and a host whose copy of a path differs leaves its copy
+    out); then each host's leader commits its directory, and a second exchange makes sure every
+    host committed before anyone returns. Any rank's failure is raised on every rank, and no
+    host commits. On any failure the staging directory is removed and one typed error raised
+    (SaveError for the disk, StateError for a value that cannot be serialised)."""
     if coord is None:
         staging = local.begin(step)
         try:
-            files = _write_rank_files(staging, step, tree, write_tensors, rank)
+            files = write_files(staging)
             return local.commit(staging, Manifest(step=step, files=files, extra=dict(extra or {})))
         except BaseException as exc:
             local.abort(staging)
@@ -430,7 +448,7 @@ def write_step(
     files: dict[str, FileEntry] = {}
     err: BaseException | None = None
     try:
-        files = _write_rank_files(staging, step, tree, write_tensors, rank)
+        files = write_files(staging)
     except BaseException as exc:  # noqa: BLE001 - reported to every rank below
         err = _translated(exc, step, local)
     mine = {"files": {k: [v.size, v.crc32c] for k, v in files.items()},
@@ -444,13 +462,21 @@ def write_step(
         raise
     every: dict[str, FileEntry] = {}
     for rec in recs:
-        every.update({k: FileEntry(int(v[0]), str(v[1])) for k, v in rec["files"].items()})
+        for k, v in rec["files"].items():
+            every.setdefault(k, FileEntry(int(v[0]), str(v[1])))
     extra = {**{k: v for k, v in (extra or {}).items() if k not in RANK0_EXTRA}, **(recs[0]["rank0"] or {})}
     manifest = Manifest(step=step, files=every, created=recs[0]["created"], extra=extra)
     path = local.step_path(step)
     err = None
     if coord.is_host_leader:
         try:
+            assert coord.hosts is not None
+            for r in coord.hosts.ranks_of(coord.host):  # this host's copies that lost to a lower rank's
+                for k, v in recs[r]["files"].items():
+                    if every[k] != FileEntry(int(v[0]), str(v[1])):
+                        log.warning("spotckpt: step %d: this host's %s differs from the copy of a lower rank's host; "
+                                    "the manifest lists that one and this host leaves its copy out", step, k)
+                        (staging / k).unlink(missing_ok=True)
             path = local.commit(staging, manifest)
         except BaseException as exc:  # noqa: BLE001 - reported to every rank below
             err = exc

@@ -12,24 +12,30 @@ imports neither framework; each module imports its own.
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..config import resolve_local_dir
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..manager import CheckpointManager
 
-__all__ = ["refuse_several_ranks", "ManagerSlot"]
+__all__ = ["ManagerSlot"]
 
 
 class ManagerSlot:
     """The manager a callback uses: the caller's (kept open), or one built from
     ``manager_kwargs`` when first needed (``every_steps=None``: the framework decides when to
-    save) and closed by the callback when training ends (``_owns``)."""
+    save) and closed by the callback when training ends (``_owns``).
 
-    def _set_manager(self, framework: str, manager: CheckpointManager | None, **manager_kwargs: Any) -> None:
-        refuse_several_ranks(framework)
+    Several ranks (torchrun): the manager is built on every rank, after torch.distributed is
+    initialised (``hint`` says how, for this framework); before that, ConfigError says so."""
+
+    def _set_manager(self, framework: str, manager: CheckpointManager | None, *, hint: str,
+                     **manager_kwargs: Any) -> None:
+        self._framework = framework
+        self._hint = hint
         self._manager = manager
         self._owns = manager is None
         self._kwargs = manager_kwargs
@@ -39,17 +45,18 @@ class ManagerSlot:
         if self._manager is None:
             from ..manager import CheckpointManager
 
-            self._manager = CheckpointManager(every_steps=None, **self._kwargs)
+            try:
+                self._manager = CheckpointManager(every_steps=None, **self._kwargs)
+            except ConfigError as exc:
+                if "not initialised" not in str(exc):
+                    raise
+                raise ConfigError(f"spotckpt's {self._framework} integration under torchrun: {exc}; {self._hint}") from exc
         return self._manager
 
-
-def refuse_several_ranks(framework: str) -> None:
-    """The integrations commit from one process. Under torchrun (``WORLD_SIZE`` > 1) each rank
-    would adopt its own copy and save at its own step; refuse before anything starts."""
-    ws = os.environ.get("WORLD_SIZE", "1")
-    if ws.isdigit() and int(ws) > 1:
-        raise ConfigError(
-            f"spotckpt's {framework} integration supports one process; WORLD_SIZE={ws}. Several "
-            "ranks need every rank to agree on the preemption step, which this integration does not "
-            "do yet: train on one process, or write the loop with CheckpointManager.save/maybe_save"
-        )
+    @property
+    def local_dir(self) -> Path:
+        """Where steps are committed on this host (without building the manager: usable before
+        torch.distributed is initialised, e.g. to put the framework's scratch dir next to it)."""
+        if self._manager is not None:
+            return self._manager.local_dir
+        return resolve_local_dir(self._kwargs.get("local_dir")).absolute()

@@ -29,8 +29,21 @@ saves no RNG state by default, so the callback's own ``state_dict`` carries torc
 Python's generators (as tensors and plain values, so Lightning's ``weights_only`` load accepts
 them) and restores them on resume.
 
-One process only (``WORLD_SIZE`` > 1 is refused). ``AsyncCheckpointIO`` is not needed: the
-upload already runs in the background; only the local copy is on the training thread.
+``AsyncCheckpointIO`` is not needed: the upload already runs in the background; only the local
+copy is on the training thread.
+
+Several ranks (``ddp`` under torchrun or on several hosts; tested on CPU with gloo): call
+``torch.distributed.init_process_group()`` before ``resume_path()`` (Lightning reuses the group).
+Under ``ddp`` only global rank 0 writes the ``.ckpt`` (through the plugin), so every rank notes
+each save (``on_save_checkpoint``) and every rank adopts it at the next hook they all pass (the
+next batch's start, the end of training): one step, in S3 once committed on every host.
+SIGTERM reaching any one rank makes every rank save the same step (an agreement through the
+job's store, no collective per step) and stop; ``fit`` then ends with ``SIGTERMException``
+(status 0) from the callback's ``teardown``, after the upload. Lightning's own SIGTERM handler,
+which runs a collective from inside the signal handler of the one rank that got the signal, is
+replaced by spotckpt's for the run. ``resume_path()`` gives every host the whole ``.ckpt``. The
+RNG states in the checkpoint are rank 0's (Lightning writes one file), restored on every rank.
+Checkpoints saved with ``weights_only=True`` are not committed with several ranks.
 
 Output: once the callback is set up, two Lightning warnings that only confuse are filtered, by
 message and module: ``ModelCheckpoint``'s "The dirpath has changed" on a resume (its ``dirpath``
@@ -54,11 +67,13 @@ import torch
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
 from ..errors import ConfigError
 from ..events import PreemptedEvent, ProgressEvent
 from ..format import MANIFEST_NAME, Manifest
 from ..manager import CheckpointManager
-from . import ManagerSlot, refuse_several_ranks
+from . import ManagerSlot
 
 __all__ = ["SpotckptCallback", "SpotckptCheckpointIO"]
 
@@ -84,8 +99,11 @@ class SpotckptCheckpointIO(CheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        self.owner.manager.adopt(int(checkpoint["global_step"]), Path(path),
-                                 meta={"framework": "lightning", "epoch": int(checkpoint.get("epoch", 0))})
+        step = int(checkpoint["global_step"])
+        if self.owner.manager.world_size > 1:  # rank 0 only: every rank adopts it at the next common hook
+            self.owner._written[step] = Path(path)
+            return
+        self.owner.manager.adopt(step, Path(path), meta=_meta(checkpoint))
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
@@ -95,6 +113,10 @@ class SpotckptCheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         self.inner.teardown()
+
+
+def _meta(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    return {"framework": "lightning", "epoch": int(checkpoint.get("epoch", 0))}
 
 
 class SpotckptCallback(ManagerSlot, pl.Callback):
@@ -108,9 +130,13 @@ class SpotckptCallback(ManagerSlot, pl.Callback):
 
     def __init__(self, manager: CheckpointManager | None = None, *, local_dir: str | os.PathLike[str] | None = None,
                  s3_uri: str | None = None, keep_last: int | None = 3, **manager_kwargs: Any) -> None:
-        self._set_manager("lightning", manager, local_dir=local_dir, s3_uri=s3_uri, keep_last=keep_last, **manager_kwargs)
+        self._set_manager("lightning", manager, local_dir=local_dir, s3_uri=s3_uri, keep_last=keep_last,
+                          hint="call torch.distributed.init_process_group() before resume_path() (Lightning reuses "
+                               "it)", **manager_kwargs)
         self.checkpoint_io = SpotckptCheckpointIO(self)
         self.preempted = False  # the final step is committed (and uploaded, within the grace)
+        self._saving: dict[int, dict[str, Any]] = {}  # several ranks: saves not adopted yet, by step
+        self._written: dict[int, Path] = {}  # several ranks, rank 0: the file of each of those saves
 
     def resume_path(self) -> str | None:
         """The ``.ckpt`` to pass to ``trainer.fit(ckpt_path=...)``: the newest committed step
@@ -129,9 +155,10 @@ class SpotckptCallback(ManagerSlot, pl.Callback):
     # -- Lightning hooks -----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _filter_lightning_noise()
-        if trainer.world_size > 1:
-            refuse_several_ranks("lightning")  # the environment said 1; Lightning says more
-            raise ConfigError(f"spotckpt's lightning integration supports one process; world_size={trainer.world_size}")
+        if trainer.world_size != self.manager.world_size:
+            raise ConfigError(f"Lightning runs {trainer.world_size} processes but torch.distributed has "
+                              f"{self.manager.world_size}; start Lightning's ranks with torchrun and call "
+                              "torch.distributed.init_process_group() before resume_path()")
         if trainer.strategy.checkpoint_io is not self.checkpoint_io:
             raise ConfigError("pass the callback's plugin too: Trainer(callbacks=[spot], plugins=[spot.checkpoint_io]) "
                               "-- without it Lightning's checkpoints are not committed")
@@ -142,19 +169,44 @@ class SpotckptCallback(ManagerSlot, pl.Callback):
             raise ConfigError(f"ModelCheckpoint(dirpath={dirpath}) is inside spotckpt's local_dir {root}; "
                               "give Lightning a scratch dirpath outside it")
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.manager.world_size > 1:  # Lightning registered its SIGTERM handler just before this hook
+            self.manager.watcher.take_over()
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.manager.world_size > 1:  # every rank: a save whose file rank 0 is about to write
+            self._saving.setdefault(int(checkpoint["global_step"]), _meta(checkpoint))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._adopt_saved()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._adopt_saved()
+
+    def _adopt_saved(self) -> None:
+        """Several ranks: adopt, on every rank, the saves Lightning made since the last call."""
+        while self._saving:
+            step = min(self._saving)
+            meta = self._saving.pop(step)
+            self.manager.adopt(step, self._written.pop(step, None), meta=meta)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         mgr = self.manager
         mgr.events.emit(ProgressEvent(step=trainer.global_step))
-        if mgr.preemption_requested and not self.preempted:
+        if not self.preempted and mgr.preemption_due(trainer.global_step):  # several ranks: the agreed step
             self._final_save(trainer)
             trainer.should_stop = True
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning's SIGTERM handling raises SIGTERMException at the end of a batch or during
         # validation; the step may have been saved by ModelCheckpoint meanwhile, or not at all
-        mgr = self.manager
-        if mgr.preemption_requested and not self.preempted:
+        mgr = self._manager
+        if mgr is None:  # closed already (several ranks: teardown ends a preempted fit this way)
+            return
+        # several ranks: the other ranks may be anywhere -- no collective on the way out
+        if mgr.world_size == 1 and mgr.preemption_requested and not self.preempted:
             try:
                 self._final_save(trainer)
             except Exception as exc:  # noqa: BLE001 - the original exception is what fit raises
@@ -162,16 +214,21 @@ class SpotckptCallback(ManagerSlot, pl.Callback):
         self._finish(failed=not self.preempted)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        several = self._manager is not None and self._manager.world_size > 1
         self._finish()
+        if several and self.preempted:  # as Lightning ends fit after a SIGTERM on one process
+            raise SIGTERMException()
 
     def _final_save(self, trainer: pl.Trainer) -> None:
         mgr = self.manager
         step = trainer.global_step
         mgr.events.emit(PreemptedEvent(step=step, reason=mgr.watcher.reason or "requested"))
-        if not mgr.local.is_committed(step):
+        several = mgr.world_size > 1
+        if several or not mgr.local.is_committed(step):  # several: adopt skips a committed step on every rank
             cb = trainer.checkpoint_callback
             d = Path(getattr(cb, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints")
             trainer.save_checkpoint(d / f"preempted-step={step}.ckpt")
+            self._adopt_saved()
         if not mgr.wait(timeout=mgr.watcher.seconds_left()):
             log.warning("spotckpt: step %d is committed locally but did not reach %s before the deadline",
                         step, mgr.s3_uri)

@@ -32,7 +32,14 @@ What it does, with ``spotckpt run`` as the entrypoint (it forwards SIGTERM to th
   the Trainer makes (one bar per save, even with ``disable_tqdm``, is noise in a training log);
   its setting is put back after each save.
 
-One process only (``WORLD_SIZE`` > 1 is refused): see :func:`spotckpt.integrations.refuse_several_ranks`.
+Several ranks (torchrun, ``accelerate launch``, several hosts; DDP tested on CPU with gloo):
+the same two lines on every rank, with ``resume_path()`` called after the ``Trainer`` (or its
+``TrainingArguments``) is built, which starts torch.distributed. SIGTERM reaching any one rank
+makes every rank save the same step (an agreement through the job's store, no collective per
+step), every rank adopts its part of ``checkpoint-N`` (the main process's model, optimizer and
+state, every process's ``rng_state_<i>.pth``; each host's share when hosts do not share a
+filesystem) as one step with one manifest, and ``resume_path()`` agrees on the step and gives
+every host the whole folder (from S3, or from the other hosts).
 Leave ``enable_jit_checkpoint`` off: this callback does what it does, with a commit order.
 """
 
@@ -72,7 +79,9 @@ class SpotckptCallback(ManagerSlot, TrainerCallback):
     def __init__(self, manager: CheckpointManager | None = None, *, local_dir: str | os.PathLike[str] | None = None,
                  s3_uri: str | None = None, keep_last: int | None = 3, exit_on_preemption: bool = True,
                  **manager_kwargs: Any) -> None:
-        self._set_manager("transformers", manager, local_dir=local_dir, s3_uri=s3_uri, keep_last=keep_last, **manager_kwargs)
+        self._set_manager("transformers", manager, local_dir=local_dir, s3_uri=s3_uri, keep_last=keep_last,
+                          hint="build the Trainer (its TrainingArguments start torch.distributed) before calling "
+                               "resume_path()", **manager_kwargs)
         self.exit_on_preemption = exit_on_preemption
         self.preempted = False  # the final step is committed (and uploaded, within the grace)
         self._stopping = False
@@ -113,7 +122,7 @@ class SpotckptCallback(ManagerSlot, TrainerCallback):
                     **kwargs: Any) -> TrainerControl:
         mgr = self.manager
         mgr.events.emit(ProgressEvent(step=state.global_step))
-        if mgr.preemption_requested and not self._stopping:
+        if not self._stopping and mgr.preemption_due(state.global_step):  # several ranks: the agreed step
             self._stopping = True
             self._announce(state.global_step)
             control.should_save = True
@@ -137,22 +146,24 @@ class SpotckptCallback(ManagerSlot, TrainerCallback):
         if self._bar_off:
             self._bar_off = False
             hf_logging.enable_progress_bar()
-        if not args.should_save:
-            return control
         mgr = self.manager
+        several = mgr.world_size > 1
+        if not args.should_save and not several:
+            return control
         step = state.global_step
-        if mgr.preemption_requested:  # a SIGTERM during the Trainer's own save: this is the final step
+        if mgr.preemption_requested and not several:  # a SIGTERM during the Trainer's own save: the final step
             self._announce(step)
         folder = Path(args.output_dir) / f"checkpoint-{step}"
-        if (folder / INCOMPLETE_SENTINEL).exists():
+        if not several and (folder / INCOMPLETE_SENTINEL).exists():
             log.warning("spotckpt: %s is marked incomplete; not committing it", folder)
         else:
             try:
                 mgr.adopt(step, folder, meta={"framework": "transformers"})
             except FolderChangedError as exc:  # the previous committed step stays the resume point
                 log.warning("spotckpt: %s", exc)
-        if mgr.preemption_requested:
-            self._announce(step)
+        # several ranks stop at the agreed step only; one process also after a SIGTERM that
+        # arrived during this (periodic) save
+        if self._stopping or (not several and mgr.preemption_requested):
             control.should_training_stop = True
             self._stopping = True
             ok = mgr.wait(timeout=mgr.watcher.seconds_left())

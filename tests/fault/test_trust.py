@@ -174,7 +174,7 @@ def test_the_request_listener_failing_is_raised_not_swallowed(caplog: pytest.Log
     from spotckpt.dist import RequestChannel
 
     store = dist.TCPStore("127.0.0.1", 0, 1, True)
-    ch = RequestChannel(store, 0, 1)
+    ch = RequestChannel(store, 0, 1, prefix="spotckpt/")
     assert ch.pending() is None
     with caplog.at_level(logging.ERROR, logger="spotckpt.dist"):
         dist.PrefixStore("spotckpt/", store).set("req/0", b"{not json")  # a broken or foreign store

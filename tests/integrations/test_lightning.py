@@ -84,10 +84,12 @@ def test_callback_without_its_plugin_is_refused(tmp_path: Path) -> None:
     spot.manager.close()
 
 
-def test_several_ranks_are_refused_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_several_ranks_before_the_process_group_exists_say_what_to_do(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from spotckpt.integrations.lightning import SpotckptCallback
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="supports one process; WORLD_SIZE=2"):
-        SpotckptCallback(local_dir=tmp_path / "ckpt")
-    assert not (tmp_path / "ckpt").exists()  # no manager was built
+    spot = SpotckptCallback(local_dir=tmp_path / "ckpt")  # nothing is built yet
+    assert spot.local_dir == (tmp_path / "ckpt").absolute()
+    with pytest.raises(ConfigError, match="not initialised.*init_process_group.*before resume_path"):
+        spot.resume_path()
