@@ -533,9 +533,14 @@ class CheckpointManager:
         """ClosedError once :meth:`close` has begun (for spotckpt's adapters)."""
         self._check_open()
 
-    def close(self, *, timeout: float | None = None) -> None:
+    def close(self, *, timeout: float | None = None, abandon: bool = False) -> None:
         """Finish pending work (local save, upload), stop threads, restore signal handlers.
-        Several ranks: collective (every rank closes), unless closing after an exception."""
+        Several ranks: collective (every rank closes), unless closing after an exception.
+        ``abandon=True`` (what leaving a ``with`` block by an exception does): no waiting for
+        S3 and no collective -- for when the other ranks or the store may be gone; committed
+        local steps stay, and the next run's uploader or restore picks them up."""
+        if abandon:
+            self._abandoned = True
         if self._closed:
             return
         self._closed = True

@@ -687,8 +687,7 @@ def test_s3_403(make_world: Callable[..., World], bucket: str, entry: str) -> No
                 assert mgr.local.verify_step(40).ok
                 mgr.wait()
     finally:
-        mgr._abandoned = True  # noqa: SLF001 - close() without flushing to the denied bucket
-        mgr.close()
+        mgr.close(abandon=True)  # without flushing to the denied bucket
 
 
 def test_s3_missing_bucket(make_world: Callable[..., World], s3_env: str) -> None:

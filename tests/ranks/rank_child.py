@@ -142,7 +142,7 @@ def main() -> int:
                 out["message"] = str(exc)[:300]
             out["seconds"] = time.monotonic() - t0
             out["steps"] = mgr.all_steps()
-            mgr._abandoned = True  # the other rank is gone: no collective close
+            mgr.close(abandon=True)  # the other rank is gone: no collective close
     elif scenario == "die-in-upload":  # rank 1's host is SIGKILLed while its files upload
         st = state_for(1, rank)
         with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
@@ -166,7 +166,7 @@ def main() -> int:
                 out["wait_ok"] = mgr.wait(timeout=15)
             except spotckpt.SpotCkptError as exc:
                 out["error"] = type(exc).__name__
-            mgr._abandoned = True
+            mgr.close(abandon=True)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     print("result " + json.dumps(out), flush=True)
