@@ -56,7 +56,7 @@ SCHEDULES = {
 
 def run_one(schedule: str, policy: str, seed: int, steps: int, step_sleep: float) -> dict:
     sc = SCHEDULES[schedule]
-    cmd = [sys.executable, "-m", "spotckpt.simulate", "--json", "--interrupt-every", str(sc["every"]),
+    cmd = [sys.executable, "-m", "spotckpt.tools.simulate", "--json", "--interrupt-every", str(sc["every"]),
            "--hard-kill-fraction", str(sc["hard"]), "--seed", str(seed), "--grace", str(sc["grace"]),
            "--restart-delay", "0.1", "--total-steps", str(steps), "--",
            sys.executable, str(REPO / "examples" / "train_toy.py"), "--steps", str(steps),

@@ -77,7 +77,7 @@ def main() -> int:
         return child(args.child[0], args.child[1], args.mb, args.step_seconds)
 
     rng = random.Random(args.seed)
-    from spotckpt.s3server import S3Server
+    from spotckpt.tools.s3server import S3Server
 
     work = Path(tempfile.mkdtemp(prefix="bench-preempt-"))
     srv = S3Server.start(args.server, work / "server", buckets=["bench"])
@@ -85,8 +85,8 @@ def main() -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     os.environ.update(srv.apply_env())
     from spotckpt.format import MANIFEST_NAME, step_dirname
-    from spotckpt.bench import cpu_model
-    from spotckpt.s3 import MAX_CONCURRENCY, PART_SIZE_BYTES, S3Store
+    from spotckpt.tools.bench import cpu_model
+    from spotckpt.remote.s3 import MAX_CONCURRENCY, PART_SIZE_BYTES, S3Store
 
     s3 = srv.client()
     runs = []

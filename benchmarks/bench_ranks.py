@@ -96,7 +96,7 @@ def run_job(mode: str, world: int, mib: int, saves: int, work: Path, env: dict[s
             sigterm_rank: int | None = None) -> tuple[list[dict], float | None]:  # type: ignore[type-arg]
     script = work / "worker.py"
     script.write_text(WORKER)
-    from spotckpt.simulate.process import free_port
+    from spotckpt.tools.simulate.process import free_port
 
     port = free_port()
     procs = []
@@ -162,7 +162,7 @@ def main() -> int:
         res["maybe_save_us"] = hot
         res["maybe_save_share_of_10ms_step"] = {w: hot[w] / 10_000 for w in hot}
         if not a.no_s3:
-            from spotckpt.s3server import S3Server
+            from spotckpt.tools.s3server import S3Server
 
             with S3Server.start("seaweedfs", work / "weed", buckets=["bench"]) as srv:
                 outs, t_sig = run_job("sigterm_s3", 2, a.mib, 1, work, env={**srv.env(), "S3_URI": "s3://bench/job"},

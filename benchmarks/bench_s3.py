@@ -40,8 +40,8 @@ GiB = 1 << 30
 
 
 def machine() -> dict[str, Any]:
-    from spotckpt.bench import cpu_model
-    from spotckpt.s3 import usable_cpus
+    from spotckpt.tools.bench import cpu_model
+    from spotckpt.remote.s3 import usable_cpus
 
     return {"cpus": os.cpu_count(), "usable_cpus": usable_cpus(), "cpu": cpu_model(),
             "platform": platform.platform(), "python": platform.python_version()}
@@ -86,11 +86,11 @@ def main() -> int:
     import torch
     from boto3.s3.transfer import TransferConfig
 
-    import spotckpt.s3 as s3mod
+    import spotckpt.remote.s3 as s3mod
     from spotckpt import CheckpointManager
     from spotckpt.format import MANIFEST_NAME, Manifest, step_dirname, write_safetensors
-    from spotckpt.s3 import S3Store, default_transfer_config
-    from spotckpt.s3server import S3Server
+    from spotckpt.remote.s3 import S3Store, default_transfer_config
+    from spotckpt.tools.s3server import S3Server
 
     work = Path(tempfile.mkdtemp(prefix="bench-s3-", dir=args.dir))
     srv = S3Server.start(args.server, work / "server", buckets=["bench"])

@@ -3,7 +3,7 @@
     python benchmarks/bench_save.py [--sizes 256,1024] [--out benchmarks/out] [--reps N] [--dir D]
 
 The same as ``spotckpt bench``, run from a checkout. Where spotckpt's own dependencies are
-missing (e.g. a bare GPU image) it still loads ``spotckpt.bench`` -- without running the
+missing (e.g. a bare GPU image) it still loads ``spotckpt.tools.bench`` -- without running the
 package's ``__init__`` -- so the peers' rows run and spotckpt's rows are reported as skipped.
 """
 
@@ -23,6 +23,6 @@ if __name__ == "__main__":
         stub = types.ModuleType("spotckpt")
         stub.__path__ = [str(ROOT / "spotckpt")]  # type: ignore[attr-defined]
         sys.modules["spotckpt"] = stub
-    from spotckpt.bench import main
+    from spotckpt.tools.bench import main
 
     sys.exit(main())

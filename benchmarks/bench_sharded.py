@@ -296,7 +296,7 @@ os._exit(0)
 def run_job(mode: str, world: int, work: Path, cfg: dict[str, Any]) -> list[dict[str, Any]]:
     script = work / "worker.py"
     script.write_text(WORKER)
-    from spotckpt.simulate.process import free_port
+    from spotckpt.tools.simulate.process import free_port
 
     port = free_port()
     args = json.dumps({**cfg, "mode": mode, "work": str(work)})
@@ -334,7 +334,7 @@ def worst_rank_median(outs: list[dict[str, Any]], method: str) -> float:
 
 
 def machine() -> dict[str, Any]:
-    from spotckpt.bench import cpu_model
+    from spotckpt.tools.bench import cpu_model
 
     import torch
 

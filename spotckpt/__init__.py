@@ -5,8 +5,8 @@ manifest last, CRC32C end to end), SIGTERM turned into a final durable checkpoin
 that resumes exactly where training stopped.
 """
 
-from ._version import __version__
-from .errors import (
+from spotckpt._version import __version__
+from spotckpt.errors import (
     AllStepsCorruptError,
     CheckpointCorruptError,
     ClosedError,
@@ -27,13 +27,13 @@ from .errors import (
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 if _TYPE_CHECKING:  # pragma: no cover
-    from .manager import CheckpointManager
-    from .torch_state import RNGState
+    from spotckpt.manager import CheckpointManager
+    from spotckpt.core.torch_state import RNGState
 
 # CheckpointManager and RNGState import torch: they are loaded on first use, so that the
 # command line (``spotckpt ls``, ``verify``, ``sync``, ``run``) and other torch-free users of the
 # package start in a fraction of a second.
-_LAZY = {"CheckpointManager": "manager", "RNGState": "torch_state"}
+_LAZY = {"CheckpointManager": "manager", "RNGState": "core.torch_state"}
 
 
 def __getattr__(name: str) -> object:

@@ -68,11 +68,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
-from .events import AutopilotEvent, DurableLocalEvent, DurableS3Event, Event, EventBus, GraceBudgetEvent, PreemptedEvent, SaveEvent
+from spotckpt.errors import ConfigError
+from spotckpt.events import AutopilotEvent, DurableLocalEvent, DurableS3Event, Event, EventBus, GraceBudgetEvent, PreemptedEvent, SaveEvent
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .policy import SaveContext
+    from spotckpt.policy import SaveContext
 
 __all__ = [
     "SAFE_SHARE", "ABSORB", "WINDOW", "HISTORY_LIMIT", "DEFAULT_HARD_FRACTION", "PRIOR_EVENTS", "PRIOR_EXPOSURE_S",

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from .errors import ConfigError, StateError
+from spotckpt.errors import ConfigError, StateError
 
 __all__ = ["ResumableSampler", "ResumableDataLoader", "derive_seed"]
 

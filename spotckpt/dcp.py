@@ -78,16 +78,16 @@ from torch.distributed.checkpoint.storage import StorageReader as _DcpReader
 from torch.distributed.checkpoint.storage import StorageWriter as _DcpWriter
 from torch.distributed.checkpoint.storage import WriteResult
 
-from .errors import CheckpointCorruptError, ConfigError, NoCheckpointError, StateError
-from .format import FORMAT, Manifest, SafetensorsFile, data_file_names, decode_tree, encode_tree
-from .format import parse_step_dirname, parse_tree_json, write_safetensors
-from .layouts import DCP, tensor_files
-from .metrics import progress_logger
-from .restore import RestoreOptions
-from .shard import ShardIndex, ShardInfo, check_coverage, read_item, shards_metadata
+from spotckpt.errors import CheckpointCorruptError, ConfigError, NoCheckpointError, StateError
+from spotckpt.format import FORMAT, Manifest, SafetensorsFile, data_file_names, decode_tree, encode_tree
+from spotckpt.format import parse_step_dirname, parse_tree_json, write_safetensors
+from spotckpt.core.layouts import DCP, tensor_files
+from spotckpt.core.metrics import progress_logger
+from spotckpt.core.restore import RestoreOptions
+from spotckpt.ranks.shard import ShardIndex, ShardInfo, check_coverage, read_item, shards_metadata
 
 if TYPE_CHECKING:
-    from .manager import CheckpointManager
+    from spotckpt.manager import CheckpointManager
 
 __all__ = ["StorageWriter", "StorageReader", "LAYOUT"]
 

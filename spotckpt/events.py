@@ -18,7 +18,7 @@ Listeners are plain callables ``listener(event) -> None``, called on the thread 
 event (named in the table), so they must be quick and thread-safe. A listener that raises is
 logged and otherwise ignored: observing a save can never break it.
 
-Built-in listeners: :class:`spotckpt.metrics.MetricsListener` (the ``spotckpt event=...`` lines on
+Built-in listeners: :class:`spotckpt.core.metrics.MetricsListener` (the ``spotckpt event=...`` lines on
 stderr) and :class:`JsonLinesListener` (one JSON object per line, appended to a file). The manager
 subscribes a ``JsonLinesListener`` when ``$SPOTCKPT_EVENTS_FILE`` is set: that is how
 ``spotckpt simulate`` follows the trainer it supervises.

@@ -4,7 +4,7 @@ Threads and who calls what:
 
 - the *training thread* (the one that constructs the manager) calls every public method:
   ``restore``, ``save``, ``maybe_save``, ``wait``, ``latest_step``, ``all_steps``, ``close``;
-- ``spotckpt-persist`` (:mod:`spotckpt.persist`) writes async saves: safetensors + tree, fsync,
+- ``spotckpt-persist`` (:mod:`spotckpt.core.persist`) writes async saves: safetensors + tree, fsync,
   commit, then tells the uploader; local retention runs there too, after each save;
 - the uploader's threads (``spotckpt-uploader``, and ``spotckpt-uploader-watch``, the watchdog
   observer) copy committed steps to S3;
@@ -25,12 +25,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .autopilot import Autopilot, AutoInterval
-from .adopt import adopt_into, folder_extra, scan as scan_folder
-from .adopt_ranks import agree_folder, commit_folder, newest_folder_agreed
-from .config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
-from .dist import Coordinator, RequestChannel, SaveAgreement, check_save, coordinator_from_torch
-from .errors import (
+from spotckpt.autopilot import Autopilot, AutoInterval
+from spotckpt.core.adopt import adopt_into, folder_extra, scan as scan_folder
+from spotckpt.core.adopt_ranks import agree_folder, commit_folder, newest_folder_agreed
+from spotckpt.core.config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
+from spotckpt.ranks.dist import Coordinator, RequestChannel, SaveAgreement, check_save, coordinator_from_torch
+from spotckpt.errors import (
     AllStepsCorruptError,
     ClosedError,
     CollectiveError,
@@ -40,16 +40,16 @@ from .errors import (
     StateError,
     StorageError,
 )
-from .layouts import FOLDER
-from .events import (
+from spotckpt.core.layouts import FOLDER
+from spotckpt.events import (
     EventBus,
     JsonLinesListener,
     PreemptedEvent,
     ProgressEvent,
 )
-from .local import LocalStore
-from .metrics import MetricsListener, Stats, progress_logger
-from .policy import (
+from spotckpt.core.local import LocalStore
+from spotckpt.core.metrics import MetricsListener, Stats, progress_logger
+from spotckpt.policy import (
     EveryNSeconds,
     EveryNSteps,
     RetentionPolicy,
@@ -58,13 +58,13 @@ from .policy import (
     retention_from,
     save_policy_from,
 )
-from .preemption import DEFAULT_GRACE_SECONDS, PreemptionWatcher
-from .shard import shards_metadata
-from .restore import RestoreOptions
-from .stage import bounce_buffer_for
-from .steps import CommitPipeline
-from .store import RemoteStore
-from .torch_state import capture, replicated_keys
+from spotckpt.core.preemption import DEFAULT_GRACE_SECONDS, PreemptionWatcher
+from spotckpt.ranks.shard import shards_metadata
+from spotckpt.core.restore import RestoreOptions
+from spotckpt.core.stage import bounce_buffer_for
+from spotckpt.core.steps import CommitPipeline
+from spotckpt.core.protocols import RemoteStore
+from spotckpt.core.torch_state import capture, replicated_keys
 
 __all__ = ["CheckpointManager"]
 
@@ -98,7 +98,7 @@ class CheckpointManager:
     lines on stderr; default from ``$SPOTCKPT_METRICS``, on), ``save_policy`` and ``retention``
     (objects from :mod:`spotckpt.policy`, replacing ``every_steps``/``every_seconds`` and
     ``keep_last``; ``every_steps="auto"`` is :class:`spotckpt.policy.AutoInterval`),
-    ``remote_store`` (any :class:`spotckpt.store.RemoteStore` instead of the S3 store of
+    ``remote_store`` (any :class:`spotckpt.core.protocols.RemoteStore` instead of the S3 store of
     ``s3_uri``) and ``clock`` (a monotonic clock for ``every_seconds``).
 
     Construction is all or nothing: when it raises, nothing it started is left running and the
@@ -228,10 +228,10 @@ class CheckpointManager:
 
     # -- optional components ------------------------------------------------------------
     def _start_upload(self, remote_store: RemoteStore | None) -> None:
-        from .uploader import Uploader
+        from spotckpt.remote.uploader import Uploader
 
         if remote_store is None:
-            from .s3 import S3Store
+            from spotckpt.remote.s3 import S3Store
 
             self._store = S3Store(self.s3_uri)  # type: ignore[arg-type]
         else:
@@ -253,7 +253,7 @@ class CheckpointManager:
         return self.pipeline
 
     def _start_imds(self) -> None:
-        from .preemption import ImdsPoller
+        from spotckpt.core.preemption import ImdsPoller
 
         self._imds = ImdsPoller(self._watcher, interval_seconds=env_float("SPOTCKPT_IMDS_INTERVAL_SECONDS", 5.0) or 5.0)
         self._imds.start()
@@ -355,7 +355,7 @@ class CheckpointManager:
 
     def _agree_save(self, step: int, state: MutableMapping[str, Any], err: BaseException | None, *,
                     policy: bool) -> tuple[set[str] | None, set[str]] | None:
-        """Several ranks: agree on the save (:func:`spotckpt.dist.check_save`). Returns (keys
+        """Several ranks: agree on the save (:func:`spotckpt.ranks.dist.check_save`). Returns (keys
         this rank writes, replicated keys), or None to skip it on every rank."""
         assert self._coord is not None
         replicated = replicated_keys(state, self._replicated_hint)
@@ -383,7 +383,7 @@ class CheckpointManager:
         being preempted -- then synchronously, flushed (and uploaded within the deadline), and
         ``preempted`` becomes True. Returns whether a save was made. Several ranks: call it on
         every rank every step; a preemption noticed on any rank becomes a save of one agreed
-        step on all of them (see :class:`spotckpt.dist.RequestChannel`)."""
+        step on all of them (see :class:`spotckpt.ranks.dist.RequestChannel`)."""
         self._check_open()
         if type(step) is not int:
             step = as_step(step)
@@ -409,7 +409,7 @@ class CheckpointManager:
         makes (the integrations ask the framework to save, then :meth:`adopt` what it wrote).
         One process: as soon as SIGTERM (or the spot notice) arrived. Several ranks: call it on
         every rank at every step; a preemption noticed on any rank makes it True on every rank
-        at the same agreed step (:class:`spotckpt.dist.RequestChannel`: a local read per step,
+        at the same agreed step (:class:`spotckpt.ranks.dist.RequestChannel`: a local read per step,
         no collective), and ``preemption_requested`` then holds on every rank, the grace
         counted from that moment where the signal did not arrive."""
         self._check_open()
@@ -594,7 +594,7 @@ class CheckpointManager:
             except SpotCkptError as close_exc:
                 log.error("spotckpt: while closing after an error: %s", close_exc)
 
-    # -- folders other code writes (spotckpt.adopt; integrations use these) -----------------
+    # -- folders other code writes (spotckpt.core.adopt; integrations use these) -----------------
     def adopt(self, step: int, folder: str | os.PathLike[str] | None, *, blocking: bool = True,
               meta: dict[str, Any] | None = None) -> Path:
         """Commit ``folder`` -- a directory (or one file) another program wrote, e.g. a Hugging
@@ -608,7 +608,7 @@ class CheckpointManager:
         Several ranks: collective, called by every rank after its part of the framework's save
         (a rank that wrote nothing passes the same folder, or None). Each host's files of the
         folder are committed as one step, one manifest listing every host's files
-        (:mod:`spotckpt.adopt_ranks`)."""
+        (:mod:`spotckpt.core.adopt_ranks`)."""
         self._check_open()
         step = as_step(step)
         pipe = self._pipe

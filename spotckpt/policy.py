@@ -23,7 +23,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from .errors import ConfigError
+from spotckpt.errors import ConfigError
 
 __all__ = [
     "SaveContext",
@@ -148,4 +148,4 @@ def doomed(policy: RetentionPolicy, steps: Sequence[int], *, protect: Iterable[i
     return sorted(s for s in steps if s not in keep)
 
 
-from .autopilot import AutoInterval  # noqa: E402 - defined there, with the interval math it needs
+from spotckpt.autopilot import AutoInterval  # noqa: E402 - defined there, with the interval math it needs

@@ -1,6 +1,6 @@
 """Shared fixtures: real S3 endpoints on 127.0.0.1 (moto's HTTP server, SeaweedFS), temp dirs.
 
-S3 servers come from :mod:`spotckpt.s3server`, each in its own process, started lazily at most
+S3 servers come from :mod:`spotckpt.tools.s3server`, each in its own process, started lazily at most
 once per kind per test session and stopped at its end. A test asks for ``bucket`` (or ``s3_env``
 / ``s3_server``) and runs against moto by default. A module that sets ::
 
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from spotckpt.s3server import S3Server, find_weed  # noqa: E402
+from spotckpt.tools.s3server import S3Server, find_weed  # noqa: E402
 
 BOTH = ("moto", "seaweedfs")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from spotckpt.local import LocalStore
-from spotckpt.simulate.process import free_port  # noqa: F401 - one definition, shared with simulate
+from spotckpt.core.local import LocalStore
+from spotckpt.tools.simulate.process import free_port  # noqa: F401 - one definition, shared with simulate
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,9 +169,9 @@ def interrupted_under_run(example: list[str], uri: str, local: Path, *, env: dic
     import subprocess
     import sys
 
-    from spotckpt.s3 import S3Store
+    from spotckpt.remote.s3 import S3Store
 
-    run = subprocess.Popen([sys.executable, "-m", "spotckpt.cli", "run", "--s3", uri, "--local", str(local),
+    run = subprocess.Popen([sys.executable, "-m", "spotckpt.tools.cli", "run", "--s3", uri, "--local", str(local),
                             "--", *example], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            cwd=REPO)
     try:

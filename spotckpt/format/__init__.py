@@ -24,7 +24,7 @@ heavy, and nothing from other spotckpt modules except :mod:`spotckpt.errors`. Tu
 from __future__ import annotations
 
 # The constants are importable from here as before, but are not part of __all__.
-from .checksums import (
+from spotckpt.format.checksums import (
     IO_CHUNK_BYTES,
     PARALLEL_MIN_BYTES,
     VERIFY_WINDOW_BYTES,
@@ -36,8 +36,8 @@ from .checksums import (
     file_crc32c_parallel,
     io_threads,
 )
-from .durable import copy_file_durably, fsync_dir, fsync_path, write_chunks_durably, write_file_durably
-from .manifest import (
+from spotckpt.format.durable import copy_file_durably, fsync_dir, fsync_path, write_chunks_durably, write_file_durably
+from spotckpt.format.manifest import (
     DCP_LAYOUT,
     FOLDER_LAYOUT,
     FORMAT,
@@ -57,7 +57,7 @@ from .manifest import (
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 if _TYPE_CHECKING:  # pragma: no cover
-    from .safetensors import (
+    from spotckpt.format.safetensors import (
         MAX_HEADER_BYTES,
         SafetensorsFile,
         TensorSpec,
@@ -66,7 +66,7 @@ if _TYPE_CHECKING:  # pragma: no cover
         tensor_ranges,
         write_safetensors,
     )
-    from .tree import decode_tree, encode_tree, parse_tree_json
+    from spotckpt.format.tree import decode_tree, encode_tree, parse_tree_json
 
 # The safetensors and tree modules import torch; they load on first use of one of their names,
 # so reading manifests and checking CRC32C (``spotckpt ls``/``verify``, the uploader) needs no torch.

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .checksums import CrcWriter, crc32c_b64
-from .manifest import FileEntry
+from spotckpt.format.checksums import CrcWriter, crc32c_b64
+from spotckpt.format.manifest import FileEntry
 
 __all__ = ["copy_file_durably", "fsync_dir", "fsync_path", "write_chunks_durably", "write_file_durably"]
 

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from typing import Any
 
-from ..errors import CheckpointCorruptError, StateError
+from spotckpt.errors import CheckpointCorruptError, StateError
 
 __all__ = [
     "DCP_LAYOUT",

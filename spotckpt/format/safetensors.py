@@ -2,7 +2,7 @@
 
 A safetensors file is an 8-byte little-endian header length, a JSON header naming each tensor's
 dtype, shape and byte range of the data area, then the data area. Any safetensors reader can open
-what :func:`write_safetensors` and :class:`spotckpt.stage.StagedTensors` write. Nothing here
+what :func:`write_safetensors` and :class:`spotckpt.core.stage.StagedTensors` write. Nothing here
 unpickles: :class:`SafetensorsFile` validates the header completely (size bounds, known dtypes,
 offsets inside the file, no holes or overlap, no trailing bytes) before it touches data.
 """
@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointCorruptError, StateError
-from . import checksums as _checksums
-from .durable import write_chunks_durably
-from .manifest import FileEntry
+from spotckpt.errors import CheckpointCorruptError, StateError
+from spotckpt.format import checksums as _checksums
+from spotckpt.format.durable import write_chunks_durably
+from spotckpt.format.manifest import FileEntry
 
 __all__ = [
     "MAX_HEADER_BYTES",

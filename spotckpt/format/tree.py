@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointCorruptError, PickleRefusedError, StateError
-from .safetensors import _DTYPE_TO_ST
+from spotckpt.errors import CheckpointCorruptError, PickleRefusedError, StateError
+from spotckpt.format.safetensors import _DTYPE_TO_ST
 
 __all__ = ["decode_tree", "encode_tree", "parse_tree_json"]
 
@@ -147,7 +147,7 @@ def _hint(obj: Any) -> str:
 def parse_tree_json(raw: bytes, source: str) -> dict[str, Any]:
     """A tree file's JSON object: bounded in size, valid JSON, an object -- else
     CheckpointCorruptError naming ``source``."""
-    from .manifest import MAX_JSON_BYTES
+    from spotckpt.format.manifest import MAX_JSON_BYTES
 
     if len(raw) > MAX_JSON_BYTES:
         raise CheckpointCorruptError(f"{source}: tree file is too large", path=source)

@@ -15,11 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import resolve_local_dir
-from ..errors import ConfigError
+from spotckpt.core.config import resolve_local_dir
+from spotckpt.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..manager import CheckpointManager
+    from spotckpt.manager import CheckpointManager
 
 __all__ = ["ManagerSlot"]
 
@@ -43,7 +43,7 @@ class ManagerSlot:
     @property
     def manager(self) -> CheckpointManager:
         if self._manager is None:
-            from ..manager import CheckpointManager
+            from spotckpt.manager import CheckpointManager
 
             try:
                 self._manager = CheckpointManager(every_steps=None, **self._kwargs)

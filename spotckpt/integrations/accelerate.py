@@ -35,10 +35,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..events import PreemptedEvent, ProgressEvent
-from ..format import parse_step_dirname
-from ..manager import CheckpointManager
-from . import ManagerSlot
+from spotckpt.events import PreemptedEvent, ProgressEvent
+from spotckpt.format import parse_step_dirname
+from spotckpt.manager import CheckpointManager
+from spotckpt.integrations import ManagerSlot
 
 __all__ = ["AccelerateCheckpoints"]
 

@@ -69,11 +69,11 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ..errors import ConfigError
-from ..events import PreemptedEvent, ProgressEvent
-from ..format import MANIFEST_NAME, Manifest
-from ..manager import CheckpointManager
-from . import ManagerSlot
+from spotckpt.errors import ConfigError
+from spotckpt.events import PreemptedEvent, ProgressEvent
+from spotckpt.format import MANIFEST_NAME, Manifest
+from spotckpt.manager import CheckpointManager
+from spotckpt.integrations import ManagerSlot
 
 __all__ = ["SpotckptCallback", "SpotckptCheckpointIO"]
 

@@ -53,10 +53,10 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging as hf_logging
 
-from ..errors import ConfigError, FolderChangedError
-from ..events import PreemptedEvent, ProgressEvent
-from ..manager import CheckpointManager
-from . import ManagerSlot
+from spotckpt.errors import ConfigError, FolderChangedError
+from spotckpt.events import PreemptedEvent, ProgressEvent
+from spotckpt.manager import CheckpointManager
+from spotckpt.integrations import ManagerSlot
 
 __all__ = ["SpotckptCallback", "INCOMPLETE_SENTINEL"]
 

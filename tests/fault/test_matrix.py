@@ -27,12 +27,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from spotckpt import AllStepsCorruptError, CheckpointManager
-from spotckpt import cli
+import spotckpt.tools.cli as cli
 from spotckpt.dcp import StorageReader, StorageWriter
 from spotckpt.errors import ConfigError, SaveError, StorageError
 from spotckpt.format import MANIFEST_NAME, step_dirname
-from spotckpt.local import LocalStore, read_step_manifest, scan_committed_steps, verify_files
-from spotckpt.s3 import S3Store, make_client
+from spotckpt.core.local import LocalStore, read_step_manifest, scan_committed_steps, verify_files
+from spotckpt.remote.s3 import S3Store, make_client
 from tests.fault.test_s3_faults import FaultInjector
 
 KW: dict[str, Any] = {"metrics": False, "keep_last": None, "install_signal_handlers": False}

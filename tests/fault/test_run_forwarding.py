@@ -21,7 +21,7 @@ CHILD = Path(__file__).with_name("loader_child.py")
 def test_run_forwards_sigterm_to_trainer_not_to_loader_workers(tmp_path: Path, via_shell: bool) -> None:
     trainer = [sys.executable, str(CHILD), str(tmp_path / "ckpt")]
     cmd = ["/bin/sh", "-c", shlex.join(trainer) + "; echo shell-after"] if via_shell else trainer
-    proc = subprocess.Popen([sys.executable, "-m", "spotckpt.cli", "run", "--", *cmd],
+    proc = subprocess.Popen([sys.executable, "-m", "spotckpt.tools.cli", "run", "--", *cmd],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     read_lines_until(proc, count_prefix("at ", 20), what="20 training steps")
     proc.send_signal(signal.SIGTERM)

@@ -18,9 +18,9 @@ from botocore.awsrequest import AWSResponse
 
 from spotckpt.errors import UploadError
 from spotckpt.format import MANIFEST_NAME, Manifest, step_dirname
-from spotckpt.s3 import S3Store, make_client
+from spotckpt.remote.s3 import S3Store, make_client
 from spotckpt.policy import KeepLast
-from spotckpt.uploader import Uploader
+from spotckpt.remote.uploader import Uploader
 from tests.helpers import write_step
 
 # Every S3 test here runs against moto and a real server (SeaweedFS); see tests/conftest.py.
@@ -117,8 +117,8 @@ KILLED_UPLOADER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from boto3.s3.transfer import TransferConfig
-    from spotckpt.s3 import S3Store
-    from spotckpt.uploader import Uploader
+    from spotckpt.remote.s3 import S3Store
+    from spotckpt.remote.uploader import Uploader
     cfg = TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20, max_concurrency=2)
     store = S3Store(sys.argv[2], transfer_config=cfg)
     def slow(request, **kw):
@@ -329,7 +329,7 @@ def _client_error(code: str, status: int, op: str = "PutObject") -> bce.ClientEr
     ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else None,
 )
 def test_s3_failures_are_looked_up_in_one_table(exc: BaseException, retryable: bool, says: str) -> None:
-    from spotckpt.s3 import _is_retryable
+    from spotckpt.remote.s3 import _is_retryable
 
     store = S3Store("s3://some-bucket/p", client=make_client())
     assert _is_retryable(exc) is retryable

@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from spotckpt.simulate import EXIT_MAX_WAIT, simulate
-from spotckpt.simulate.schedule import NO_PROGRESS_RESTARTS
+from spotckpt.tools.simulate import EXIT_MAX_WAIT, simulate
+from spotckpt.tools.simulate.schedule import NO_PROGRESS_RESTARTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from test_simulate import FAKE_TRAINER, assert_interruptions_during_training  # noqa: E402
@@ -100,7 +100,7 @@ def test_simulator_terminated_takes_the_trainer_with_it(trainer: Path, tmp_path:
 
     repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(repo))
-    sim = subprocess.Popen([sys.executable, "-m", "spotckpt.simulate", "--interruptions", "0", "--",
+    sim = subprocess.Popen([sys.executable, "-m", "spotckpt.tools.simulate", "--interruptions", "0", "--",
                             sys.executable, str(trainer), "100000", "0.02", "1000", "honour"],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

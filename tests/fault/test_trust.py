@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from spotckpt import AllStepsCorruptError, CheckpointManager, CollectiveError, StateError
-from spotckpt.local import LocalStore
-from spotckpt.s3 import S3Store, make_client
+from spotckpt.core.local import LocalStore
+from spotckpt.remote.s3 import S3Store, make_client
 from tests.fault.test_s3_faults import SMALL_PARTS, FaultInjector
 
 KW = {"metrics": False, "keep_last": 2}
@@ -171,12 +171,12 @@ def test_s3_retries_never_touch_the_trainings_rngs(tmp_path: Path, bucket: str) 
 def test_the_request_listener_failing_is_raised_not_swallowed(caplog: pytest.LogCaptureFixture) -> None:
     import torch.distributed as dist
 
-    from spotckpt.dist import RequestChannel
+    from spotckpt.ranks.dist import RequestChannel
 
     store = dist.TCPStore("127.0.0.1", 0, 1, True)
     ch = RequestChannel(store, 0, 1, prefix="spotckpt/")
     assert ch.pending() is None
-    with caplog.at_level(logging.ERROR, logger="spotckpt.dist"):
+    with caplog.at_level(logging.ERROR, logger="spotckpt.ranks.dist"):
         dist.PrefixStore("spotckpt/", store).set("req/0", b"{not json")  # a broken or foreign store
         ch._thread.join(timeout=30)
     assert not ch._thread.is_alive()

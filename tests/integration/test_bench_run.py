@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from spotckpt import bench
+import spotckpt.tools.bench as bench
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +101,7 @@ def test_without_matplotlib_the_picture_is_skipped_with_one_line(tmp_path: Path)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(shim), str(REPO), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-m", "spotckpt.cli", "bench", "--sizes", "1", "--gpu-gib", "0", "--reps", "1",
+        [sys.executable, "-m", "spotckpt.tools.cli", "bench", "--sizes", "1", "--gpu-gib", "0", "--reps", "1",
          "--rows", "memcpy_reused", "--out", str(out), "--dir", str(data)],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

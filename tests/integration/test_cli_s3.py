@@ -15,7 +15,7 @@ from tests.helpers import REPO, step_state
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "spotckpt.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "spotckpt.tools.cli", *args], env=env, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -31,7 +31,7 @@ def test_s3_inspection_restore_once_and_sync_without_torch(bucket: str, tmp_path
     assert res.returncode == 0, res.stderr
     said = [ln for ln in (res.stdout + res.stderr).splitlines() if "step 4" in ln]
     assert len(said) == 1 and said[0].startswith("restored step 4 from"), res.stdout + res.stderr
-    code = (f"import sys\nfrom spotckpt.cli import main\n"
+    code = (f"import sys\nfrom spotckpt.tools.cli import main\n"
             f"rc = main(['sync', '--once', '--local', {str(tmp_path / 'ckpt')!r}, '--s3', '{uri}2'])\n"
             "print('TORCH', 'torch' in sys.modules, 'RC', rc)\n")
     env = dict(os.environ)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from spotckpt.s3 import S3Store
-from spotckpt.sidecar import final_upload, run_sync, torchrun_nproc, with_torchrun_threads
-from spotckpt.simulate.process import TrainerProcess
+from spotckpt.remote.s3 import S3Store
+from spotckpt.remote.sidecar import final_upload, run_sync, torchrun_nproc, with_torchrun_threads
+from spotckpt.tools.simulate.process import TrainerProcess
 from tests.helpers import write_step
 
 

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from spotckpt.errors import ConfigError
-from spotckpt.preemption import ImdsPoller, PreemptionWatcher
+from spotckpt.core.preemption import ImdsPoller, PreemptionWatcher
 
 TOKEN = "fake-token-AQAEAF"
 
@@ -146,7 +146,7 @@ def test_rebalance_logged_by_default_and_requested_when_opted_in(
 ) -> None:
     imds.rebalance = {"noticeTime": "2030-01-01T00:00:00Z"}
     watcher = PreemptionWatcher()
-    with caplog.at_level(logging.WARNING, logger="spotckpt.preemption"):
+    with caplog.at_level(logging.WARNING, logger="spotckpt.core.preemption"):
         assert not ImdsPoller(watcher, endpoint=imds.url).poll_once()
     assert not watcher.requested
     assert "rebalance recommendation" in caplog.text
@@ -178,7 +178,7 @@ def _closed_port() -> int:
 def test_unreachable_endpoint_does_nothing(caplog: pytest.LogCaptureFixture) -> None:
     watcher = PreemptionWatcher()
     poller = ImdsPoller(watcher, endpoint=f"http://127.0.0.1:{_closed_port()}", interval_seconds=0.01)
-    with caplog.at_level(logging.DEBUG, logger="spotckpt.preemption"):
+    with caplog.at_level(logging.DEBUG, logger="spotckpt.core.preemption"):
         with poller:
             deadline = time.monotonic() + 30
             while poller.polls < 5 and time.monotonic() < deadline:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from spotckpt import CheckpointManager
-from spotckpt.s3 import S3Store
+from spotckpt.remote.s3 import S3Store
 from tests.helpers import assert_state_is_step, empty_state, step_state
 
 # Every S3 test here runs against moto and a real server (SeaweedFS); see tests/conftest.py.

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from spotckpt import CheckpointManager
-from spotckpt.s3 import S3Store
+from spotckpt.remote.s3 import S3Store
 from tests.helpers import REPO
 
 # The README's loop, with no directory and no S3 URI of its own. Its output goes to a file, so
@@ -67,7 +67,7 @@ def _lines(log: Path, prefix: str) -> list[str]:
 def test_run_passes_its_settings_and_a_fresh_machine_resumes_from_s3(bucket: str, tmp_path: Path) -> None:
     (tmp_path / "train.py").write_text(TRAINER)
     uri = f"s3://{bucket}/job"
-    cli = [sys.executable, "-m", "spotckpt.cli", "run", "--s3", uri, "--grace-seconds", "45"]
+    cli = [sys.executable, "-m", "spotckpt.tools.cli", "run", "--s3", uri, "--grace-seconds", "45"]
 
     # Instance 1: a fresh empty local dir, SIGTERM to the launcher (as SageMaker sends it).
     log1 = tmp_path / "trainer1.log"
@@ -132,7 +132,7 @@ def test_sigterm_while_the_launcher_starts_is_not_a_silent_143(bucket: str, tmp_
     env = _env()
     env["PYTHONPATH"] = str(tmp_path / "shim") + os.pathsep + env["PYTHONPATH"]
     started = tmp_path / "started"
-    res = subprocess.run([sys.executable, "-m", "spotckpt.cli", "run", "--s3", f"s3://{bucket}/early",
+    res = subprocess.run([sys.executable, "-m", "spotckpt.tools.cli", "run", "--s3", f"s3://{bucket}/early",
                           "--local", str(tmp_path / "local"), "--", sys.executable, "-c",
                           f"open({str(started)!r}, 'w')"], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 128 + signal.SIGTERM, (res.returncode, res.stderr)
@@ -144,9 +144,9 @@ def test_settings_already_in_the_environment_stay_and_local_must_be_local(tmp_pa
     show = "import os; print(*(os.environ.get(k) for k in ('SPOTCKPT_LOCAL_DIR', 'SPOTCKPT_GRACE_SECONDS')))"
     env = _env()
     env["SPOTCKPT_LOCAL_DIR"], env["SPOTCKPT_GRACE_SECONDS"] = str(tmp_path / "preset"), "33"
-    res = subprocess.run([sys.executable, "-m", "spotckpt.cli", "run", "--", sys.executable, "-c", show],
+    res = subprocess.run([sys.executable, "-m", "spotckpt.tools.cli", "run", "--", sys.executable, "-c", show],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.split() == [str(tmp_path / "preset"), "33"], res.stderr
-    res = subprocess.run([sys.executable, "-m", "spotckpt.cli", "run", "--local", "S3://b/p", "--", "true"],
+    res = subprocess.run([sys.executable, "-m", "spotckpt.tools.cli", "run", "--local", "S3://b/p", "--", "true"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "malformed S3 URI" in res.stderr, res.stderr

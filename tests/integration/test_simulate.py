@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from spotckpt.errors import ConfigError
-from spotckpt.simulate import add_arguments, main_from_args, simulate
+from spotckpt.tools.simulate import add_arguments, main_from_args, simulate
 
 # A stand-in for a spotckpt trainer: keeps its step in S3 (so a fresh local dir still resumes) and
 # writes the events the manager writes to $SPOTCKPT_EVENTS_FILE (a restore event when it resumed, a

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from spotckpt.simulate import simulate
+from spotckpt.tools.simulate import simulate
 
 # A trainer in the simulator's terms (events file, S3 via boto3), tiny: it checks that it was told
 # the grace it gets, and on SIGTERM it handles the signal -- `preempted`, its step saved and in S3

@@ -11,9 +11,9 @@ import torch
 
 from spotckpt.errors import StorageError
 from spotckpt.format import MANIFEST_NAME, Manifest, step_dirname
-from spotckpt.s3 import S3Store
+from spotckpt.remote.s3 import S3Store
 from spotckpt.policy import KeepLast
-from spotckpt.uploader import Uploader
+from spotckpt.remote.uploader import Uploader
 from tests.helpers import write_step
 
 # Every S3 test here runs against moto and a real server (SeaweedFS); see tests/conftest.py.

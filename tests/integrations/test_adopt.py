@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import spotckpt.adopt
+import spotckpt.core.adopt
 from spotckpt import CheckpointManager, ConfigError, FolderChangedError
 from spotckpt.events import DurableLocalEvent, RestoreEvent, SaveEvent
 from spotckpt.format import copy_file_durably
-from spotckpt.s3 import S3Store
+from spotckpt.remote.s3 import S3Store
 from tests.helpers import assert_all_steps_verify, step_state
 
 
@@ -86,7 +86,7 @@ def test_folder_changed_while_adopted_is_refused_and_nothing_committed(
                     (src / "trainer_state.json").unlink()
             return ent
 
-        monkeypatch.setattr(spotckpt.adopt, "copy_file_durably", copy_then_change)
+        monkeypatch.setattr(spotckpt.core.adopt, "copy_file_durably", copy_then_change)
         with pytest.raises(FolderChangedError, match="changed while it was being adopted as step 2") as ei:
             mgr.adopt(2, src)
         assert ei.value.step == 2 and copied

@@ -23,7 +23,7 @@ import pytest
 pl = pytest.importorskip("pytorch_lightning")
 
 from spotckpt import ConfigError  # noqa: E402
-from spotckpt.s3 import S3Store  # noqa: E402
+from spotckpt.remote.s3 import S3Store  # noqa: E402
 from tests.helpers import REPO, assert_all_steps_verify, interrupted_under_run  # noqa: E402
 
 EXAMPLE = REPO / "examples" / "lightning_fit.py"

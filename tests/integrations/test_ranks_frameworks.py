@@ -22,8 +22,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("pytorch_lightning")
 pytest.importorskip("accelerate")
 
-from spotckpt.local import LocalStore  # noqa: E402
-from spotckpt.s3 import S3Store  # noqa: E402
+from spotckpt.core.local import LocalStore  # noqa: E402
+from spotckpt.remote.s3 import S3Store  # noqa: E402
 from tests.helpers import (  # noqa: E402
     REPO,
     count_prefix,

@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from spotckpt import CheckpointManager  # noqa: E402
-from spotckpt.s3 import S3Store  # noqa: E402
+from spotckpt.remote.s3 import S3Store  # noqa: E402
 from tests.helpers import (  # noqa: E402
     REPO,
     assert_all_steps_verify,
@@ -117,7 +117,7 @@ def test_signal_during_the_trainers_own_save(tmp_path: Path) -> None:
 
 
 def test_spotckpt_simulate_runs_the_example_through_an_interruption(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "spotckpt.cli", "simulate", "--interruptions", "1", "--total-steps", "40",
+    res = subprocess.run([sys.executable, "-m", "spotckpt.tools.cli", "simulate", "--interruptions", "1", "--total-steps", "40",
                           "--seed", "3", "--restart-delay", "0", "--json", "--",
                           sys.executable, str(EXAMPLE), "--steps", "40", "--step-sleep", "0.02"],
                          env=_env(), capture_output=True, text=True, cwd=tmp_path, timeout=300)

@@ -37,7 +37,7 @@ def memory_store(address: str) -> object:
     fail here."""
     from multiprocessing.managers import BaseManager
 
-    from spotckpt.store import REMOTE_STORE_METHODS
+    from spotckpt.core.protocols import REMOTE_STORE_METHODS
 
     class Manager(BaseManager):
         pass

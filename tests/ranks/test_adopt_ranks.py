@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from spotckpt.s3 import S3Store
+from spotckpt.remote.s3 import S3Store
 from tests.helpers import assert_all_steps_verify, finish_ranks, launch_ranks, result_of
 
 CHILD = str(Path(__file__).with_name("adopt_child.py"))

@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from spotckpt.local import LocalStore
+from spotckpt.core.local import LocalStore
 from tests.helpers import REPO, count_prefix, done_lines, finish_ranks, launch_ranks, read_lines_until
 
 EXAMPLE = str(REPO / "examples" / "train_ddp.py")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from spotckpt.local import LocalStore
+from spotckpt.core.local import LocalStore
 from tests.helpers import REPO, count_prefix, done_lines, finish_ranks, launch_ranks, read_lines_until
 
 pytestmark = pytest.mark.ranks

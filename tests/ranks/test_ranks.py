@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spotckpt.local import LocalStore
+from spotckpt.core.local import LocalStore
 from tests.helpers import REPO, finish_ranks, launch_ranks, result_of
 
 CHILD = str(Path(__file__).with_name("rank_child.py"))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from spotckpt.memstore import MemoryStore
-from spotckpt.store import RemoteStore
+from spotckpt.remote.memory import MemoryStore
+from spotckpt.core.protocols import RemoteStore
 from tests.helpers import finish_ranks, launch_ranks, result_of
 
 CHILD = str(Path(__file__).with_name("rank_child.py"))

@@ -7,8 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from spotckpt.local import LocalStore
-from spotckpt.s3 import S3Store
+from spotckpt.core.local import LocalStore
+from spotckpt.remote.s3 import S3Store
 from tests.helpers import finish_ranks, launch_ranks, result_of
 
 CHILD = str(Path(__file__).with_name("rank_child.py"))

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from spotckpt.format import MANIFEST_NAME, step_dirname
-from spotckpt.local import LocalStore
-from spotckpt.s3 import S3Store
+from spotckpt.core.local import LocalStore
+from spotckpt.remote.s3 import S3Store
 from tests.helpers import REPO, finish_ranks, launch_ranks, result_of
 
 pytestmark = pytest.mark.ranks

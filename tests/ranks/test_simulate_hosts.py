@@ -23,7 +23,7 @@ def test_two_hosts_one_interrupted_resume_exactly(tmp_path: Path) -> None:
     want = sorted(re.search(r"done at step 60; .*", out).group(0) for _, out, _ in ref)  # type: ignore[union-attr]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     sim = subprocess.run(
-        [sys.executable, "-m", "spotckpt.cli", "simulate", "--hosts", "2", "--interruptions", "1",
+        [sys.executable, "-m", "spotckpt.tools.cli", "simulate", "--hosts", "2", "--interruptions", "1",
          "--total-steps", "60", "--grace", "60", "--seed", "3", "--",
          torchrun, "--nproc_per_node", "1", "examples/train_ddp.py", *ARGS, "--step-sleep", "0.05"],
         capture_output=True, text=True, cwd=REPO, timeout=600)

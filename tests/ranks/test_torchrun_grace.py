@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from spotckpt.sidecar import torchrun_arg_index, with_torchrun_grace
+from spotckpt.remote.sidecar import torchrun_arg_index, with_torchrun_grace
 from tests.helpers import REPO, free_port
 
 WORKER = str(Path(__file__).with_name("slow_final_save.py"))
@@ -36,7 +36,7 @@ def test_final_save_longer_than_torchruns_30s_completes(tmp_path: Path, via_shel
           WORKER, str(tmp_path), "33"]
     # through a shell, torchrun's command line cannot be changed: its workers are signalled instead
     cmd = ["/bin/sh", "-c", " ".join(tr)] if via_shell else tr
-    proc = subprocess.Popen([sys.executable, "-m", "spotckpt.cli", "run", "--grace-seconds", "60", "--", *cmd],
+    proc = subprocess.Popen([sys.executable, "-m", "spotckpt.tools.cli", "run", "--grace-seconds", "60", "--", *cmd],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     deadline = time.monotonic() + 120
     while not all((tmp_path / f"ready-{r}").exists() for r in (0, 1)):

@@ -24,7 +24,7 @@ from spotckpt.autopilot import (
 from spotckpt.errors import ConfigError
 from spotckpt.events import DurableLocalEvent, DurableS3Event, EventBus, GraceBudgetEvent, PreemptedEvent, SaveEvent
 from spotckpt.policy import SaveContext
-from spotckpt.simulate.summary import InstanceRecord, JobRecord, summary
+from spotckpt.tools.simulate.summary import InstanceRecord, JobRecord, summary
 
 
 def test_daly_interval_is_the_formula() -> None:

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from spotckpt import bench
-from spotckpt.bench import report, rows, worker
+import spotckpt.tools.bench as bench
+from spotckpt.tools.bench import report, rows, worker
 
 STATE = "cpu-float32-8MiB"
 
@@ -361,7 +361,7 @@ def test_list_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_the_cli_hands_its_arguments_to_bench(monkeypatch: pytest.MonkeyPatch) -> None:
-    from spotckpt import cli
+    import spotckpt.tools.cli as cli
 
     seen: list[list[str]] = []
     monkeypatch.setattr(bench, "main", lambda argv: seen.append(list(argv)) or 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from spotckpt import CheckpointManager
-from spotckpt.cli import main
+from spotckpt.tools.cli import main
 from tests.helpers import assert_state_is_step, empty_state, step_state
 
 

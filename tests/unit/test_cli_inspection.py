@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from spotckpt import CheckpointManager, __version__
-from spotckpt.cli import build_parser, main
+from spotckpt.tools.cli import build_parser, main
 from tests.helpers import REPO, step_state
 
 
@@ -93,7 +93,7 @@ READ_ONLY_SHIM = textwrap.dedent(
 def _cli(args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     e = dict(os.environ if env is None else env)
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "spotckpt.cli", *args], env=e, cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "spotckpt.tools.cli", *args], env=e, cwd=cwd, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -217,7 +217,7 @@ def test_every_option_of_every_command_has_help() -> None:
 def test_commands_do_not_import_torch(ro_ckpt: Path, command: str) -> None:
     argv = {"ls": ["ls", str(ro_ckpt)], "verify": ["verify", str(ro_ckpt)],
             "run": ["run", "--", sys.executable, "-c", "pass"]}[command]
-    code = (f"import sys\nfrom spotckpt.cli import main\nrc = main({argv!r})\n"
+    code = (f"import sys\nfrom spotckpt.tools.cli import main\nrc = main({argv!r})\n"
             "heavy = sorted(m for m in ('torch', 'boto3', 'matplotlib') if m in sys.modules)\n"
             "print('HEAVY', heavy, 'RC', rc)\n")
     env = dict(os.environ)

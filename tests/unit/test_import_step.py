@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from spotckpt.cli import main
+from spotckpt.tools.cli import main
 from spotckpt.errors import CheckpointCorruptError, StorageError
 from spotckpt.format import Manifest
-from spotckpt.local import LocalStore
+from spotckpt.core.local import LocalStore
 from tests.helpers import assert_all_steps_verify, write_step
 
 
@@ -82,7 +82,7 @@ def test_cli_restore_falls_back_past_a_truncated_step(tmp_path: Path, capsys: py
 
 
 def test_disk_errors_while_copying_are_storage_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import spotckpt.local as local_mod
+    import spotckpt.core.local as local_mod
 
     write_step(tmp_path / "src", 3, nbytes=64 * 1024)
     dest = _dest_with_one_step(tmp_path)

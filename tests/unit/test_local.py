@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import spotckpt.local as local_mod
+import spotckpt.core.local as local_mod
 from spotckpt.errors import ConfigError, SaveError
 from spotckpt.format import FileEntry, Manifest, crc32c_b64, crc32c_update
-from spotckpt.local import LocalIO, LocalStore
+from spotckpt.core.local import LocalIO, LocalStore
 from spotckpt.policy import KeepAll, KeepLast
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import spotckpt
-from spotckpt.memstore import MemoryStore
+from spotckpt.remote.memory import MemoryStore
 import spotckpt.format as format_mod
 from spotckpt import CheckpointManager, RNGState
 from spotckpt.errors import ConfigError, SaveError, StateError
@@ -417,7 +417,7 @@ def test_metric_lines_end_with_the_rank_when_there_are_several() -> None:
     import io
 
     from spotckpt.events import SaveEvent
-    from spotckpt.metrics import MetricsListener
+    from spotckpt.core.metrics import MetricsListener
 
     buf = io.StringIO()
     MetricsListener(stream=buf, rank=3)(SaveEvent(step=7, stall_s=0.5, bytes=10, blocking=True))

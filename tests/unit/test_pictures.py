@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spotckpt.simulate import _write_plot
-from spotckpt.simulate.summary import InstanceRecord, JobRecord, summary
+from spotckpt.tools.simulate import _write_plot
+from spotckpt.tools.simulate.summary import InstanceRecord, JobRecord, summary
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,7 +53,7 @@ def _not_blank(img: np.ndarray) -> float:
 
 def test_simulate_timeline_shows_every_instance_interruption_and_durable_step(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from spotckpt.simulate.plot import _TRAIN, plot_job
+    from spotckpt.tools.simulate.plot import _TRAIN, plot_job
 
     job = _job()
     path = tmp_path / "job.png"
@@ -82,7 +82,7 @@ def test_simulate_plot_without_matplotlib_says_how_to_get_it(tmp_path: Path, mon
 
 def test_bench_chart_shows_each_method_in_each_panel_with_its_floor(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from spotckpt.bench import report
+    from spotckpt.tools.bench import report
 
     result = json.loads((REPO / "benchmarks" / "out" / "save.json").read_text())  # a real run: 2 sizes
     path = tmp_path / "save.png"

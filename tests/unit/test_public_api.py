@@ -47,3 +47,71 @@ def test_error_tree() -> None:
     assert errors.PickleRefusedError("x", path="/q").path == "/q"
     assert errors.SaveError("x", step=3).step == 3 and errors.StorageError("x", key="k").key == "k"
     assert errors.NoCheckpointError("x", step=4).step == 4
+
+
+# -- the layers: what each part of the package may import ---------------------------------------
+
+#: Each internal folder and the parts it may import (besides itself). The public top-level
+#: modules sit on top of the layers (and the base modules errors/events/policy/autopilot/_version
+#: under them); the tools use everything and nothing uses the tools.
+BASE = {"errors", "events", "policy", "autopilot", "_version"}
+LAYERS = {
+    "format": BASE,
+    "ranks": BASE | {"format"},
+    "core": BASE | {"format", "ranks"},
+    "remote": BASE | {"format", "ranks", "core"},
+}
+PUBLIC_MODULES = {"__init__", "__main__", "_version", "cli", "data", "dcp", "errors", "events", "manager", "policy",
+                  "autopilot", "integrations"}
+
+
+def _imports(path: "Path") -> set[str]:
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("spotckpt"):
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("spotckpt"))
+    return out
+
+
+def _part(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def test_the_layers_import_one_way() -> None:
+    from pathlib import Path
+
+    root = Path(spotckpt.__file__).parent
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        here = rel.parts[0].removesuffix(".py")
+        allowed = LAYERS.get(here)
+        for mod in _imports(path):
+            part = _part(mod)
+            if part is None or part == here or part not in {p.name.removesuffix(".py") for p in root.iterdir()}:
+                continue
+            if here in BASE and part not in BASE:
+                bad.append(f"{rel} imports {mod} (a base module imports only base modules)")
+            elif allowed is not None and part not in allowed:
+                bad.append(f"{rel} imports {mod} ({here}/ may import {sorted(allowed)})")
+            elif here != "tools" and part == "tools" and rel.name not in ("cli.py", "__main__.py"):
+                bad.append(f"{rel} imports {mod} (nothing but the entry points uses the tools)")
+    assert bad == []
+
+
+def test_the_top_level_is_the_public_surface() -> None:
+    from pathlib import Path
+
+    root = Path(spotckpt.__file__).parent
+    top = {p.name.removesuffix(".py") for p in root.iterdir()
+           if (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()))}
+    assert top - PUBLIC_MODULES == set(LAYERS) | {"tools"}, "a new top-level module: public (list it) or internal (a layer)"
+    for folder in ("core", "remote", "ranks"):
+        doc = __import__(f"spotckpt.{folder}", fromlist=["_"]).__doc__ or ""
+        assert doc.startswith("Internal"), folder

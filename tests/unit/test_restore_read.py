@@ -26,7 +26,7 @@ from spotckpt.format import (
     file_crc32c_parallel,
     write_safetensors,
 )
-from spotckpt.local import LocalStore
+from spotckpt.core.local import LocalStore
 
 # ----------------------------------------------------------------------------- CRC combine
 

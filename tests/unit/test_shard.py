@@ -1,4 +1,4 @@
-"""The resharding read (spotckpt.shard): saved chunks found through the safetensors headers,
+"""The resharding read (spotckpt.ranks.shard): saved chunks found through the safetensors headers,
 planned by DCP's load planner, checked (sizes, full coverage) before a byte lands."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from spotckpt.errors import CheckpointCorruptError, StateError
 from spotckpt.format import SafetensorsFile, write_safetensors
-from spotckpt.shard import SHARDS_KEY, ShardIndex, ShardInfo, load_boxes, shards_metadata
+from spotckpt.ranks.shard import SHARDS_KEY, ShardIndex, ShardInfo, load_boxes, shards_metadata
 
 FULL = torch.arange(24, dtype=torch.float32).reshape(6, 4)
 

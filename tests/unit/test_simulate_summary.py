@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from spotckpt.events import ProgressEvent, RestoreEvent
-from spotckpt.simulate.follow import EventsTail, InstanceTracker
-from spotckpt.simulate.schedule import Observation, Scheduler, Trigger
-from spotckpt.simulate.summary import SAVINGS_FORMULA, InstanceRecord, JobRecord, format_summary, summary
+from spotckpt.tools.simulate.follow import EventsTail, InstanceTracker
+from spotckpt.tools.simulate.schedule import Observation, Scheduler, Trigger
+from spotckpt.tools.simulate.summary import SAVINGS_FORMULA, InstanceRecord, JobRecord, format_summary, summary
 
 
 def _job(*instances: InstanceRecord, end_s: float, ratio: float = 1.0, outcome: str = "Completed",
@@ -206,7 +206,7 @@ def test_every_seconds_gives_up_after_restarts_that_resume_from_no_newer_step() 
 
 
 def test_hard_kills_are_drawn_apart_from_the_times_and_the_rate_reaches_the_trainer() -> None:
-    from spotckpt.simulate.schedule import Scheduler
+    from spotckpt.tools.simulate.schedule import Scheduler
 
     plain = Scheduler(interruptions=None, every_seconds=3.0, seed=4)
     hard = Scheduler(interruptions=None, every_seconds=3.0, seed=4, hard_kill_fraction=0.5)
