@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ConfigError
-from .format import DCP_LAYOUT, FOLDER_LAYOUT, Manifest, data_file_names
+from spotckpt.errors import ConfigError
+from spotckpt.format import DCP_LAYOUT, FOLDER_LAYOUT, Manifest, data_file_names
 
 __all__ = ["Layout", "STATE", "DCP", "FOLDER", "layout_of", "saved_world_size", "tensor_files"]
 
