@@ -234,9 +234,9 @@ class CheckpointManager:
             from spotckpt.remote.s3 import S3Store
 
             self._store = S3Store(self.s3_uri)  # type: ignore[arg-type]
+            self._store.check_access()  # a caller's own remote_store is the caller's to check
         else:
             self._store = remote_store
-        self._store.check_access()
         pipe = self._pipe
         pipe.store = self._store
         if not pipe.leader:

@@ -9,7 +9,7 @@ import pytest
 
 import spotckpt.core.adopt
 from spotckpt import CheckpointManager, ConfigError, FolderChangedError
-from spotckpt.events import DurableLocalEvent, RestoreEvent, SaveEvent
+from spotckpt.events import DurableLocalEvent, GraceBudgetEvent, RestoreEvent, SaveEvent
 from spotckpt.format import copy_file_durably
 from spotckpt.remote.s3 import S3Store
 from tests.helpers import assert_all_steps_verify, step_state
@@ -51,7 +51,7 @@ def test_adopt_commits_folder_with_events_and_retention_and_restore_folder_retur
         assert mgr.restore_folder(step=20) == mgr.local.step_path(20)
     kinds = [(type(e).__name__, e.step) for e in seen]  # type: ignore[attr-defined]
     assert ("SaveEvent", 30) in kinds and ("DurableLocalEvent", 30) in kinds and ("RestoreEvent", 30) in kinds
-    assert all(isinstance(e, (SaveEvent, DurableLocalEvent, RestoreEvent)) for e in seen)
+    assert all(isinstance(e, (SaveEvent, DurableLocalEvent, RestoreEvent, GraceBudgetEvent)) for e in seen)
     assert assert_all_steps_verify(tmp_path / "ckpt") == [20, 30]
 
 
