@@ -372,7 +372,7 @@ class Autopilot:
         self._final = False
         self._warned = False
         self._listeners: list[Callable[[int | None], None]] = []
-        events.subscribe(self)
+        events.subscribe(self, progress=False)  # nothing per step: planning happens at saves
 
     def on_update(self, fn: Callable[[int | None], None]) -> None:
         """Call ``fn(step)`` whenever the measurements moved (after a save's last event, a restore)."""

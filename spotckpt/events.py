@@ -164,15 +164,20 @@ class EventBus:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._listeners: tuple[Listener, ...] = ()
+        self._per_step: tuple[Listener, ...] = ()  # those that also take ProgressEvent (every step)
 
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Add ``listener``; returns a function that removes it again."""
+    def subscribe(self, listener: Listener, *, progress: bool = True) -> Callable[[], None]:
+        """Add ``listener``; returns a function that removes it again. ``progress=False``: it
+        does not want the ``progress`` event of every step (kept off the training hot path)."""
         with self._lock:
             self._listeners = (*self._listeners, listener)
+            if progress:
+                self._per_step = (*self._per_step, listener)
 
         def unsubscribe() -> None:
             with self._lock:
                 self._listeners = tuple(x for x in self._listeners if x is not listener)
+                self._per_step = tuple(x for x in self._per_step if x is not listener)
 
         return unsubscribe
 
@@ -182,7 +187,8 @@ class EventBus:
         return bool(self._listeners)
 
     def emit(self, event: Event) -> None:
-        for listener in self._listeners:  # a snapshot: the tuple is replaced, never mutated
+        listeners = self._per_step if type(event) is ProgressEvent else self._listeners
+        for listener in listeners:  # a snapshot: the tuple is replaced, never mutated
             try:
                 listener(event)
             except Exception:  # noqa: BLE001 - observing must never break a save
