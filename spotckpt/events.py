@@ -182,9 +182,9 @@ class EventBus:
         return unsubscribe
 
     @property
-    def active(self) -> bool:
-        """Whether anyone listens (lets the hot path skip building events nobody reads)."""
-        return bool(self._listeners)
+    def takes_progress(self) -> bool:
+        """Whether a listener wants the per-step ``progress`` event (else the hot path builds none)."""
+        return bool(self._per_step)
 
     def emit(self, event: Event) -> None:
         listeners = self._per_step if type(event) is ProgressEvent else self._listeners

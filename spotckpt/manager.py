@@ -149,9 +149,9 @@ class CheckpointManager:
 
         self.stats = Stats()
         self.events = EventBus()
-        self.events.subscribe(self.stats)
+        self.events.subscribe(self.stats, progress=False)
         self._metrics = MetricsListener(enabled=metrics if metrics is not None else env_bool("SPOTCKPT_METRICS", True))
-        self.events.subscribe(self._metrics)
+        self.events.subscribe(self._metrics, progress=False)
         self._preempted = False
         self._closed = False
         self._events_file: JsonLinesListener | None = None
@@ -295,10 +295,7 @@ class CheckpointManager:
             capture(state, step=0, rank=self.rank, allow_pickle=self.allow_pickle)  # save()'s rules, up front
         except StateError as exc:
             err = exc
-        if self._coord is not None:
-            self._coord.exchange("restore: state", None, error=err)
-        elif err is not None:
-            raise err
+        self._pipe.agree_ok("restore: state", err)
         opts = RestoreOptions(step=step, verify=self.verify_on_restore, allow_pickle=self.allow_pickle,
                               bounce=bounce_buffer_for(state), progress=progress_logger())
         res = self._pipe.restore(state, opts, start_fresh_if_corrupt=start_fresh_if_corrupt)
@@ -387,7 +384,8 @@ class CheckpointManager:
         self._check_open()
         if type(step) is not int:
             step = as_step(step)
-        self.events.emit(ProgressEvent(step=step))
+        if self.events.takes_progress:  # the events file, a user's listener
+            self.events.emit(ProgressEvent(step=step))
         if self._preempted:
             return False
         if self._coord is not None:
@@ -500,16 +498,14 @@ class CheckpointManager:
         when ``timeout`` (seconds) ran out first. Raises a background error, if any. Several
         ranks: collective; True only when the step is durable for every rank."""
         if self._coord is None:
-            return self._wait_here(timeout)
+            return self._pipe.wait(timeout)
         ok, err = False, None
         try:
-            ok = self._wait_here(timeout)
+            ok = self._pipe.wait(timeout)
         except SpotCkptError as exc:
             err = exc
         return all(self._coord.exchange("wait", ok, error=err))
 
-    def _wait_here(self, timeout: float | None) -> bool:
-        return self._pipe.wait(timeout)
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()

@@ -46,7 +46,7 @@ from spotckpt.events import (
 
 __all__ = ["Stats", "format_line", "MetricsListener", "progress_logger"]
 
-log = logging.getLogger("spotckpt.core.metrics")
+log = logging.getLogger("spotckpt.metrics")  # a stable name for the metric lines, not the module's
 
 
 def _fmt(v: Any) -> str:
@@ -157,6 +157,6 @@ def progress_logger() -> Callable[[int], None]:
         now = time.monotonic()
         if now - state["last"] > 2.0:
             state["last"] = now
-            log.info("spotckpt: downloaded %.1f MiB", state["bytes"] / 2**20)
+            logging.getLogger("spotckpt.core.restore").info("spotckpt: downloaded %.1f MiB", state["bytes"] / 2**20)
 
     return cb

@@ -388,10 +388,7 @@ class CommitPipeline:
                 action()
         except SpotCkptError as exc:
             err = exc
-        if self.coord is not None:
-            self.coord.exchange("restore: roll back", None, error=err, group=group)
-        elif err is not None:
-            raise err
+        self.agree_ok("restore: roll back", err, group=group)
 
 
 def write_step(
