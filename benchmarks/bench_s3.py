@@ -161,8 +161,8 @@ def main() -> int:
                 man = rstore.read_manifest(1)
                 floor_dir = work / "floor"
                 floor_dir.mkdir()
-                jobs = [s3mod.store._Job(rstore.step_key(1, rel), floor_dir / rel, e.size, {}) for rel, e in man.files.items()]
-                record("floor_download", lambda: rstore._transfer_all(jobs, download=True))
+                jobs = [s3mod.requests.Transfer(rstore.step_key(1, rel), floor_dir / rel, e.size, {}) for rel, e in man.files.items()]
+                record("floor_download", lambda: rstore.requests.transfer_all(jobs, download=True))
                 shutil.rmtree(floor_dir)
                 rstore.close()
                 target = {"weights": torch.zeros(numel)}

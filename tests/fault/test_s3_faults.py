@@ -333,6 +333,6 @@ def test_s3_failures_are_looked_up_in_one_table(exc: BaseException, retryable: b
 
     store = S3Store("s3://some-bucket/p", client=make_client())
     assert _is_retryable(exc) is retryable
-    err = store._storage_error(exc, "p/step-000000000001/x", UploadError)
+    err = store.requests.storage_error(exc, "p/step-000000000001/x", UploadError)
     assert isinstance(err, UploadError) and err.key == "p/step-000000000001/x"
     assert says in str(err)

@@ -1,7 +1,9 @@
 """S3 transfer layer: one step directory <-> ``<s3_uri>/step-XXXXXXXXXXXX/`` over s3transfer.
 
 This is the only spotckpt package that imports boto3 / botocore / s3transfer: ``settings``
-(URI, client, transfer settings), ``failures`` (the error table), ``store`` (:class:`S3Store`).
+(URI, client, transfer settings), ``failures`` (the error table), ``requests`` (one bucket's
+requests: retries, parallel transfers, errors that say what to do) and ``store``
+(:class:`S3Store`, the steps on top of them).
 
 Layout and commit protocol: a step exists in S3 only when its ``manifest.json``
 exists. :meth:`S3Store.upload_step` uploads every data file first, then the manifest, with

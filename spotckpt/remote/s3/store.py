@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import random
-import threading
-import time
-from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import botocore.exceptions as bce
-from s3transfer.manager import TransferConfig, TransferManager
-from s3transfer.subscribers import BaseSubscriber
+from s3transfer.manager import TransferConfig
 
 from spotckpt.errors import (
     CheckpointCorruptError,
@@ -39,41 +33,17 @@ from spotckpt.format import (
 from spotckpt.format import fsync_path as _fsync_path
 from spotckpt.format import write_file_durably
 
-from spotckpt.remote.s3.failures import _CONFLICT, _NOT_FOUND, _classify, _error_code, _is_retryable
+from spotckpt.remote.s3.failures import _CONFLICT, _classify
+from spotckpt.remote.s3.requests import S3Requests, Transfer
 from spotckpt.remote.s3.settings import (
     MiB,
-    PrivateRandomOSUtils,
-    _add_part_crc32c,
     _full_object_checksums_supported,
     default_transfer_config,
     make_client,
     parse_s3_uri,
-    private_retry_jitter,
 )
 
 log = logging.getLogger(__name__)
-
-class _Subscriber(BaseSubscriber):
-    def __init__(self, size: int | None, progress: Callable[[int], None] | None) -> None:
-        self._size = size
-        self._progress = progress
-
-    def on_queued(self, future: Any, **kwargs: Any) -> None:
-        if self._size is not None:
-            future.meta.provide_transfer_size(self._size)
-
-    def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
-        if self._progress is not None:
-            self._progress(bytes_transferred)
-
-
-@dataclass(frozen=True)
-class _Job:
-    key: str
-    path: Path
-    size: int
-    extra_args: dict[str, Any]
-
 
 class S3Store:
     """Steps of one ``s3://bucket/prefix``.
@@ -96,17 +66,10 @@ class S3Store:
         self.bucket, self.prefix = parse_s3_uri(uri)
         if retry_attempts < 1 or retry_backoff_seconds < 0:
             raise ConfigError("retry_attempts must be >= 1 and retry_backoff_seconds >= 0")
-        self._client = client if client is not None else make_client()
-        self._client.meta.events.register("before-parameter-build.s3.UploadPart", _add_part_crc32c)
-        # hands off the training's RNGs: retry jitter and temp names draw from this generator
-        self._rng = random.Random()
-        private_retry_jitter(self._client, self._rng)
-        self._config = transfer_config or default_transfer_config()
-        self._attempts = retry_attempts
-        self._backoff = retry_backoff_seconds
-        self._tm: TransferManager | None = None
-        self._lock = threading.Lock()
-        self._closed = False
+        self.requests = S3Requests(uri, self.bucket, client if client is not None else make_client(),
+                                   transfer_config or default_transfer_config(), attempts=retry_attempts,
+                                   backoff_seconds=retry_backoff_seconds)
+        self._client = self.requests.client
 
     @classmethod
     def open(cls, uri: str) -> S3Store:
@@ -133,32 +96,7 @@ class S3Store:
     def step_key(self, step: int, rel: str = "") -> str:
         return self.key(step_dirname(step), rel) if rel else self.key(step_dirname(step)) + "/"
 
-    def _url(self, key: str) -> str:
-        return f"s3://{self.bucket}/{key}"
-
-    def _manager(self) -> TransferManager:
-        with self._lock:
-            if self._closed:
-                raise StorageError(f"S3 store for {self.uri} is closed", key=self.uri)
-            if self._tm is None:
-                self._tm = TransferManager(self._client, self._config, osutil=PrivateRandomOSUtils(self._rng))
-            return self._tm
-
     # ------------------------------------------------------------------------ diagnostics
-
-    def _storage_error(self, exc: BaseException, key: str, cls: type[StorageError] = StorageError) -> StorageError:
-        """Translate a boto error into a message that says which problem and what to set
-        (see the table above :func:`_classify`)."""
-        where = self._url(key) if key else f"s3://{self.bucket}"
-        endpoint = getattr(self._client.meta, "endpoint_url", "?")
-        code, status = _error_code(exc)
-        failure = _classify(exc, has_key=bool(key))
-        if failure is None:
-            msg = f"S3 request for {where} failed: {type(exc).__name__}: {exc}"
-        else:
-            msg = failure.advice.format(where=where, endpoint=endpoint, bucket=self.bucket,
-                                        code=code or status or type(exc).__name__, exc=exc)
-        return cls(msg, key=key)
 
     def check_access(self) -> None:
         """``HeadBucket``; StorageError naming the problem (no credentials, unreachable
@@ -166,44 +104,22 @@ class S3Store:
         try:
             self._client.head_bucket(Bucket=self.bucket)
         except (bce.BotoCoreError, bce.ClientError) as exc:
-            raise self._storage_error(exc, "") from exc
+            raise self.requests.storage_error(exc, "") from exc
 
     # ---------------------------------------------------------------------------- listing
-
-    def _list_keys(self, prefix: str) -> list[str]:
-        keys: list[str] = []
-        try:
-            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-                keys.extend(o["Key"] for o in page.get("Contents", []))
-        except (bce.BotoCoreError, bce.ClientError) as exc:
-            raise self._storage_error(exc, prefix) from exc
-        return keys
 
     def list_steps(self) -> list[int]:
         """Committed steps (those whose ``manifest.json`` exists), ascending."""
         base = self.key("step-") if self.prefix else "step-"
         strip = len(self.prefix) + 1 if self.prefix else 0
         steps = set()
-        for key in self._list_keys(base):
+        for key in self.requests.list_keys(base):
             parts = key[strip:].split("/")
             if len(parts) == 2 and parts[1] == MANIFEST_NAME:
                 step = parse_step_dirname(parts[0])
                 if step is not None:
                     steps.add(step)
         return sorted(steps)
-
-    def _get_bytes(self, key: str) -> bytes | None:
-        """An object's bytes, or None when it does not exist (retried like transfers)."""
-
-        def get() -> bytes | None:
-            try:
-                return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-            except bce.ClientError as exc:
-                if _classify(exc) is _NOT_FOUND:
-                    return None
-                raise
-
-        return self._retry(get, key, DownloadError)
 
     def read_range(self, step: int, rel: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of file ``rel`` of ``step`` (one ranged GET, retried); the
@@ -212,18 +128,9 @@ class S3Store:
         if end <= start:
             return b""
 
-        def get() -> bytes | None:
-            try:
-                resp = self._client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
-                return resp["Body"].read()
-            except bce.ClientError as exc:
-                if _classify(exc) is _NOT_FOUND:
-                    return None
-                raise
-
-        data = self._retry(get, key, DownloadError)
+        data = self.requests.get_bytes(key, byte_range=(start, end))
         if data is None or len(data) != end - start:
-            raise DownloadError(f"{self._url(key)}: bytes {start}-{end - 1} could not be read "
+            raise DownloadError(f"{self.requests.url(key)}: bytes {start}-{end - 1} could not be read "
                                 f"({'missing' if data is None else f'{len(data)} bytes came back'})", key=key)
         return data
 
@@ -231,103 +138,17 @@ class S3Store:
         """The S3 manifest of ``step``, strictly validated; CheckpointCorruptError if bad,
         NoCheckpointError-like StorageError if missing."""
         key = self.step_key(step, MANIFEST_NAME)
-        data = self._get_bytes(key)
+        data = self.requests.get_bytes(key)
         if data is None:
-            raise DownloadError(f"{self._url(key)} does not exist: step {step} is not committed in S3", key=key)
-        man = Manifest.from_bytes(data, source=self._url(key))
+            raise DownloadError(f"{self.requests.url(key)} does not exist: step {step} is not committed in S3", key=key)
+        man = Manifest.from_bytes(data, source=self.requests.url(key))
         if man.step != step:
             raise CheckpointCorruptError(
-                f"{self._url(key)} says step {man.step}, its directory says {step}; this step is "
+                f"{self.requests.url(key)} says step {man.step}, its directory says {step}; this step is "
                 "not usable -- an older step will be used",
-                path=self._url(key),
+                path=self.requests.url(key),
             )
         return man
-
-    # ---------------------------------------------------------------------------- retries
-
-    def _sleep_backoff(self, attempt: int) -> None:
-        delay = min(self._backoff * (2 ** (attempt - 1)), 20.0)
-        time.sleep(delay * (0.5 + self._rng.random() / 2))
-
-    def _retry(self, fn: Callable[[], Any], key: str, cls: type[StorageError]) -> Any:
-        for attempt in range(1, self._attempts + 1):
-            try:
-                return fn()
-            except (bce.BotoCoreError, bce.ClientError, OSError) as exc:
-                if not _is_retryable(exc) or attempt == self._attempts:
-                    if isinstance(exc, OSError) and not _is_retryable(exc):
-                        raise
-                    err = self._storage_error(exc, key, cls)
-                    if attempt > 1:
-                        err.args = (f"{err.args[0]} (after {attempt} attempts)",)
-                    raise err from exc
-                log.warning("S3 %s: %s; retrying (attempt %s of %s)", key, exc, attempt + 1, self._attempts)
-                self._sleep_backoff(attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _transfer_all(
-        self,
-        jobs: Sequence[_Job],
-        *,
-        download: bool,
-        progress: Callable[[int], None] | None = None,
-    ) -> None:
-        """Run all jobs in parallel on the TransferManager; retry failed ones in rounds with
-        backoff; on a non-retryable failure cancel the rest and raise Upload/DownloadError."""
-        cls: type[StorageError] = DownloadError if download else UploadError
-        tm = self._manager()
-        pending = list(jobs)
-        attempt = 0
-        while pending:
-            attempt += 1
-            futures = []
-            try:
-                for job in pending:
-                    sub = _Subscriber(job.size, progress)
-                    if download:
-                        fut = tm.download(self.bucket, job.key, str(job.path), extra_args=job.extra_args, subscribers=[sub])
-                    else:
-                        fut = tm.upload(str(job.path), self.bucket, job.key, extra_args=dict(job.extra_args), subscribers=[sub])
-                    futures.append((job, fut))
-                retry: list[tuple[_Job, BaseException]] = []
-                fatal: tuple[_Job, BaseException] | None = None
-                for job, fut in futures:
-                    try:
-                        fut.result()
-                    except Exception as exc:  # noqa: BLE001 - sorted below
-                        if fatal is None and _is_retryable(exc) and attempt < self._attempts:
-                            retry.append((job, exc))
-                        elif fatal is None:
-                            fatal = (job, exc)
-                            for _, other in futures:
-                                other.cancel()
-            except BaseException:
-                for _, fut in futures:
-                    fut.cancel()
-                raise
-            if fatal is not None:
-                job, exc = fatal
-                if isinstance(exc, FileNotFoundError) and not download:
-                    raise LocalStepVanishedError(f"{job.path} vanished during its upload", key=job.key) from exc
-                if isinstance(exc, (bce.BotoCoreError, bce.ClientError)) or _is_retryable(exc):
-                    err = self._storage_error(exc, job.key, cls)
-                else:
-                    advice = ""
-                    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                        advice = ("; the local disk is full -- free space on the checkpoint volume (or lower "
-                                  "keep_last); nothing was committed")
-                    err = cls(f"{'download' if download else 'upload'} of {self._url(job.key)} failed: "
-                              f"{type(exc).__name__}: {exc}{advice}", key=job.key)
-                if attempt > 1:
-                    err.args = (f"{err.args[0]} (after {attempt} attempts)",)
-                raise err from exc
-            if retry:
-                log.warning(
-                    "S3: %d of %d transfers failed (%s); retrying them (attempt %d of %d)",
-                    len(retry), len(pending), retry[0][1], attempt + 1, self._attempts,
-                )
-                self._sleep_backoff(attempt)
-            pending = [job for job, _ in retry]
 
     # ----------------------------------------------------------------------------- upload
 
@@ -362,13 +183,13 @@ class S3Store:
             raise CheckpointCorruptError(f"{local_manifest} is for step {manifest.step}, not {step}", path=local_manifest)
         man_key = self.step_key(step, MANIFEST_NAME)
 
-        existing = self._get_bytes(man_key)
+        existing = self.requests.get_bytes(man_key)
         if existing is not None:
             if self._same_manifest(existing, man_bytes):
                 log.debug("step %s is already committed in %s", step, self.uri)
                 return False
             raise UploadError(
-                f"{self._url(man_key)} already holds a different manifest: another writer committed "
+                f"{self.requests.url(man_key)} already holds a different manifest: another writer committed "
                 f"step {step}; use a separate S3 prefix per job/run, or delete that step first",
                 key=man_key,
             )
@@ -398,12 +219,12 @@ class S3Store:
                 if crc32c_b64(crc) != ent.crc32c:
                     raise CheckpointCorruptError(f"{path} does not match its CRC32C in the manifest", path=path)
                 extra: dict[str, Any] = {"ChecksumAlgorithm": "CRC32C"}
-                if ent.size <= self._config.multipart_threshold:
+                if ent.size <= self.requests.config.multipart_threshold:
                     extra = {"ChecksumCRC32C": ent.crc32c}
             else:
                 extra = {"ChecksumCRC32C": ent.crc32c}
-            jobs.append(_Job(self.step_key(step, rel), path, size, extra))
-        self._transfer_all(jobs, download=False)
+            jobs.append(Transfer(self.step_key(step, rel), path, size, extra))
+        self.requests.transfer_all(jobs, download=False)
 
         if not src_dir.exists():
             raise LocalStepVanishedError(f"{src_dir} vanished during its upload; not committing it", key=man_key)
@@ -418,13 +239,13 @@ class S3Store:
         missing = []
         for rel, ent in sorted(manifest.files.items()):
             key = self.step_key(step, rel)
-            h = self._head_with_checksum(key, UploadError)
+            h = self.requests.head(key, UploadError, checksum=True)
             if h is None or int(h.get("ContentLength", -1)) != ent.size:
                 missing.append(rel)
                 continue
             crc = h.get("ChecksumCRC32C")
             if crc is None:
-                body = self._get_bytes(key)
+                body = self.requests.get_bytes(key)
                 crc = None if body is None else crc32c_b64(crc32c_update(0, body))
             if crc != ent.crc32c:
                 missing.append(rel)
@@ -453,16 +274,16 @@ class S3Store:
             except bce.ClientError as exc:
                 if _classify(exc) is not _CONFLICT:
                     raise
-                now = self._get_bytes(man_key)
+                now = self.requests.get_bytes(man_key)
                 if now is not None and self._same_manifest(now, man_bytes):
                     return False  # e.g. our own earlier attempt went through
                 raise UploadError(
-                    f"{self._url(man_key)}: another writer committed step {step} with a different "
+                    f"{self.requests.url(man_key)}: another writer committed step {step} with a different "
                     "manifest at the same time; use a separate S3 prefix per job/run",
                     key=man_key,
                 ) from exc
 
-        done: bool = self._retry(put, man_key, UploadError)
+        done: bool = self.requests.retry(put, man_key, UploadError)
         log.info("step %s committed to %s (%d bytes)", step, self.uri, manifest.total_bytes)
         return done
 
@@ -491,7 +312,7 @@ class S3Store:
                     self._client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
                     n += 1
         except (bce.BotoCoreError, bce.ClientError) as exc:
-            raise self._storage_error(exc, prefix) from exc
+            raise self.requests.storage_error(exc, prefix) from exc
         if n:
             log.info("aborted %d incomplete multipart upload(s) under %s", n, self.uri)
         return n
@@ -518,7 +339,7 @@ class S3Store:
         dest_dir = Path(dest_dir)
         dest_dir.mkdir(parents=True, exist_ok=True)
         root = dest_dir.resolve()
-        source = self._url(self.step_key(step, MANIFEST_NAME))
+        source = self.requests.url(self.step_key(step, MANIFEST_NAME))
         targets: list[tuple[str, Path]] = []
         for rel in sorted(manifest.files):
             safe_relpath(rel, source=source)
@@ -535,20 +356,21 @@ class S3Store:
         for rel, target in targets:
             ent = manifest.files[rel]
             key = self.step_key(step, rel)
-            head = self._retry(lambda key=key: self._head(key), key, DownloadError)
+            h = self.requests.head(key, DownloadError)
+            head = None if h is None else int(h["ContentLength"])
             if head is None:
-                raise CheckpointCorruptError(f"{self._url(key)} is missing; step {step} in S3 is incomplete", path=self._url(key))
+                raise CheckpointCorruptError(f"{self.requests.url(key)} is missing; step {step} in S3 is incomplete", path=self.requests.url(key))
             if head != ent.size:
                 raise CheckpointCorruptError(
-                    f"{self._url(key)} is {head} bytes, the manifest says {ent.size} (truncated or "
+                    f"{self.requests.url(key)} is {head} bytes, the manifest says {ent.size} (truncated or "
                     "replaced); this step is not usable -- an older step will be used",
-                    path=self._url(key),
+                    path=self.requests.url(key),
                 )
             target.parent.mkdir(parents=True, exist_ok=True)
             if os.path.commonpath([str(root), os.path.realpath(target.parent)]) != str(root):
                 raise CheckpointCorruptError(f"{source}: {rel!r} escapes {root}; refusing", path=source)
-            jobs.append(_Job(key, target, ent.size, {}))
-        self._transfer_all(jobs, download=True, progress=progress)
+            jobs.append(Transfer(key, target, ent.size, {}))
+        self.requests.transfer_all(jobs, download=True, progress=progress)
 
         for rel, target in targets:
             ent = manifest.files[rel]
@@ -556,10 +378,10 @@ class S3Store:
             if size != ent.size or crc32c_b64(crc) != ent.crc32c:
                 target.unlink(missing_ok=True)
                 raise CheckpointCorruptError(
-                    f"{self._url(self.step_key(step, rel))}: downloaded {size} bytes with CRC32C "
+                    f"{self.requests.url(self.step_key(step, rel))}: downloaded {size} bytes with CRC32C "
                     f"{crc32c_b64(crc)}, the manifest says {ent.size} bytes / {ent.crc32c}; the "
                     "object is corrupt -- an older step will be used",
-                    path=self._url(self.step_key(step, rel)),
+                    path=self.requests.url(self.step_key(step, rel)),
                 )
             _fsync_path(target)
         dirs = {t.parent for _, t in targets} | {root}
@@ -579,7 +401,7 @@ class S3Store:
         problems: list[str] = []
         for rel, ent in sorted(manifest.files.items()):
             key = self.step_key(step, rel)
-            h = self._head_with_checksum(key, DownloadError)
+            h = self.requests.head(key, DownloadError, checksum=True)
             if h is None:
                 problems.append(f"{rel}: missing")
                 continue
@@ -600,31 +422,10 @@ class S3Store:
                     n += len(chunk)
                 return n, crc
 
-            n, crc = self._retry(stream, key, DownloadError)
+            n, crc = self.requests.retry(stream, key, DownloadError)
             if n != ent.size or crc32c_b64(crc) != ent.crc32c:
                 problems.append(f"{rel}: read {n} bytes with CRC32C {crc32c_b64(crc)}, manifest says {ent.size} / {ent.crc32c}")
         return problems
-
-    def _head_with_checksum(self, key: str, cls: type[StorageError]) -> dict[str, Any] | None:
-        """``HeadObject`` with the stored checksum (``ChecksumMode``), retried; None if absent."""
-
-        def head() -> dict[str, Any] | None:
-            try:
-                return self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
-            except bce.ClientError as exc:
-                if _classify(exc) is _NOT_FOUND:
-                    return None
-                raise
-
-        return self._retry(head, key, cls)  # type: ignore[no-any-return]
-
-    def _head(self, key: str) -> int | None:
-        try:
-            return int(self._client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
-        except bce.ClientError as exc:
-            if _classify(exc) is _NOT_FOUND:
-                return None
-            raise
 
     # ----------------------------------------------------------------------------- delete
 
@@ -632,13 +433,13 @@ class S3Store:
         """Delete only a step's manifest: the step stops counting, its data objects stay (as
         evidence; a later upload of the same step overwrites them)."""
         man_key = self.step_key(step, MANIFEST_NAME)
-        self._retry(lambda: self._client.delete_object(Bucket=self.bucket, Key=man_key), man_key, StorageError)
+        self.requests.retry(lambda: self._client.delete_object(Bucket=self.bucket, Key=man_key), man_key, StorageError)
 
     def delete_step(self, step: int) -> None:
         """Delete a step: its manifest first (the step stops counting), then its data."""
         man_key = self.step_key(step, MANIFEST_NAME)
-        self._retry(lambda: self._client.delete_object(Bucket=self.bucket, Key=man_key), man_key, StorageError)
-        keys = self._list_keys(self.step_key(step))
+        self.requests.retry(lambda: self._client.delete_object(Bucket=self.bucket, Key=man_key), man_key, StorageError)
+        keys = self.requests.list_keys(self.step_key(step))
         for i in range(0, len(keys), 1000):
             batch = keys[i : i + 1000]
             key = batch[0]
@@ -649,18 +450,14 @@ class S3Store:
                 )
                 if resp.get("Errors"):
                     e = resp["Errors"][0]
-                    raise StorageError(f"cannot delete {self._url(e.get('Key', ''))}: {e.get('Code')} {e.get('Message')}", key=e.get("Key", ""))
+                    raise StorageError(f"cannot delete {self.requests.url(e.get('Key', ''))}: {e.get('Code')} {e.get('Message')}", key=e.get("Key", ""))
 
-            self._retry(delete, key, StorageError)
+            self.requests.retry(delete, key, StorageError)
         log.info("step %s deleted from %s", step, self.uri)
 
     def close(self) -> None:
         """Shut down the transfer threads (waits for transfers in flight)."""
-        with self._lock:
-            self._closed = True
-            tm, self._tm = self._tm, None
-        if tm is not None:
-            tm.shutdown()
+        self.requests.close()
 
     def __enter__(self) -> S3Store:
         return self
