@@ -25,13 +25,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from spotckpt.autopilot import Autopilot, AutoInterval
-from spotckpt.core.adopt import adopt_into, folder_extra, scan as scan_folder
-from spotckpt.core.adopt_ranks import agree_folder, commit_folder, newest_folder_agreed
+from spotckpt.autopilot import Autopilot
+from spotckpt.core.adopt_ranks import adopt_folder, restore_folder
 from spotckpt.core.config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
 from spotckpt.ranks.dist import Coordinator, RequestChannel, SaveAgreement, check_save, coordinator_from_torch
 from spotckpt.errors import (
-    AllStepsCorruptError,
     ClosedError,
     CollectiveError,
     ConfigError,
@@ -49,18 +47,11 @@ from spotckpt.events import (
 )
 from spotckpt.core.local import LocalStore
 from spotckpt.core.metrics import MetricsListener, Stats, progress_logger
-from spotckpt.policy import (
-    EveryNSeconds,
-    EveryNSteps,
-    RetentionPolicy,
-    SaveContext,
-    SavePolicy,
-    retention_from,
-    save_policy_from,
-)
+from spotckpt.policy import RetentionPolicy, SavePolicy, retention_from
 from spotckpt.core.preemption import DEFAULT_GRACE_SECONDS, PreemptionWatcher
 from spotckpt.ranks.shard import shards_metadata
 from spotckpt.core.restore import RestoreOptions
+from spotckpt.core.schedule import FINAL, SaveSchedule
 from spotckpt.core.stage import bounce_buffer_for
 from spotckpt.core.steps import CommitPipeline
 from spotckpt.core.protocols import RemoteStore
@@ -128,15 +119,11 @@ class CheckpointManager:
         collective_timeout_seconds: float | None = None,
         rank: int | None = None,
     ) -> None:
-        if every_steps == "auto":  # the autopilot chooses the interval (spotckpt.autopilot)
-            if save_policy is not None or every_seconds is not None:
-                raise ConfigError("every_steps='auto' chooses the interval itself; drop every_seconds/save_policy")
-            save_policy, every_steps = AutoInterval(), None
-        self._custom_policy = save_policy is not None
-        # several ranks: step counts need no talking; rank 0's clock (or a custom policy) does
-        self._every_steps = None if save_policy is not None or every_steps is None else EveryNSteps(every_steps)
-        self._every_seconds = None if save_policy is not None or every_seconds is None else EveryNSeconds(every_seconds)
-        self.save_policy: SavePolicy = save_policy if save_policy is not None else save_policy_from(every_steps, every_seconds)
+        grace = grace_seconds if grace_seconds is not None else env_float("SPOTCKPT_GRACE_SECONDS", DEFAULT_GRACE_SECONDS)
+        self._watcher = PreemptionWatcher(grace_seconds=grace)
+        self._schedule = SaveSchedule(self._watcher, every_steps=every_steps, every_seconds=every_seconds,
+                                      save_policy=save_policy, clock=clock)
+        self.save_policy: SavePolicy = self._schedule.policy
         self.retention: RetentionPolicy = retention if retention is not None else retention_from(keep_last)
         self.async_save = async_save
         self.verify_on_restore = verify_on_restore
@@ -144,8 +131,6 @@ class CheckpointManager:
         self.rank = 0
         self.world_size = 1
         self._replicated_hint = tuple(replicated)
-        self._clock = clock
-        grace = grace_seconds if grace_seconds is not None else env_float("SPOTCKPT_GRACE_SECONDS", DEFAULT_GRACE_SECONDS)
 
         self.stats = Stats()
         self.events = EventBus()
@@ -161,9 +146,7 @@ class CheckpointManager:
         self._coord: Coordinator | None = None
         self._requests: RequestChannel | None = None
         self._abandoned = False
-        self._agreement: SaveAgreement | None = None
         self.pipeline: CommitPipeline | None = None
-        self._watcher = PreemptionWatcher(grace_seconds=grace)
         try:
             self.local = LocalStore(resolve_local_dir(local_dir))
             self.local_dir = self.local.root
@@ -177,6 +160,7 @@ class CheckpointManager:
                 )
             self.pipeline = CommitPipeline(self.local, events=self.events, retention=self.retention, clock=clock,
                                            coord=self._coord, rank=self.rank, world_size=self.world_size)
+            self._schedule.pipe = self.pipeline
             self.s3_uri = remote_store.uri if remote_store is not None else resolve_s3_uri(s3_uri)
             if self.s3_uri is None and sagemaker_info().checkpoint_sync_active:
                 log.info("spotckpt: SageMaker syncs %s to S3 itself; spotckpt uploads nothing", self.local_dir)
@@ -224,7 +208,8 @@ class CheckpointManager:
             self._metrics.rank = self.rank
         coord.set_hosts(str(self.local.root))
         self._requests = RequestChannel(coord.store, coord.rank, coord.world_size)
-        self._agreement = SaveAgreement(self._requests)
+        self._schedule.agreement = SaveAgreement(self._requests)
+        self._schedule.rank = self.rank
 
     # -- optional components ------------------------------------------------------------
     def _start_upload(self, remote_store: RemoteStore | None) -> None:
@@ -393,7 +378,7 @@ class CheckpointManager:
         if self._watcher.requested:
             return self._final_save(step, state, self._watcher.reason or "requested")
         pipe = self.pipeline
-        if step == pipe.last_saved_step or not self.save_policy.should_save(self._context(step)):
+        if step == pipe.last_saved_step or not self.save_policy.should_save(self._schedule.context(step)):
             return False
         job = pipe.pending
         if job is not None and not job.done.is_set():
@@ -411,51 +396,16 @@ class CheckpointManager:
         no collective), and ``preemption_requested`` then holds on every rank, the grace
         counted from that moment where the signal did not arrive."""
         self._check_open()
-        if self._agreement is None:
-            return self._watcher.requested
-        ask = ("preempt", self._watcher.reason or "requested") if self._watcher.requested else None
-        req = self._agreement.due(as_step(step), ask)
-        if req is None:
-            return False
-        if req.kind != "preempt":
-            log.info("spotckpt: step %d: %s asks for a save; the framework decides when to save here", step, req.reason)
-            return False
-        if not self._watcher.requested:
-            self._watcher.request(f"rank {req.by_rank}: {req.reason}")
-        return True
-
-    def _context(self, step: int) -> SaveContext:
-        pipe = self.pipeline
-        return SaveContext(step=step, seconds_since_last_save=self._clock() - pipe.last_save_time,
-                           last_saved_step=pipe.last_saved_step)
+        return self._schedule.preemption_due(as_step(step))
 
     def _maybe_save_ranks(self, step: int, state: MutableMapping[str, Any]) -> bool:
-        """Several ranks. Step-count policies are the same on every rank, so every rank saves
-        at those steps without talking; anything else (preemption on one rank, rank 0's clock,
-        a custom policy evaluated on rank 0) becomes a request that every rank saves at the
-        agreed step. Per step, without a request: one local read."""
-        assert self._agreement is not None
-        ask = None
-        if self._watcher.requested:
-            ask = ("preempt", self._watcher.reason or "requested")
-        elif self.rank == 0 and step != self.pipeline.last_saved_step and self._rank0_policy_due(step):
-            ask = ("policy", f"rank 0's policy at step {step}")
-        req = self._agreement.due(step, ask)
-        if req is not None:
-            if req.kind == "preempt":
-                return self._final_save(step, state, req.reason)
-            return self._save(step, state, blocking=None, policy=True)
-        if (self._every_steps is not None and step != self.pipeline.last_saved_step
-                and self._every_steps.should_save(self._context(step))):
-            return self._save(step, state, blocking=None, policy=True)
-        return False
-
-    def _rank0_policy_due(self, step: int) -> bool:
-        """Rank 0: the part of the policy that is not a plain step count (its clock, or a
-        custom policy) says save."""
-        if self._custom_policy:
-            return self.save_policy.should_save(self._context(step))
-        return self._every_seconds is not None and self._every_seconds.should_save(self._context(step))
+        """Several ranks: what :meth:`spotckpt.core.schedule.SaveSchedule.due_ranks` says."""
+        due = self._schedule.due_ranks(step)
+        if due is None:
+            return False
+        if due[0] == FINAL:
+            return self._final_save(step, state, due[1])
+        return self._save(step, state, blocking=None, policy=True)
 
     def _final_save(self, step: int, state: MutableMapping[str, Any], reason: str) -> bool:
         """The preemption save: it ends with ``step`` committed locally and, with S3, uploaded
@@ -606,39 +556,7 @@ class CheckpointManager:
         folder are committed as one step, one manifest listing every host's files
         (:mod:`spotckpt.core.adopt_ranks`)."""
         self._check_open()
-        step = as_step(step)
-        pipe = self._pipe
-        if folder is None and self._coord is None:
-            raise ConfigError("adopt(step, None) is for a rank of several that wrote nothing; pass the folder")
-        err: BaseException | None = None
-        try:
-            pipe.wait_pending()
-        except SpotCkptError as exc:
-            if self._coord is None:
-                raise
-            err = exc  # raised on every rank by the agreement below
-        pipe.roll_back_before_saving()
-        path = self.local.step_path(step)
-        t0 = time.perf_counter()
-        if self._coord is not None:
-            agreed = agree_folder(self._coord, step, folder, error=err, committed=err is None and pipe.committed(step))
-            if agreed.skip:
-                pipe.skip(step)
-                return path
-            extra = pipe.stamp(layout=FOLDER.name, **folder_extra(None, meta, adopted=agreed.adopted))
-            coord, nbytes = self._coord, agreed.nbytes
-            pipe.commit(step, lambda: commit_folder(self.local, step, agreed, extra=extra, coord=coord), t0=t0,
-                        nbytes=nbytes, blocking=blocking)
-            return path
-        if pipe.committed(step):
-            pipe.skip(step)
-            return path
-        assert folder is not None
-        seen = scan_folder(folder)
-        extra = pipe.stamp(layout=FOLDER.name, **folder_extra(seen, meta))
-        pipe.commit(step, lambda: adopt_into(self.local, step, seen, extra=extra), t0=t0, nbytes=seen.nbytes,
-                    blocking=blocking)
-        return path
+        return adopt_folder(self._pipe, as_step(step), folder, blocking=blocking, meta=meta)
 
     def restore_folder(self, *, step: int | None = None, start_fresh_if_corrupt: bool = False) -> Path | None:
         """The path of the newest adopted step that verifies (or of ``step``): local, else
@@ -654,20 +572,4 @@ class CheckpointManager:
         self._check_open()
         opts = RestoreOptions(step=None if step is None else as_step(step), verify=self.verify_on_restore,
                               progress=progress_logger(), loader=lambda path, manifest, rank: FOLDER.require(manifest, path))
-        if self._coord is None:
-            res = self._pipe.restore(None, opts, start_fresh_if_corrupt=start_fresh_if_corrupt)
-        else:  # every host gets the whole step, from S3 or from the other hosts
-            try:
-                res = newest_folder_agreed(self.local, self._store, self._coord, step=opts.step, verify=opts.verify,
-                                           progress=opts.progress)
-            except AllStepsCorruptError as exc:
-                if not start_fresh_if_corrupt:
-                    raise
-                log.warning("spotckpt: no adopted step verifies; starting fresh as asked:\n%s", exc)
-                self._pipe.roll_back(None)
-                return None
-            if res is not None:
-                self._pipe.note_restore(res, explicit=opts.step is not None)
-        if res is None:
-            return None
-        return res.path
+        return restore_folder(self._pipe, opts, start_fresh_if_corrupt=start_fresh_if_corrupt)

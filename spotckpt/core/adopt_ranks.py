@@ -30,6 +30,9 @@ Every host then holds the whole step (what the frameworks load on each node: the
 optimizer and state on every rank, Lightning's one ``.ckpt``). A step that fails anywhere is
 skipped on every rank and the next older one tried.
 
+The manager's ``adopt()`` and ``restore_folder()`` are :func:`adopt_folder` and
+:func:`restore_folder` here, one process or several, through its :class:`CommitPipeline`.
+
 Threads: the training thread (``agree_folder``, ``newest_folder_agreed``); ``commit_folder`` runs
 where the manager puts it (training thread, or its persist thread for ``blocking=False``).
 """
@@ -44,18 +47,84 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spotckpt.core.adopt import FolderScan, copy_into, scan
+from spotckpt.core.adopt import FolderScan, adopt_into, copy_into, folder_extra, scan
 from spotckpt.ranks.dist import Coordinator, check_save
-from spotckpt.errors import CheckpointCorruptError, CollectiveError, ConfigError, FolderChangedError, NoCheckpointError
+from spotckpt.errors import (
+    AllStepsCorruptError,
+    CheckpointCorruptError,
+    CollectiveError,
+    ConfigError,
+    FolderChangedError,
+    NoCheckpointError,
+    SpotCkptError,
+)
+from spotckpt.core.layouts import FOLDER
 from spotckpt.format import FOLDER_LAYOUT, MANIFEST_NAME, FileEntry, Manifest, fsync_dir
 from spotckpt.core.local import DAMAGED, LocalStore, verify_files
-from spotckpt.core.steps import commit_files
-from spotckpt.core.restore import RestoreResult, raise_if_all_bad
+from spotckpt.core.steps import CommitPipeline, commit_files
+from spotckpt.core.restore import RestoreOptions, RestoreResult, raise_if_all_bad
 from spotckpt.core.protocols import StepSource
 
-__all__ = ["AgreedFolder", "agree_folder", "commit_folder", "newest_folder_agreed"]
+__all__ = ["AgreedFolder", "adopt_folder", "restore_folder", "agree_folder", "commit_folder", "newest_folder_agreed"]
 
 log = logging.getLogger(__name__)
+
+
+def adopt_folder(pipe: CommitPipeline, step: int, folder: str | os.PathLike[str] | None, *, blocking: bool,
+                 meta: dict[str, Any] | None) -> Path:
+    """``CheckpointManager.adopt``: ``folder`` committed as ``step`` through ``pipe`` (several
+    ranks: collective, each host's files of the folder as one step). Returns the step's path."""
+    local, coord = pipe.local, pipe.coord
+    if folder is None and coord is None:
+        raise ConfigError("adopt(step, None) is for a rank of several that wrote nothing; pass the folder")
+    err: BaseException | None = None
+    try:
+        pipe.wait_pending()
+    except SpotCkptError as exc:
+        if coord is None:
+            raise
+        err = exc  # raised on every rank by the agreement below
+    pipe.roll_back_before_saving()
+    path = local.step_path(step)
+    t0 = time.perf_counter()
+    if coord is not None:
+        agreed = agree_folder(coord, step, folder, error=err, committed=err is None and pipe.committed(step))
+        if agreed.skip:
+            pipe.skip(step)
+            return path
+        extra = pipe.stamp(layout=FOLDER.name, **folder_extra(None, meta, adopted=agreed.adopted))
+        pipe.commit(step, lambda: commit_folder(local, step, agreed, extra=extra, coord=coord), t0=t0,
+                    nbytes=agreed.nbytes, blocking=blocking)
+        return path
+    if pipe.committed(step):
+        pipe.skip(step)
+        return path
+    assert folder is not None
+    seen = scan(folder)
+    extra = pipe.stamp(layout=FOLDER.name, **folder_extra(seen, meta))
+    pipe.commit(step, lambda: adopt_into(local, step, seen, extra=extra), t0=t0, nbytes=seen.nbytes,
+                blocking=blocking)
+    return path
+
+
+def restore_folder(pipe: CommitPipeline, opts: RestoreOptions, *, start_fresh_if_corrupt: bool) -> Path | None:
+    """``CheckpointManager.restore_folder``: one process, the restore's candidate walk with the
+    folder loader; several ranks, :func:`newest_folder_agreed` (every host gets the whole step)."""
+    if pipe.coord is None:
+        res = pipe.restore(None, opts, start_fresh_if_corrupt=start_fresh_if_corrupt)
+    else:
+        try:
+            res = newest_folder_agreed(pipe.local, pipe.store, pipe.coord, step=opts.step, verify=opts.verify,
+                                       progress=opts.progress)
+        except AllStepsCorruptError as exc:
+            if not start_fresh_if_corrupt:
+                raise
+            log.warning("spotckpt: no adopted step verifies; starting fresh as asked:\n%s", exc)
+            pipe.roll_back(None)
+            return None
+        if res is not None:
+            pipe.note_restore(res, explicit=opts.step is not None)
+    return None if res is None else res.path
 
 
 @dataclass(frozen=True)
