@@ -19,11 +19,18 @@ delete them at once), so the two never disagree.
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from spotckpt.autopilot import ENV_VAR, Autopilot, Plan, parse_rates, plan_interval, user_rates
 from spotckpt.errors import ConfigError
+from spotckpt.events import AutopilotEvent
+
+log = logging.getLogger("spotckpt.autopilot")  # the autopilot's one line per choice keeps its logger name
 
 __all__ = [
     "SaveContext",
@@ -148,4 +155,106 @@ def doomed(policy: RetentionPolicy, steps: Sequence[int], *, protect: Iterable[i
     return sorted(s for s in steps if s not in keep)
 
 
-from spotckpt.autopilot import AutoInterval  # noqa: E402 - defined there, with the interval math it needs
+# -- the autopilot's policy ---------------------------------------------------------------------------
+class AutoInterval:
+    """Save policy: the interval from measured costs and the effective failure rate (see
+    :mod:`spotckpt.autopilot`). ``CheckpointManager(every_steps="auto")`` or
+    ``save_policy=AutoInterval(...)``.
+
+    ``interruptions_per_hour`` (per instance) or ``frequency_bucket`` (AWS Spot Advisor's, e.g.
+    ``"5-10%"``), ``hard_fraction`` (share without notice, default 0.05) and ``instances``: the
+    rates; without them ``$SPOTCKPT_INTERRUPTIONS``, else the job's own history. The interval is
+    clamped to ``[max(min_interval_seconds, 1.5 x save-to-durable), max_interval_seconds]``. The
+    first save of a run with no recorded costs comes after ``probe_steps`` steps, to measure them.
+    ``notice_aware=False`` plans from the total interruption rate (the classical Young/Daly that
+    ignores notice; a baseline for benchmarks). The choice is logged (INFO, one line) and
+    published as ``event=autopilot`` whenever it moves by more than 10 %.
+    """
+
+    def __init__(self, *, interruptions_per_hour: float | None = None, frequency_bucket: str | None = None,
+                 hard_fraction: float | None = None, instances: int | None = None,
+                 min_interval_seconds: float = 0.0, max_interval_seconds: float = 3600.0, probe_steps: int = 10,
+                 notice_aware: bool = True) -> None:
+        if not 0 <= min_interval_seconds <= max_interval_seconds or not max_interval_seconds > 0:
+            raise ConfigError(f"AutoInterval: need 0 <= min_interval_seconds <= max_interval_seconds, > 0; got "
+                              f"{min_interval_seconds!r}, {max_interval_seconds!r}")
+        if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or probe_steps < 1:
+            raise ConfigError(f"AutoInterval: probe_steps must be an int >= 1, got {probe_steps!r}")
+        self.rates = user_rates(per_hour=interruptions_per_hour, bucket=frequency_bucket,
+                                hard_fraction=hard_fraction, instances=instances)
+        if self.rates is None:
+            self.rates = parse_rates(os.environ.get(ENV_VAR))
+        self.min_s = float(min_interval_seconds)
+        self.max_s = float(max_interval_seconds)
+        self.probe_steps = probe_steps
+        self.notice_aware = notice_aware
+        self.interval_s: float | None = None  # read every step; None until the costs are known
+        self.plan: Plan | None = None
+        self._pilot: Autopilot | None = None
+        self._started = False
+        self._start_step = 0  # the step this run started from (restored, or before the first call)
+        self._timed: int | None = None
+
+    def bind(self, pilot: Autopilot) -> None:
+        """Called by the manager: measure through ``pilot``, re-plan on its updates."""
+        self._pilot = pilot
+        pilot.on_update(self.replan)
+
+    def should_save(self, ctx: SaveContext) -> bool:
+        iv = self.interval_s
+        if iv is not None:
+            if ctx.seconds_since_last_save < iv:
+                return False
+            self._note_step_time(ctx)
+            return True
+        if not self._started:
+            self._started = True
+            self._start_step = ctx.last_saved_step if ctx.last_saved_step is not None else ctx.step - 1
+        if ctx.last_saved_step is not None and ctx.last_saved_step != self._start_step:  # probed; no plan yet
+            return ctx.seconds_since_last_save >= self.max_s
+        return ctx.step - self._start_step >= self.probe_steps
+
+    def _note_step_time(self, ctx: SaveContext) -> None:
+        last = ctx.last_saved_step
+        if self._pilot is None or last is None or last == self._timed or ctx.step <= last:
+            return
+        self._timed = last
+        self._pilot.note_step_time(ctx.seconds_since_last_save / (ctx.step - last))
+
+    def current_rates(self) -> tuple[float, float, str]:
+        """(per second: failures without notice, noticed interruptions, where the rates come from)."""
+        pilot = self._pilot
+        if self.rates is not None:
+            lam = self.rates.per_second
+            return lam * self.rates.hard_fraction, lam * (1 - self.rates.hard_fraction), self.rates.source
+        if pilot is None:
+            return 0.0, 0.0, "none"
+        unsaved, saved = pilot.history.rates(time.time())
+        return unsaved, saved, "history"
+
+    def replan(self, step: int | None = None) -> Plan | None:
+        """Plan from the current measurements (the manager's events call this after each save)."""
+        pilot = self._pilot
+        if pilot is None:
+            return None
+        c = pilot.costs()
+        b = pilot.budget
+        if c.stall_s is None or c.to_durable_s is None or b is None:
+            return None
+        hard, notice, source = self.current_rates()
+        if self.notice_aware:
+            p = plan_interval(cost_s=c.stall_s, to_durable_s=c.to_durable_s, hard_per_s=hard, notice_per_s=notice,
+                              fits=b.fits, fits_busy=b.fits_busy, min_s=self.min_s, max_s=self.max_s)
+        else:
+            p = plan_interval(cost_s=c.stall_s, to_durable_s=c.to_durable_s, hard_per_s=hard + notice,
+                              notice_per_s=0.0, fits=True, fits_busy=True, min_s=self.min_s, max_s=self.max_s)
+        old = self.interval_s
+        self.plan = p
+        self.interval_s = p.interval_s
+        if old is None or abs(p.interval_s - old) > 0.1 * old:
+            steps = int(round(p.interval_s / c.step_s)) if c.step_s else 0
+            log.info("spotckpt: autopilot%s: %s; rates from %s; %s", "" if self.notice_aware else " (ignoring notice)",
+                     p.text, source, f"about {steps} steps at {c.step_s:.4g} s/step" if steps else "step time not yet measured")
+            pilot.events.emit(AutopilotEvent(step=step, interval_s=p.interval_s, steps=steps,
+                                             rate_per_h=p.rate_eff_per_s * 3600, cost_s=p.cost_s, why=p.why))
+        return p

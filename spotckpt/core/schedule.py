@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from spotckpt.autopilot import AutoInterval
+from spotckpt.policy import AutoInterval
 from spotckpt.errors import ConfigError
 from spotckpt.core.preemption import PreemptionWatcher
 from spotckpt.policy import EveryNSeconds, EveryNSteps, SaveContext, SavePolicy, save_policy_from

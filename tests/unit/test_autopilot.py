@@ -14,7 +14,6 @@ from spotckpt.autopilot import (
     PRIOR_EXPOSURE_S,
     SAFE_SHARE,
     Autopilot,
-    AutoInterval,
     History,
     daly_interval,
     parse_rates,
@@ -23,7 +22,7 @@ from spotckpt.autopilot import (
 )
 from spotckpt.errors import ConfigError
 from spotckpt.events import DurableLocalEvent, DurableS3Event, EventBus, GraceBudgetEvent, PreemptedEvent, SaveEvent
-from spotckpt.policy import SaveContext
+from spotckpt.policy import AutoInterval, SaveContext
 from spotckpt.tools.simulate.summary import InstanceRecord, JobRecord, summary
 
 
