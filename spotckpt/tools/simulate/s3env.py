@@ -5,15 +5,15 @@ Three cases, in this order:
 - ``s3_uri`` given (``--s3``): ``<s3_uri>/<job>``; the endpoint and credentials come from the
   AWS configuration (``$AWS_ENDPOINT_URL``, profiles, ...), nothing is created.
 - ``$AWS_ENDPOINT_URL`` set: a bucket ``spotckpt-simulate`` is created there if needed.
-- otherwise moto's server is embedded on 127.0.0.1 (a free port), with a bucket and dummy
-  credentials that CMD gets in its environment; :meth:`SimS3.close` stops it.
+- otherwise moto's server is started on 127.0.0.1 (a free port; :class:`spotckpt.tools.s3server.S3Server`,
+  the one local S3 starter of tests, benchmarks and simulate), with a bucket and credentials
+  that CMD gets in its environment; :meth:`SimS3.close` stops it, data and all.
 
-Used from the simulator's thread only (moto serves on threads of its own).
+Used from the simulator's thread only (the server runs in a child process that dies with it).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -22,7 +22,6 @@ from spotckpt.errors import ConfigError, SpotCkptError, StorageError
 __all__ = ["SimS3", "BUCKET"]
 
 BUCKET = "spotckpt-simulate"
-_DUMMY_CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
 
 
 class SimS3:
@@ -48,38 +47,30 @@ class SimS3:
             self._create_bucket(BUCKET)
             self.s3_uri = f"s3://{BUCKET}/{self.job}"
         else:
+            from spotckpt.tools.s3server import S3Server, S3ServerError
+
             try:
-                from moto.server import ThreadedMotoServer
-            except ImportError as exc:
+                self._server = S3Server.start("moto", buckets=[BUCKET])
+            except S3ServerError as exc:
                 raise ConfigError(
-                    "the embedded S3 needs moto's server (pip install 'moto[server]'), or point "
-                    "AWS_ENDPOINT_URL at an S3 endpoint, or pass --s3 s3://bucket/prefix"
-                ) from exc
-            logging.getLogger("werkzeug").setLevel(logging.ERROR)
-            self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-            self._server.start()
-            host, port = self._server.get_host_and_port()
-            self.endpoint = f"http://{host}:{port}"
-            env.update(AWS_ENDPOINT_URL=self.endpoint, AWS_ACCESS_KEY_ID="testing",
-                       AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-            env.pop("AWS_PROFILE", None)
-            env.pop("AWS_SESSION_TOKEN", None)
-            self._create_bucket(BUCKET)
+                    f"the embedded S3 did not start ({exc}); install moto's server (pip install 'moto[server]'), "
+                    "or point AWS_ENDPOINT_URL at an S3 endpoint, or pass --s3 s3://bucket/prefix") from exc
+            self.endpoint = self._server.endpoint_url
+            env = self._server.apply_env(env)
             self.s3_uri = f"s3://{BUCKET}/{self.job}"
         self.env = env
 
     @property
     def embedded(self) -> bool:
-        """Whether the S3 server is moto embedded in this process (stopped, data and all, by close)."""
+        """Whether the S3 server is simulate's own (stopped, data and all, by close)."""
         return self._server is not None
 
     def _client(self) -> Any:
+        if self._server is not None:
+            return self._server.client()
         import boto3
 
-        kw: dict[str, Any] = {"endpoint_url": self.endpoint} if self.endpoint else {}
-        if self._server is not None:
-            kw.update(_DUMMY_CREDS)
-        return boto3.client("s3", **kw)
+        return boto3.client("s3", **({"endpoint_url": self.endpoint} if self.endpoint else {}))
 
     def _create_bucket(self, name: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
