@@ -3,9 +3,10 @@ the invariant every fault test asserts, and reading a child process's output unt
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -186,3 +187,31 @@ def interrupted_under_run(example: list[str], uri: str, local: Path, *, env: dic
     assert in_s3 and at_step <= in_s3[-1], in_s3
     assert f"preempted at step {in_s3[-1]}" in err
     return in_s3, err
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """``path`` (a directory) really read-only for this block: as root, a read-only bind mount
+    of it on itself (root ignores modes); otherwise mode 0555. Skips the test where neither
+    works -- never a patched ``os`` function."""
+    import os
+
+    import pytest
+
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield
+        finally:
+            path.chmod(0o755)
+        return
+    bind = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
+    if bind.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {bind.stderr.strip()}")
+    try:
+        ro = subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], capture_output=True, text=True)
+        if ro.returncode != 0:
+            pytest.skip(f"cannot remount read-only here: {ro.stderr.strip()}")
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=False, capture_output=True)

@@ -1,4 +1,7 @@
-"""A real full disk: a small tmpfs mounted for the test (skipped where mounting is not allowed)."""
+"""A real full disk: a small tmpfs mounted for the test (skipped where mounting is not allowed).
+
+The one test of a disk that fills up during a save -- blocking (raised at once) and async (a
+failure on the persist thread, raised from the next wait()/save()) -- with no patched writer."""
 
 from __future__ import annotations
 

@@ -9,21 +9,20 @@ import os
 import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from spotckpt import CheckpointManager, __version__
 from spotckpt.tools.cli import build_parser, main
-from tests.helpers import REPO, step_state
+from tests.helpers import REPO, read_only, step_state
 
 
 @pytest.fixture
 def ro_ckpt(tmp_path: Path) -> Path:
     """Three committed steps in ``tmp_path/ro/ckpt``, every directory and file made read-only
-    (0555 / 0444; tests run as root, where that does not stop writes -- hence the snapshots
-    and the shim below)."""
+    (0555 / 0444; tests run as root, where that does not stop writes -- hence the snapshots,
+    and a read-only mount where the volume must refuse writes)."""
     d = tmp_path / "ro" / "ckpt"
     with CheckpointManager(d, keep_last=None, metrics=False) as mgr:
         for s in (10, 20, 30):
@@ -42,52 +41,6 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
             st = os.lstat(p)
             out[os.path.relpath(p, root)] = (stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns)
     return out
-
-
-# Makes everything under $RO_ROOT behave like a read-only mount (EROFS on every write), for a
-# child process: a read-only bind mount needs privileges these tests do not assume.
-READ_ONLY_SHIM = textwrap.dedent(
-    """
-    import builtins, errno, io, os
-    ROOT = os.environ["RO_ROOT"]
-    def _ro(path):
-        try:
-            p = os.path.abspath(os.fsdecode(path))
-        except TypeError:
-            return False
-        return p == ROOT or p.startswith(ROOT + os.sep)
-    def _deny(path):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
-    def _wrap1(orig):
-        def f(path, *a, **k):
-            if _ro(path):
-                _deny(path)
-            return orig(path, *a, **k)
-        return f
-    for _n in ("mkdir", "rmdir", "unlink", "remove", "makedirs"):
-        setattr(os, _n, _wrap1(getattr(os, _n)))
-    def _wrap2(orig):
-        def f(src, dst, *a, **k):
-            if _ro(src) or _ro(dst):
-                _deny(src)
-            return orig(src, dst, *a, **k)
-        return f
-    os.rename, os.replace = _wrap2(os.rename), _wrap2(os.replace)
-    _WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    _os_open = os.open
-    def _open_fd(path, flags, *a, **k):
-        if flags & _WRITE and _ro(path):
-            _deny(path)
-        return _os_open(path, flags, *a, **k)
-    os.open = _open_fd
-    _bopen = builtins.open
-    def _open(file, mode="r", *a, **k):
-        if isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wax+") and _ro(file):
-            _deny(file)
-        return _bopen(file, mode, *a, **k)
-    builtins.open = io.open = _open
-    """
-)
 
 
 def _cli(args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -113,19 +66,16 @@ def test_ls_verify_and_restore_source_write_nothing(ro_ckpt: Path, tmp_path: Pat
 
 
 def test_inspection_works_on_a_read_only_volume(ro_ckpt: Path, tmp_path: Path) -> None:
-    (tmp_path / "shim").mkdir()
-    (tmp_path / "shim" / "sitecustomize.py").write_text(READ_ONLY_SHIM)
-    env = dict(os.environ, RO_ROOT=str(tmp_path / "ro"))
-    env["PYTHONPATH"] = str(tmp_path / "shim") + os.pathsep + env.get("PYTHONPATH", "")
     before = _snapshot(tmp_path / "ro")
-    res = _cli(["ls", str(ro_ckpt)], env=env)
-    assert res.returncode == 0, res.stderr
-    assert "30" in res.stdout
-    res = _cli(["verify", str(ro_ckpt)], env=env)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.count(" valid") == 3
-    res = _cli(["restore", str(ro_ckpt), "--to", str(tmp_path / "out"), "--step", "20"], env=env)
-    assert res.returncode == 0, res.stderr
+    with read_only(tmp_path / "ro"):  # a real read-only mount (EROFS on every write) where we are root
+        res = _cli(["ls", str(ro_ckpt)])
+        assert res.returncode == 0, res.stderr
+        assert "30" in res.stdout
+        res = _cli(["verify", str(ro_ckpt)])
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.count(" valid") == 3
+        res = _cli(["restore", str(ro_ckpt), "--to", str(tmp_path / "out"), "--step", "20"])
+        assert res.returncode == 0, res.stderr
     assert _snapshot(tmp_path / "ro") == before
     assert (tmp_path / "out" / "step-000000000020" / "manifest.json").is_file()
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import spotckpt.core.local as local_mod
 from spotckpt.errors import ConfigError, SaveError
 from spotckpt.format import FileEntry, Manifest, crc32c_b64, crc32c_update
 from spotckpt.core.local import LocalIO, LocalStore
 from spotckpt.policy import KeepAll, KeepLast
+from tests.helpers import read_only
 
 
 def _commit(store: LocalStore, step: int, payload: bytes = b"data") -> Path:
@@ -142,7 +142,7 @@ def test_stale_staging_is_cleaned_but_live_writers_are_not(tmp_path: Path) -> No
     assert live.exists()
 
 
-def test_bad_local_dirs_raise_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_local_dirs_raise_clear_errors(tmp_path: Path) -> None:
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(ConfigError, match=str(f)):
@@ -151,10 +151,10 @@ def test_bad_local_dirs_raise_clear_errors(tmp_path: Path, monkeypatch: pytest.M
         LocalStore(f / "sub")
     d = tmp_path / "ro"
     d.mkdir()
-    real_access = os.access
-    monkeypatch.setattr(local_mod.os, "access", lambda p, m: False if Path(p) == d else real_access(p, m))
-    with pytest.raises(ConfigError, match="not writable"):
-        LocalStore(d)
+    with read_only(d):
+        with pytest.raises(ConfigError, match="not writable"):
+            LocalStore(d)
+        assert os.listdir(d) == []  # nothing was created in it
 
 
 def test_verify_detects_truncation_and_bit_flips(tmp_path: Path) -> None:
