@@ -148,16 +148,16 @@ class CheckpointManager:
         self._abandoned = False
         self.pipeline: CommitPipeline | None = None
         try:
-            self.local = LocalStore(resolve_local_dir(local_dir))
-            self.local_dir = self.local.root
             self._coord = coordinator_from_torch(timeout_seconds=collective_timeout_seconds)
-            if self._coord is not None:
-                self._join_ranks(rank)
-            elif rank not in (None, 0):
+            if self._coord is None and rank not in (None, 0):  # before anything is created on disk
                 raise ConfigError(
                     f"rank={rank} but torch.distributed is not initialised; call "
                     "init_process_group() first (rank and world size then come from it)"
                 )
+            self.local = LocalStore(resolve_local_dir(local_dir))
+            self.local_dir = self.local.root
+            if self._coord is not None:
+                self._join_ranks(rank)
             self.pipeline = CommitPipeline(self.local, events=self.events, retention=self.retention, clock=clock,
                                            coord=self._coord, rank=self.rank, world_size=self.world_size)
             self._schedule.pipe = self.pipeline

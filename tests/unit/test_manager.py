@@ -394,3 +394,10 @@ def test_metric_lines_end_with_the_rank_when_there_are_several() -> None:
     first, second = buf.getvalue().splitlines()
     assert first == "spotckpt event=save step=7 stall_s=0.5000 bytes=10 blocking=1 rank=3"
     assert second == "spotckpt event=save step=7 stall_s=0.5000 bytes=10 blocking=1"
+
+
+def test_rank_without_a_process_group_creates_nothing(tmp_path: Path) -> None:
+    d = tmp_path / "ckpt"
+    with pytest.raises(ConfigError, match="init_process_group"):
+        CheckpointManager(d, rank=1, metrics=False)
+    assert not d.exists()  # refused before anything was created on disk
