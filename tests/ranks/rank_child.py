@@ -108,6 +108,20 @@ def main() -> int:
             out["steps"] = mgr.all_steps()
         out["step"] = step
         out["seconds"] = time.monotonic() - t0
+    elif scenario == "auto":  # every_steps="auto" on every rank: rank 0's AutoInterval decides for all
+        from spotckpt.policy import AutoInterval
+
+        pol = AutoInterval(interruptions_per_hour=60.0, max_interval_seconds=0.25, probe_steps=3)
+        saved = []
+        with spotckpt.CheckpointManager(local_dir, save_policy=pol, **kw) as mgr:
+            for s in range(1, int(rest[0]) + 1):
+                time.sleep(0.01 * (1 + rank))  # the ranks' own clocks and step times differ
+                if mgr.maybe_save(s, state_for(s, rank)):
+                    saved.append(s)
+            mgr.wait()
+            out["steps"] = mgr.all_steps()
+        out["saved"] = saved
+        out["interval_s"] = pol.interval_s
     elif scenario == "bad-step":  # rank 1 passes another step
         with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
             try:

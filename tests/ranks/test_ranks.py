@@ -112,3 +112,16 @@ def test_world_size_change_is_refused_with_a_clear_error(tmp_path: Path) -> None
     for code, out, err in results:
         assert code != 0
         assert "saved by 2 ranks and this job has 3" in err, err[-2000:]
+
+
+def test_auto_interval_on_several_ranks_saves_the_same_steps_everywhere(tmp_path: Path) -> None:
+    """AutoInterval is a custom policy: rank 0's plan decides, the other ranks follow through the
+    request channel (their own clocks and step times differ), and every save commits on all."""
+    res = _ok(_run("auto", [tmp_path / "host0", tmp_path / "host1"], "60"))
+    assert res[0]["saved"] == res[1]["saved"], res
+    # the probe after 3 steps (saved at the step the ranks agree on, a few later), then planned saves
+    assert len(res[0]["saved"]) >= 3 and 3 <= res[0]["saved"][0] <= 8
+    assert res[0]["interval_s"] is not None and res[0]["interval_s"] <= 0.25
+    for r, host in zip(res, ("host0", "host1")):
+        committed = LocalStore(tmp_path / host, create=False, cleanup=False).committed_steps()
+        assert committed == res[0]["saved"] == r["steps"]
