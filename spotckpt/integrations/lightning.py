@@ -45,6 +45,12 @@ replaced by spotckpt's for the run. ``resume_path()`` gives every host the whole
 RNG states in the checkpoint are rank 0's (Lightning writes one file), restored on every rank.
 Checkpoints saved with ``weights_only=True`` are not committed with several ranks.
 
+Sharded strategies (``ModelParallelStrategy``, ``FSDPStrategy(state_dict_type="sharded")``) write a
+folder of every rank's shards with torch.distributed.checkpoint and never call ``CheckpointIO``:
+the callback wraps the strategy's ``save_checkpoint`` in ``setup`` and adopts that folder on every
+rank, and ``resume_path()`` returns the step's folder. ``ModelParallelStrategy`` is tested on CPU
+(gloo); ``FSDPStrategy`` needs a GPU (tests/gpu).
+
 Output: once the callback is set up, two Lightning warnings that only confuse are filtered, by
 message and module: ``ModelCheckpoint``'s "The dirpath has changed" on a resume (its ``dirpath``
 is scratch, per machine: a fresh instance has a new one, and its top-k bookkeeping starts over

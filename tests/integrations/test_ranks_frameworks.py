@@ -107,7 +107,10 @@ class Reference:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reference]:
     ref = Reference(tmp_path_factory.mktemp("reference"))
     yield ref
-    finish_ranks(list(ref.procs.values()), timeout=1)
+    for proc in ref.procs.values():  # one never awaited (its test failed first)
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 @pytest.mark.parametrize("tag", ["hf_trainer", "lightning_fit"])
@@ -144,6 +147,7 @@ def test_rank_killed_mid_save_older_step_everywhere_restart_resumes_bitwise(tmp_
     assert got["weights"] == want["weights"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tag", ["hf_trainer", "lightning_fit"])
 def test_simulate_two_hosts_two_interruptions_ends_as_uninterrupted_torchrun(tmp_path: Path, reference: Reference,
                                                                             tag: str) -> None:
