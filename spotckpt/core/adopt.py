@@ -120,7 +120,7 @@ def _checked(rel: str, path: Path) -> str:
         return safe_relpath(rel)
     except CheckpointCorruptError as exc:
         raise ConfigError(
-            f"cannot adopt {path}: {rel!r} cannot be stored in a step (hidden or unsafe name); remove "
+            f"cannot adopt {path}: {rel!r} cannot be stored in a step (unsafe name); remove "
             "or rename it"
         ) from exc
 

@@ -80,7 +80,9 @@ def safe_relpath(rel: object, *, source: str = "") -> str:
     """Return ``rel`` if it is a safe relative POSIX path inside a step directory, else raise.
 
     Refused: non-strings, empty, absolute, ``..`` or ``.`` components, backslashes, NUL, empty
-    components, hidden (``.``-leading) components and the manifest's own name.
+    components and the manifest's own name. Other ``.``-leading names are plain files: an
+    adopted torch.distributed.checkpoint folder holds ``.metadata`` (Lightning's sharded
+    strategies, the Trainer's and Accelerate's FSDP ``SHARDED_STATE_DICT``).
     """
     bad = CheckpointCorruptError(
         f"{source or 'manifest'}: refusing file path {rel!r}: paths must be relative, inside the "
@@ -93,7 +95,7 @@ def safe_relpath(rel: object, *, source: str = "") -> str:
     if "\\" in rel or "\x00" in rel or rel.startswith("/"):
         raise bad
     parts = rel.split("/")
-    if any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+    if any(p in ("", ".", "..") for p in parts):
         raise bad
     if PurePosixPath(rel).is_absolute() or rel == MANIFEST_NAME:
         raise bad

@@ -2,12 +2,13 @@
 
 - :mod:`spotckpt.integrations.transformers` -- a Hugging Face ``TrainerCallback``
 - :mod:`spotckpt.integrations.lightning` -- a PyTorch Lightning ``Callback`` and ``CheckpointIO``
+- :mod:`spotckpt.integrations.accelerate` -- ``accelerator.save_state`` / ``load_state`` loops
 
-Both let the framework write its checkpoint as it always does, then commit it with
+All three let the framework write its checkpoint as it always does, then commit it with
 :meth:`spotckpt.CheckpointManager.adopt` (CRC32C, atomic rename, retention, S3 upload), and
 resume from :meth:`spotckpt.CheckpointManager.restore_folder` -- the newest committed step that
 verifies, local or from S3 -- which the framework then loads itself. Importing this package
-imports neither framework; each module imports its own.
+imports no framework; each module imports its own.
 """
 
 from __future__ import annotations

@@ -45,6 +45,12 @@ replaced by spotckpt's for the run. ``resume_path()`` gives every host the whole
 RNG states in the checkpoint are rank 0's (Lightning writes one file), restored on every rank.
 Checkpoints saved with ``weights_only=True`` are not committed with several ranks.
 
+Sharded strategies (``ModelParallelStrategy``, ``FSDPStrategy(state_dict_type="sharded")``) write a
+folder of every rank's shards with torch.distributed.checkpoint and never call ``CheckpointIO``:
+the callback wraps the strategy's ``save_checkpoint`` in ``setup`` and adopts that folder on every
+rank, and ``resume_path()`` returns the step's folder. ``ModelParallelStrategy`` is tested on CPU
+(gloo); ``FSDPStrategy`` needs a GPU (tests/gpu).
+
 Output: once the callback is set up, two Lightning warnings that only confuse are filtered, by
 message and module: ``ModelCheckpoint``'s "The dirpath has changed" on a resume (its ``dirpath``
 is scratch, per machine: a fresh instance has a new one, and its top-k bookkeeping starts over
@@ -66,6 +72,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_fabric.utilities.load import _METADATA_FILENAME
 
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -146,11 +153,15 @@ class SpotckptCallback(ManagerSlot, pl.Callback):
             return None
         man = Manifest.from_bytes((step_dir / MANIFEST_NAME).read_bytes(), source=str(step_dir / MANIFEST_NAME))
         path = step_dir / str(man.extra.get("adopted", ""))
-        if not path.is_file() or len(man.files) != 1:
-            raise ConfigError(f"{step_dir} is not a Lightning checkpoint adopted by this integration "
-                              "(one .ckpt file); point local_dir / s3_uri at this job's checkpoints")
-        log.info("spotckpt: resuming Lightning from %s", path)
-        return str(path)
+        if len(man.files) == 1 and path.is_file():  # one .ckpt file (ddp, one process, FSDP "full")
+            log.info("spotckpt: resuming Lightning from %s", path)
+            return str(path)
+        if _METADATA_FILENAME in man.files:  # a sharded checkpoint folder: every rank's shards and meta.pt
+            log.info("spotckpt: resuming Lightning from the sharded checkpoint %s", step_dir)
+            return str(step_dir)
+        raise ConfigError(f"{step_dir} is not a Lightning checkpoint adopted by this integration "
+                          "(one .ckpt file, or a sharded folder with meta.pt); point local_dir / s3_uri at "
+                          "this job's checkpoints")
 
     # -- Lightning hooks -----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -162,12 +173,38 @@ class SpotckptCallback(ManagerSlot, pl.Callback):
         if trainer.strategy.checkpoint_io is not self.checkpoint_io:
             raise ConfigError("pass the callback's plugin too: Trainer(callbacks=[spot], plugins=[spot.checkpoint_io]) "
                               "-- without it Lightning's checkpoints are not committed")
+        self._watch_sharded_saves(trainer.strategy)
         root = self.manager.local_dir
         cb = trainer.checkpoint_callback
         dirpath = getattr(cb, "dirpath", None)
         if dirpath and (Path(dirpath).absolute() == root or root in Path(dirpath).absolute().parents):
             raise ConfigError(f"ModelCheckpoint(dirpath={dirpath}) is inside spotckpt's local_dir {root}; "
                               "give Lightning a scratch dirpath outside it")
+
+    def _watch_sharded_saves(self, strategy: Any) -> None:
+        """Sharded strategies (``ModelParallelStrategy``, ``FSDPStrategy(state_dict_type="sharded")``)
+        write a folder from every rank with torch.distributed.checkpoint and never call
+        ``CheckpointIO``: the strategy's ``save_checkpoint`` (collective, the same path on every
+        rank) is wrapped so that such a folder is adopted like the plugin's file -- at once with
+        one process, at the next common hook on every rank with several. A file save passes
+        through unchanged (the plugin commits it)."""
+        save = strategy.save_checkpoint
+        if getattr(save, "_spotckpt_owner", None) is self:
+            return
+
+        def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+            step, meta = int(checkpoint["global_step"]), _meta(checkpoint)
+            save(checkpoint, filepath, storage_options=storage_options)
+            path = Path(filepath)
+            if not path.is_dir():
+                return
+            if self.manager.world_size > 1:  # every rank wrote its shards: every rank adopts the folder
+                self._written[step] = path
+            else:
+                self.manager.adopt(step, path, meta=meta)
+
+        save_checkpoint._spotckpt_owner = self  # type: ignore[attr-defined]
+        strategy.save_checkpoint = save_checkpoint
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.manager.world_size > 1:  # Lightning registered its SIGTERM handler just before this hook

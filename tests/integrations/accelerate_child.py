@@ -1,6 +1,10 @@
 """One rank of a 2-rank Accelerate loop (gloo, CPU) through AccelerateCheckpoints, for
-test_ranks_frameworks. In one process: an interrupted run (SIGTERM to rank 1 only, at step 5)
-on hosts ``a<r>`` with S3; a resumed run on fresh hosts ``b<r>`` from S3; an uninterrupted run.
+test_ranks_frameworks, on hosts ``h<r>`` with S3, saving every 4 steps.
+
+``WORK URI kill``: rank 1 is SIGKILLed in the middle of the save of step 8 (``save_state`` has
+written its files, nothing is adopted yet); the process dies or fails.
+``WORK URI``, in one process: the restart on hosts ``h<r>`` (from step 4), interrupted by SIGTERM
+to rank 1 only at step 6; a resumed run on fresh hosts ``b<r>`` from S3; an uninterrupted run.
 Prints ``result <json>``."""
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
 
 
-def run(local_dir: Path, s3_uri: str | None, sigterm_at: int | None = None) -> dict[str, object]:
+def run(local_dir: Path, s3_uri: str | None, sigterm_at: int | None = None,
+        die_in_save: int | None = None) -> dict[str, object]:
     accelerator.free_memory()  # forget the previous run's model and optimizer
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Dropout(0.2), nn.Linear(16, 1))
@@ -33,6 +38,16 @@ def run(local_dir: Path, s3_uri: str | None, sigterm_at: int | None = None) -> d
     losses: dict[int, float] = {}
     with AccelerateCheckpoints(accelerator, every_steps=4, local_dir=local_dir, s3_uri=s3_uri, keep_last=None,
                                metrics=False) as spot:
+        if die_in_save is not None and rank == 1:
+            save_state = accelerator.save_state
+
+            def dying_save_state(output_dir: str) -> None:
+                save_state(output_dir)
+                if output_dir.endswith(f"checkpoint-{die_in_save}"):
+                    print(f"dying in the save of {die_in_save}", flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            accelerator.save_state = dying_save_state  # type: ignore[method-assign]
         start = spot.restore() or 0
         for step in range(start, STEPS):
             g = torch.Generator().manual_seed(step * 10 + rank)
@@ -56,7 +71,10 @@ def run(local_dir: Path, s3_uri: str | None, sigterm_at: int | None = None) -> d
 
 def main() -> int:
     work, uri = Path(sys.argv[1]), sys.argv[2]
-    out = {"a": run(work / f"a{rank}", uri, sigterm_at=5), "b": run(work / f"b{rank}", uri),
+    if sys.argv[3:] == ["kill"]:
+        run(work / f"h{rank}", uri, die_in_save=8)
+        return 0  # rank 0: never here (the adopt of step 8 fails on it)
+    out = {"a": run(work / f"h{rank}", uri, sigterm_at=6), "b": run(work / f"b{rank}", uri),
            "ref": run(work / f"ref{rank}", None)}
     print("result " + json.dumps(out), flush=True)
     return 0

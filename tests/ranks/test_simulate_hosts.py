@@ -1,6 +1,8 @@
 """`spotckpt simulate --hosts 2 -- torchrun ... examples/train_ddp.py`: two simulated hosts with
 their own fresh local dirs, one of them taken away mid-training; the job resumes from S3 and ends
-bit-identical to an uninterrupted run."""
+bit-identical to an uninterrupted run. The same for examples/hf_trainer.py and
+examples/lightning_fit.py (two interruptions): tests/integrations/test_ranks_frameworks.py, which
+shares its uninterrupted torchrun run with the other framework tests there."""
 
 from __future__ import annotations
 

@@ -270,6 +270,8 @@ def test_step_names_sort_as_steps() -> None:
 def test_safe_relpath() -> None:
     assert safe_relpath("rank-00000.safetensors") == "rank-00000.safetensors"
     assert safe_relpath("sub/file.bin") == "sub/file.bin"
-    for bad in ("", "..", "../x", "a/../..", "/abs", "a//b", "./a", ".hidden", "a\x00b", 5, None):
+    assert safe_relpath(".metadata") == ".metadata"  # torch.distributed.checkpoint's, in adopted folders
+    assert safe_relpath("pytorch_model_fsdp_0/.metadata") == "pytorch_model_fsdp_0/.metadata"
+    for bad in ("", "..", "../x", "a/../..", "/abs", "a//b", "./a", "a/./b", "a\x00b", 5, None, "manifest.json"):
         with pytest.raises(CheckpointCorruptError):
             safe_relpath(bad)
