@@ -142,6 +142,8 @@ def test_s3_peers_tiny_run_against_seaweedfs(tmp_path: Path, bucket: str, s3_ser
                 if peer != "spotckpt":
                     assert row["ratio_vs_spotckpt"] > 0
         assert res["ranks"] == (1 if case == "one" else 2)
+    phases = result["cases"]["one"]["spotckpt_save_phases"]  # from the manager's own events
+    assert 0 < phases["local_commit_s"]["median"] and 0 < phases["upload_s"]["median"]
     # the rows are printed, one line each, with the ratios against spotckpt's time
     for case, op in (("one", "save"), ("one", "restore"), ("dcp", "save"), ("dcp", "restore")):
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith(f"{case:3s} {op:7s} s3torchconnector")]

@@ -45,7 +45,8 @@ def test_summary_takes_the_slowest_rank_sums_cpu_and_drops_the_warm_up() -> None
 def test_report_has_a_row_per_op_and_peer_and_the_skipped_peers() -> None:
     rec = {"bytes": 1 << 30, "samples": {p: {op: [_sample(1.0 + i, 1.0) for i in range(3)] for op in ("save", "restore")}
                                          for p in ("spotckpt", "boto3")},
-           "spotckpt_save_stall_s": [0.5, 0.1, 0.1]}
+           "spotckpt_save_phases": {"stall_s": [0.5, 0.1, 0.1], "local_commit_s": [3.0, 2.0, 2.0],
+                                    "upload_s": [9.0, 5.0, 7.0]}}
     result = {"machine": {"cpu_model": "X", "cpu_count": 2, "loadavg_start": [1.0], "loadavg_end": [2.0]},
               "server": "seaweedfs", "created": "now", "reps": 2,
               "skipped": ["one: s3torchconnector skipped: not installed"],
@@ -54,6 +55,9 @@ def test_report_has_a_row_per_op_and_peer_and_the_skipped_peers() -> None:
     assert md.count("| save → in S3 |") == 2 and md.count("| restore from S3 |") == 2
     assert "1.00 GiB fp32" in md and "s3torchconnector skipped: not installed" in md
     assert "`boom`" in md and "returned after 0.10 s" in md
+    assert "committed locally (written, fsynced) 2.00 s" in md and "upload then took 6.00 s" in md
+    assert "Interrupted" not in md
+    assert "Interrupted" in s3peers.render_markdown(dict(result, interrupted=True))
     lines = s3peers.peer_lines(result)
     assert len(lines) == 4 and all(ln.startswith("one ") for ln in lines)
 

@@ -167,9 +167,9 @@ def summarize(case: str, recs: list[dict[str, Any]], peers: Sequence[str]) -> di
                     row["paired_ratio_vs_spotckpt"] = statistics.median(
                         a / b for a, b in zip(row["samples_s"], own["samples_s"]))
         out["ops"][op] = rows
-    if case == "one" and "spotckpt_save_stall_s" in recs[0]:
-        st = recs[0]["spotckpt_save_stall_s"]
-        out["spotckpt_save_stall_s"] = _stats(st[1:] if len(st) > 1 else st)
+    if case == "one" and "spotckpt_save_phases" in recs[0]:
+        out["spotckpt_save_phases"] = {k: _stats(v[1:] if len(v) > 1 else v)
+                                       for k, v in recs[0]["spotckpt_save_phases"].items()}
     return out
 
 
@@ -197,6 +197,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "process (DCP: the ranks' sum), server = the S3 server's process.",
         "",
     ]
+    if result.get("interrupted"):
+        lines += ["**Interrupted (Ctrl-C / SIGTERM): the case that was running is not reported.**", ""]
     for case, res in result["cases"].items():
         if "error" in res:
             lines += [f"## {case}: failed", "", f"`{res['error']}`", ""]
@@ -218,10 +220,12 @@ def render_markdown(result: dict[str, Any]) -> str:
                 lines.append(f"| {opname} | {label}{bad} | {_fmt(w['median'])} [{_fmt(w['min'])}–"
                              f"{_fmt(w['max'])}] | {r['MBps']:.0f} | {ratio} | {r['client_cpu_s_per_GiB']:.2f} | "
                              f"{r['server_cpu_s_per_GiB']:.2f} |")
-        if "spotckpt_save_stall_s" in res:
-            st = res["spotckpt_save_stall_s"]
-            lines += ["", f"spotckpt's `save()` returned after {_fmt(st['median'])} s (median; the rest of its "
-                      "save time ran in the background, training could go on)."]
+        if "spotckpt_save_phases" in res:
+            ph = {k: v["median"] for k, v in res["spotckpt_save_phases"].items()}
+            lines += ["", f"spotckpt's save, medians: `save()` returned after {_fmt(ph['stall_s'])} s (training "
+                      f"goes on from there), the step was committed locally (written, fsynced) "
+                      f"{_fmt(ph['local_commit_s'])} s after `save()` began, and its upload then took "
+                      f"{_fmt(ph['upload_s'])} s."]
         lines.append("")
     if result["skipped"]:
         lines += ["Skipped:", ""] + [f"- {s}" for s in result["skipped"]] + [""]

@@ -180,14 +180,25 @@ class SpotckptPeer(_Peer):
                 raise RuntimeError("the restore source never reached S3")
         shutil.rmtree(os.path.join(self.work, "spot-src"), ignore_errors=True)
         self.rmgr: Any = None
-        self.stall_s: list[float] = []
+        # where a save's time goes, from the manager's own events: save() returned (stall),
+        # committed locally (durable_local: since save() began), uploaded (durable_s3: the upload)
+        self.phases: dict[str, list[float]] = {"stall_s": [], "local_commit_s": [], "upload_s": []}
+        self._events: dict[str, float] = {}
+        self.mgr.events.subscribe(self._on_event, progress=False)
+
+    def _on_event(self, ev: Any) -> None:
+        if ev.name in ("durable_local", "durable_s3"):
+            self._events[ev.name] = float(ev.seconds)
 
     def save(self, step: int) -> None:
+        self._events.clear()
         t0 = time.perf_counter()
         self.mgr.save(step, self.state)  # async: returns once the state is staged
-        self.stall_s.append(time.perf_counter() - t0)
+        self.phases["stall_s"].append(time.perf_counter() - t0)
         if not self.mgr.wait():  # committed locally and uploaded (manifest last)
             raise RuntimeError(f"step {step} did not reach S3")
+        self.phases["local_commit_s"].append(self._events.get("durable_local", float("nan")))
+        self.phases["upload_s"].append(self._events.get("durable_s3", float("nan")))
 
     def before_restore(self) -> None:
         self.rdir = os.path.join(self.work, "spot-restore")
@@ -332,7 +343,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             p.close()
     out: dict[str, Any] = {"bytes": nbytes, "samples": samples}
     if "spotckpt" in peers:
-        out["spotckpt_save_stall_s"] = peers["spotckpt"].stall_s  # type: ignore[attr-defined]
+        out["spotckpt_save_phases"] = peers["spotckpt"].phases  # type: ignore[attr-defined]
     return out
 
 
