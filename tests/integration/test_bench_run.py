@@ -123,7 +123,7 @@ def test_s3_peers_tiny_run_against_seaweedfs(tmp_path: Path, bucket: str, s3_ser
     out, data = tmp_path / "out", tmp_path / "data"
     data.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "spotckpt.tools.cli", "bench", "s3", "--mib", "2", "--reps", "1",
+        [sys.executable, "-m", "spotckpt.tools.cli", "bench", "s3", "--mib", "2", "--reps", "1", "--warmup", "0",
          "--s3-uri", f"s3://{bucket}/b", "--server-pid", str(s3_server.process.pid), "--s3tc-threads", "2",
          "--out", str(out), "--dir", str(data), "--timeout", "300"],
         capture_output=True, text=True, timeout=600, cwd=REPO)

@@ -31,7 +31,7 @@ def test_summary_takes_the_slowest_rank_sums_cpu_and_drops_the_warm_up() -> None
     res = s3peers.summarize("dcp", [r0, r1], ["spotckpt", "s3torchconnector"])
     assert res["ranks"] == 2 and res["bytes"] == 1 << 30
     spot = res["ops"]["save"]["spotckpt"]
-    assert spot["n"] == 3 and spot["samples_s"] == [2.0, 4.0, 2.0] and spot["warmup_s"] == 100.0
+    assert spot["n"] == 3 and spot["samples_s"] == [2.0, 4.0, 2.0] and spot["warmup_s"] == [100.0]
     assert spot["wall_s"] == {"median": 2.0, "min": 2.0, "max": 4.0}
     assert spot["client_cpu_s_per_GiB"] == pytest.approx(1.5)  # both ranks' CPU
     assert spot["server_cpu_s_per_GiB"] == pytest.approx(4.0)  # rank 0's reading of the server
@@ -43,8 +43,9 @@ def test_summary_takes_the_slowest_rank_sums_cpu_and_drops_the_warm_up() -> None
 
 
 def test_report_has_a_row_per_op_and_peer_and_the_skipped_peers() -> None:
-    rec = {"bytes": 1 << 30, "samples": {p: {op: [_sample(1.0 + i, 1.0) for i in range(3)] for op in ("save", "restore")}
-                                         for p in ("spotckpt", "boto3")},
+    rec = {"bytes": 1 << 30,
+           "samples": {p: {op: [_sample(1.0 + i, 1.0) for i in range(3)] for op in ("save", "restore")}
+                       for p in ("spotckpt", "boto3")},
            "spotckpt_save_phases": {"stall_s": [0.5, 0.1, 0.1], "local_commit_s": [3.0, 2.0, 2.0],
                                     "upload_s": [9.0, 5.0, 7.0]}}
     result = {"machine": {"cpu_model": "X", "cpu_count": 2, "loadavg_start": [1.0], "loadavg_end": [2.0]},
@@ -82,7 +83,8 @@ def test_a_broken_dcp_part_skips_only_the_dcp_peer(monkeypatch: pytest.MonkeyPat
 
 
 def test_bad_arguments_are_refused(tmp_path) -> None:
-    for argv in (["--cases", "nope"], ["--peers", "boto3"], ["--reps", "0"], ["--peers", "spotckpt,x"]):
+    for argv in (["--cases", "nope"], ["--peers", "boto3"], ["--reps", "0"], ["--peers", "spotckpt,x"],
+                 ["--warmup", "-1"]):
         assert s3peers.main([*argv, "--out", str(tmp_path)]) == 2, argv
 
 

@@ -13,9 +13,9 @@ Peers (see :mod:`spotckpt.tools.bench.s3worker` for exactly what each call does)
 - DCP on ``--ranks`` gloo ranks (FSDP2 model + AdamW of about ``--dcp-mib`` MiB in all):
   ``spotckpt.dcp`` vs s3torchconnector's ``S3StorageWriter`` / ``S3StorageReader``.
 
-Every peer's calls alternate within each repetition (their order rotating); the first repetition
-is a warm-up; reported are the median of ``--reps`` with the spread (min-max), the ratio "the
-other's median time / spotckpt's" (above 1: spotckpt faster) and the median of the same ratio
+Every peer's calls alternate within each repetition (their order rotating); the first
+``--warmup`` (1) repetitions are a warm-up; reported are the median of ``--reps`` with the
+spread (min-max), the ratio "the other's median time / spotckpt's" (above 1: spotckpt faster) and the median of the same ratio
 taken repetition by repetition ("paired"), and the client's CPU-seconds per GiB (every thread of
 the process; on several ranks the ranks' sum) and the server's. s3torchconnector is optional (the
 ``bench`` extra): without it its rows are skipped with one line saying so.
@@ -139,6 +139,7 @@ def summarize(case: str, recs: list[dict[str, Any]], peers: Sequence[str]) -> di
     slowest rank's, per repetition), the client CPU (the ranks' sum) and the server's CPU, then
     the ratios against spotckpt's."""
     nbytes = recs[0]["bytes"]
+    warm = int(recs[0].get("warmup", 1))
     out: dict[str, Any] = {"bytes": nbytes, "ranks": len(recs), "ops": {}}
     for op in ("save", "restore"):
         rows: dict[str, Any] = {}
@@ -148,11 +149,11 @@ def summarize(case: str, recs: list[dict[str, Any]], peers: Sequence[str]) -> di
             wall = [max(s["wall_s"] for s in rep) for rep in reps]
             cpu = [sum(s["cpu_s"] for s in rep) for rep in reps]
             server = [rep[0]["server_cpu_s"] for rep in reps]
-            timed = slice(1, None) if len(wall) > 1 else slice(0, None)  # repetition 0: warm-up
+            timed = slice(warm, None)  # the first `warm` repetitions: the warm-up
             w = wall[timed]
             rows[peer] = {
                 "label": LABELS[(case, op, peer)], "n": len(w), "wall_s": _stats(w), "samples_s": w,
-                "warmup_s": wall[0], "MBps": nbytes / statistics.median(w) / 1e6,
+                "warmup_s": wall[:warm], "MBps": nbytes / statistics.median(w) / 1e6,
                 "client_cpu_s_per_GiB": statistics.median(cpu[timed]) * GiB / nbytes,
                 "server_cpu_s_per_GiB": statistics.median(server[timed]) * GiB / nbytes,
                 "client_cpu_samples_s": cpu[timed], "server_cpu_samples_s": server[timed],
@@ -168,9 +169,12 @@ def summarize(case: str, recs: list[dict[str, Any]], peers: Sequence[str]) -> di
                         a / b for a, b in zip(row["samples_s"], own["samples_s"]))
         out["ops"][op] = rows
     if case == "one" and "spotckpt_save_phases" in recs[0]:
-        out["spotckpt_save_phases"] = {k: _stats(v[1:] if len(v) > 1 else v)
-                                       for k, v in recs[0]["spotckpt_save_phases"].items()}
+        out["spotckpt_save_phases"] = {k: _stats(v[warm:]) for k, v in recs[0]["spotckpt_save_phases"].items()}
     return out
+
+
+def _warm(n: int) -> str:
+    return "no warm-up" if n == 0 else f"{n} warm-up repetition{'s' if n > 1 else ''}"
 
 
 def _size(nbytes: int) -> str:
@@ -191,7 +195,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{m.get('torch')}, s3torchconnector {m.get('s3torchconnector')}; S3: {result['server']}; "
         f"{result['created']}; load average (1 min) {m.get('loadavg_start', ['?'])[0]} at start, "
         f"{m.get('loadavg_end', ['?'])[0]} at end.",
-        f"Medians of {result['reps']} alternating repetitions after a warm-up, min–max in brackets; "
+        f"Medians of {result['reps']} alternating repetitions after {_warm(result.get('warmup', 1))}, "
+        "min–max in brackets; "
         "ratio = the other's time ÷ spotckpt's (above 1: spotckpt faster), paired = the median of "
         "that ratio taken repetition by repetition; CPU-s/GiB: client = every thread of the "
         "process (DCP: the ranks' sum), server = the S3 server's process.",
@@ -279,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the DCP job's bytes in MiB, model + AdamW (default: --mib)")
     p.add_argument("--ranks", type=int, default=2, help="ranks of the DCP case (default: %(default)s)")
     p.add_argument("--reps", type=int, default=5,
-                   help="timed repetitions after one warm-up; medians reported (default: %(default)s)")
+                   help="timed repetitions after the warm-up; medians reported (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed repetitions first, reported apart (default: %(default)s)")
     p.add_argument("--cases", default="one,dcp", help="a subset of one,dcp (default: %(default)s)")
     p.add_argument("--peers", default="spotckpt,s3torchconnector,boto3",
                    help="a subset of spotckpt,s3torchconnector,boto3 (default: all)")
@@ -309,9 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     wanted = [p.strip() for p in args.peers.split(",") if p.strip()]
     bad = [c for c in cases if c not in CASES] + [p for p in wanted if p not in PEERS["one"]]
-    if bad or not cases or "spotckpt" not in wanted or args.reps < 1 or args.ranks < 1:
+    if bad or not cases or "spotckpt" not in wanted or args.reps < 1 or args.ranks < 1 or args.warmup < 0:
         print(f"spotckpt bench s3: bad arguments {bad or ''}: cases from {CASES}, peers from {PEERS['one']} "
-              "(spotckpt always), --reps and --ranks at least 1", file=sys.stderr)
+              "(spotckpt always), --reps and --ranks at least 1, --warmup at least 0", file=sys.stderr)
         return 2
     problems = peer_problems()
     skipped: list[str] = []
@@ -343,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = ""
     t0 = time.perf_counter()
     machine = _machine()
-    result: dict[str, Any] = {"schema": "spotckpt-bench-s3/1", "reps": args.reps, "skipped": skipped, "cases": {},
+    result: dict[str, Any] = {"schema": "spotckpt-bench-s3/1", "reps": args.reps, "warmup": args.warmup,
+                              "skipped": skipped, "cases": {},
                               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                               "args": vars(args), "machine": machine}
     try:
@@ -374,11 +382,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             mib = args.mib if case == "one" else (args.dcp_mib or args.mib)
             cwork = work / case
             cwork.mkdir()
-            job = {"case": case, "mib": mib, "reps": args.reps, "peers": peers, "s3_uri": f"{base}/{case}",
+            job = {"case": case, "mib": mib, "reps": args.reps, "warmup": args.warmup, "peers": peers,
+                   "s3_uri": f"{base}/{case}",
                    "endpoint": endpoint, "region": region, "server_pid": server_pid, "workdir": str(cwork),
                    "s3tc_threads": args.s3tc_threads}
             print(f"spotckpt bench s3: {case}: {', '.join(peers)}; {mib} MiB, {world} process(es), "
-                  f"{args.reps} repetitions + warm-up", flush=True)
+                  f"{args.reps} repetitions after {args.warmup} warm-up", flush=True)
             recs = _spawn(job, world, args.timeout)
             errors = [r["error"] for r in recs if "error" in r]
             if errors or len(recs) != world:

@@ -23,8 +23,9 @@ Every timed call starts after ``os.sync()`` (nothing written earlier is still be
 and ``gc.collect()``; on several ranks after a barrier. Per call it records the wall time, this
 process's CPU time (every thread: ``os.times``) and, on rank 0, the CPU time of the S3 server's
 process (``/proc/<pid>/stat``) over the call (on several ranks from the barrier before to the
-barrier after it). The first repetition is a warm-up, reported apart. Before each restore the live
-values are overwritten and after it they are checked, so a restore that does nothing fails.
+barrier after it). The first ``warmup`` repetitions (1 by default) are a warm-up, reported
+apart. Before each restore the live values are overwritten and after it they are checked, so a
+restore that does nothing fails.
 
 The worker prints one line ``RESULT_MARKER + json`` and exits 0; a failure becomes ``error``.
 Everything runs on the worker's main thread (the peers' own threads aside).
@@ -321,7 +322,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     meter = Meter(job.get("server_pid"))
     samples: dict[str, dict[str, list[dict[str, float]]]] = {n: {"save": [], "restore": []} for n in peers}
     try:
-        for i in range(job["reps"] + 1):  # repetition 0 is the warm-up
+        for i in range(job.get("warmup", 1) + job["reps"]):  # the first ones are the warm-up
             step = i + 1
             for n in order(i, list(peers)):
                 samples[n]["save"].append(meter(lambda: peers[n].save(step)))
@@ -335,13 +336,13 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                 samples[n]["restore"].append(meter(p.restore))
                 _check(state, probe, n)
                 p.after_restore()
-            print(f"  repetition {i}{' (warm-up)' if i == 0 else ''}: " + ", ".join(
+            print(f"  repetition {i}{' (warm-up)' if i < job.get('warmup', 1) else ''}: " + ", ".join(
                 f"{n} save {samples[n]['save'][-1]['wall_s']:.2f} s restore {samples[n]['restore'][-1]['wall_s']:.2f} s"
                 for n in peers), file=sys.stderr, flush=True)
     finally:
         for p in peers.values():
             p.close()
-    out: dict[str, Any] = {"bytes": nbytes, "samples": samples}
+    out: dict[str, Any] = {"bytes": nbytes, "samples": samples, "warmup": job.get("warmup", 1)}
     if "spotckpt" in peers:
         out["spotckpt_save_phases"] = peers["spotckpt"].phases  # type: ignore[attr-defined]
     return out
@@ -471,7 +472,7 @@ def run_dcp(job: dict[str, Any]) -> dict[str, Any]:
             dcp.save(sd(), storage_writer=S3StorageWriter(job["region"], uri("dcp-s3tc-restore"),
                                                           s3client_config=cfg, thread_count=threads))
         dist.barrier()
-        for i in range(job["reps"] + 1):  # repetition 0 is the warm-up
+        for i in range(job.get("warmup", 1) + job["reps"]):  # the first ones are the warm-up
             step = i + 1
             for n in order(i, peers):
                 if n == "spotckpt":
@@ -501,13 +502,14 @@ def run_dcp(job: dict[str, Any]) -> dict[str, Any]:
                         job["region"], uri("dcp-s3tc-restore"), s3client_config=cfg))))
                 correct_all[n].append(correct())
             if rank == 0:
-                print(f"  repetition {i}{' (warm-up)' if i == 0 else ''}, rank 0: " + ", ".join(
+                print(f"  repetition {i}{' (warm-up)' if i < job.get('warmup', 1) else ''}, rank 0: " + ", ".join(
                     f"{n} save {samples[n]['save'][-1]['wall_s']:.2f} s restore "
                     f"{samples[n]['restore'][-1]['wall_s']:.2f} s" for n in peers), file=sys.stderr, flush=True)
     finally:
         if mgr is not None:
             mgr.close()
     return {"bytes": nbytes, "rank": rank, "world": world, "samples": samples, "correct": correct_all,
+            "warmup": job.get("warmup", 1),
             "tensors_per_rank": len(named) + len(steps)}
 
 
