@@ -110,3 +110,44 @@ def test_without_matplotlib_the_picture_is_skipped_with_one_line(tmp_path: Path)
     assert len(said) == 1 and "pip install" in said[0], proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["save.json", "save.md"]
     assert json.loads((out / "save.json").read_text())["rows"][0]["row"] == "memcpy_reused"
+
+
+@pytest.mark.integration
+@pytest.mark.ranks
+@pytest.mark.parametrize("s3_server", ["seaweedfs"], indirect=True)
+def test_s3_peers_tiny_run_against_seaweedfs(tmp_path: Path, bucket: str, s3_server) -> None:
+    """`spotckpt bench s3` on a 2 MiB state: every peer of both cases (one process; DCP on two
+    gloo ranks) saves to SeaweedFS and restores with its values checked, and the rows are printed
+    and written; nothing is left in the bucket or on the disk."""
+    pytest.importorskip("s3torchconnector.dcp", reason="s3torchconnector[dcp] (the bench extra) is not installed")
+    out, data = tmp_path / "out", tmp_path / "data"
+    data.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "spotckpt.tools.cli", "bench", "s3", "--mib", "2", "--reps", "1", "--warmup", "0",
+         "--s3-uri", f"s3://{bucket}/b", "--server-pid", str(s3_server.process.pid), "--s3tc-threads", "2",
+         "--out", str(out), "--dir", str(data), "--timeout", "300"],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((out / "s3peers.json").read_text())
+    assert result["skipped"] == [] and set(result["cases"]) == {"one", "dcp"}
+    for case, peers in (("one", {"spotckpt", "s3torchconnector", "boto3"}), ("dcp", {"spotckpt", "s3torchconnector"})):
+        res = result["cases"][case]
+        assert "error" not in res, res
+        for op in ("save", "restore"):
+            assert set(res["ops"][op]) == peers
+            for peer, row in res["ops"][op].items():
+                assert row["n"] == 1 and row["wall_s"]["median"] > 0 and row["client_cpu_s_per_GiB"] >= 0
+                assert row["server_cpu_s_per_GiB"] >= 0
+                assert row.get("correct_every_rank_every_repetition", True), (case, op, peer)
+                if peer != "spotckpt":
+                    assert row["ratio_vs_spotckpt"] > 0
+        assert res["ranks"] == (1 if case == "one" else 2)
+    phases = result["cases"]["one"]["spotckpt_save_phases"]  # from the manager's own events
+    assert 0 < phases["local_commit_s"]["median"] and 0 < phases["upload_s"]["median"]
+    # the rows are printed, one line each, with the ratios against spotckpt's time
+    for case, op in (("one", "save"), ("one", "restore"), ("dcp", "save"), ("dcp", "restore")):
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith(f"{case:3s} {op:7s} s3torchconnector")]
+        assert len(line) == 1 and "x spotckpt's time" in line[0], proc.stdout[-3000:]
+    assert "| restore from S3 | `dcp.load` + s3torchconnector `S3StorageReader` |" in (out / "s3peers.md").read_text()
+    assert list(data.iterdir()) == []
+    assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0

@@ -6,7 +6,8 @@ the same synthetic state in the same run, on the disk given by ``--dir``. Each r
 class in :mod:`spotckpt.tools.bench.rows`; rows whose packages do not import here are reported as
 skipped. Each row runs in its own worker process (:mod:`spotckpt.tools.bench.worker`), and the results
 go to ``save.json``, ``save.md`` and ``save.png`` (:mod:`spotckpt.tools.bench.report`). Method and
-caveats: ``benchmarks/README.md``.
+caveats: ``benchmarks/README.md``. ``spotckpt bench s3`` (:mod:`spotckpt.tools.bench.s3peers`)
+measures save -> S3 and restore from S3 against s3torchconnector and boto3 on an S3 endpoint.
 
 Threads: everything runs on the main thread of the orchestrator or of a worker, except a worker's
 optional RSS sampler thread. The library itself never imports this package.
@@ -235,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spotckpt bench",
         description="Checkpoint save and restore throughput on this machine: spotckpt side by "
                     "side with torch.save, DCP and torchsnapshot, and with the raw write+fsync "
-                    "and memory-copy floors.")
+                    "and memory-copy floors. `spotckpt bench s3 --help`: save to S3 and restore "
+                    "from S3 side by side with s3torchconnector and boto3.")
     p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES_MIB)),
                    help="CPU fp32 state sizes in MiB, comma separated; 'none' for no CPU state "
                         "(default: %(default)s)")
@@ -276,6 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `spotckpt bench -- --sizes 256` hands the separator on
         argv = argv[1:]
+    if argv[:1] == ["s3"]:  # `spotckpt bench s3 ...`: the S3 peers (spotckpt.tools.bench.s3peers)
+        from spotckpt.tools.bench.s3peers import main as s3_main
+
+        return s3_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.list:
         print(list_rows())
