@@ -67,7 +67,7 @@ class StagedTensors:
         self.wait_ready()
         chunks = (self.header, tensor_byte_view(self.data)) if self.nbytes else (self.header,)
         byte_ranges = tensor_ranges(len(self.header), self.specs, ranges)
-        entry = write_chunks_durably(path, chunks, fsync=fsync, ranges=byte_ranges)
+        entry = write_chunks_durably(path, chunks, fsync=fsync, ranges=byte_ranges, stable=True)
         if ranges is not None:
             ranges.update(byte_ranges)
         return entry

@@ -1,4 +1,5 @@
-"""CRC32C: incremental, combinable, and over whole files (sequentially or by several threads).
+"""CRC32C: incremental, combinable, and over whole files (sequentially or by several threads);
+the write side (:class:`CrcWriter`: the checksum beside the write, writeback started early).
 
 The checksum of the format is CRC32C, stored as the base64 of the big-endian value, the form of
 S3's ``ChecksumCRC32C``. :func:`crc32c_combine` joins the CRCs of adjacent byte ranges, so that
@@ -26,6 +27,7 @@ __all__ = [
     "IO_CHUNK_BYTES",
     "PARALLEL_MIN_BYTES",
     "VERIFY_WINDOW_BYTES",
+    "WRITEBACK_BYTES",
     "CrcWriter",
     "crc32c_b64",
     "crc32c_combine",
@@ -33,6 +35,7 @@ __all__ = [
     "file_crc32c",
     "file_crc32c_parallel",
     "io_threads",
+    "start_writeback",
 ]
 
 #: Chunk of file I/O and checksumming (GIL released by both).
@@ -239,44 +242,138 @@ def file_crc32c_parallel(path: str | Path, *, threads: int | None = None) -> tup
         os.close(fd)
 
 
+#: A part of at least this size is checksummed on the writer's helper thread, beside its write.
+BACKGROUND_CRC_MIN_BYTES = 1024 * 1024
+#: Writeback of what a durable write has written so far is started every this many bytes.
+WRITEBACK_BYTES = 8 * 1024 * 1024
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _libc_sync_file_range() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _libc_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> bool:
+    """Ask the kernel to start writing ``[offset, offset + nbytes)`` of ``fd`` to the disk now
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``; ctypes releases the GIL), so the disk works
+    while the rest of the file is still being written instead of only at the fsync. A hint:
+    durability still comes from the fsync that follows. False where it is not available (not
+    Linux, or a filesystem that refuses it)."""
+    if _sync_file_range is None or nbytes <= 0:
+        return False
+    return _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) == 0
+
+
 class CrcWriter:
     """Writes to a raw file, extending a CRC32C over everything written. ``marks``: file
     offsets at which to remember the running CRC (``self.at[offset]``), so that the CRC32C of
-    any byte range between marks comes out of the same pass (:meth:`range_crc`)."""
+    any byte range between marks comes out of the same pass (:meth:`range_crc`).
 
-    def __init__(self, f: BinaryIO, marks: Iterable[int] = ()) -> None:
+    The CRC of a large part runs on a helper thread (``spotckpt-crc``) *while* the part is
+    written (both release the GIL), so a durable write costs the write, not the write plus a
+    checksum pass. The helper is done with the memory of the data passed to :meth:`write` before
+    that call returns -- unless ``stable=True``: the caller promises that every chunk's memory
+    stays as it is until :meth:`close` (not a buffer refilled between writes), and the helper
+    may then lag a part or two behind, across calls. ``writeback=True``: start the disk's
+    writeback of each stretch already written (:func:`start_writeback`), for a file about to be
+    fsynced. Call :meth:`close` (it waits for the helper) before reading :attr:`crc`,
+    :attr:`at` or :meth:`range_crc`."""
+
+    def __init__(self, f: BinaryIO, marks: Iterable[int] = (), *, stable: bool = False,
+                 writeback: bool = False) -> None:
         self.f = f
         self.crc = 0
-        self.size = 0
+        self.size = 0  # bytes written
+        self._crc_size = 0  # bytes checksummed
         self._marks = sorted(set(marks))
+        self._cuts = list(self._marks)  # where write() cuts its parts (the marks, in order)
         self._next = 0
+        self._cut = 0
         self.at: dict[int, int] = {}
+        self._stable = stable
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Any] = []  # futures of the helper's parts, oldest first
+        self._wb_fd = f.fileno() if writeback and _sync_file_range is not None else None
+        self._wb_from = 0
         self._mark()
 
     def _mark(self) -> None:
-        while self._next < len(self._marks) and self._marks[self._next] <= self.size:
-            if self._marks[self._next] == self.size:
-                self.at[self.size] = self.crc
+        while self._next < len(self._marks) and self._marks[self._next] <= self._crc_size:
+            if self._marks[self._next] == self._crc_size:
+                self.at[self._crc_size] = self.crc
             self._next += 1
+
+    def _crc_part(self, part: Any) -> None:
+        self.crc = crc32c_update(self.crc, part)
+        self._crc_size += len(part)
+        self._mark()
 
     def write(self, data: Any) -> None:
         mv = memoryview(data).cast("B")
         i = 0
         while i < len(mv):
             n = min(IO_CHUNK_BYTES, len(mv) - i)
-            if self._next < len(self._marks):
-                n = min(n, self._marks[self._next] - self.size)
+            while self._cut < len(self._cuts) and self._cuts[self._cut] <= self.size:
+                self._cut += 1
+            if self._cut < len(self._cuts):
+                n = min(n, self._cuts[self._cut] - self.size)
             part = mv[i : i + n]
-            self.crc = crc32c_update(self.crc, part)
-            written = 0
-            while written < len(part):
-                written += self.f.write(part[written:])
+            if self._pool is None and n >= BACKGROUND_CRC_MIN_BYTES and io_threads() > 1:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="spotckpt-crc")
+            if self._pool is not None:  # in order: the helper runs its parts one after another
+                self._pending.append(self._pool.submit(self._crc_part, part))
+            else:
+                self._crc_part(part)
+            try:
+                written = 0
+                while written < len(part):
+                    written += self.f.write(part[written:])
+            except BaseException:
+                for fut in self._pending:  # the helper is done with the memory before it is let go
+                    fut.exception()
+                self._pending = []
+                raise
             self.size += n
             i += n
-            self._mark()
+            if self._wb_fd is not None and self.size - self._wb_from >= WRITEBACK_BYTES:
+                if not start_writeback(self._wb_fd, self._wb_from, self.size - self._wb_from):
+                    self._wb_fd = None  # refused here: leave it all to the fsync
+                self._wb_from = self.size
+            if self._stable:
+                while len(self._pending) > 2:  # bounded lag (a temporary chunk stays alive meanwhile)
+                    self._pending.pop(0).result()
+        if not self._stable:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Wait for every part handed to the helper; raise the first error."""
+        pending, self._pending = self._pending, []
+        for fut in pending:
+            fut.exception()
+        for fut in pending:
+            fut.result()
+
+    def close(self) -> None:
+        """Wait for the helper's checksums and end it. Idempotent."""
+        try:
+            self._drain()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     def range_crc(self, start: int, end: int) -> int:
         """CRC32C of the bytes written at ``[start, end)``, both marks: crc(B) is crc(A+B) with
         crc(A) shifted past B taken out (CRC32C is linear)."""
         return self.at[end] ^ crc32c_combine(self.at[start], 0, end - start)
-

@@ -162,7 +162,10 @@ def write_safetensors(
                 t = t.contiguous()
             yield tensor_byte_view(t)  # the temporary, if any, is dropped after it is written
 
-    entry = write_chunks_durably(path, chunks(), fsync=fsync, ranges=byte_ranges)
+    # stable: every chunk is a live tensor's memory, which the caller holds still; with temporaries
+    # (device or non-contiguous tensors) each is checksummed before the next is made
+    stable = all(tensors[n].device.type == "cpu" and tensors[n].is_contiguous() for n in names)
+    entry = write_chunks_durably(path, chunks(), fsync=fsync, ranges=byte_ranges, stable=stable)
     if ranges is not None:
         ranges.update(byte_ranges)
     return entry
