@@ -1,5 +1,6 @@
 """CRC32C: incremental, combinable, and over whole files (sequentially or by several threads);
-the write side (:class:`CrcWriter`: the checksum beside the write, writeback started early).
+the write side (:class:`CrcWriter`: the checksum beside the write, writeback started early) and
+the read side (files mapped and faulted in by the kernel, checksummed and copied from).
 
 The checksum of the format is CRC32C, stored as the base64 of the big-endian value, the form of
 S3's ``ChecksumCRC32C``. :func:`crc32c_combine` joins the CRCs of adjacent byte ranges, so that
@@ -25,6 +26,7 @@ import numpy as np
 
 __all__ = [
     "IO_CHUNK_BYTES",
+    "MappedFile",
     "PARALLEL_MIN_BYTES",
     "VERIFY_WINDOW_BYTES",
     "WRITEBACK_BYTES",
@@ -33,8 +35,12 @@ __all__ = [
     "crc32c_combine",
     "crc32c_update",
     "file_crc32c",
+    "fd_crc32c_parallel",
     "file_crc32c_parallel",
+    "copy_ranges_mapped",
     "io_threads",
+    "mapped_reads_ok",
+    "whole_map_limit",
     "start_writeback",
 ]
 
@@ -200,6 +206,150 @@ def _range_crc32c(fd: int, start: int, end: int) -> int:
     return crc
 
 
+def whole_map_limit() -> int:
+    """The largest file :class:`MappedFile` maps whole: a quarter of this machine's memory (a
+    larger one is checksummed and read in windows instead)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
+
+
+class MappedFile:
+    """A whole file mapped read-only, for verify-while-reading: :meth:`crc32c` faults its pages
+    in (one kernel call per window, so a read error is an OSError, not a SIGBUS) and checksums
+    them on several threads; :meth:`copy_into` then copies from the same mapping. Checksumming
+    and loading a file this way builds its page tables once, not once per pass (about 20 ms per
+    GiB on one core). Use only while :func:`mapped_reads_ok`; :meth:`close` unmaps."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.size = size
+        self._mm = map_readonly(fd, size, access=mmap.ACCESS_READ)
+        self._arr = np.frombuffer(self._mm, dtype=np.uint8, count=size)
+
+    def _window_crc(self, start: int, end: int) -> int:
+        crc = 0
+        for a in range(start, end, VERIFY_WINDOW_BYTES):
+            b = min(end, a + VERIFY_WINDOW_BYTES)
+            _populate_at(self._arr, a, b)
+            crc = crc32c_update(crc, self._arr[a:b])
+        return crc
+
+    def crc32c(self, run_parallel: Any, threads: int) -> int:
+        """CRC32C of the whole file: ``threads`` disjoint ranges, checksummed by
+        ``run_parallel(fn, [args...])`` (which returns the results in order) and combined."""
+        size = self.size
+        if threads <= 1 or size < PARALLEL_MIN_BYTES:
+            return self._window_crc(0, size)
+        step = -(-size // threads)
+        step += -step % mmap.ALLOCATIONGRANULARITY
+        bounds = [(a, min(size, a + step)) for a in range(0, size, step)]
+        crcs = run_parallel(self._window_crc, bounds)
+        crc = crcs[0]
+        for (a, b), c in zip(bounds[1:], crcs[1:]):
+            crc = crc32c_combine(crc, c, b - a)
+        return crc
+
+    def copy_into(self, segs: list[tuple[memoryview, int]]) -> None:
+        """Fill each ``(view, file offset)`` from the mapping (numpy copies, the GIL released)."""
+        for mv, off in segs:
+            n = len(mv)
+            np.copyto(np.frombuffer(mv, dtype=np.uint8, count=n), self._arr[off : off + n])
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._arr = np.empty(0, dtype=np.uint8)  # the last export of the mapping
+            self._mm.close()
+            self._mm = None  # type: ignore[assignment]
+
+
+def _populate_at(arr: np.ndarray, start: int, end: int) -> None:
+    """:func:`_populate` for bytes ``[start, end)`` of a mapping's array (``start`` page-aligned)."""
+    global _populate_ok
+    if not _populate_ok or end <= start:
+        return
+    if _madvise(arr.ctypes.data + start, end - start, _MADV_POPULATE_READ) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EINVAL:  # kernel older than 5.14: fall back to plain page faults
+            _populate_ok = False
+            return
+        raise OSError(err, f"reading the file failed ({os.strerror(err)})")
+
+
+#: Holes between ranges up to this size are mapped over (one mapping) instead of starting a new one.
+_MAP_GAP_BYTES = 1024 * 1024
+
+
+def mapped_reads_ok() -> bool:
+    """Whether :func:`copy_ranges_mapped` may be used: the kernel populates a mapping up front
+    (so a read error or a truncated file is an OSError, never a SIGBUS)."""
+    return _populate_ok and _madvise is not None
+
+
+def copy_ranges_mapped(fd: int, segs: list[tuple[memoryview, int]]) -> None:
+    """Fill each ``(view, file offset)`` of ``segs`` (sorted by offset, not overlapping) with
+    the file's bytes through read-only mappings of at most :data:`VERIFY_WINDOW_BYTES`, each
+    faulted in by the kernel in one call (:func:`_populate`) and copied from by numpy (the GIL
+    released). Page cache to memory this way costs about half of ``preadv``'s time (no
+    per-page copy in the kernel; figures in benchmarks/README.md). OSError when the file
+    cannot be read (a read error, or it is shorter than a range); a window that cannot be
+    mapped at all is read with ``preadv`` instead."""
+    gran = mmap.ALLOCATIONGRANULARITY
+    k, pos = 0, 0  # segment k, bytes of it done
+    while k < len(segs):
+        mv, off = segs[k]
+        if pos >= len(mv):
+            k, pos = k + 1, 0
+            continue
+        start = off + pos
+        base = start - start % gran
+        limit = base + VERIFY_WINDOW_BYTES
+        end = min(off + len(mv), limit)
+        m = k + 1
+        while m < len(segs) and end == segs[m - 1][1] + len(segs[m - 1][0]) and segs[m][1] < limit \
+                and segs[m][1] - end <= _MAP_GAP_BYTES:
+            end = min(segs[m][1] + len(segs[m][0]), limit)
+            m += 1
+        try:
+            mm = map_readonly(fd, end - base, offset=base, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            mm = None
+        if mm is None:  # this window by pread
+            while k < len(segs) and segs[k][1] + pos < end:
+                mv, off = segs[k]
+                n = min(off + len(mv), end) - (off + pos)
+                _pread_into(fd, mv[pos : pos + n], off + pos)
+                pos += n
+                if pos >= len(mv):
+                    k, pos = k + 1, 0
+            continue
+        try:
+            _populate(mm, end - base)
+            src = np.frombuffer(mm, dtype=np.uint8, count=end - base)
+            try:
+                while k < len(segs) and segs[k][1] + pos < end:
+                    mv, off = segs[k]
+                    a = off + pos
+                    n = min(off + len(mv), end) - a
+                    np.copyto(np.frombuffer(mv, dtype=np.uint8, count=n, offset=pos), src[a - base : a - base + n])
+                    pos += n
+                    if pos >= len(mv):
+                        k, pos = k + 1, 0
+            finally:
+                del src
+        finally:
+            mm.close()
+
+
+def _pread_into(fd: int, mv: memoryview, offset: int) -> None:
+    got = 0
+    while got < len(mv):
+        n = os.preadv(fd, [mv[got:]], offset + got)
+        if not n:
+            raise OSError(errno.EIO, f"file ended at byte {offset + got}, expected {offset + len(mv)}")
+        got += n
+
+
 def _range_crc32c_pread(fd: int, start: int, end: int, crc: int = 0) -> int:
     buf = bytearray(min(IO_CHUNK_BYTES, max(1, end - start)))
     mv = memoryview(buf)
@@ -221,25 +371,30 @@ def file_crc32c_parallel(path: str | Path, *, threads: int | None = None) -> tup
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         size = os.fstat(fd).st_size
-        n = threads or io_threads()
-        if n <= 1 or size < PARALLEL_MIN_BYTES:
-            return size, _range_crc32c(fd, 0, size)
-        step = -(-size // n)
-        step += -step % mmap.ALLOCATIONGRANULARITY
-        bounds = [(a, min(size, a + step)) for a in range(0, size, step)]
-        if len(bounds) == 1:
-            return size, _range_crc32c(fd, 0, size)
-        with ThreadPoolExecutor(len(bounds) - 1, thread_name_prefix="spotckpt-verify") as pool:
-            futs = [pool.submit(_range_crc32c, fd, a, b) for a, b in bounds[1:]]
-            try:
-                crc = _range_crc32c(fd, *bounds[0])
-            finally:
-                results = [f.result() for f in futs]  # waits for all before the fd closes
-        for (a, b), c in zip(bounds[1:], results):
-            crc = crc32c_combine(crc, c, b - a)
-        return size, crc
+        return size, fd_crc32c_parallel(fd, size, threads=threads)
     finally:
         os.close(fd)
+
+
+def fd_crc32c_parallel(fd: int, size: int, *, threads: int | None = None) -> int:
+    """CRC32C of the first ``size`` bytes of the open file ``fd`` (:func:`file_crc32c_parallel`)."""
+    n = threads or io_threads()
+    if n <= 1 or size < PARALLEL_MIN_BYTES:
+        return _range_crc32c(fd, 0, size)
+    step = -(-size // n)
+    step += -step % mmap.ALLOCATIONGRANULARITY
+    bounds = [(a, min(size, a + step)) for a in range(0, size, step)]
+    if len(bounds) == 1:
+        return _range_crc32c(fd, 0, size)
+    with ThreadPoolExecutor(len(bounds) - 1, thread_name_prefix="spotckpt-verify") as pool:
+        futs = [pool.submit(_range_crc32c, fd, a, b) for a, b in bounds[1:]]
+        try:
+            crc = _range_crc32c(fd, *bounds[0])
+        finally:
+            results = [f.result() for f in futs]  # waits for all before the fd closes
+    for (a, b), c in zip(bounds[1:], results):
+        crc = crc32c_combine(crc, c, b - a)
+    return crc
 
 
 #: A part of at least this size is checksummed on the writer's helper thread, beside its write.
