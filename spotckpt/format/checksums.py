@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import sys
@@ -206,13 +207,25 @@ def _range_crc32c(fd: int, start: int, end: int) -> int:
     return crc
 
 
+@functools.cache
 def whole_map_limit() -> int:
-    """The largest file :class:`MappedFile` maps whole: a quarter of this machine's memory (a
-    larger one is checksummed and read in windows instead)."""
+    """The largest file :class:`MappedFile` maps whole: a quarter of the memory this process
+    may use -- the machine's, or its cgroup's limit when lower (a larger file is checksummed and
+    read in windows instead)."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+        limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 1 << 30
+        limit = 4 << 30
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+        break
+    return limit // 4
 
 
 class MappedFile:
