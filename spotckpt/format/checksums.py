@@ -49,9 +49,29 @@ __all__ = [
 IO_CHUNK_BYTES = 16 * 1024 * 1024
 
 
+try:  # optional: AWS's CRC32C (awscrt, boto3's CRT) folds with AVX-512/VPCLMULQDQ where the CPU
+    # has them: 2-2.5x the ``crc32c`` package's speed on the 2-core VM (25 vs 10 GB/s per core)
+    from awscrt import checksums as _crt_checksums
+except ImportError:  # pragma: no cover - depends on the environment
+    _crt_checksums = None
+
+#: The implementation in use: "awscrt" when it imports, else "crc32c" (both release the GIL).
+CRC32C_IMPL = "awscrt" if _crt_checksums is not None else "crc32c"
+_CRT_SLICE = 1 << 30  # awscrt takes at most INT_MAX bytes per call in older releases
+
+
 def crc32c_update(crc: int, data: Any) -> int:
     """Extend a CRC32C with ``data`` (bytes-like; the GIL is released for large buffers)."""
-    return _crc32c.crc32c(data, crc)
+    if _crt_checksums is None:
+        return _crc32c.crc32c(data, crc)
+    mv = memoryview(data)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    if len(mv) <= _CRT_SLICE:
+        return _crt_checksums.crc32c(mv, crc)
+    for i in range(0, len(mv), _CRT_SLICE):
+        crc = _crt_checksums.crc32c(mv[i : i + _CRT_SLICE], crc)
+    return crc
 
 
 def crc32c_b64(crc: int) -> str:
@@ -137,8 +157,10 @@ def io_threads() -> int:
 
 #: A file (or one tensor) is split across threads only above this size.
 PARALLEL_MIN_BYTES = 8 * 1024 * 1024
-#: Verification maps a file in windows of this size (bounded address space and RSS).
-VERIFY_WINDOW_BYTES = 64 * 1024 * 1024
+#: Verification and mapped reads map a file in windows of this size (bounded address space and
+#: RSS). Each mapping costs a populate and a munmap: one thread copies 1 GiB from the page cache in
+#: 84-100 ms through 64 MiB windows, 73-77 ms through 256 MiB ones (preadv: 170-190 ms).
+VERIFY_WINDOW_BYTES = 256 * 1024 * 1024
 #: madvise(2) advice that faults a range in (Linux >= 5.14; Python 3.11's mmap lacks the name).
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
@@ -200,7 +222,7 @@ def _range_crc32c(fd: int, start: int, end: int) -> int:
         try:
             _populate(mm, length)
             with memoryview(mm) as mv, mv[off - base :] as part:
-                crc = _crc32c.crc32c(part, crc)
+                crc = crc32c_update(crc, part)
         finally:
             mm.close()
         off = base + length
@@ -371,7 +393,7 @@ def _range_crc32c_pread(fd: int, start: int, end: int, crc: int = 0) -> int:
         n = os.preadv(fd, [mv[: min(len(buf), end - off)]], off)
         if not n:
             raise OSError(errno.EIO, f"file ended at byte {off}, expected {end} (truncated while reading)")
-        crc = _crc32c.crc32c(mv[:n], crc)
+        crc = crc32c_update(crc, mv[:n])
         off += n
     return crc
 

@@ -342,3 +342,18 @@ def test_corrupt_byte_mid_tensor_is_caught_while_reading_and_lands_nothing(
     assert verified[0] == ("step-000000000002", True)  # caught through the mapping the load reads ...
     assert "rank-00000.safetensors" not in crc_checked  # ... not by a checksum pass before the load
     assert not [t for t in threading.enumerate() if t.name.startswith(("spotckpt-verify", "spotckpt-restore-read"))]
+
+
+def test_crc32c_update_matches_the_reference_whichever_implementation() -> None:
+    """crc32c_update uses awscrt's CRC32C when it imports (faster), else the crc32c package:
+    either way the same values, for every buffer shape the library hands it."""
+    rng = np.random.default_rng(4)
+    for n in (0, 1, 7, 4096, (1 << 20) + 3):
+        b = rng.integers(0, 256, n, dtype=np.uint8)
+        want = crc32c.crc32c(b.tobytes(), 5)
+        assert checksums.crc32c_update(5, b) == want, n
+        assert checksums.crc32c_update(5, memoryview(b)) == want, n
+        assert checksums.crc32c_update(5, b.tobytes()) == want, n
+    f = torch.randn(1000).numpy()  # a float view, as a tensor's bytes reach it
+    assert checksums.crc32c_update(0, f) == crc32c.crc32c(f.tobytes())
+    assert checksums.CRC32C_IMPL in ("awscrt", "crc32c")
