@@ -144,6 +144,7 @@ def _prepare_files(
                 "ranks or is incomplete",
                 path=step_dir,
             )
+
     def expect(name: str) -> FileEntry | None:
         return manifest.files[name] if verify else None
 
