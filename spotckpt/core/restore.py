@@ -5,8 +5,10 @@ when it verifies (sizes and CRC32C of every file by default); otherwise -- or wh
 in S3 -- the S3 copy is downloaded into staging, verified, committed locally and loaded. A step that
 fails anywhere is skipped with a warning naming the file, and the next older one is tried.
 
-Verification happens before anything is loaded, so a damaged step never leaves the live state
-half-overwritten.
+Verification ends before anything is loaded, so a damaged step never leaves the live state
+half-overwritten. A local step loaded into a state is verified while it is read (the tensor file
+mapped once: checksummed, then copied from; :func:`load_step`); a step handed to another loader,
+or chosen by several ranks together, is checksummed first and read after.
 """
 
 from __future__ import annotations
@@ -75,9 +77,18 @@ def load_step(
     allow_pickle: bool = False,
     bounce: torch.Tensor | None = None,
 ) -> None:
-    """Verify ``step_dir`` against ``manifest`` (unless ``verify=False``), then load it."""
+    """Verify ``step_dir`` against ``manifest`` (unless ``verify=False``), then load it.
+
+    Verify while reading: the files the load reads (this rank's tensors and tree, and with
+    sharded state every rank's tensor file here) are checksummed as they are read in -- each
+    tensor file through one mapping that is checksummed first and copied from after -- and the
+    other files of the step up front. Every check still ends before the first byte lands in
+    ``state``: a file that does not verify raises CheckpointCorruptError with the state
+    untouched."""
     if verify:
-        problems = verify_files(step_dir, manifest)
+        read = _files_read(step_dir, manifest, rank)
+        problems = verify_files(step_dir, manifest, checksums=False, only=read)  # sizes; CRC32C as they are read
+        problems += verify_files(step_dir, manifest, only=set(manifest.files) - read)
         if problems:
             raise CheckpointCorruptError("; ".join(problems), path=step_dir)
     ws = saved_world_size(manifest)
@@ -89,7 +100,16 @@ def load_step(
     _note_reshard(manifest.step, manifest, 1, rank)
     with ExitStack() as stack:
         _prepare_files(state, step_dir, manifest, stack, rank=rank, keys=None, allow_pickle=allow_pickle,
-                       bounce=bounce).run(state)
+                       bounce=bounce, verify=verify).run(state)
+
+
+def _files_read(step_dir: Path, manifest: Manifest, rank: int) -> set[str]:
+    """The files of ``manifest`` that loading ``rank``'s keys from ``step_dir`` reads (and so
+    verifies as it reads them, see :func:`load_step`)."""
+    read = set(data_file_names(rank))
+    if manifest.extra.get("sharded"):
+        read |= {n for n in tensor_files(manifest) if (step_dir / n).exists()}
+    return read & set(manifest.files)
 
 
 def _prepare_files(
@@ -104,6 +124,7 @@ def _prepare_files(
     bounce: torch.Tensor | None,
     remote: RemoteStore | None = None,
     local_files: Collection[str] | None = None,
+    verify: bool = False,
 ) -> LoadPlan:
     """Check and plan loading ``keys`` (None: every key) of the files written by ``rank``
     (:func:`spotckpt.core.torch_state.prepare_load`: nothing lands yet; the files stay open on
@@ -112,7 +133,8 @@ def _prepare_files(
     when given), the others with ranged reads from ``remote``, each chunk checked against the
     CRC32C its writer recorded. A step of another layout (DCP's, an adopted folder) is refused
     with ConfigError naming its loader: it is not damage, so a restore does not fall back past
-    it."""
+    it. ``verify``: each local file read here is checked against its manifest entry as it is
+    read (:func:`load_step`)."""
     STATE.require(manifest, step_dir)
     st_name, tree_name = data_file_names(rank)
     for name in (st_name, tree_name):
@@ -122,9 +144,19 @@ def _prepare_files(
                 "ranks or is incomplete",
                 path=step_dir,
             )
+
+    def expect(name: str) -> FileEntry | None:
+        return manifest.files[name] if verify else None
+
     tree_path = step_dir / tree_name
-    tree = parse_tree_json(tree_path.read_bytes(), str(tree_path))
-    reader = stack.enter_context(SafetensorsFile(step_dir / st_name))
+    tree_bytes = tree_path.read_bytes()
+    got = FileEntry(len(tree_bytes), crc32c_b64(crc32c_update(0, tree_bytes))) if verify else None
+    if got is not None and got != manifest.files[tree_name]:
+        want = manifest.files[tree_name]
+        raise CheckpointCorruptError(f"{tree_path}: size {got.size} / CRC32C {got.crc32c}, manifest says {want.size} / "
+                                     f"{want.crc32c} (corrupt)", path=tree_path)
+    tree = parse_tree_json(tree_bytes, str(tree_path))
+    reader = stack.enter_context(SafetensorsFile(step_dir / st_name, expect=expect(st_name)))
     index = None
     if manifest.extra.get("sharded"):
         readers = {st_name: reader}
@@ -133,7 +165,7 @@ def _prepare_files(
             if name == st_name:
                 continue
             if (step_dir / name).exists() and (local_files is None or name in local_files):
-                readers[name] = stack.enter_context(SafetensorsFile(step_dir / name))
+                readers[name] = stack.enter_context(SafetensorsFile(step_dir / name, expect=expect(name)))
             elif remote is not None:
                 doc = _tree_of(step_dir, manifest, name, remote, local_files)
                 ranged.append((remote, manifest.step, name, doc.get("shards") or {}))
@@ -189,10 +221,13 @@ def restore_newest(state: MutableMapping[str, Any] | None, local: LocalStore, re
     problems: dict[int, str] = {}
     for s in candidates:
         if s in local_steps:
-            check = local.verify_step(s, checksums=opts.verify)
+            # loading into a state verifies while it reads (load_step); another loader is
+            # handed a step whose every file was checksummed first
+            while_loading = opts.verify and opts.loader is None
+            check = local.verify_step(s, checksums=opts.verify and not while_loading)
             if check.ok and check.manifest is not None:
                 try:
-                    _load_one(state, check.path, check.manifest, rank, opts)
+                    _load_one(state, check.path, check.manifest, rank, opts, verify=while_loading)
                 except CheckpointCorruptError as exc:
                     log.warning("spotckpt: skipping local step %d: %s", s, exc)
                     problems[s] = f"local: {exc}"
@@ -223,12 +258,12 @@ def restore_newest(state: MutableMapping[str, Any] | None, local: LocalStore, re
 
 
 def _load_one(state: MutableMapping[str, Any] | None, path: Path, manifest: Manifest, rank: int,
-              opts: RestoreOptions) -> None:
+              opts: RestoreOptions, *, verify: bool = False) -> None:
     if opts.loader is not None:
         opts.loader(path, manifest, rank)
     else:
         assert state is not None
-        load_step(state, path, manifest, rank=rank, verify=False, allow_pickle=opts.allow_pickle, bounce=opts.bounce)
+        load_step(state, path, manifest, rank=rank, verify=verify, allow_pickle=opts.allow_pickle, bounce=opts.bounce)
 
 
 def raise_if_all_bad(problems: dict[int, str], local: LocalStore, *, scan_local: bool = True) -> None:

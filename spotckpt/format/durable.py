@@ -35,19 +35,28 @@ def fsync_dir(path: str | Path) -> None:
 
 
 def write_chunks_durably(path: str | Path, chunks: Iterable[Any], *, fsync: bool = True,
-                         ranges: dict[Any, Any] | None = None) -> FileEntry:
+                         ranges: dict[Any, Any] | None = None, stable: bool = False) -> FileEntry:
     """Create (or truncate) ``path`` and write ``chunks`` (bytes-like: bytes, memoryviews,
     numpy byte views of tensors) in order, CRC32C in the same pass, then fsync unless
     ``fsync=False``. ``chunks`` may be a generator, so a caller can produce each chunk only
     when it is written. Returns the size and CRC32C of what was written.
 
+    The CRC32C of large parts runs on a helper thread beside their write, and a file to be
+    fsynced has its writeback started as it is written (:class:`CrcWriter`), so the fsync finds
+    little left to do. ``stable=True``: the caller promises that no chunk's memory changes until
+    this returns (chunks are not one buffer refilled between yields), which lets the checksum
+    run across chunks instead of finishing each one before the next is produced.
+
     ``ranges``: ``{key: (start, end)}`` byte ranges of the file whose own CRC32C is wanted;
     each value is replaced by ``(start, end, crc32c)`` (base64), from the same pass."""
     with open(path, "wb", buffering=0) as f:
         marks = [x for r in (ranges or {}).values() for x in r[:2]]
-        w = CrcWriter(f, marks)  # type: ignore[arg-type]
-        for chunk in chunks:
-            w.write(chunk)
+        w = CrcWriter(f, marks, stable=stable, writeback=fsync)  # type: ignore[arg-type]
+        try:
+            for chunk in chunks:
+                w.write(chunk)
+        finally:
+            w.close()
         if fsync:
             os.fsync(f.fileno())
     for key, (start, end, *_) in (ranges or {}).items():

@@ -162,7 +162,10 @@ def write_safetensors(
                 t = t.contiguous()
             yield tensor_byte_view(t)  # the temporary, if any, is dropped after it is written
 
-    entry = write_chunks_durably(path, chunks(), fsync=fsync, ranges=byte_ranges)
+    # stable: every chunk is a live tensor's memory, which the caller holds still; with temporaries
+    # (device or non-contiguous tensors) each is checksummed before the next is made
+    stable = all(tensors[n].device.type == "cpu" and tensors[n].is_contiguous() for n in names)
+    entry = write_chunks_durably(path, chunks(), fsync=fsync, ranges=byte_ranges, stable=stable)
     if ranges is not None:
         ranges.update(byte_ranges)
     return entry
@@ -180,27 +183,77 @@ def tensor_ranges(header_len: int, specs: Iterable[TensorSpec], wanted: Mapping[
 class SafetensorsFile:
     """A strictly validated safetensors file opened for reading.
 
-    The constructor reads and checks the header; :meth:`read_into` and :meth:`read` copy one
-    tensor's bytes straight from the file into a tensor's memory (positional reads, no extra copy
-    for contiguous CPU targets). A tensor of at least :data:`~spotckpt.format.checksums.PARALLEL_MIN_BYTES` is read as
-    ``threads`` disjoint slices at once (default :func:`~spotckpt.format.checksums.io_threads`): the caller's thread reads
-    one, helper threads ``spotckpt-restore-read`` the others (``preadv`` releases the GIL), and
-    the call returns when all have landed. One thread uses a reader at a time; the helpers are
-    joined by :meth:`close`. Use as a context manager or call :meth:`close`.
+    The constructor (optionally) verifies the whole file, then reads and checks the header;
+    :meth:`read_into` and :meth:`read` copy one tensor's bytes straight from the page cache into a
+    tensor's memory (no extra copy for contiguous CPU targets): from read-only mappings faulted in
+    by the kernel in one call per window (the mapping a verifying reader checksummed, when it
+    kept one), else with ``preadv``. A tensor of at least
+    :data:`~spotckpt.format.checksums.PARALLEL_MIN_BYTES` is read as ``threads`` disjoint slices at
+    once (default :func:`~spotckpt.format.checksums.io_threads`): the caller's thread reads one,
+    helper threads ``spotckpt-restore-read`` the others (the copies release the GIL), and the call
+    returns when all have landed. One thread uses a reader at a time; the helpers are joined and
+    the mapping closed by :meth:`close`. Use as a context manager or call :meth:`close`.
     """
 
     def __init__(
-        self, path: str | Path, *, max_header_bytes: int = MAX_HEADER_BYTES, threads: int | None = None
+        self, path: str | Path, *, max_header_bytes: int = MAX_HEADER_BYTES, threads: int | None = None,
+        expect: FileEntry | None = None,
     ) -> None:
+        """``expect``: the size and CRC32C the file must have (its manifest entry). The whole
+        file is then verified here, before the header is even parsed -- CheckpointCorruptError
+        when it does not match -- and, where it can be, mapped once: checksummed as its pages
+        are read in, then copied from by the reads (verify while reading, one pass over the
+        page cache's mappings instead of two)."""
         self.path = str(path)
         self._threads = max(1, threads or _checksums.io_threads())
         self._pool: ThreadPoolExecutor | None = None
+        self._mapped: _checksums.MappedFile | None = None
         self._f = open(self.path, "rb", buffering=0)
         try:
+            if expect is not None:
+                self._verify(expect)
             self._parse(max_header_bytes)
         except BaseException:
-            self._f.close()
+            self.close()
             raise
+
+    def _verify(self, expect: FileEntry) -> None:
+        fd = self._f.fileno()
+        size = os.fstat(fd).st_size
+        if size != expect.size:
+            raise CheckpointCorruptError(f"{self.path}: size {size}, manifest says {expect.size} (truncated?)",
+                                         path=self.path)
+        try:
+            if size and _checksums.mapped_reads_ok() and size <= _checksums.whole_map_limit():
+                try:
+                    self._mapped = _checksums.MappedFile(fd, size)
+                except (OSError, ValueError):
+                    self._mapped = None
+            if self._mapped is not None:
+                crc = self._mapped.crc32c(self._run_parallel, self._threads)
+            else:
+                crc = _checksums.fd_crc32c_parallel(fd, size, threads=self._threads)
+        except OSError as exc:
+            raise CheckpointCorruptError(f"{self.path}: unreadable ({exc.strerror or exc})", path=self.path) from exc
+        got = _checksums.crc32c_b64(crc)
+        if got != expect.crc32c:
+            raise CheckpointCorruptError(f"{self.path}: CRC32C {got} != {expect.crc32c} in manifest (corrupt)",
+                                         path=self.path)
+
+    def _run_parallel(self, fn: Any, args: list[tuple[Any, ...]]) -> list[Any]:
+        """``[fn(*a) for a in args]``: the first on this thread, the others on the helper
+        threads, returning once every call has ended (the first error raised)."""
+        if len(args) == 1:
+            return [fn(*args[0])]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads - 1, thread_name_prefix="spotckpt-restore-read")
+        futs: list[Future[Any]] = [self._pool.submit(fn, *a) for a in args[1:]]
+        try:
+            first = fn(*args[0])
+        finally:
+            for f in futs:  # every call has ended (or failed) before anything is used
+                f.exception()
+        return [first] + [f.result() for f in futs]
 
     def _bad(self, why: str) -> CheckpointCorruptError:
         return CheckpointCorruptError(
@@ -407,8 +460,7 @@ class SafetensorsFile:
         return out
 
     def _readinto(self, s: TensorSpec, view: np.ndarray) -> None:
-        # Page cache -> tensor memory is a memcpy inside the kernel; one thread does not saturate
-        # memory bandwidth, so a large tensor is read as disjoint slices in parallel (figures:
+        # Page cache -> tensor memory is one memcpy; one thread does not saturate memory bandwidth, so a large tensor is read as disjoint slices in parallel (figures:
         # benchmarks/README.md). Slices are multiples of 1 MiB.
         with memoryview(view) as raw, raw.cast("B") as mv:
             self._pread_parallel(mv, self._data_start + s.start, s.name)
@@ -423,6 +475,10 @@ class SafetensorsFile:
         1 MiB of the concatenation); the caller's thread reads the first run, helper threads the
         others, and this returns once every run has landed (or failed)."""
         total = sum(len(mv) for mv, _, _ in segs)
+        size = os.fstat(self._f.fileno()).st_size
+        for mv, off, name in segs:
+            if off + len(mv) > size:
+                raise self._bad(f"tensor {name!r} is truncated (the file is {size} bytes)")
         parts = self._threads if total >= _checksums.PARALLEL_MIN_BYTES and hasattr(os, "preadv") else 1
         step = -(-total // parts)
         step += -step % (1 << 20)
@@ -438,21 +494,19 @@ class SafetensorsFile:
                 runs[-1].append((mv[pos : pos + k], off + pos, name))
                 pos += k
                 room -= k
-        if len(runs) == 1:
-            self._pread_run(runs[0])
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads - 1, thread_name_prefix="spotckpt-restore-read")
-        futs: list[Future[None]] = [self._pool.submit(self._pread_run, run) for run in runs[1:]]
-        try:
-            self._pread_run(runs[0])
-        finally:
-            for f in futs:  # every run has landed (or failed) before a target is used
-                f.exception()
-        for f in futs:
-            f.result()
+        self._run_parallel(self._pread_run, [(run,) for run in runs])
 
     def _pread_run(self, run: list[tuple[memoryview, int, str]]) -> None:
+        if self._mapped is not None:  # verified through this mapping: copy from it
+            self._mapped.copy_into([(mv, off) for mv, off, _ in run])
+            return
+        if _checksums.mapped_reads_ok():  # page cache -> memory through a mapping: no copy in the kernel
+            try:
+                _checksums.copy_ranges_mapped(self._f.fileno(), [(mv, off) for mv, off, _ in run])
+            except OSError as exc:
+                raise self._bad(f"tensor {run[0][2]!r} or one after it is truncated or unreadable "
+                                f"({exc.strerror or exc})") from exc
+            return
         for mv, off, name in run:
             self._pread_exact(mv, off, name)
 
@@ -475,6 +529,9 @@ class SafetensorsFile:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._mapped is not None:
+            self._mapped.close()
+            self._mapped = None
         self._f.close()
 
     def __enter__(self) -> SafetensorsFile:

@@ -233,3 +233,127 @@ def test_restore_of_a_large_split_step_is_exact(tmp_path: Path, monkeypatch: pyt
     for k, v in model.state_dict().items():
         assert torch.equal(v, want[k]), k
     assert torch.equal(state["extra"], extra)
+
+
+# ------------------------------------------------------------ verify while reading
+
+
+_PATHS = ["mapped windows", "verified mapping", "verified, no mapping", "pread", "mapping refused"]
+
+
+@pytest.mark.parametrize("path", _PATHS)
+def test_every_read_path_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """The ways bytes reach a tensor: mapped windows (small here, so runs cross them), the
+    mapping a verifying reader checksummed, the windowed checksum when the whole file is not
+    mapped, plain preadv, and pread for a window the kernel refuses to map."""
+    monkeypatch.setattr(checksums, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(checksums, "VERIFY_WINDOW_BYTES", 1 << 20)
+    if path == "verified, no mapping":
+        monkeypatch.setattr(checksums, "whole_map_limit", lambda: 0)
+    elif path == "pread":
+        monkeypatch.setattr(checksums, "mapped_reads_ok", lambda: False)
+    elif path == "mapping refused":
+        def no_mmap(*a: object, **k: object) -> None:
+            raise OSError(errno.ENODEV, "mmap not supported here")
+        monkeypatch.setattr(checksums, "map_readonly", no_mmap)
+    g = torch.Generator().manual_seed(9)
+    tensors = {f"t{i}": torch.randn(200_000 + 1031 * i, generator=g) for i in range(6)}
+    tensors["bf16"] = torch.randn(999, 3, generator=g).to(torch.bfloat16)
+    tensors["empty"] = torch.randn(0)
+    p = tmp_path / "x.safetensors"
+    entry = write_safetensors(p, tensors)
+    targets = {n: torch.full_like(t, 7) for n, t in tensors.items()}
+    targets["t2"] = torch.full((tensors["t2"].numel() * 2,), 7.0)[::2]  # non-contiguous: read_into
+    with SafetensorsFile(p, threads=3, expect=entry if path.startswith("verified") else None) as r:
+        assert (r._mapped is not None) == (path == "verified mapping")
+        r.read_many(list(targets.items()))
+        assert torch.equal(r.read("t4"), tensors["t4"])
+    for n, want in tensors.items():
+        assert torch.equal(targets[n], want), n
+    assert not [t for t in threading.enumerate() if t.name.startswith(("spotckpt-restore-read", "spotckpt-verify"))]
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_a_verifying_reader_refuses_a_corrupt_file_before_reading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mapped: bool) -> None:
+    monkeypatch.setattr(checksums, "PARALLEL_MIN_BYTES", 1)
+    if not mapped:
+        monkeypatch.setattr(checksums, "whole_map_limit", lambda: 0)
+    p = tmp_path / "x.safetensors"
+    entry = write_safetensors(p, {"t": torch.randn(1 << 20)})
+    _flip_byte(p, p.stat().st_size // 2)
+    with pytest.raises(CheckpointCorruptError, match=r"CRC32C .* != .* in manifest \(corrupt\)"):
+        SafetensorsFile(p, threads=2, expect=entry)
+    with pytest.raises(CheckpointCorruptError, match="manifest says"):
+        SafetensorsFile(p, expect=type(entry)(entry.size + 1, entry.crc32c))
+    assert not [t for t in threading.enumerate() if t.name.startswith("spotckpt-restore-read")]
+
+
+@pytest.mark.parametrize("older_step", [False, True])
+def test_corrupt_byte_mid_tensor_is_caught_while_reading_and_lands_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, older_step: bool) -> None:
+    """The restore verifies the tensor file as it reads it (one mapping, checksummed by two
+    threads, then copied from): a byte flipped in the middle of a large tensor is caught before
+    a byte of that step lands -- the live state keeps its values, or gets the older step whole."""
+    monkeypatch.setattr(checksums, "io_threads", lambda: 2)  # split even on a 1-CPU runner
+    verified: list[tuple[str, bool]] = []  # (step dir, through a mapping) of each verifying reader
+    real = SafetensorsFile._verify
+
+    def spy(self: SafetensorsFile, expect: object) -> None:
+        try:
+            real(self, expect)  # type: ignore[arg-type]
+        finally:
+            verified.append((Path(self.path).parent.name, self._mapped is not None))
+
+    monkeypatch.setattr(SafetensorsFile, "_verify", spy)
+    crc_checked: list[str] = []
+    real_verify = checksums.file_crc32c_parallel
+    monkeypatch.setattr("spotckpt.core.local.file_crc32c_parallel",
+                        lambda p, **k: (crc_checked.append(Path(p).name), real_verify(p, **k))[1])
+    torch.manual_seed(2)
+    model = _Big()
+    state = {"model": model}
+    with CheckpointManager(tmp_path, async_save=False, install_signal_handlers=False, metrics=False) as mgr:
+        if older_step:
+            mgr.save(1, state, blocking=True)
+            step1 = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            model.w.add_(1.0)
+        mgr.save(2, state, blocking=True)
+    st_file = tmp_path / "step-000000000002" / "rank-00000.safetensors"
+    with SafetensorsFile(st_file) as r:  # the middle of the large tensor's bytes
+        spec = r.specs["model/w"]
+        middle = r._data_start + (spec.start + spec.end) // 2
+    _flip_byte(st_file, middle)
+    with torch.no_grad():
+        model.w.fill_(-3.0)
+        model.b.fill_(-3.0)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    with CheckpointManager(tmp_path, async_save=False, install_signal_handlers=False, metrics=False) as mgr:
+        if older_step:
+            assert mgr.restore(state) == 1
+        else:
+            with pytest.raises(AllStepsCorruptError, match=r"step 2: local: .*CRC32C") as info:
+                mgr.restore(state)
+            assert list(info.value.problems) == [2]
+    want = step1 if older_step else live
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    assert verified[0] == ("step-000000000002", True)  # caught through the mapping the load reads ...
+    assert "rank-00000.safetensors" not in crc_checked  # ... not by a checksum pass before the load
+    assert not [t for t in threading.enumerate() if t.name.startswith(("spotckpt-verify", "spotckpt-restore-read"))]
+
+
+def test_crc32c_update_matches_the_reference_whichever_implementation() -> None:
+    """crc32c_update uses awscrt's CRC32C when it imports (faster), else the crc32c package:
+    either way the same values, for every buffer shape the library hands it."""
+    rng = np.random.default_rng(4)
+    for n in (0, 1, 7, 4096, (1 << 20) + 3):
+        b = rng.integers(0, 256, n, dtype=np.uint8)
+        want = crc32c.crc32c(b.tobytes(), 5)
+        assert checksums.crc32c_update(5, b) == want, n
+        assert checksums.crc32c_update(5, memoryview(b)) == want, n
+        assert checksums.crc32c_update(5, b.tobytes()) == want, n
+    f = torch.randn(1000).numpy()  # a float view, as a tensor's bytes reach it
+    assert checksums.crc32c_update(0, f) == crc32c.crc32c(f.tobytes())
+    assert checksums.CRC32C_IMPL in ("awscrt", "crc32c")

@@ -93,16 +93,28 @@ def test_sharding_header_is_plain_json(tmp_path: Path) -> None:
 
 
 def test_the_first_save_imports_nothing_on_the_training_thread(tmp_path: Path) -> None:
-    """A state can hold a DTensor only once its module is imported: the first save must not
-    import torch.distributed.tensor (it made the first save's stall ~1 s for a 256 KB state)."""
+    """A state can hold a DTensor only once its module is imported: the first save of a fresh
+    process must not import torch.distributed.tensor (it made the first save's stall ~1 s for a
+    256 KB state) -- nor any other module: whatever a first save imports, a preemption before
+    the first periodic save pays inside the grace. A module, its optimizer, the RNGs and a plain
+    tensor, so every kind of value goes through the save once."""
     code = (
         "import sys, torch, spotckpt\n"
-        f"with spotckpt.CheckpointManager({str(tmp_path)!r}, metrics=False, install_signal_handlers=False) as m:\n"
-        "    before = set(sys.modules)\n"
-        "    m.save(1, {'w': torch.zeros(1024)})\n"
-        "    m.wait()\n"
-        "new = sorted(n for n in set(sys.modules) - before if n.startswith('torch.distributed'))\n"
-        "print('NEW', new)\n"
+        "def first_save(d, state):\n"
+        "    with spotckpt.CheckpointManager(d, install_signal_handlers=False) as mgr:\n"
+        "        before = set(sys.modules)\n"
+        "        mgr.save(1, state)\n"
+        "        mgr.wait()\n"
+        "        return sorted(set(sys.modules) - before)\n"
+        f"new = first_save({str(tmp_path / 'a')!r}, {{'w': torch.zeros(64 * 1024), 'epoch': 0}})\n"
+        "print('TENSORS', new, 'DTENSOR', 'torch.distributed.tensor' in sys.modules)\n"
+        "m = torch.nn.Linear(64, 64)\n"
+        "opt = torch.optim.AdamW(m.parameters())\n"
+        "m(torch.randn(2, 64)).sum().backward()\n"
+        "opt.step()\n"
+        f"new = first_save({str(tmp_path / 'b')!r}, {{'model': m, 'optim': opt, 'rng': spotckpt.RNGState()}})\n"
+        "print('STATEFUL', new)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "NEW []" in out, out
+    assert "TENSORS [] DTENSOR False" in out, out
+    assert "STATEFUL []" in out, out
