@@ -29,7 +29,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q --upgrade pip 2>&1 | quiet_pip || true
   python -m pip install -q "torch==2.13.0" 2>&1 | quiet_pip || true
   python -m pip install -q -e ".[dev,bench,integrations]" 2>&1 | quiet_pip || true
-  python -c "import torch, boto3, moto, watchdog, crc32c, spotckpt"
+  python -c "import torch, boto3, moto, watchdog, crc32c, xdist, spotckpt"
   touch "$stamp"
   echo "bootstrap: done in $((SECONDS - start)) s"
 fi
