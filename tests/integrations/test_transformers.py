@@ -126,3 +126,24 @@ def test_spotckpt_simulate_runs_the_example_through_an_interruption(tmp_path: Pa
     (it,) = doc["interruptions"]
     assert it["restored_step"] == it["last_step_reached"] >= 1 and it["lost_steps"] == 0, it
     assert doc["final_step"] == 40 and doc["instances"] == 2
+
+
+@pytest.mark.parametrize("which", ["trainer", "accelerate"])
+def test_several_ranks_before_the_process_group_exists_say_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      which: str) -> None:
+    from spotckpt import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if which == "trainer":
+        from spotckpt.integrations.transformers import SpotckptCallback
+
+        spot = SpotckptCallback(local_dir=tmp_path / "ckpt")  # nothing is built yet
+        with pytest.raises(ConfigError, match="not initialised.*build the Trainer"):
+            spot.resume_path()
+    else:
+        from spotckpt.integrations.accelerate import AccelerateCheckpoints
+
+        ckpt = AccelerateCheckpoints(object(), local_dir=tmp_path / "ckpt")
+        with pytest.raises(ConfigError, match="not initialised.*build the Accelerator"):
+            ckpt.restore()
+    assert not (tmp_path / "ckpt").exists()  # refused before anything was created
