@@ -304,7 +304,9 @@ class TorchsnapshotTake(SaveRow):
 
 
 class _SpotckptRow(Row):
-    """A ``CheckpointManager`` on a local directory (no S3), closed by :meth:`close`."""
+    """A ``CheckpointManager`` on a local directory (no S3), closed by :meth:`close`. Like the
+    other save rows, the previous checkpoint is removed before the clock starts (no retention of
+    the manager's own: its deletion would run on the persist thread inside the next timed call)."""
 
     needs = ("spotckpt.manager",)
     verify_on_restore: ClassVar[bool] = True
@@ -314,9 +316,18 @@ class _SpotckptRow(Row):
         from spotckpt.manager import CheckpointManager
 
         self.mgr = CheckpointManager(local_dir=os.path.join(ctx.workdir, "spotckpt"), s3_uri=None,
-                                     keep_last=2, async_save=True,
+                                     keep_last=None, async_save=True,
                                      verify_on_restore=self.verify_on_restore)
         self.step = 0
+
+    def next_step(self) -> int:
+        """The step to save next, with the previous one removed (untimed)."""
+        if self.step:
+            from spotckpt.tools.bench.context import remove
+
+            remove(str(self.mgr.local.step_path(self.step)))
+        self.step += 1
+        return self.step
 
     def close(self) -> None:
         self.mgr.close()
@@ -331,10 +342,10 @@ class SpotckptAsync(_SpotckptRow):
     kind = "save"
 
     def call(self) -> Sample:
-        self.step += 1
+        step = self.next_step()
         self.ctx.sync()
         t0 = time.perf_counter()
-        self.mgr.save(self.step, self.ctx.state)
+        self.mgr.save(step, self.ctx.state)
         # on a GPU save() returns before the pinned copy has run, but the training stream waits
         # for it: count the stall until the device is free again
         self.ctx.sync()
@@ -350,8 +361,8 @@ class SpotckptBlocking(_SpotckptRow):
     kind = "save"
 
     def call(self) -> Sample:
-        self.step += 1
-        return self.ctx.timed(lambda: self.mgr.save(self.step, self.ctx.state, blocking=True))
+        step = self.next_step()
+        return self.ctx.timed(lambda: self.mgr.save(step, self.ctx.state, blocking=True))
 
 
 # --------------------------------------------------------------------------------------------
