@@ -61,6 +61,10 @@ __all__ = ["CheckpointManager"]
 
 log = logging.getLogger(__name__)
 
+#: restore() has the staging buffer made ready for states at least this large (smaller ones
+#: allocate in no time).
+RESERVE_MIN_BYTES = 64 * 1024 * 1024
+
 
 def as_step(step: Any) -> int:
     """A step as a plain int: ints and integer-like values (``numpy.int64``, a 0-dim integer
@@ -276,14 +280,19 @@ class CheckpointManager:
         if step is not None:
             step = as_step(step)
         err: BaseException | None = None
+        snap = None
         try:
-            capture(state, step=0, rank=self.rank, allow_pickle=self.allow_pickle)  # save()'s rules, up front
+            snap = capture(state, step=0, rank=self.rank, allow_pickle=self.allow_pickle)  # save()'s rules, up front
         except StateError as exc:
             err = exc
         self._pipe.agree_ok("restore: state", err)
         opts = RestoreOptions(step=step, verify=self.verify_on_restore, allow_pickle=self.allow_pickle,
                               bounce=bounce_buffer_for(state), progress=progress_logger())
         res = self._pipe.restore(state, opts, start_fresh_if_corrupt=start_fresh_if_corrupt)
+        if self.async_save and snap is not None and snap.nbytes >= RESERVE_MIN_BYTES and self.rank == 0:
+            # the first async save would allocate and fault in the staging buffer: do it now, off
+            # this thread (rank 0 stages the whole state; the other ranks only their own keys)
+            self._pipe.reserve_staging(snap.tensors)
         if res is None:
             log.info("spotckpt: no checkpoint in %s%s; starting fresh", self.local_dir,
                      f" or {self.s3_uri}" if self.s3_uri else "")

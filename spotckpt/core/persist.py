@@ -7,6 +7,8 @@ The persist thread (``spotckpt-persist``) takes explicit jobs from one queue::
 
     SaveJob   write a staged save (write_step), release its buffer, then report
     PruneJob  local retention after a save (off that save's critical path)
+    CallJob   a small preparation of the pipeline's (e.g. the staging buffer after a restore);
+              its failure is logged, nothing depends on it
     StopJob   leave the loop (close)
 
 Threads: the owner (training thread) calls ``submit``, ``join_queue`` and ``stop``; everything
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
-__all__ = ["SaveJob", "PruneJob", "StopJob", "PersistWorker"]
+__all__ = ["SaveJob", "PruneJob", "CallJob", "StopJob", "PersistWorker"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,14 @@ class PruneJob:
 
 
 @dataclass(frozen=True)
+class CallJob:
+    """Run ``fn()``; an error is logged (``what`` names it) and goes no further."""
+
+    fn: Callable[[], None]
+    what: str
+
+
+@dataclass(frozen=True)
 class StopJob:
     pass
 
@@ -57,11 +67,11 @@ class PersistWorker:
     def __init__(self, *, prune: Callable[[int], None], on_error: Callable[[SaveJob, BaseException], None]) -> None:
         self._prune = prune
         self._on_error = on_error
-        self._queue: queue.Queue[SaveJob | PruneJob | StopJob] = queue.Queue()
+        self._queue: queue.Queue[SaveJob | PruneJob | CallJob | StopJob] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="spotckpt-persist", daemon=True)
         self._thread.start()
 
-    def submit(self, job: SaveJob | PruneJob) -> None:
+    def submit(self, job: SaveJob | PruneJob | CallJob) -> None:
         self._queue.put(job)
 
     def join_queue(self) -> None:
@@ -82,6 +92,11 @@ class PersistWorker:
                     return
                 if isinstance(job, PruneJob):
                     self._prune(job.protect)
+                elif isinstance(job, CallJob):
+                    try:
+                        job.fn()
+                    except Exception as exc:  # noqa: BLE001 - a preparation; the save does it itself
+                        log.warning("spotckpt: %s failed: %s", job.what, exc)
                 else:
                     self._run_save(job)
             finally:

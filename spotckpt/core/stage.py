@@ -100,6 +100,20 @@ class Stager:
             self._buf = buf
         return buf
 
+    def reserve(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Have the buffer for ``tensors`` ready, its pages faulted in, so that the first stage()
+        of them does not pay for the allocation (a 1 GiB state: 0.3-0.6 s on the 2-core VM).
+        Called from the persist thread, under the same lock as :meth:`stage`."""
+        if self.in_use:
+            return
+        _, specs = plan_entries([(n, t.dtype, t.shape, t.numel() * t.element_size()) for n, t in tensors.items()])
+        total = specs[-1].end if specs else 0
+        if total <= 0:
+            return
+        buf = self._buffer(total, any(t.device.type == "cuda" for t in tensors.values()))
+        with torch.no_grad():
+            buf[:total:_PAGE].fill_(0)  # one write per page faults it in
+
     def stage(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> StagedTensors:
         """Copy ``tensors`` into the buffer (training thread). The caller must ``release`` the
         previous StagedTensors before staging again."""
@@ -179,6 +193,8 @@ class Stager:
 #: loaded 2-core VM: the whole save() stall 2-12 ms, median 3.5-6 ms, down to 0.75 ms this way).
 #: Larger states are memory-bandwidth bound and gain from the parallel copy.
 SERIAL_COPY_BYTES = 16 * 1024 * 1024
+#: a page: reserve() touches one byte of each.
+_PAGE = 4096
 #: torch's intra-op grain size: a copy of fewer elements runs on the calling thread anyway.
 _GRAIN = 32768
 

@@ -28,7 +28,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,7 @@ from spotckpt.errors import AllStepsCorruptError, ClosedError, SaveError, SpotCk
 from spotckpt.events import DurableLocalEvent, DurableS3Event, EventBus, RestoreEvent, SaveEvent
 from spotckpt.format import FileEntry, Manifest, data_file_names, utc_now_iso, write_file_durably, write_safetensors
 from spotckpt.core.local import LocalStore
-from spotckpt.core.persist import PersistWorker, PruneJob, SaveJob
+from spotckpt.core.persist import CallJob, PersistWorker, PruneJob, SaveJob
 from spotckpt.policy import KeepAll, RetentionPolicy
 from spotckpt.core.restore import RestoreOptions, RestoreResult, restore_agreed, restore_newest
 from spotckpt.ranks.shard import recording_shards
@@ -214,6 +214,15 @@ class CommitPipeline:
             self.uploader.notify(step)
         if not isinstance(self.retention, KeepAll) and self.leader:
             self.persist.submit(PruneJob(step))
+
+    def reserve_staging(self, tensors: Mapping[str, Any]) -> None:
+        """Have the persist thread make the staging buffer ready for ``tensors`` (after a
+        restore, before the first async save), so that save does not stall on allocating it."""
+        def reserve() -> None:
+            with self._lock:
+                self.stager.reserve(tensors)
+
+        self.persist.submit(CallJob(reserve, "reserving the staging buffer"))
 
     def _prune(self, protect: int) -> None:
         try:
