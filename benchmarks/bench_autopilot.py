@@ -1,6 +1,6 @@
 """Checkpoint policies compared on the same interruptions: AutoInterval against fixed intervals.
 
-    python benchmarks/bench_autopilot.py [--seeds 3] [--grid 10,40] [--schedules noticed,hard30,unfit]
+    python benchmarks/bench_autopilot.py [--seeds 3] [--steps 1200] [--grid 10,40] [--schedules noticed,hard30,unfit]
 
 Each run is ``spotckpt simulate --json --interrupt-every S --hard-kill-fraction F --seed K`` of
 ``examples/train_toy.py --save-policy P`` (compressed time: a few seconds between interruptions,
@@ -117,7 +117,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--grid", default="10,40", help="fixed intervals (steps) to compare")
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=1200)  # ~15 s of training at 10 ms: 4-8 interruptions a run
     ap.add_argument("--step-sleep", type=float, default=0.01)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "autopilot.json"))
     args = ap.parse_args()
