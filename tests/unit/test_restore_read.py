@@ -172,15 +172,12 @@ def _flip_byte(path: Path, offset: int) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
-@pytest.mark.parametrize("older_step", [False, True])
-def test_corrupt_second_half_never_touches_live_state(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, older_step: bool
-) -> None:
-    monkeypatch.setattr(checksums, "io_threads", lambda: 2)  # split even on a 1-CPU runner
-    monkeypatch.setattr(checksums, "VERIFY_WINDOW_BYTES", 4 << 20)
-    torch.manual_seed(0)
+def _saved_steps(tmp_path: Path, older_step: bool) -> tuple[_Big, dict[str, object], dict[str, torch.Tensor]]:
+    """A model saved as step 2 (and, ``older_step``, as step 1 before a change: its values are
+    returned); the model's state dict is what the tests corrupt and restore into."""
     model = _Big()
-    state = {"model": model}
+    state: dict[str, object] = {"model": model}
+    step1: dict[str, torch.Tensor] = {}
     with CheckpointManager(tmp_path, async_save=False, install_signal_handlers=False, metrics=False) as mgr:
         if older_step:
             mgr.save(1, state, blocking=True)
@@ -188,6 +185,17 @@ def test_corrupt_second_half_never_touches_live_state(
         with torch.no_grad():
             model.w.add_(1.0)
         mgr.save(2, state, blocking=True)
+    return model, state, step1
+
+
+@pytest.mark.parametrize("older_step", [False, True])
+def test_corrupt_second_half_never_touches_live_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, older_step: bool
+) -> None:
+    monkeypatch.setattr(checksums, "io_threads", lambda: 2)  # split even on a 1-CPU runner
+    monkeypatch.setattr(checksums, "VERIFY_WINDOW_BYTES", 4 << 20)
+    torch.manual_seed(0)
+    model, state, step1 = _saved_steps(tmp_path, older_step)
     st_file = tmp_path / "step-000000000002" / "rank-00000.safetensors"
     size = st_file.stat().st_size
     _flip_byte(st_file, size * 3 // 4)  # in the range the second verify thread checksums
@@ -311,15 +319,7 @@ def test_corrupt_byte_mid_tensor_is_caught_while_reading_and_lands_nothing(
     monkeypatch.setattr("spotckpt.core.local.file_crc32c_parallel",
                         lambda p, **k: (crc_checked.append(Path(p).name), real_verify(p, **k))[1])
     torch.manual_seed(2)
-    model = _Big()
-    state = {"model": model}
-    with CheckpointManager(tmp_path, async_save=False, install_signal_handlers=False, metrics=False) as mgr:
-        if older_step:
-            mgr.save(1, state, blocking=True)
-            step1 = {k: v.clone() for k, v in model.state_dict().items()}
-        with torch.no_grad():
-            model.w.add_(1.0)
-        mgr.save(2, state, blocking=True)
+    model, state, step1 = _saved_steps(tmp_path, older_step)
     st_file = tmp_path / "step-000000000002" / "rank-00000.safetensors"
     with SafetensorsFile(st_file) as r:  # the middle of the large tensor's bytes
         spec = r.specs["model/w"]
