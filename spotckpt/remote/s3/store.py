@@ -69,7 +69,6 @@ class S3Store:
         self.requests = S3Requests(uri, self.bucket, client if client is not None else make_client(),
                                    transfer_config or default_transfer_config(), attempts=retry_attempts,
                                    backoff_seconds=retry_backoff_seconds)
-        self._client = self.requests.client
 
     @classmethod
     def open(cls, uri: str) -> S3Store:
@@ -85,7 +84,7 @@ class S3Store:
 
     @property
     def client(self) -> Any:
-        return self._client
+        return self.requests.client
 
     # ------------------------------------------------------------------------------ keys
 
@@ -102,7 +101,7 @@ class S3Store:
         """``HeadBucket``; StorageError naming the problem (no credentials, unreachable
         endpoint, missing bucket, access denied) and what to set."""
         try:
-            self._client.head_bucket(Bucket=self.bucket)
+            self.client.head_bucket(Bucket=self.bucket)
         except (bce.BotoCoreError, bce.ClientError) as exc:
             raise self.requests.storage_error(exc, "") from exc
 
@@ -262,7 +261,7 @@ class S3Store:
 
         def put() -> bool:
             try:
-                self._client.put_object(
+                self.client.put_object(
                     Bucket=self.bucket,
                     Key=man_key,
                     Body=man_bytes,
@@ -304,12 +303,12 @@ class S3Store:
         n = 0
         prefix = self.key("") if self.prefix else ""
         try:
-            for page in self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
                 for up in page.get("Uploads", []):
                     initiated = up.get("Initiated")
                     if older_than_seconds > 0 and initiated is not None and initiated > cutoff:
                         continue
-                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
                     n += 1
         except (bce.BotoCoreError, bce.ClientError) as exc:
             raise self.requests.storage_error(exc, prefix) from exc
@@ -415,7 +414,7 @@ class S3Store:
                 continue
 
             def stream(key: str = key) -> tuple[int, int]:
-                body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"]
+                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
                 crc = n = 0
                 for chunk in body.iter_chunks(8 * MiB):
                     crc = crc32c_update(crc, chunk)
@@ -433,19 +432,19 @@ class S3Store:
         """Delete only a step's manifest: the step stops counting, its data objects stay (as
         evidence; a later upload of the same step overwrites them)."""
         man_key = self.step_key(step, MANIFEST_NAME)
-        self.requests.retry(lambda: self._client.delete_object(Bucket=self.bucket, Key=man_key), man_key, StorageError)
+        self.requests.retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=man_key), man_key, StorageError)
 
     def delete_step(self, step: int) -> None:
         """Delete a step: its manifest first (the step stops counting), then its data."""
         man_key = self.step_key(step, MANIFEST_NAME)
-        self.requests.retry(lambda: self._client.delete_object(Bucket=self.bucket, Key=man_key), man_key, StorageError)
+        self.requests.retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=man_key), man_key, StorageError)
         keys = self.requests.list_keys(self.step_key(step))
         for i in range(0, len(keys), 1000):
             batch = keys[i : i + 1000]
             key = batch[0]
 
             def delete(batch: Iterable[str] = batch) -> None:
-                resp = self._client.delete_objects(
+                resp = self.client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
                 )
                 if resp.get("Errors"):
