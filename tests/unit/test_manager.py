@@ -423,3 +423,21 @@ def test_restore_makes_the_staging_buffer_ready_off_the_training_thread(tmp_path
             mgr.wait()
     assert [r for r in caplog.records if "staging buffer" in r.getMessage()] == made  # the save allocated nothing
     assert assert_all_steps_verify(tmp_path) == [1]
+
+
+def test_a_failing_preparation_on_the_persist_thread_is_logged_and_saves_go_on(tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from spotckpt.core.persist import CallJob
+
+    def fail() -> None:
+        raise MemoryError("cannot allocate the staging buffer")
+
+    with caplog.at_level(logging.WARNING, logger="spotckpt.core.persist"):
+        with CheckpointManager(tmp_path, metrics=False) as mgr:
+            mgr.pipeline.persist.submit(CallJob(fail, "reserving the staging buffer"))
+            mgr.save(1, step_state(1))  # async: runs on the same thread, after the failed job
+            mgr.wait()
+    assert "reserving the staging buffer failed: cannot allocate" in caplog.text
+    assert assert_all_steps_verify(tmp_path) == [1]
