@@ -28,7 +28,7 @@ from typing import Any
 from spotckpt.autopilot import Autopilot
 from spotckpt.core.adopt_ranks import adopt_folder, restore_folder
 from spotckpt.core.config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
-from spotckpt.ranks.dist import Coordinator, RequestChannel, SaveAgreement, check_save, coordinator_from_torch
+from spotckpt.ranks.dist import Coordinator, RequestChannel, SaveAgreement, coordinator_from_torch
 from spotckpt.errors import (
     ClosedError,
     CollectiveError,
@@ -49,7 +49,6 @@ from spotckpt.core.local import LocalStore
 from spotckpt.core.metrics import MetricsListener, Stats, progress_logger
 from spotckpt.policy import RetentionPolicy, SavePolicy, retention_from
 from spotckpt.core.preemption import DEFAULT_GRACE_SECONDS, PreemptionWatcher
-from spotckpt.ranks.shard import shards_metadata
 from spotckpt.core.restore import RestoreOptions
 from spotckpt.core.schedule import FINAL, SaveSchedule
 from spotckpt.core.stage import bounce_buffer_for
@@ -309,7 +308,9 @@ class CheckpointManager:
         self._save(step, state, blocking=blocking, policy=False)
 
     def _save(self, step: int, state: MutableMapping[str, Any], *, blocking: bool | None, policy: bool) -> bool:
-        """The save; ``policy``: a policy save, skipped (on every rank) while one is persisting."""
+        """The save; ``policy``: a policy save, skipped (on every rank) while one is persisting.
+        The state is captured first (its structure, no copies), so a state that cannot be saved
+        fails on every rank at the agreement instead of leaving the others waiting."""
         self._check_open()
         err: BaseException | None = None
         try:
@@ -322,52 +323,20 @@ class CheckpointManager:
             self._pipe.raise_bg_error()
         blocking = (not self.async_save) if blocking is None else blocking
         t0 = time.perf_counter()
-        pipe = self._pipe
-        pipe.roll_back_before_saving()
-        keys: set[str] | None = None
-        if self._coord is not None:
-            decision = self._agree_save(step, state, err, policy=policy)
-            if decision is None:
-                return False
-            keys, replicated = decision
-        else:
-            replicated = set()
-            pipe.wait_pending()
-            if pipe.committed(step):
-                pipe.skip(step)
-                return False
-        snap = capture(state, step=step, rank=self.rank, allow_pickle=self.allow_pickle, keys=keys)
-        meta = {"format": "spotckpt/1", "step": str(step)}
-        extra = pipe.stamp(replicated=sorted(replicated), sharded=sorted(snap.sharded_keys))
-        if snap.sharded_keys:
-            meta.update(shards_metadata(snap.shards))
-        pipe.write_snapshot(step, snap, meta, extra, blocking=blocking, t0=t0)
-        return True
-
-    def _agree_save(self, step: int, state: MutableMapping[str, Any], err: BaseException | None, *,
-                    policy: bool) -> tuple[set[str] | None, set[str]] | None:
-        """Several ranks: agree on the save (:func:`spotckpt.ranks.dist.check_save`). Returns (keys
-        this rank writes, replicated keys), or None to skip it on every rank."""
-        assert self._coord is not None
-        replicated = replicated_keys(state, self._replicated_hint)
-        pipe = self._pipe
-        busy = policy and pipe.busy()
-        if not busy:
+        replicated = replicated_keys(state, self._replicated_hint) if self._coord is not None else set()
+        keys = None if self.rank == 0 else set(state) - replicated
+        snap = None
+        if err is None:
             try:
-                pipe.wait_pending()
+                snap = capture(state, step=step, rank=self.rank, allow_pickle=self.allow_pickle, keys=keys)
             except SpotCkptError as exc:
-                err = err or exc
-        check = check_save(self._coord, step=step, keys=sorted(map(str, state)), replicated=sorted(replicated),
-                           busy=busy, committed=err is None and pipe.committed(step), error=err)
-        if check.skip == "busy":
+                err = exc
+        outcome = self._pipe.save_state(step, snap, keys=[str(k) for k in state], replicated=replicated,
+                                        blocking=blocking, policy=policy, error=err, t0=t0)
+        if outcome == "busy":
             self.stats.saves_skipped += 1
             log.info("spotckpt: skipping the policy save of step %d: a rank is still writing the last one", step)
-            return None
-        pipe.wait_pending()
-        if check.skip == "committed":
-            pipe.skip(step)
-            return None
-        return (None if self.rank == 0 else set(state) - replicated), replicated
+        return outcome == "saved"
 
     def maybe_save(self, step: int, state: MutableMapping[str, Any]) -> bool:
         """Save when the policy says so (``every_steps`` / ``every_seconds``) or when the job is

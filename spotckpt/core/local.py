@@ -38,18 +38,19 @@ import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from spotckpt.errors import CheckpointCorruptError, ConfigError, SaveError, StorageError
+from spotckpt.errors import CheckpointCorruptError, ConfigError, SaveError, SpotCkptError, StateError, StorageError
 from spotckpt.format import (
     MANIFEST_NAME,
+    FileEntry,
     Manifest,
     copy_file_durably,
     crc32c_b64,
-    file_crc32c_parallel,
     fsync_dir,
     parse_step_dirname,
     step_dirname,
+    verify_files,
     write_file_durably,
 )
 from spotckpt.policy import RetentionPolicy, doomed
@@ -355,6 +356,43 @@ class LocalStore:
     def abort(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
+    def write_step(self, step: int, fill: Callable[[Path], dict[str, FileEntry]], *,
+                   extra: dict[str, Any] | None = None) -> Path:
+        """One process: ``fill(staging)`` fills a private staging directory (returning
+        each file's size and CRC32C), then the step is committed (:meth:`commit`). On any failure
+        the staging directory is removed and one typed error raised (:meth:`write_error`)."""
+        staging = self.begin(step)
+        try:
+            files = fill(staging)
+            return self.commit(staging, Manifest(step=step, files=files, extra=dict(extra or {})))
+        except BaseException as exc:
+            self.abort(staging)
+            err = self.write_error(exc, step)
+            if err is exc:
+                raise
+            raise err from exc
+
+    def write_error(self, exc: BaseException, step: int) -> BaseException:
+        """The typed error for a failure while writing ``step``: SaveError for the disk (what to
+        do, and that earlier checkpoints are intact), StateError for a value that cannot be
+        serialised; anything else as it is."""
+        if isinstance(exc, SpotCkptError):
+            return exc
+        if isinstance(exc, OSError):
+            what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            err: BaseException = SaveError(
+                f"could not write step {step} to {self.root}: {what}; the partial save was "
+                "removed and earlier checkpoints are intact -- free space on the checkpoint "
+                "volume or lower keep_last",
+                step=step,
+            )
+        elif isinstance(exc, (ValueError, TypeError)):
+            err = StateError(f"could not serialise step {step}: {exc}")
+        else:
+            return exc
+        err.__cause__ = exc
+        return err
+
     def release_staging(self) -> None:
         """Remove the staging directory when it is empty (the owner's close: no staging folder
         outlives the process that made it). Entries of other processes keep it in place."""
@@ -548,42 +586,3 @@ def read_step_manifest(root: Path, step: int) -> Manifest:
             path=path,
         )
     return m
-
-
-def verify_files(step_dir: Path, manifest: Manifest, *, checksums: bool = True,
-                 only: Collection[str] | None = None) -> list[str]:
-    """Problems with the data files of ``step_dir`` against ``manifest`` (empty list = valid).
-
-    Sizes first (every file), then CRC32C of every file of the right size, each file checksummed
-    by several threads over disjoint byte ranges of read-only mappings (see
-    :func:`spotckpt.format.file_crc32c_parallel`; figures in benchmarks/README.md). A file that
-    cannot be read (I/O error) is a problem, not an exception, so a restore falls back to an
-    older step or the S3 copy. With ``only``, just those files (several hosts).
-    """
-    problems = []
-    sized = []
-    for rel, ent in manifest.files.items():
-        if only is not None and rel not in only:
-            continue
-        p = step_dir / rel
-        try:
-            st = p.stat()
-        except FileNotFoundError:
-            problems.append(f"{p}: missing")
-            continue
-        if st.st_size != ent.size:
-            problems.append(f"{p}: size {st.st_size}, manifest says {ent.size} (truncated?)")
-            continue
-        sized.append((p, ent))
-    if checksums:
-        for p, ent in sized:
-            try:
-                size, crc = file_crc32c_parallel(p)
-            except OSError as exc:
-                problems.append(f"{p}: unreadable ({exc.strerror or exc})")
-                continue
-            if size != ent.size:
-                problems.append(f"{p}: size {size}, manifest says {ent.size} (changed while verifying)")
-            elif crc32c_b64(crc) != ent.crc32c:
-                problems.append(f"{p}: CRC32C {crc32c_b64(crc)} != {ent.crc32c} in manifest (corrupt)")
-    return problems

@@ -10,9 +10,10 @@ What it holds, in the order a save meets it::
     stamp(...)             the one manifest stamp: writer, world size, layout, extras
     write_snapshot(...)    a captured state -> staged (or written straight from host memory) ->
                            files + manifest -> atomic rename, here or on the persist thread
-    commit(...)            any other writer's files (adopt, DCP) through the same after-commit
-    after_commit(step)     durable_local event, the uploader told, local retention queued
-    note_save / note_restore / roll_back   the run's timeline: what this run saved or
+    commit(...)            any other writer's files (adopt, DCP) through the same announce
+    announce(step, ...)    save event when save() returns; once committed, the durable_local
+                           event, the uploader told, local retention queued
+    note_restore / roll_back   the run's timeline: what this run saved or
                            restored last, and newer steps that stop counting when it goes back
 
 Threads: the training thread calls everything; the persist thread (``spotckpt-persist``) runs
@@ -23,7 +24,6 @@ back only into this module; the uploader's thread calls :meth:`on_uploaded`.
 from __future__ import annotations
 
 import copy
-import errno
 import json
 import logging
 import threading
@@ -33,15 +33,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spotckpt._version import __version__
-from spotckpt.ranks.dist import Coordinator
-from spotckpt.errors import AllStepsCorruptError, ClosedError, SaveError, SpotCkptError, StateError
+from spotckpt.ranks.dist import Coordinator, check_save
+from spotckpt.errors import AllStepsCorruptError, ClosedError, SaveError, SpotCkptError
 from spotckpt.events import DurableLocalEvent, DurableS3Event, EventBus, RestoreEvent, SaveEvent
 from spotckpt.format import FileEntry, Manifest, data_file_names, utc_now_iso, write_file_durably, write_safetensors
 from spotckpt.core.local import LocalStore
 from spotckpt.core.persist import CallJob, PersistWorker, PruneJob, SaveJob
 from spotckpt.policy import KeepAll, RetentionPolicy
 from spotckpt.core.restore import RestoreOptions, RestoreResult, restore_agreed, restore_newest
-from spotckpt.ranks.shard import recording_shards
+from spotckpt.ranks.shard import recording_shards, shards_metadata
 from spotckpt.core.stage import Stager
 
 if TYPE_CHECKING:
@@ -142,6 +142,45 @@ class CommitPipeline:
                         "mgr.restore())", step, self.local.root)
         self.last_saved_step = step
 
+    # -- a state's save --------------------------------------------------------------------
+    def save_state(self, step: int, snap: Snapshot | None, *, keys: Collection[str], replicated: Collection[str],
+                   blocking: bool, policy: bool, error: BaseException | None, t0: float) -> str:
+        """``save()`` of a captured state (``snap``; None when capturing it failed: ``error``).
+        One process: wait for the pending save, skip a committed step, write. Several ranks: the
+        same, agreed first (:func:`spotckpt.ranks.dist.check_save`: any rank's error -- a bad
+        state, a failed background save -- is raised on every rank, and a policy save is skipped
+        on every rank while one still writes). Returns "saved", "committed" (skipped: the step
+        is done) or "busy"."""
+        self.roll_back_before_saving()
+        busy = self.coord is not None and policy and self.busy()
+        if not busy:
+            try:
+                self.wait_pending()
+            except SpotCkptError as exc:
+                if self.coord is None:
+                    raise
+                error = error or exc
+        done = error is None and self.committed(step)
+        if self.coord is not None:
+            check = check_save(self.coord, step=step, keys=sorted(keys), replicated=sorted(replicated), busy=busy,
+                               committed=done, error=error)
+            if check.skip == "busy":
+                return "busy"
+            self.wait_pending()
+            done = check.skip == "committed"
+        elif error is not None:
+            raise error
+        if done:
+            self.skip(step)
+            return "committed"
+        assert snap is not None
+        meta = {"format": "spotckpt/1", "step": str(step)}
+        if snap.sharded_keys:
+            meta.update(shards_metadata(snap.shards))
+        extra = self.stamp(replicated=sorted(replicated), sharded=sorted(snap.sharded_keys))
+        self.write_snapshot(step, snap, meta, extra, blocking=blocking, t0=t0)
+        return "saved"
+
     # -- the one stamp ---------------------------------------------------------------------
     def stamp(self, *, layout: str | None = None, **extra: Any) -> dict[str, Any]:
         """The manifest's extras of a step this run writes: who wrote it, with how many ranks,
@@ -161,24 +200,27 @@ class CommitPipeline:
         """Write a captured state as ``step``: host tensors of a blocking save straight from
         their memory; device tensors and async saves through the stager (one pinned
         device-to-host pass; an async save then returns while the persist thread writes)."""
+        staged: Any = None
         if blocking and all(t.device.type == "cpu" for t in snap.tensors.values()):
-            write_host = recording_shards(snap.tree, snap.shards, snap.tensors,
-                                          lambda p, **kw: write_safetensors(p, snap.tensors, meta, **kw))
-            self.commit(step, lambda: self.write_files(step, snap.tree, write_host, extra),
-                        t0=t0, nbytes=snap.nbytes, blocking=True)
-            return
-        with self._lock:
-            staged = self.stager.stage(snap.tensors, meta)
+            def write_tensors(path: Path, **kw: Any) -> FileEntry:
+                return write_safetensors(path, snap.tensors, meta, **kw)
+        else:
+            with self._lock:
+                staged = self.stager.stage(snap.tensors, meta)
+            write_tensors = staged.write_to
+        self.commit(step, lambda: self._write_captured(step, snap, write_tensors, extra, staged),
+                    t0=t0, nbytes=snap.nbytes, blocking=blocking)
 
-        def write() -> None:
-            try:
-                self.write_files(step, snap.tree, recording_shards(snap.tree, snap.shards, snap.tensors,
-                                                                   staged.write_to), extra)
-            finally:
+    def _write_captured(self, step: int, snap: Snapshot, write_tensors: Callable[..., FileEntry],
+                        extra: dict[str, Any], staged: Any) -> None:
+        """:meth:`write_snapshot`'s files, then the staging buffer (if any) released."""
+        try:
+            self.write_files(step, snap.tree, recording_shards(snap.tree, snap.shards, snap.tensors, write_tensors),
+                             extra)
+        finally:
+            if staged is not None:
                 with self._lock:
                     self.stager.release(staged)
-
-        self.commit(step, write, t0=t0, nbytes=snap.nbytes, blocking=blocking)
 
     def write_files(self, step: int, tree: dict[str, Any], write_tensors: Callable[[Path], FileEntry],
                     extra: dict[str, Any], *, group: str = "persist") -> Path:
@@ -189,31 +231,40 @@ class CommitPipeline:
 
     def commit(self, step: int, write: Callable[[], Any], *, t0: float, nbytes: int, blocking: bool) -> None:
         """Every writer's way to a committed step: ``write`` commits it (:meth:`write_files`,
-        or an adopted folder's copy), then the save event and the after-commit bookkeeping --
-        here (``blocking``), or on the persist thread after the save event (async). A blocking
-        save's event comes between the commit and the durable_local event, so the lines come
-        in the order things happened."""
-        def run(before_durable: Callable[[], None] | None = None) -> None:
+        or an adopted folder's copy), then :meth:`announce` -- here (``blocking``), or on the
+        persist thread (async: the save event when this returns, the rest once committed)."""
+        def run() -> None:
             write()
-            if before_durable is not None:
-                before_durable()
-            self.after_commit(step, t0, nbytes)
+            self.announce(step, t0, nbytes, returned=blocking, committed=True)
 
         if blocking:
-            run(lambda: self.note_save(step, t0, nbytes, True))
+            run()
             return
         self.pending = SaveJob(step, run)
-        self.note_save(step, t0, nbytes, False)
+        self.announce(step, t0, nbytes, returned=True, committed=False)
         self.persist.submit(self.pending)
 
-    def after_commit(self, step: int, t0: float, nbytes: int) -> None:
-        """``step`` is committed locally: tell the listeners and the uploader, then queue local
-        retention on the persist thread (off this save's critical path)."""
-        self.events.emit(DurableLocalEvent(step=step, seconds=time.perf_counter() - t0, bytes=nbytes))
-        if self.uploader is not None:
-            self.uploader.notify(step)
-        if not isinstance(self.retention, KeepAll) and self.leader:
-            self.persist.submit(PruneJob(step))
+    def announce(self, step: int, t0: float, nbytes: int, *, returned: bool, committed: bool) -> None:
+        """A save's bookkeeping and events, in the order things happened. ``returned``: the save
+        returns to its caller -- remember it, start its S3 clock, emit the save event.
+        ``committed``: the step is committed locally -- the durable_local event, the uploader
+        told, local retention queued on the persist thread (off this save's critical path). A
+        blocking save does both at once: its save event comes between the commit and the
+        durable_local event."""
+        if returned:
+            self.last_saved_step = step
+            self.last_save_time = self._clock()
+            if self.uploader is not None:
+                with self._lock:
+                    self._save_started[step] = t0
+            self.events.emit(SaveEvent(step=step, stall_s=time.perf_counter() - t0, bytes=nbytes,
+                                       blocking=committed))
+        if committed:
+            self.events.emit(DurableLocalEvent(step=step, seconds=time.perf_counter() - t0, bytes=nbytes))
+            if self.uploader is not None:
+                self.uploader.notify(step)
+            if not isinstance(self.retention, KeepAll) and self.leader:
+                self.persist.submit(PruneJob(step))
 
     def reserve_staging(self, tensors: Mapping[str, Any]) -> None:
         """Have the persist thread make the staging buffer ready for ``tensors`` (after a
@@ -325,16 +376,6 @@ class CommitPipeline:
             self.note_restore(res, explicit=opts.step is not None)
         return res
 
-    def note_save(self, step: int, t0: float, nbytes: int, blocking: bool) -> None:
-        """A save of ``step`` returns to its caller: remember it, start its S3 clock, emit the
-        save event."""
-        self.last_saved_step = step
-        self.last_save_time = self._clock()
-        if self.uploader is not None:
-            with self._lock:
-                self._save_started[step] = t0
-        self.events.emit(SaveEvent(step=step, stall_s=time.perf_counter() - t0, bytes=nbytes, blocking=blocking))
-
     def on_uploaded(self, step: int, seconds: float, nbytes: int) -> None:
         """Uploader thread: a step's manifest is in S3. ``since_save_s`` runs from ``save()``."""
         with self._lock:
@@ -413,8 +454,10 @@ def write_step(
 ) -> Path:
     """Write one rank's files for ``step`` (its tensors and tree) and commit the step
     (:func:`commit_files`); returns the step path."""
-    return commit_files(local, step, lambda staging: _write_rank_files(staging, step, tree, write_tensors, rank),
-                        extra=extra, coord=coord, group=group)
+    def write_files(staging: Path) -> dict[str, FileEntry]:
+        return _write_rank_files(staging, step, tree, write_tensors, rank)
+
+    return commit_files(local, step, write_files, extra=extra, coord=coord, group=group)
 
 
 def commit_files(
@@ -440,23 +483,14 @@ def commit_files(
     host commits. On any failure the staging directory is removed and one typed error raised
     (SaveError for the disk, StateError for a value that cannot be serialised)."""
     if coord is None:
-        staging = local.begin(step)
-        try:
-            files = write_files(staging)
-            return local.commit(staging, Manifest(step=step, files=files, extra=dict(extra or {})))
-        except BaseException as exc:
-            local.abort(staging)
-            err = _translated(exc, step, local)
-            if err is exc:
-                raise
-            raise err from exc
+        return local.write_step(step, write_files, extra=extra)
     staging = local.shared_staging(step, owner_pid=coord.leader_pid)
     files: dict[str, FileEntry] = {}
     err: BaseException | None = None
     try:
         files = write_files(staging)
     except BaseException as exc:  # noqa: BLE001 - reported to every rank below
-        err = _translated(exc, step, local)
+        err = local.write_error(exc, step)
     mine = {"files": {k: [v.size, v.crc32c] for k, v in files.items()},
             "created": utc_now_iso() if coord.rank == 0 else None,
             "rank0": {k: v for k, v in (extra or {}).items() if k in RANK0_EXTRA} if coord.rank == 0 else None}
@@ -497,24 +531,3 @@ def _write_rank_files(staging: Path, step: int, tree: dict[str, Any],
     tree_bytes = json.dumps(tree, separators=(",", ":"), allow_nan=False).encode("utf-8")
     files[tree_name] = write_file_durably(staging / tree_name, tree_bytes)
     return files
-
-
-def _translated(exc: BaseException, step: int, local: LocalStore) -> BaseException:
-    """The typed error for a failure while writing: SaveError for the disk (what to do, and
-    that earlier checkpoints are intact), StateError for a value that cannot be serialised."""
-    if isinstance(exc, SpotCkptError):
-        return exc
-    if isinstance(exc, OSError):
-        what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        err: BaseException = SaveError(
-            f"could not write step {step} to {local.root}: {what}; the partial save was "
-            "removed and earlier checkpoints are intact -- free space on the checkpoint "
-            "volume or lower keep_last",
-            step=step,
-        )
-    elif isinstance(exc, (ValueError, TypeError)):
-        err = StateError(f"could not serialise step {step}: {exc}")
-    else:
-        return exc
-    err.__cause__ = exc
-    return err

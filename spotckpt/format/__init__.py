@@ -52,6 +52,7 @@ from spotckpt.format.manifest import (
     safe_relpath,
     step_dirname,
     utc_now_iso,
+    verify_files,
 )
 
 from typing import TYPE_CHECKING as _TYPE_CHECKING
@@ -96,6 +97,7 @@ __all__ = [
     "Manifest",
     "step_dirname",
     "utc_now_iso",
+    "verify_files",
     "parse_step_dirname",
     "crc32c_update",
     "crc32c_b64",

@@ -142,6 +142,17 @@ def main() -> int:
                 out["error"] = type(exc).__name__
                 out["message"] = str(exc)
             out["steps"] = mgr.all_steps()
+    elif scenario == "bad-value":  # rank 1's state holds a value only pickle could store
+        st = state_for(5, rank)
+        if rank == 1:
+            st["mine"] = object()
+        with spotckpt.CheckpointManager(local_dir, **kw) as mgr:
+            try:
+                mgr.save(5, st, blocking=True)
+            except spotckpt.SpotCkptError as exc:
+                out["error"] = type(exc).__name__
+                out["message"] = str(exc)
+            out["steps"] = mgr.all_steps()
     elif scenario == "die-in-save":  # rank 1 is SIGKILLed in its second save; rank 0 must not hang
         st = state_for(1, rank)
         with spotckpt.CheckpointManager(local_dir, **kw) as mgr:

@@ -92,6 +92,16 @@ def test_ranks_passing_different_state_structures_commit_nothing(tmp_path: Path)
     assert [r["steps"] for r in res] == [[], []]
 
 
+def test_a_state_one_rank_cannot_save_fails_on_every_rank_before_anything_is_written(tmp_path: Path) -> None:
+    """The state is captured before the ranks agree, so rank 1's unsaveable value fails the
+    save on rank 0 too (CollectiveError naming it, instead of rank 0 waiting for rank 1's
+    files), and no step is committed."""
+    res = _ok(_run("bad-value", [tmp_path / "h0", tmp_path / "h1"]))
+    assert [r["error"] for r in res] == ["CollectiveError", "StateError"]
+    assert "rank 1 failed (StateError" in res[0]["message"]
+    assert [r["steps"] for r in res] == [[], []]
+
+
 def test_a_rank_killed_during_a_save_makes_the_others_raise_not_hang(tmp_path: Path) -> None:
     hosts = [tmp_path / "h0", tmp_path / "h1"]
     results = _run("die-in-save", hosts, env={"TIMEOUT": "10"})

@@ -316,7 +316,7 @@ def test_corrupt_byte_mid_tensor_is_caught_while_reading_and_lands_nothing(
     monkeypatch.setattr(SafetensorsFile, "_verify", spy)
     crc_checked: list[str] = []
     real_verify = checksums.file_crc32c_parallel
-    monkeypatch.setattr("spotckpt.core.local.file_crc32c_parallel",
+    monkeypatch.setattr("spotckpt.format.manifest.file_crc32c_parallel",
                         lambda p, **k: (crc_checked.append(Path(p).name), real_verify(p, **k))[1])
     torch.manual_seed(2)
     model, state, step1 = _saved_steps(tmp_path, older_step)
