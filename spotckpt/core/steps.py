@@ -43,6 +43,7 @@ from spotckpt.policy import KeepAll, RetentionPolicy
 from spotckpt.core.restore import RestoreOptions, RestoreResult, restore_agreed, restore_newest
 from spotckpt.ranks.shard import recording_shards
 from spotckpt.core.stage import Stager
+from spotckpt.core import early_upload
 
 if TYPE_CHECKING:
     from spotckpt.core.protocols import RemoteStore
@@ -73,6 +74,7 @@ class CommitPipeline:
         self.store: RemoteStore | None = None
         self.uploader: Any = None
         self.autopilot: Any = None  # spotckpt.autopilot.Autopilot: its history goes into every stamp
+        self.upload_while_writing = False  # set by the manager (spotckpt.core.early_upload)
         self.closed = False
         self._clock = clock
         self._lock = threading.Lock()
@@ -161,24 +163,35 @@ class CommitPipeline:
         """Write a captured state as ``step``: host tensors of a blocking save straight from
         their memory; device tensors and async saves through the stager (one pinned
         device-to-host pass; an async save then returns while the persist thread writes)."""
+        rel = data_file_names(self.rank)[0]
         if blocking and all(t.device.type == "cpu" for t in snap.tensors.values()):
             write_host = recording_shards(snap.tree, snap.shards, snap.tensors,
                                           lambda p, **kw: write_safetensors(p, snap.tensors, meta, **kw))
-            self.commit(step, lambda: self.write_files(step, snap.tree, write_host, extra),
-                        t0=t0, nbytes=snap.nbytes, blocking=True)
+            early = self._start_early(step, rel, lambda: early_upload.host_chunks(snap.tensors, meta))
+            self.commit(step, lambda: early_upload.written(
+                early, lambda: self.write_files(step, snap.tree, write_host, extra), rel),
+                t0=t0, nbytes=snap.nbytes, blocking=True)
             return
         with self._lock:
             staged = self.stager.stage(snap.tensors, meta)
+        early = self._start_early(step, rel, lambda: early_upload.staged_chunks(staged), staged.wait_ready)
 
         def write() -> None:
             try:
-                self.write_files(step, snap.tree, recording_shards(snap.tree, snap.shards, snap.tensors,
-                                                                   staged.write_to), extra)
+                early_upload.written(early, lambda: self.write_files(
+                    step, snap.tree, recording_shards(snap.tree, snap.shards, snap.tensors, staged.write_to), extra),
+                    rel)
             finally:
                 with self._lock:
                     self.stager.release(staged)
 
         self.commit(step, write, t0=t0, nbytes=snap.nbytes, blocking=blocking)
+
+    def _start_early(self, step: int, rel: str, chunks: Callable[[], Any], ready: Callable[[], None] | None = None) -> Any:
+        """Upload while writing (:mod:`spotckpt.core.early_upload`): one process with an uploader only."""
+        if not self.upload_while_writing or self.uploader is None or self.coord is not None:
+            return None
+        return early_upload.start(self.store, step, rel, chunks, ready)
 
     def write_files(self, step: int, tree: dict[str, Any], write_tensors: Callable[[Path], FileEntry],
                     extra: dict[str, Any], *, group: str = "persist") -> Path:

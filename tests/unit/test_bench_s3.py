@@ -72,7 +72,7 @@ def test_without_s3torchconnector_its_peer_is_skipped_with_one_line(
     out = capsys.readouterr().out.splitlines()
     skipped = [ln for ln in out if "s3torchconnector skipped" in ln]
     assert len(skipped) == 2 and all("pip install" in ln for ln in skipped)  # one per case
-    assert "one: spotckpt, boto3" in out and "dcp: spotckpt" in out
+    assert "one: spotckpt, spotckpt-after-commit, boto3" in out and "dcp: spotckpt" in out
 
 
 def test_a_broken_dcp_part_skips_only_the_dcp_peer(monkeypatch: pytest.MonkeyPatch) -> None:
