@@ -14,6 +14,8 @@
                      uncommit_step / delete_step, cleanup_incomplete_uploads, check_access,
                      close. Implemented by S3Store and MemoryStore
                      (:mod:`spotckpt.remote.memory`, which a two-host test runs a job through).
+                     Optional: ``start_upload`` / ``discard_early`` (upload while writing,
+                     :mod:`spotckpt.core.early_upload`; S3Store has them, MemoryStore not).
 
 Threads: a store is used by one thread at a time per method call, but restore (training
 thread) and the uploader (its own thread) may call the same store concurrently.

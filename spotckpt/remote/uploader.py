@@ -10,7 +10,8 @@ One reconcile pass (upload thread)::
 
     scan local committed steps, list committed S3 steps
     -> skip local steps that retention (keep_last over local + S3) would delete anyway
-    -> upload the newest missing step (data first, manifest last; S3Store.upload_step)
+    -> upload the newest missing step (data first, manifest last; S3Store.upload_step, which
+       finishes the files the save already uploaded while writing them, see remote/s3/early.py)
     -> rescan (a newer step may have been committed meanwhile), until nothing is missing
     -> S3 retention: delete all but the newest keep_last (manifest first, then data)
 

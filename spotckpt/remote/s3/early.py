@@ -75,14 +75,15 @@ class _Bytes:
         self._path: Path | None = None
         self._closed = False
 
-    def read(self, start: int, end: int) -> bytearray:
+    def read_into(self, start: int, out: bytearray) -> None:
+        """Fill ``out`` with the bytes from ``start`` on."""
+        end = start + len(out)
         with self._cond:
             if self._closed:
                 raise _Stopped()
             path = self._path
             if path is None:
                 self._readers += 1
-        out = bytearray(end - start)
         if path is not None:
             with open(path, "rb", buffering=0) as f:
                 view, pos = memoryview(out), start
@@ -91,7 +92,7 @@ class _Bytes:
                     if n <= 0:
                         raise UploadError(f"{path} ended at byte {pos}, expected {end}", key=str(path))
                     view, pos = view[n:], pos + n
-            return out
+            return
         try:
             dst = np.frombuffer(out, dtype=np.uint8)
             i = bisect.bisect_right(self._starts, start) - 1
@@ -102,7 +103,6 @@ class _Bytes:
                 np.copyto(dst[pos - start : pos - start + n], arr[pos - base : pos - base + n])
                 pos += n
                 i += 1
-            return out
         finally:
             with self._cond:
                 self._readers -= 1
@@ -123,13 +123,43 @@ class _Bytes:
             self._views = []
 
 
+class _Buffers:
+    """Part-sized buffers reused from part to part (a fresh 16 MiB buffer per part costs its page
+    faults and zeroing, more than the copy into it); at most one per pool thread is kept, and
+    none once no upload is left (:meth:`drop`)."""
+
+    def __init__(self, size: int, keep: int) -> None:
+        self.size = size
+        self._keep = keep
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bytearray:
+        if n == self.size:
+            with self._lock:
+                if self._free:
+                    return self._free.pop()
+        return bytearray(n)
+
+    def give(self, buf: bytearray) -> None:
+        if len(buf) == self.size:
+            with self._lock:
+                if len(self._free) < self._keep:
+                    self._free.append(buf)
+
+    def drop(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
 class EarlyUpload:
     """One file of one step on its way to S3 while it is written locally (see the module doc)."""
 
     def __init__(self, requests: Any, pool: ThreadPoolExecutor, key: str, man_key: str, chunks: Sequence[Any], *,
-                 part_size: int, threshold: int, ready: Callable[[], None] | None = None,
+                 part_size: int, threshold: int, buffers: _Buffers, ready: Callable[[], None] | None = None,
                  on_settled: Callable[[EarlyUpload], None] | None = None) -> None:
         self._req = requests
+        self._buffers = buffers
         self._on_settled = on_settled
         self._pool = pool
         self.key = key
@@ -147,9 +177,11 @@ class EarlyUpload:
         self._stop = False
         self._error: BaseException | None = None
         self._upload_id: str | None = None
-        self._put_crc: int | None = None  # one PUT: the CRC32C it was sent with
+        self._put_crc: int | None = None  # one PUT: the CRC32C it was stored with
+        self._put_sent = False
         self._done: dict[int, tuple[str, int]] = {}  # part number -> (ETag, CRC32C)
-        self._settled = False  # completed, or cleaned up
+        self._settled = False  # completed, or being cleaned up
+        self._cleaned = threading.Event()  # ... and done with that
 
     # -- the saving thread ----------------------------------------------------------------
     def start(self) -> None:
@@ -186,12 +218,12 @@ class EarlyUpload:
             elif self._parts:
                 try:
                     self._complete(entry)
-                    self._settle()
+                    self._completed()
                     return True
                 except Exception as exc:  # noqa: BLE001 - falls back to the file
                     err = exc
             else:
-                self._settle()
+                self._completed()
                 return True
         if err is not None:
             log.warning("spotckpt: upload while writing of %s did not finish (%s); uploading the committed file",
@@ -239,10 +271,13 @@ class EarlyUpload:
             self._task_done()
 
     def _put_one(self) -> None:
-        data = self._src.read(0, self.size)
+        data = bytearray(self.size)
+        self._src.read_into(0, data)
         crc = crc32c_update(0, data)
+        with self._cond:
+            self._put_sent = True  # from now on a clean-up deletes the object
         self._call(lambda: self._req.client.put_object(
-            Bucket=self._req.bucket, Key=self.key, Body=bytes(data), ChecksumCRC32C=crc32c_b64(crc)))
+            Bucket=self._req.bucket, Key=self.key, Body=data, ChecksumCRC32C=crc32c_b64(crc)))
         with self._cond:
             self._put_crc = crc
 
@@ -252,11 +287,15 @@ class EarlyUpload:
                 if self._stop or self._error is not None:
                     return
                 upload_id = self._upload_id
-            data = self._src.read(start, end)
-            crc = crc32c_update(0, data)
-            resp = self._call(lambda: self._req.client.upload_part(
-                Bucket=self._req.bucket, Key=self.key, UploadId=upload_id, PartNumber=num, Body=data,
-                ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc32c_b64(crc)))
+            data = self._buffers.take(end - start)
+            try:
+                self._src.read_into(start, data)
+                crc = crc32c_update(0, data)
+                resp = self._call(lambda: self._req.client.upload_part(
+                    Bucket=self._req.bucket, Key=self.key, UploadId=upload_id, PartNumber=num, Body=data,
+                    ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc32c_b64(crc)))
+            finally:
+                self._buffers.give(data)
             with self._cond:
                 self._done[num] = (resp["ETag"], crc)
         except BaseException as exc:  # noqa: BLE001 - kept for finish()
@@ -274,6 +313,9 @@ class EarlyUpload:
         with self._cond:
             self._tasks -= 1
             self._cond.notify_all()
+            failed = not self._tasks and self._error is not None
+        if failed:  # nothing will complete it: abort it now, not when the registry lets it go
+            self._clean_up()
 
     def _wait_tasks(self) -> None:
         with self._cond:
@@ -309,6 +351,10 @@ class EarlyUpload:
             self._on_settled(self)
         return True
 
+    def _completed(self) -> None:
+        self._settle()
+        self._cleaned.set()
+
     def _call(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` with the store's retries, except for an upload that is gone (NoSuchUpload:
         aborted by someone else), which no retry brings back."""
@@ -326,8 +372,9 @@ class EarlyUpload:
     def _clean_up(self) -> None:
         """Abort the multipart upload, or delete the object of a single PUT (once)."""
         with self._cond:
-            upload_id, put = self._upload_id, self._put_crc is not None
+            upload_id, put = self._upload_id, self._put_sent
         if not self._settle():
+            self._cleaned.wait()  # another thread is at it: its requests end before this returns
             return
         try:
             if upload_id is not None:
@@ -341,6 +388,8 @@ class EarlyUpload:
                 self._call(lambda: self._req.client.delete_object(Bucket=self._req.bucket, Key=self.key))
         except Exception as exc:  # noqa: BLE001 - left for cleanup_incomplete_uploads / a later upload
             log.warning("spotckpt: could not remove the partial upload of %s: %s", self._req.url(self.key), exc)
+        finally:
+            self._cleaned.set()
 
 
 class EarlyUploads:
@@ -351,6 +400,8 @@ class EarlyUploads:
         self._lock = threading.Lock()
         self._uploads: dict[tuple[int, str], EarlyUpload] = {}
         self._live: dict[int, EarlyUpload] = {}  # not settled yet, by id (taken ones included)
+        cfg = requests.config
+        self._buffers = _Buffers(int(cfg.multipart_chunksize), max(1, int(cfg.max_concurrency)))
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -364,7 +415,8 @@ class EarlyUploads:
                 self._pool = ThreadPoolExecutor(max(1, int(cfg.max_concurrency)), thread_name_prefix="spotckpt-s3-early")
             old = self._uploads.pop((step, rel), None)
             up = EarlyUpload(self._req, self._pool, key, man_key, chunks, part_size=int(cfg.multipart_chunksize),
-                             threshold=int(cfg.multipart_threshold), ready=ready, on_settled=self._settled)
+                             threshold=int(cfg.multipart_threshold), buffers=self._buffers, ready=ready,
+                             on_settled=self._settled)
             self._uploads[(step, rel)] = up
             self._live[id(up)] = up
         if old is not None:
@@ -375,6 +427,9 @@ class EarlyUploads:
     def _settled(self, up: EarlyUpload) -> None:
         with self._lock:
             self._live.pop(id(up), None)
+            idle = not self._live
+        if idle:
+            self._buffers.drop()  # no memory kept between saves
 
     def live_keys(self) -> set[str]:
         """Keys with an upload in flight (cleanup_incomplete_uploads leaves them alone)."""
