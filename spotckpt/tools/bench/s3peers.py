@@ -232,8 +232,9 @@ def render_markdown(result: dict[str, Any]) -> str:
             ph = {k: v["median"] for k, v in res["spotckpt_save_phases"].items()}
             lines += ["", f"spotckpt's save, medians: `save()` returned after {_fmt(ph['stall_s'])} s (training "
                       f"goes on from there), the step was committed locally (written, fsynced) "
-                      f"{_fmt(ph['local_commit_s'])} s after `save()` began, and its upload then took "
-                      f"{_fmt(ph['upload_s'])} s."]
+                      f"{_fmt(ph['local_commit_s'])} s after `save()` began, and the uploader's part then took "
+                      f"{_fmt(ph['upload_s'])} s (with upload while writing the data went up from `save()` on: "
+                      "this is what was left after the commit -- finishing it, the manifest)."]
         lines.append("")
     if result["skipped"]:
         lines += ["Skipped:", ""] + [f"- {s}" for s in result["skipped"]] + [""]
