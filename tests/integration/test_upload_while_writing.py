@@ -178,3 +178,19 @@ def test_the_setting_turns_it_off(tmp_path: Path, bucket: str, monkeypatch: pyte
     with CheckpointManager(tmp_path / "b", remote_store=small_parts_store(uri), metrics=False,
                            install_signal_handlers=False, upload_while_writing=True) as mgr:
         assert mgr.pipeline is not None and mgr.pipeline.upload_while_writing  # the argument wins
+
+
+def test_the_chunks_are_the_bytes_of_the_written_file(tmp_path: Path) -> None:
+    """What is uploaded from memory is byte for byte the file the local write produces (a
+    mismatch would only cost the head start -- finish() compares CRCs -- but must not happen)."""
+    from spotckpt.core.early_upload import host_chunks
+    from spotckpt.format import write_safetensors
+
+    tensors = {"b": torch.arange(5, dtype=torch.int64), "a": torch.randn(3, 4), "empty": torch.zeros(0),
+               "flag": torch.tensor([True, False])}
+    meta = {"format": "spotckpt/1", "step": "9"}
+    write_safetensors(tmp_path / "f.safetensors", tensors, meta, fsync=False)
+    chunks = host_chunks(tensors, meta)
+    assert chunks is not None
+    assert b"".join(bytes(memoryview(c).cast("B")) for c in chunks) == (tmp_path / "f.safetensors").read_bytes()
+    assert host_chunks({"t": torch.randn(4, 4).t()}, meta) is None  # not contiguous: no early upload
