@@ -1,28 +1,35 @@
-"""SIGTERM -> final checkpoint committed in S3: how long it takes for a 1 GiB fp32 state.
+"""SIGTERM -> final checkpoint committed in S3: how long it takes for a 1 GiB fp32 state, with and
+without upload while writing, against the fastest plain upload of the same bytes from memory.
 
-    python benchmarks/bench_preempt.py [--mb 1024] [--repeats 3] [--server seaweedfs|moto]
+    python benchmarks/bench_preempt.py [--mb 1024] [--repeats 3] [--variants on,off] [--server seaweedfs|moto]
 
 Starts a local S3 server on 127.0.0.1 in its own process (SeaweedFS, which verifies every
-CRC32C, by default; ``--server moto`` for moto rows, labelled as such), then, per repeat, a trainer
-child process holding ``--mb`` MiB of fp32 weights under
-``CheckpointManager(local_dir, s3_uri=..., every_steps=10**9)`` that calls ``maybe_save`` every
-step (so no policy save happens: the only checkpoint is the preemption one). At a random step the
-parent sends SIGTERM and measures, from the moment of the signal:
+CRC32C, by default; ``--server moto`` for moto rows, labelled as such), then, per repeat and per
+variant (``on``: ``upload_while_writing`` on, the default; ``off``: the upload starts after the
+local commit; their order alternates), a trainer child process holding ``--mb`` MiB of fp32
+weights under ``CheckpointManager(local_dir, s3_uri=..., every_steps=10**9)`` that calls
+``maybe_save`` every step (so no policy save happens: the only checkpoint is the preemption one).
+At a random step the parent sends SIGTERM and measures, from the moment of the signal:
 
 - ``to_manifest_s``: until the final step's ``manifest.json`` exists in S3 (the parent polls
   ``list_objects_v2``; a step counts in S3 only once its manifest does);
-- ``to_local_commit_s``: until the step is committed under the local dir (the rest is upload);
+- ``to_local_commit_s``: until the step is committed under the local dir;
 - ``to_exit_s``: until the child has exited (it must exit 0 after ``maybe_save`` returns with
   ``preempted`` set).
 
 The committed step is then checked: it is the step the child reports as preempted, and
-``S3Store.verify_step`` finds every object's size and full-object CRC32C right. Writes
-benchmarks/out/preempt.json.
+``S3Store.verify_step`` finds every object's size and full-object CRC32C right. After the
+repeat's first variant, the parent (the child gone) uploads the same bytes -- the step's files,
+read into memory first, untimed -- with plain boto3 ``upload_fileobj`` from a ``BytesIO``: with
+boto3's default ``TransferConfig`` and with spotckpt's part size and concurrency; the faster of the
+two is the repeat's "plain upload from memory", and ``to_manifest_s`` is also given as a ratio
+to it (target: at most 1.1). Writes benchmarks/out/preempt.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -61,10 +68,37 @@ def child(local_dir: str, s3_uri: str, mb: int, step_seconds: float) -> int:
     return 1
 
 
+def _stats(xs: list[float]) -> dict[str, float] | None:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else None
+
+
+def plain_uploads(s3: object, bucket: str, prefix: str, files: list[bytes]) -> dict[str, float]:
+    """Seconds to upload ``files`` (bytes in memory) with plain boto3 ``upload_fileobj``, one
+    after the other: boto3's default TransferConfig, and spotckpt's part size and concurrency."""
+    from boto3.s3.transfer import TransferConfig
+
+    from spotckpt.remote.s3 import default_transfer_config
+
+    ours = default_transfer_config()
+    configs = {"boto3_default": TransferConfig(),
+               "boto3_spotckpt_parts": TransferConfig(multipart_threshold=ours.multipart_threshold,
+                                                      multipart_chunksize=ours.multipart_chunksize,
+                                                      max_concurrency=ours.max_concurrency)}
+    out = {}
+    for name, cfg in configs.items():
+        t0 = time.perf_counter()
+        for i, data in enumerate(files):
+            s3.upload_fileobj(io.BytesIO(data), bucket, f"{prefix}/plain-{name}/{i}", Config=cfg)  # type: ignore[attr-defined]
+        out[name] = round(time.perf_counter() - t0, 3)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=int(os.environ.get("MB", "1024")), help="state size in MiB (env MB)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", default="on,off",
+                    help="upload while writing on and/or off, alternating in each repeat (default: %(default)s)")
     ap.add_argument("--step-seconds", type=float, default=0.05, help="simulated compute per step")
     ap.add_argument("--min-step", type=int, default=3)
     ap.add_argument("--max-step", type=int, default=40)
@@ -75,6 +109,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.child:
         return child(args.child[0], args.child[1], args.mb, args.step_seconds)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or any(v not in ("on", "off") for v in variants):
+        ap.error("--variants: a list of on, off")
 
     rng = random.Random(args.seed)
     from spotckpt.tools.s3server import S3Server
@@ -90,84 +127,106 @@ def main() -> int:
 
     s3 = srv.client()
     runs = []
+    plain: list[dict[str, float]] = []
     try:
         for r in range(args.repeats):
-            prefix = f"run{r}"
-            local = work / f"local{r}"
-            log_path = work / f"child{r}.log"
-            target = rng.randint(args.min_step, args.max_step)
-            with open(log_path, "wb") as log_f:
-                proc = subprocess.Popen(
-                    [sys.executable, __file__, "--mb", str(args.mb), "--step-seconds", str(args.step_seconds),
-                     "--child", str(local), f"s3://bench/{prefix}"],
-                    stdout=subprocess.PIPE, stderr=log_f, text=True, env=env,
-                )
-                assert proc.stdout is not None
-                line = ""
-                while line != f"at {target}":
-                    line = proc.stdout.readline().strip()
-                    if not line and proc.poll() is not None:
-                        raise SystemExit(f"trainer exited early ({proc.returncode}); see {log_path}:\n{log_path.read_text()}")
-                proc.send_signal(signal.SIGTERM)
-                t0 = time.perf_counter()
-                t_manifest = t_local = None
-                man_key = None
-                while t_manifest is None:
-                    if t_local is None and local.is_dir() and any(p.name.startswith("step-") for p in local.iterdir()):
-                        t_local = time.perf_counter() - t0  # committed locally: the rest is the upload
-                    for o in s3.list_objects_v2(Bucket="bench", Prefix=f"{prefix}/").get("Contents", []):
-                        if o["Key"].endswith("/" + MANIFEST_NAME):
-                            t_manifest, man_key = time.perf_counter() - t0, o["Key"]
-                            break
-                    if t_manifest is None:
-                        if proc.poll() is not None:
-                            break
-                        time.sleep(0.02)
-                out, _ = proc.communicate(timeout=300)
-                t_exit = time.perf_counter() - t0
-            preempted = [int(x.split()[1]) for x in out.splitlines() if x.startswith("preempted ")]
-            if proc.returncode != 0 or not preempted or man_key is None:
-                raise SystemExit(f"run {r}: exit {proc.returncode}, preempted {preempted}, manifest {man_key}; see {log_path}:\n{log_path.read_text()[-4000:]}")
-            final = preempted[0]
-            if man_key != f"{prefix}/{step_dirname(final)}/{MANIFEST_NAME}":
-                raise SystemExit(f"run {r}: manifest {man_key} is not the final step {final}")
-            with S3Store(f"s3://bench/{prefix}") as store:
-                problems = store.verify_step(final)
-                nbytes = store.read_manifest(final).total_bytes
-            if problems:
-                raise SystemExit(f"run {r}: step {final} in S3 fails verification: {problems}")
-            runs.append({"sigterm_at_step": target, "final_step": final, "bytes": nbytes,
-                         "to_local_commit_s": None if t_local is None else round(t_local, 3),
-                         "to_manifest_s": round(t_manifest, 3), "to_exit_s": round(t_exit, 3), "exit_code": proc.returncode})
-            print(f"repeat {r + 1}/{args.repeats}: SIGTERM at step {target}, final step {final} "
-                  f"({nbytes / 1e6:.0f} MB): committed locally after {t_local or float('nan'):.2f} s, manifest in S3 "
-                  f"after {t_manifest:.2f} s, exit 0 after {t_exit:.2f} s", flush=True)
-            shutil.rmtree(local, ignore_errors=True)
-            for o in s3.list_objects_v2(Bucket="bench", Prefix=f"{prefix}/").get("Contents", []):
-                s3.delete_object(Bucket="bench", Key=o["Key"])
+            k = r % len(variants)
+            for n, variant in enumerate(variants[k:] + variants[:k]):
+                prefix = f"run{r}-{variant}"
+                local = work / f"local{r}-{variant}"
+                log_path = work / f"child{r}-{variant}.log"
+                target = rng.randint(args.min_step, args.max_step)
+                cenv = dict(env, SPOTCKPT_UPLOAD_WHILE_WRITING="1" if variant == "on" else "0")
+                with open(log_path, "wb") as log_f:
+                    proc = subprocess.Popen(
+                        [sys.executable, __file__, "--mb", str(args.mb), "--step-seconds", str(args.step_seconds),
+                         "--child", str(local), f"s3://bench/{prefix}"],
+                        stdout=subprocess.PIPE, stderr=log_f, text=True, env=cenv,
+                    )
+                    assert proc.stdout is not None
+                    line = ""
+                    while line != f"at {target}":
+                        line = proc.stdout.readline().strip()
+                        if not line and proc.poll() is not None:
+                            raise SystemExit(f"trainer exited early ({proc.returncode}); see {log_path}:\n{log_path.read_text()}")
+                    proc.send_signal(signal.SIGTERM)
+                    t0 = time.perf_counter()
+                    t_manifest = t_local = None
+                    man_key = None
+                    while t_manifest is None:
+                        if t_local is None and local.is_dir() and any(p.name.startswith("step-") for p in local.iterdir()):
+                            t_local = time.perf_counter() - t0  # committed locally
+                        for o in s3.list_objects_v2(Bucket="bench", Prefix=f"{prefix}/").get("Contents", []):
+                            if o["Key"].endswith("/" + MANIFEST_NAME):
+                                t_manifest, man_key = time.perf_counter() - t0, o["Key"]
+                                break
+                        if t_manifest is None:
+                            if proc.poll() is not None:
+                                break
+                            time.sleep(0.02)
+                    out, _ = proc.communicate(timeout=300)
+                    t_exit = time.perf_counter() - t0
+                preempted = [int(x.split()[1]) for x in out.splitlines() if x.startswith("preempted ")]
+                if proc.returncode != 0 or not preempted or man_key is None:
+                    raise SystemExit(f"run {r} ({variant}): exit {proc.returncode}, preempted {preempted}, manifest {man_key}; see {log_path}:\n{log_path.read_text()[-4000:]}")
+                final = preempted[0]
+                if man_key != f"{prefix}/{step_dirname(final)}/{MANIFEST_NAME}":
+                    raise SystemExit(f"run {r}: manifest {man_key} is not the final step {final}")
+                with S3Store(f"s3://bench/{prefix}") as store:
+                    problems = store.verify_step(final)
+                    man = store.read_manifest(final)
+                    nbytes = man.total_bytes
+                if problems:
+                    raise SystemExit(f"run {r}: step {final} in S3 fails verification: {problems}")
+                if n == 0:  # the same bytes, from memory, plain boto3 (the child is gone)
+                    files = [(local / step_dirname(final) / rel).read_bytes() for rel in sorted(man.files)]
+                    plain.append(plain_uploads(s3, "bench", f"{prefix}-plain", files))
+                    del files
+                best = min(plain[-1].values())
+                runs.append({"repeat": r, "variant": variant, "sigterm_at_step": target, "final_step": final,
+                             "bytes": nbytes, "to_local_commit_s": None if t_local is None else round(t_local, 3),
+                             "to_manifest_s": round(t_manifest, 3), "to_exit_s": round(t_exit, 3),
+                             "plain_upload_s": best, "to_manifest_vs_plain": round(t_manifest / best, 3),
+                             "exit_code": proc.returncode})
+                print(f"repeat {r + 1}/{args.repeats} upload while writing {variant}: SIGTERM at step {target}, final "
+                      f"step {final} ({nbytes / 1e6:.0f} MB): committed locally after {t_local or float('nan'):.2f} s, "
+                      f"manifest in S3 after {t_manifest:.2f} s ({t_manifest / best:.2f}x the plain upload from memory, "
+                      f"{best:.2f} s), exit 0 after {t_exit:.2f} s", flush=True)
+                shutil.rmtree(local, ignore_errors=True)
+                for pre in (f"{prefix}/", f"{prefix}-plain/"):
+                    for o in s3.list_objects_v2(Bucket="bench", Prefix=pre).get("Contents", []):
+                        s3.delete_object(Bucket="bench", Key=o["Key"])
     finally:
         srv.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    tm = [x["to_manifest_s"] for x in runs]
-    te = [x["to_exit_s"] for x in runs]
-    tl = [x["to_local_commit_s"] for x in runs if x["to_local_commit_s"] is not None]
-    summary = {
-        "to_local_commit_s": {"median": statistics.median(tl), "min": min(tl), "max": max(tl)} if tl else None,
-        "to_manifest_s": {"median": statistics.median(tm), "min": min(tm), "max": max(tm)},
-        "to_exit_s": {"median": statistics.median(te), "min": min(te), "max": max(te)},
-    }
-    print(f"\nSIGTERM -> final {args.mb} MiB step's manifest.json in S3: median {summary['to_manifest_s']['median']:.2f} s "
-          f"(min {min(tm):.2f}, max {max(tm):.2f})")
-    if tl:
-        print(f"SIGTERM -> step committed locally:          median {statistics.median(tl):.2f} s (the rest is the upload)")
-    print(f"SIGTERM -> trainer exit 0:                  median {summary['to_exit_s']['median']:.2f} s (min {min(te):.2f}, max {max(te):.2f})")
+    summary: dict[str, object] = {"plain_upload_s": {name: _stats([p[name] for p in plain]) for name in plain[0]}}
+    print()
+    for variant in variants:
+        mine = [x for x in runs if x["variant"] == variant]
+        tl = [x["to_local_commit_s"] for x in mine if x["to_local_commit_s"] is not None]
+        summary[variant] = {
+            "to_local_commit_s": _stats(tl),
+            "to_manifest_s": _stats([x["to_manifest_s"] for x in mine]),
+            "to_exit_s": _stats([x["to_exit_s"] for x in mine]),
+            "to_manifest_vs_plain": _stats([x["to_manifest_vs_plain"] for x in mine]),
+        }
+        sm = summary[variant]
+        print(f"upload while writing {variant:3s}: SIGTERM -> final {args.mb} MiB step's manifest.json in S3: median "
+              f"{sm['to_manifest_s']['median']:.2f} s [{sm['to_manifest_s']['min']:.2f}-{sm['to_manifest_s']['max']:.2f}], "
+              f"{sm['to_manifest_vs_plain']['median']:.2f}x the plain upload from memory "
+              f"[{sm['to_manifest_vs_plain']['min']:.2f}-{sm['to_manifest_vs_plain']['max']:.2f}]; committed locally "
+              f"{statistics.median(tl) if tl else float('nan'):.2f} s; exit {sm['to_exit_s']['median']:.2f} s")
+    for name, st in summary["plain_upload_s"].items():  # type: ignore[union-attr]
+        print(f"plain upload from memory, {name}: median {st['median']:.2f} s [{st['min']:.2f}-{st['max']:.2f}]")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "state_mib": args.mb, "repeats": args.repeats, "summary": summary, "runs": runs,
+        "state_mib": args.mb, "repeats": args.repeats, "variants": variants, "summary": summary, "runs": runs,
+        "plain_uploads_s": plain,
         "spotckpt_part_size_bytes": PART_SIZE_BYTES, "spotckpt_concurrency": MAX_CONCURRENCY,
-        "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
+                    "python": platform.python_version(), "loadavg_end": list(os.getloadavg())},
         "server": f"{args.server} on 127.0.0.1, its own process" + (" (moto: not a performance reference)" if args.server == "moto" else ""),
     }, indent=1))
     print(f"wrote {out}")

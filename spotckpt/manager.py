@@ -28,6 +28,7 @@ from typing import Any
 from spotckpt.autopilot import Autopilot
 from spotckpt.core.adopt_ranks import adopt_folder, restore_folder
 from spotckpt.core.config import env_bool, env_float, resolve_local_dir, resolve_s3_uri, sagemaker_info
+from spotckpt.core.early_upload import enabled as upload_while_writing_enabled
 from spotckpt.ranks.dist import Coordinator, RequestChannel, SaveAgreement, coordinator_from_torch
 from spotckpt.errors import (
     ClosedError,
@@ -93,7 +94,9 @@ class CheckpointManager:
     (objects from :mod:`spotckpt.policy`, replacing ``every_steps``/``every_seconds`` and
     ``keep_last``; ``every_steps="auto"`` is :class:`spotckpt.policy.AutoInterval`),
     ``remote_store`` (any :class:`spotckpt.core.protocols.RemoteStore` instead of the S3 store of
-    ``s3_uri``) and ``clock`` (a monotonic clock for ``every_seconds``).
+    ``s3_uri``), ``clock`` (a monotonic clock for ``every_seconds``) and ``upload_while_writing``
+    (one process: a save's data file goes to S3 while it is written locally; default from
+    ``$SPOTCKPT_UPLOAD_WHILE_WRITING``, on; see docs/s3.md).
 
     Construction is all or nothing: when it raises, nothing it started is left running and the
     signal handlers are the ones from before.
@@ -121,6 +124,7 @@ class CheckpointManager:
         replicated: Collection[str] = (),
         collective_timeout_seconds: float | None = None,
         rank: int | None = None,
+        upload_while_writing: bool | None = None,
     ) -> None:
         grace = grace_seconds if grace_seconds is not None else env_float("SPOTCKPT_GRACE_SECONDS", DEFAULT_GRACE_SECONDS)
         self._watcher = PreemptionWatcher(grace_seconds=grace)
@@ -164,6 +168,7 @@ class CheckpointManager:
             self.pipeline = CommitPipeline(self.local, events=self.events, retention=self.retention, clock=clock,
                                            coord=self._coord, rank=self.rank, world_size=self.world_size)
             self._schedule.pipe = self.pipeline
+            self.pipeline.upload_while_writing = upload_while_writing_enabled(upload_while_writing)
             self.s3_uri = remote_store.uri if remote_store is not None else resolve_s3_uri(s3_uri)
             if self.s3_uri is None and sagemaker_info().checkpoint_sync_active:
                 log.info("spotckpt: SageMaker syncs %s to S3 itself; spotckpt uploads nothing", self.local_dir)

@@ -12,8 +12,11 @@
                      manifest), missing_objects + commit_manifest (the step counts once every
                      host's files are in), read_range (shards of other ranks' files),
                      uncommit_step / delete_step, cleanup_incomplete_uploads, check_access,
-                     close. Implemented by S3Store and MemoryStore
-                     (:mod:`spotckpt.remote.memory`, which a two-host test runs a job through).
+                     start_upload / discard_early (upload while writing,
+                     :mod:`spotckpt.core.early_upload`; a store that cannot returns None and
+                     the files go up after the commit), close. Implemented by S3Store and
+                     MemoryStore (:mod:`spotckpt.remote.memory`, which a two-host test runs a
+                     job through).
 
 Threads: a store is used by one thread at a time per method call, but restore (training
 thread) and the uploader (its own thread) may call the same store concurrently.
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from spotckpt.format import Manifest
 
@@ -92,10 +95,21 @@ class RemoteStore(StepSource, Protocol):
         """A StorageError that says what to do when the store cannot be used."""
         ...
 
+    def start_upload(self, step: int, rel: str, chunks: Any, *,
+                     ready: Callable[[], None] | None = None) -> Any:
+        """Start uploading file ``rel`` of ``step`` from ``chunks`` (its bytes in memory) while
+        the caller writes it locally; a handle (``committed(path)`` / ``abort()``) that
+        :meth:`upload_step` finishes, or None when this store uploads after the commit only."""
+        ...
+
+    def discard_early(self, step: int) -> None:
+        """Abort what :meth:`start_upload` began for ``step`` (a step that will not be uploaded)."""
+        ...
+
     def close(self) -> None: ...
 
 
 #: Every method of :class:`RemoteStore`, for stores that forward calls (and their tests).
 REMOTE_STORE_METHODS = ("list_steps", "read_manifest", "download_step", "upload_step", "missing_objects",
                         "commit_manifest", "read_range", "uncommit_step", "delete_step",
-                        "cleanup_incomplete_uploads", "check_access", "close")
+                        "cleanup_incomplete_uploads", "check_access", "start_upload", "discard_early", "close")

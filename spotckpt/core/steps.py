@@ -43,6 +43,7 @@ from spotckpt.policy import KeepAll, RetentionPolicy
 from spotckpt.core.restore import RestoreOptions, RestoreResult, restore_agreed, restore_newest
 from spotckpt.ranks.shard import recording_shards, shards_metadata
 from spotckpt.core.stage import Stager
+from spotckpt.core import early_upload
 
 if TYPE_CHECKING:
     from spotckpt.core.protocols import RemoteStore
@@ -73,6 +74,7 @@ class CommitPipeline:
         self.store: RemoteStore | None = None
         self.uploader: Any = None
         self.autopilot: Any = None  # spotckpt.autopilot.Autopilot: its history goes into every stamp
+        self.upload_while_writing = False  # set by the manager (spotckpt.core.early_upload)
         self.closed = False
         self._clock = clock
         self._lock = threading.Lock()
@@ -204,19 +206,45 @@ class CommitPipeline:
         if blocking and all(t.device.type == "cpu" for t in snap.tensors.values()):
             def write_tensors(path: Path, **kw: Any) -> FileEntry:
                 return write_safetensors(path, snap.tensors, meta, **kw)
+
+            def chunks() -> list[Any] | None:
+                return early_upload.host_chunks(snap.tensors, meta)
         else:
             with self._lock:
                 staged = self.stager.stage(snap.tensors, meta)
             write_tensors = staged.write_to
-        self.commit(step, lambda: self._write_captured(step, snap, write_tensors, extra, staged),
+
+            def chunks() -> list[Any] | None:
+                staged.wait_ready()
+                return early_upload.staged_chunks(staged)
+        self.commit(step, lambda: self._write_captured(step, snap, write_tensors, extra, staged, chunks),
                     t0=t0, nbytes=snap.nbytes, blocking=blocking)
 
     def _write_captured(self, step: int, snap: Snapshot, write_tensors: Callable[..., FileEntry],
-                        extra: dict[str, Any], staged: Any) -> None:
-        """:meth:`write_snapshot`'s files, then the staging buffer (if any) released."""
+                        extra: dict[str, Any], staged: Any, chunks: Callable[[], list[Any] | None]) -> None:
+        """:meth:`write_snapshot`'s files, uploaded while they are written where the store can
+        (:mod:`spotckpt.core.early_upload`: one process with an uploader), then the staging
+        buffer (if any) released. A failed write aborts the early upload before it raises."""
+        rel = data_file_names(self.rank)[0]
+        early = None
         try:
-            self.write_files(step, snap.tree, recording_shards(snap.tree, snap.shards, snap.tensors, write_tensors),
-                             extra)
+            if self.upload_while_writing and self.uploader is not None and self.coord is None:
+                assert self.store is not None
+                try:
+                    parts = chunks()
+                    early = None if parts is None else self.store.start_upload(step, rel, parts)
+                except Exception as exc:  # noqa: BLE001 - the ordinary upload still follows the commit
+                    log.warning("spotckpt: could not start uploading step %d while writing it (%s); it is uploaded "
+                                "after the local commit", step, exc)
+            try:
+                path = self.write_files(step, snap.tree, recording_shards(snap.tree, snap.shards, snap.tensors,
+                                                                          write_tensors), extra)
+            except BaseException:
+                if early is not None:
+                    early.abort()
+                raise
+            if early is not None:
+                early.committed(path / rel)
         finally:
             if staged is not None:
                 with self._lock:

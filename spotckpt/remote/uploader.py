@@ -10,7 +10,8 @@ One reconcile pass (upload thread)::
 
     scan local committed steps, list committed S3 steps
     -> skip local steps that retention (keep_last over local + S3) would delete anyway
-    -> upload the newest missing step (data first, manifest last; S3Store.upload_step)
+    -> upload the newest missing step (data first, manifest last; S3Store.upload_step, which
+       finishes the files the save already uploaded while writing them, see remote/s3/early.py)
     -> rescan (a newer step may have been committed meanwhile), until nothing is missing
     -> S3 retention: delete all but the newest keep_last (manifest first, then data)
 
@@ -321,10 +322,13 @@ class Uploader:
             keep = self.retention.kept(set(local) | remote)
             missing = [s for s in reversed(local)
                        if s not in remote and s in keep and s not in self._bad and s not in self._data_done]
+            skipped = [s for s in local if s not in keep and s not in remote]
             with self._cond:
                 self._remote = remote
-                self._skipped.update(s for s in local if s not in keep and s not in remote)
+                self._skipped.update(skipped)
                 self._cond.notify_all()
+            for s in skipped:
+                self._discard_early(s)
             if not missing or self._above_ceiling(missing[0]):
                 break
             with self._upload_lock:
@@ -359,6 +363,7 @@ class Uploader:
             if isinstance(exc, CheckpointCorruptError):
                 # A damaged local step must not block the others (nor ever reach S3).
                 log.error("local step %s does not verify and is not uploaded: %s", step, exc)
+                self._discard_early(step)
                 with self._cond:
                     self._bad[step] = exc
                     self._cond.notify_all()
@@ -412,8 +417,13 @@ class Uploader:
             self._stop.wait(_AWAIT_MANIFEST_SECONDS)
         return None
 
+    def _discard_early(self, step: int) -> None:
+        """A step that will not be uploaded: abort what its save uploaded while writing."""
+        self.store.discard_early(step)
+
     def _drop_orphan(self, step: int) -> None:
         """Delete data objects a vanished step left behind, unless its manifest made it."""
+        self._discard_early(step)
         if step in self.store.list_steps():
             with self._cond:
                 self._remote.add(step)

@@ -56,7 +56,7 @@ def test_report_has_a_row_per_op_and_peer_and_the_skipped_peers() -> None:
     assert md.count("| save → in S3 |") == 2 and md.count("| restore from S3 |") == 2
     assert "1.00 GiB fp32" in md and "s3torchconnector skipped: not installed" in md
     assert "`boom`" in md and "returned after 0.10 s" in md
-    assert "committed locally (written, fsynced) 2.00 s" in md and "upload then took 6.00 s" in md
+    assert "committed locally (written, fsynced) 2.00 s" in md and "part then took 6.00 s" in md
     assert "Interrupted" not in md
     assert "Interrupted" in s3peers.render_markdown(dict(result, interrupted=True))
     lines = s3peers.peer_lines(result)
@@ -72,7 +72,7 @@ def test_without_s3torchconnector_its_peer_is_skipped_with_one_line(
     out = capsys.readouterr().out.splitlines()
     skipped = [ln for ln in out if "s3torchconnector skipped" in ln]
     assert len(skipped) == 2 and all("pip install" in ln for ln in skipped)  # one per case
-    assert "one: spotckpt, boto3" in out and "dcp: spotckpt" in out
+    assert "one: spotckpt, spotckpt-after-commit, boto3" in out and "dcp: spotckpt" in out
 
 
 def test_a_broken_dcp_part_skips_only_the_dcp_peer(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,8 +2,9 @@
 
 This is the only spotckpt package that imports boto3 / botocore / s3transfer: ``settings``
 (URI, client, transfer settings), ``failures`` (the error table), ``requests`` (one bucket's
-requests: retries, parallel transfers, errors that say what to do) and ``store``
-(:class:`S3Store`, the steps on top of them).
+requests: retries, parallel transfers, errors that say what to do), ``early`` (upload while
+writing: a file's parts from memory during its local write) and ``store`` (:class:`S3Store`,
+the steps on top of them).
 
 Layout and commit protocol: a step exists in S3 only when its ``manifest.json``
 exists. :meth:`S3Store.upload_step` uploads every data file first, then the manifest, with

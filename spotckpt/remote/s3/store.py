@@ -33,6 +33,7 @@ from spotckpt.format import (
 from spotckpt.format import fsync_path as _fsync_path
 from spotckpt.format import write_file_durably
 
+from spotckpt.remote.s3.early import EarlyUpload, EarlyUploads
 from spotckpt.remote.s3.failures import _CONFLICT, _classify
 from spotckpt.remote.s3.requests import S3Requests, Transfer
 from spotckpt.remote.s3.settings import (
@@ -69,6 +70,7 @@ class S3Store:
         self.requests = S3Requests(uri, self.bucket, client if client is not None else make_client(),
                                    transfer_config or default_transfer_config(), attempts=retry_attempts,
                                    backoff_seconds=retry_backoff_seconds)
+        self.early = EarlyUploads(self.requests)
 
     @classmethod
     def open(cls, uri: str) -> S3Store:
@@ -151,6 +153,21 @@ class S3Store:
 
     # ----------------------------------------------------------------------------- upload
 
+    def start_upload(self, step: int, rel: str, chunks: Any, *,
+                     ready: Callable[[], None] | None = None) -> EarlyUpload | None:
+        """Upload while writing (:mod:`spotckpt.remote.s3.early`): start uploading file ``rel``
+        of ``step`` from ``chunks`` (its bytes in memory, in order; ``ready()`` first waits
+        until they are there) while the caller writes the same bytes locally. The caller then
+        calls ``committed(path)`` once the local step is committed, or ``abort()`` when its
+        write failed; :meth:`upload_step` finishes the object and writes the manifest last."""
+        safe_relpath(rel, source="start_upload")
+        return self.early.start(step, rel, self.step_key(step, rel), self.step_key(step, MANIFEST_NAME), chunks,
+                                ready=ready)
+
+    def discard_early(self, step: int) -> None:
+        """Abort the uploads while writing of ``step`` nobody will finish (superseded, dropped)."""
+        self.early.discard(step)
+
     def upload_step(self, step: int, src_dir: Path, manifest: Manifest | None = None, *,
                     files: Collection[str] | None = None, commit: bool = True) -> bool:
         """Upload a committed local step: every data file, then ``manifest.json`` last with
@@ -181,20 +198,39 @@ class S3Store:
         if manifest.step != step:
             raise CheckpointCorruptError(f"{local_manifest} is for step {manifest.step}, not {step}", path=local_manifest)
         man_key = self.step_key(step, MANIFEST_NAME)
+        early = self.early.take(step)  # files uploaded while they were written: finished below
+        try:
+            existing = self.requests.get_bytes(man_key)
+            if existing is not None:
+                if self._same_manifest(existing, man_bytes):
+                    log.debug("step %s is already committed in %s", step, self.uri)
+                    return False
+                raise UploadError(
+                    f"{self.requests.url(man_key)} already holds a different manifest: another writer committed "
+                    f"step {step}; use a separate S3 prefix per job/run, or delete that step first",
+                    key=man_key,
+                )
+            jobs = self._upload_jobs(step, src_dir, manifest, files)
+            self.requests.transfer_all([j for rel, j in jobs if rel not in early], download=False)
+            late = [j for rel, j in jobs if rel in early and not early.pop(rel).finish(manifest.files[rel])]
+            self.requests.transfer_all(late, download=False)  # those that did not finish while writing
+        finally:
+            for up in early.values():  # not listed, or an error came first
+                up.discard()
 
-        existing = self.requests.get_bytes(man_key)
-        if existing is not None:
-            if self._same_manifest(existing, man_bytes):
-                log.debug("step %s is already committed in %s", step, self.uri)
-                return False
-            raise UploadError(
-                f"{self.requests.url(man_key)} already holds a different manifest: another writer committed "
-                f"step {step}; use a separate S3 prefix per job/run, or delete that step first",
-                key=man_key,
-            )
+        if not src_dir.exists():
+            raise LocalStepVanishedError(f"{src_dir} vanished during its upload; not committing it", key=man_key)
+        if not commit:
+            return False
+        return self.commit_manifest(step, manifest, man_bytes)
 
+    def _upload_jobs(self, step: int, src_dir: Path, manifest: Manifest,
+                     files: Collection[str] | None) -> list[tuple[str, Transfer]]:
+        """(file, transfer) for each file of ``manifest`` to upload, its local copy checked
+        against its entry (size; the CRC32C too where S3 will not check it)."""
         full_object = _full_object_checksums_supported()
         jobs = []
+        local_manifest = src_dir / MANIFEST_NAME
         for rel, ent in sorted(manifest.files.items()):
             safe_relpath(rel, source=str(local_manifest))
             if files is not None and rel not in files:
@@ -222,14 +258,8 @@ class S3Store:
                     extra = {"ChecksumCRC32C": ent.crc32c}
             else:
                 extra = {"ChecksumCRC32C": ent.crc32c}
-            jobs.append(Transfer(self.step_key(step, rel), path, size, extra))
-        self.requests.transfer_all(jobs, download=False)
-
-        if not src_dir.exists():
-            raise LocalStepVanishedError(f"{src_dir} vanished during its upload; not committing it", key=man_key)
-        if not commit:
-            return False
-        return self.commit_manifest(step, manifest, man_bytes)
+            jobs.append((rel, Transfer(self.step_key(step, rel), path, size, extra)))
+        return jobs
 
     def missing_objects(self, step: int, manifest: Manifest) -> list[str]:
         """The files of ``manifest`` that are not in S3 yet with the right size and CRC32C
@@ -308,6 +338,8 @@ class S3Store:
                     initiated = up.get("Initiated")
                     if older_than_seconds > 0 and initiated is not None and initiated > cutoff:
                         continue
+                    if up["Key"] in self.early.live_keys():  # this process's, while writing: asked after
+                        continue                              # the listing, so none started before it is missed
                     self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
                     n += 1
         except (bce.BotoCoreError, bce.ClientError) as exc:
@@ -455,7 +487,9 @@ class S3Store:
         log.info("step %s deleted from %s", step, self.uri)
 
     def close(self) -> None:
-        """Shut down the transfer threads (waits for transfers in flight)."""
+        """Abort unfinished uploads while writing; shut down the transfer threads (waits for
+        transfers in flight)."""
+        self.early.close()
         self.requests.close()
 
     def __enter__(self) -> S3Store:

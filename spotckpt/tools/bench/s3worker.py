@@ -165,21 +165,24 @@ def _copy_into(state: dict[str, Any], loaded: dict[str, Any]) -> None:
 
 class SpotckptPeer(_Peer):
     name = "spotckpt"
+    #: the manager's settings beyond MANAGER_KW (the after-commit peer turns upload while writing off)
+    settings: dict[str, Any] = {}
 
     def __init__(self, job: dict[str, Any], state: dict[str, Any]) -> None:
         super().__init__(job, state)
         from spotckpt import CheckpointManager
 
         self.Manager = CheckpointManager
-        self.mgr = CheckpointManager(os.path.join(self.work, "spot-save"), self.uri("spotckpt-save"),
-                                     keep_last=1, **MANAGER_KW)
+        self.kw = {**MANAGER_KW, **self.settings}
+        self.mgr = CheckpointManager(os.path.join(self.work, f"{self.name}-save"), self.uri(f"{self.name}-save"),
+                                     keep_last=1, **self.kw)
         # the step the restores read, saved once through a manager as a user would
-        with CheckpointManager(os.path.join(self.work, "spot-src"), self.uri("spotckpt-restore"),
-                               keep_last=None, **MANAGER_KW) as m:
+        with CheckpointManager(os.path.join(self.work, f"{self.name}-src"), self.uri(f"{self.name}-restore"),
+                               keep_last=None, **self.kw) as m:
             m.save(1, state, blocking=True)
             if not m.wait():
                 raise RuntimeError("the restore source never reached S3")
-        shutil.rmtree(os.path.join(self.work, "spot-src"), ignore_errors=True)
+        shutil.rmtree(os.path.join(self.work, f"{self.name}-src"), ignore_errors=True)
         self.rmgr: Any = None
         # where a save's time goes, from the manager's own events: save() returned (stall),
         # committed locally (durable_local: since save() began), uploaded (durable_s3: the upload)
@@ -202,9 +205,9 @@ class SpotckptPeer(_Peer):
         self.phases["upload_s"].append(self._events.get("durable_s3", float("nan")))
 
     def before_restore(self) -> None:
-        self.rdir = os.path.join(self.work, "spot-restore")
+        self.rdir = os.path.join(self.work, f"{self.name}-restore")
         shutil.rmtree(self.rdir, ignore_errors=True)
-        self.rmgr = self.Manager(self.rdir, self.uri("spotckpt-restore"), keep_last=None, **MANAGER_KW)
+        self.rmgr = self.Manager(self.rdir, self.uri(f"{self.name}-restore"), keep_last=None, **self.kw)
         if not self.rmgr.verify_on_restore:
             raise RuntimeError("the restore must verify CRC32C")
 
@@ -222,6 +225,14 @@ class SpotckptPeer(_Peer):
         if self.rmgr is not None:
             self.rmgr.close()
         self.mgr.close()
+
+
+class SpotckptAfterCommitPeer(SpotckptPeer):
+    """spotckpt with ``upload_while_writing=False``: the upload starts after the local commit, from
+    the committed file (the A/B of upload while writing; its restore is spotckpt's)."""
+
+    name = "spotckpt-after-commit"
+    settings = {"upload_while_writing": False}
 
 
 class S3tcPeer(_Peer):
@@ -285,7 +296,7 @@ class Boto3Peer(_Peer):
         os.unlink(self.path)
 
 
-ONE_PEERS: dict[str, type[_Peer]] = {p.name: p for p in (SpotckptPeer, S3tcPeer, Boto3Peer)}
+ONE_PEERS: dict[str, type[_Peer]] = {p.name: p for p in (SpotckptPeer, SpotckptAfterCommitPeer, S3tcPeer, Boto3Peer)}
 
 
 def _probe(state: dict[str, Any]) -> dict[str, Any]:
