@@ -181,6 +181,22 @@ def test_a_restart_plans_from_the_recorded_costs_at_once_and_saves_an_interval_a
     assert naive.interval_s == pytest.approx(max(daly_interval(0.002, 3.0), ABSORB * 0.06))  # ~3x shorter
 
 
+def test_the_checkpoint_cost_is_the_mean_stall_with_its_slow_tail() -> None:
+    # Young/Daly needs the expected cost of a checkpoint: stalls of 2 ms with one in four at 20 ms
+    # (a save that met the previous upload) cost 6.5 ms on average, not the median's 2 ms.
+    bus = EventBus()
+    pilot = Autopilot(bus, grace_seconds=5.0, uploads=True)
+    policy = AutoInterval(interruptions_per_hour=1200.0, hard_fraction=0.1)
+    policy.bind(pilot)
+    _feed(bus, 10, stall=0.5, write=0.01, up=0.05, nbytes=10**6)  # the first save: dropped
+    for step, stall in zip(range(20, 100, 10), [0.002, 0.002, 0.002, 0.02, 0.002, 0.002, 0.002, 0.02]):
+        _feed(bus, step, stall=stall, write=0.01, up=0.05, nbytes=10**6)
+    c = pilot.costs()
+    assert c.stall_s == pytest.approx(0.002) and c.stall_mean_s == pytest.approx(0.0065)
+    assert policy.plan is not None and policy.plan.cost_s == pytest.approx(0.0065)
+    assert policy.interval_s == pytest.approx(daly_interval(0.0065, 30.0))
+
+
 def test_auto_interval_rejects_bad_arguments() -> None:
     for kw in ({"min_interval_seconds": 5.0, "max_interval_seconds": 1.0}, {"probe_steps": 0},
                {"interruptions_per_hour": -1.0}, {"frequency_bucket": "3%"}, {"hard_fraction": 1.5}):
