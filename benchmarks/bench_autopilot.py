@@ -39,8 +39,8 @@ compared. The standard error of a sum is estimated from its failures (interrupti
 work): ``sqrt(k) * sd(lost seconds per failure)`` -- the lost work of a failure depends on where
 it falls between two saves, the stalls barely vary; a ratio's from both sums'. Before the runs the
 benchmark prints the expected number of failures per policy and the relative standard error they
-allow (``0.6 / sqrt(k)``: lost work per failure is about uniform over an interval, plus the
-time to durable). Checks: every policy met the same interruptions; 0 noticed interruptions lost
+allow (``0.6 / sqrt(k)`` for the lost work: lost work per failure is about uniform over an
+interval, plus the time to durable; about half that for stalls + lost work). Checks: every policy met the same interruptions; 0 noticed interruptions lost
 work while the trainer's grace budget said the final save fits; in ``unfit``, the budget said
 "does not fit" (the trainer warned) before the first interruption. And the per-step cost of
 ``maybe_save`` with ``auto`` against ``every_steps=500`` (in-process, no save due).
@@ -166,8 +166,10 @@ def expected(schedule: str, args: argparse.Namespace) -> str:
     steps = max(args.every_steps, int(round(sc["steps"] * args.scale)))
     n = args.seeds * (steps / args.every_steps - 1)
     k = n if schedule == "unfit" else n * sc["hard"]
+    se = CV_PER_FAILURE / math.sqrt(max(k, 1))
     return (f"{schedule}: ~{n:.0f} interruptions per policy, ~{k:.0f} that lose work -> expected relative "
-            f"standard error of a policy's summed lost work ~{CV_PER_FAILURE / math.sqrt(max(k, 1)):.0%}")
+            f"standard error of a policy's summed lost work ~{se:.0%}, of stalls + lost work ~{se / 2:.0%} "
+            "(about half stalls near the optimum)")
 
 
 def main() -> int:
