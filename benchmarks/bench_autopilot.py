@@ -1,18 +1,19 @@
 """Checkpoint policies compared on the same interruptions: AutoInterval against fixed intervals.
 
     python benchmarks/bench_autopilot.py [--seeds 1] [--every-steps 100] [--schedules noticed,hard30,unfit]
-                                         [--grid 8,16,32] [--scale 1.0]
+                                         [--grid 'noticed=8,16,32;hard30=5,10,20'] [--scale 1.0] [--dry]
 
 Each run is ``spotckpt simulate --json --interrupt-every-steps N --step-seconds T
---hard-kill-fraction F --seed K`` of ``examples/train_toy.py --save-policy P`` (compressed time:
-~15 ms steps, an interruption every ~N = 100 steps). The interruptions are drawn in *training
-steps* for the seed: every policy run with a seed meets the same interruptions, of the same kinds
-(with or without notice), at the same training steps (or a poll, ~50 ms, later), however much
-work it lost -- so the comparison is paired, and a policy that wastes more does not meet more
-interruptions. ``T`` is the trainer's step time, measured once before the runs (train_toy with no
-periodic saves): simulate tells the trainer ``SPOTCKPT_INTERRUPTIONS=per_hour=3600/(N*T)``, the
-same rate for every policy. Runs are interleaved (seed by seed, policy by policy), so a load change
-on the machine hits all policies.
+--hard-kill-fraction F --seed K`` of ``examples/train_toy.py --save-policy P`` (compressed time: ~15
+ms steps, an interruption every ~N = 100 steps). The interruptions are drawn in *training steps* for
+the seed: every policy run with a seed meets the same interruptions, of the same kinds (with or
+without notice), at the same training steps (or a poll, ~50 ms, later), however much work it lost --
+so the comparison is paired, and a policy that wastes more does not meet more interruptions. ``T``
+is the trainer's step time, measured once before the runs (train_toy, 2 MiB saved locally every 25
+steps, no S3; it also prints each schedule's Young/Daly optimum in steps from the stall measured
+there, to check that the grid brackets it): simulate tells the trainer
+``SPOTCKPT_INTERRUPTIONS=per_hour=3600/(N*T)``, the same rate for every policy. Runs are interleaved
+(seed by seed, policy by policy), so a load change on the machine hits all policies.
 
 Schedules (``steps``: the run's length at ``--scale 1``; a longer run is more interruptions, as
 another seed would be -- longest where failures are rarest):
@@ -80,21 +81,35 @@ def toy(steps: int, step_sleep: float, policy: str | None, state_mb: float, prin
     return cmd + (["--save-policy", policy] if policy else ["--every-steps", "1000000"])
 
 
-def calibrate(step_sleep: float, steps: int = 600) -> float:
-    """Seconds per training step of train_toy with no periodic saves (median over 50-step spans)."""
+def calibrate(step_sleep: float, steps: int = 600) -> tuple[float, float]:
+    """train_toy (2 MiB, local saves every 25 steps, no S3): (seconds per training step, the median
+    over 50-step spans; the mean save stall, its first save dropped)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTCKPT_")}
-    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", SPOTCKPT_METRICS="0")
     with tempfile.TemporaryDirectory() as d:
-        proc = subprocess.Popen([*toy(steps, step_sleep, None, 2.0, print_every=50), "--local-dir", d], env=env,
-                                stdout=subprocess.PIPE, text=True, cwd=d)
+        env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", SPOTCKPT_METRICS="0",
+                   SPOTCKPT_EVENTS_FILE=str(Path(d) / "events.jsonl"))
+        proc = subprocess.Popen([*toy(steps, step_sleep, "every:25", 2.0, print_every=50), "--local-dir", d],
+                                env=env, stdout=subprocess.PIPE, text=True, cwd=d)
         seen: list[tuple[int, float]] = []
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith("train_toy: step "):
                 seen.append((int(line.split()[2]), time.monotonic()))
         proc.wait()
+        events = [json.loads(x) for x in (Path(d) / "events.jsonl").read_text().splitlines() if x.strip()]
+    stalls = [e["stall_s"] for e in events if e.get("event") == "save" and not e.get("blocking")][1:]
     spans = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(seen[1:], seen[2:])]  # skip the warm-up span
-    return statistics.median(spans)
+    return statistics.median(spans), statistics.fmean(stalls) if stalls else float("nan")
+
+
+def optimum_steps(schedule: str, args: argparse.Namespace, step_s: float, stall_s: float) -> str:
+    """Young/Daly's interval in steps for the schedule (what ``auto`` should land near)."""
+    sc = SCHEDULES[schedule]
+    every_s = args.every_steps * step_s
+    rate = 1 / every_s if schedule == "unfit" else sc["hard"] / every_s  # unfit: every interruption loses work
+    t = math.sqrt(2 * stall_s / rate)
+    more = " (or the pipeline bound, 1.5 x time to durable, if longer: 16 MiB uploads)" if schedule == "unfit" else ""
+    return f"{schedule}: Young/Daly sqrt(2CM) = {t:.3g} s = ~{t / step_s:.0f} steps{more}; grid {policies_of(schedule, args)}"
 
 
 def run_one(schedule: str, policy: str, seed: int, args: argparse.Namespace, step_s: float) -> dict:
@@ -157,7 +172,12 @@ def hot_path(n: int = 50000) -> dict:
 
 
 def policies_of(schedule: str, args: argparse.Namespace) -> list[str]:
-    grid = [int(x) for x in args.grid.split(",")] if args.grid else SCHEDULES[schedule]["grid"]
+    """``--grid 8,16,32`` (every schedule) or ``noticed=8,16,32;hard30=5,10,20`` (those named)."""
+    grid = SCHEDULES[schedule]["grid"]
+    for part in (args.grid or "").split(";"):
+        name, _, values = part.rpartition("=")
+        if values and name in ("", schedule):
+            grid = tuple(int(x) for x in values.split(","))
     return [f"every:{n}" for n in grid] + ["auto", "young-daly"]
 
 
@@ -177,20 +197,28 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--every-steps", type=int, default=100, help="mean training steps between interruptions")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every schedule's run length")
-    ap.add_argument("--grid", default=None, help="fixed intervals (steps) for every schedule (default: per schedule)")
+    ap.add_argument("--grid", default=None, help="fixed intervals (steps): 8,16,32 for every schedule, or "
+                    "noticed=8,16,32;hard30=5,10,20 (default: per schedule, see SCHEDULES)")
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
     ap.add_argument("--step-sleep", type=float, default=0.01)
     ap.add_argument("--step-seconds", type=float, default=None, help="the nominal step time (default: measured)")
+    ap.add_argument("--dry", action="store_true", help="calibrate and print what the runs would be, run nothing")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "autopilot.json"))
     args = ap.parse_args()
     schedules = args.schedules.split(",")
     hp = hot_path()
     print("maybe_save() per call, no save due:", {k: f"{v * 1e6:.2f} us" for k, v in hp.items()}, flush=True)
-    step_s = args.step_seconds if args.step_seconds is not None else calibrate(args.step_sleep)
+    step_s, stall_s = calibrate(args.step_sleep)
+    if args.step_seconds is not None:
+        step_s = args.step_seconds
     print(f"nominal step time {step_s * 1e3:.2f} ms (told rate: one interruption per "
-          f"{args.every_steps * step_s:.3g} s of training)", flush=True)
+          f"{args.every_steps * step_s:.3g} s of training); mean stall of a 2 MiB save {stall_s * 1e3:.2f} ms",
+          flush=True)
     for sc in schedules:
         print(expected(sc, args), flush=True)
+        print(optimum_steps(sc, args, step_s, stall_s), flush=True)
+    if args.dry:
+        return 0
     runs = []
     for seed in range(args.seeds):
         for sc in schedules:
@@ -201,7 +229,8 @@ def main() -> int:
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                "loadavg": os.getloadavg()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine, "hot_path_s": hp, "step_seconds": step_s, "runs": runs,
+    Path(args.out).write_text(json.dumps({"machine": machine, "hot_path_s": hp, "step_seconds": step_s,
+                                          "calibration_stall_s": stall_s, "runs": runs,
                                           "schedules": SCHEDULES, "args": vars(args)}, indent=1))
     print(table(runs, schedules, {sc: policies_of(sc, args) for sc in schedules}))
     return 0

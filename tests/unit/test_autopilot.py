@@ -195,6 +195,7 @@ def test_the_checkpoint_cost_is_the_mean_stall_with_its_slow_tail() -> None:
     assert c.stall_s == pytest.approx(0.002) and c.stall_mean_s == pytest.approx(0.0065)
     assert policy.plan is not None and policy.plan.cost_s == pytest.approx(0.0065)
     assert policy.interval_s == pytest.approx(daly_interval(0.0065, 30.0))
+    assert pilot.manifest_extra()["autopilot"]["costs"]["stall_s"] == pytest.approx(0.0065)  # the next run's C
 
 
 def test_auto_interval_rejects_bad_arguments() -> None:

@@ -245,3 +245,4 @@ def test_every_steps_draws_the_same_steps_and_kinds_for_a_seed_whatever_the_trai
     untold = Scheduler(interruptions=None, every_seconds=None, every_steps=50, seed=7)
     assert untold.trainer_env() == {} and "--step-seconds" in untold.notes[0]
     assert untold.plan(1, []) is not None  # no total: interrupted for as long as the job runs
+    assert untold.plan(5, [0, 0, 0, 0]) is None  # a trainer that never saves: the same give-up rule
