@@ -24,27 +24,29 @@ another seed would be -- longest where failures are rarest):
 - ``unfit``:   10 % without notice, a state (16 MiB) whose final save does not fit a 0.1 s grace,
   so *every* interruption loses work; 600 steps, ~6 interruptions.
 
-Policies: ``every:N`` for a grid of N per schedule around its Young/Daly optimum (``--grid``
-overrides it for every schedule); ``auto`` (AutoInterval); ``young-daly`` (Young/Daly from the
+Policies: ``every:N`` for a grid of N per schedule around its Young/Daly optimum on the 2-core VM
+(quiet: ~15 ms steps, ~2.4 ms stalls; ``--grid`` overrides it, and the calibration prints the
+optimum in steps on the machine at hand); ``auto`` (AutoInterval); ``young-daly`` (Young/Daly from the
 total interruption rate, ignoring notice: the interval a user would pick from the rate).
 
-Compared: the policy-dependent waste, **checkpoint stalls + lost work**, summed over all runs of
-a policy (the same interruptions for every policy: a sum is the waste of that set of
-interruptions; a median of per-run figures would throw away the runs' different numbers of
-failures). "instances ran" (the time the trainer processes ran, restarts included) is beside it:
-it also holds what the stalls miss -- training slowed by saves persisting and uploading in the
-background -- but varies with the machine's load far more than the policies differ, so only a
-quiet machine makes it comparable. Restart + restore is the same for every policy (the same interruptions, a restore of
-the same size) and dominated by the trainer's start (Python and torch imports) -- reported, not
-compared. The standard error of a sum is estimated from its failures (interruptions that lost
-work): ``sqrt(k) * sd(lost seconds per failure)`` -- the lost work of a failure depends on where
-it falls between two saves, the stalls barely vary; a ratio's from both sums'. Before the runs the
-benchmark prints the expected number of failures per policy and the relative standard error they
-allow (``0.6 / sqrt(k)`` for the lost work: lost work per failure is about uniform over an
-interval, plus the time to durable; about half that for stalls + lost work). Checks: every policy met the same interruptions; 0 noticed interruptions lost
-work while the trainer's grace budget said the final save fits; in ``unfit``, the budget said
-"does not fit" (the trainer warned) before the first interruption. And the per-step cost of
-``maybe_save`` with ``auto`` against ``every_steps=500`` (in-process, no save due).
+Compared: the policy-dependent waste, **checkpoint stalls + lost work**, summed over all runs of a
+policy (the same interruptions for every policy: a sum is the waste of that set of interruptions; a
+median of per-run figures would throw away the runs' different numbers of failures). "instances ran"
+(the time the trainer processes ran, restarts included) is beside it: it also holds what the stalls
+miss -- training slowed by saves persisting and uploading in the background -- but varies with the
+machine's load far more than the policies differ, so only a quiet machine makes it comparable.
+Restart + restore is the same for every policy (the same interruptions, a restore of the same size)
+and dominated by the trainer's start (Python and torch imports) -- reported, not compared. The
+standard error of a sum is estimated from its failures (interruptions that lost work): ``sqrt(k) *
+sd(lost seconds per failure)`` -- the lost work of a failure depends on where it falls between two
+saves, the stalls barely vary; a ratio's from both sums'. Before the runs the benchmark prints the
+expected number of failures per policy and the relative standard error they allow (``0.6 / sqrt(k)``
+for the lost work: lost work per failure is about uniform over an interval, plus the time to
+durable; about half that for stalls + lost work). Checks: every policy met the same interruptions; 0
+noticed interruptions lost work while the trainer's grace budget said the final save fits; in
+``unfit``, the budget said "does not fit" (the trainer warned) before the first interruption. And
+the per-step cost of ``maybe_save`` with ``auto`` against ``every_steps=500`` (in-process, no save
+due).
 
 Writes benchmarks/out/autopilot.json (every run's figures and interruptions) and prints a
 markdown table.
@@ -109,7 +111,8 @@ def optimum_steps(schedule: str, args: argparse.Namespace, step_s: float, stall_
     rate = 1 / every_s if schedule == "unfit" else sc["hard"] / every_s  # unfit: every interruption loses work
     t = math.sqrt(2 * stall_s / rate)
     more = " (or the pipeline bound, 1.5 x time to durable, if longer: 16 MiB uploads)" if schedule == "unfit" else ""
-    return f"{schedule}: Young/Daly sqrt(2CM) = {t:.3g} s = ~{t / step_s:.0f} steps{more}; grid {policies_of(schedule, args)}"
+    return (f"{schedule}: Young/Daly sqrt(2CM) = {t:.3g} s = ~{t / step_s:.0f} steps{more}; "
+            f"grid {policies_of(schedule, args)}")
 
 
 def run_one(schedule: str, policy: str, seed: int, args: argparse.Namespace, step_s: float) -> dict:
@@ -136,7 +139,8 @@ def run_one(schedule: str, policy: str, seed: int, args: argparse.Namespace, ste
         "schedule": schedule, "policy": policy, "seed": seed, "steps": steps, "outcome": doc["outcome"],
         "wall_s": round(wall, 2), "interruptions": len(its), "without_notice": doc["interruptions_without_notice"],
         "stalls_s": w["checkpoint_stalls"], "lost_s": w["lost_work"], "restart_s": w["restart_restore"],
-        "instance_s": doc["instance_seconds"], "wasted_s": w["total"], "policy_wasted_s": round(w["checkpoint_stalls"] + w["lost_work"], 3),
+        "instance_s": doc["instance_seconds"], "wasted_s": w["total"],
+        "policy_wasted_s": round(w["checkpoint_stalls"] + w["lost_work"], 3),
         # every interruption that lost work, and where each one landed (the same for every policy)
         "failures_lost_s": [i["lost_seconds"] or 0.0 for i in its if (i["lost_seconds"] or 0) > 0 or not i["notice"]],
         "at": [[i["step_at_interruption"], int(i["notice"])] for i in its],

@@ -46,4 +46,5 @@ def test_sums_standard_errors_and_the_same_interruptions_check() -> None:
     assert "same interruptions for every policy: yes (steps differ by <= 3)" in text
     assert "best fixed in hindsight every:16 (0.82 s); auto 0.55 s = 0.67x" in text
     runs[2]["at"] = [[121, 1], [233, 1], [310, 1]]  # a different kind: not the same interruptions
-    assert "same interruptions for every policy: NO" in bench.table(runs, ["noticed"], {"noticed": ["every:16", "auto"]})
+    text = bench.table(runs, ["noticed"], {"noticed": ["every:16", "auto"]})
+    assert "same interruptions for every policy: NO" in text

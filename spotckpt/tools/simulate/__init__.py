@@ -107,21 +107,23 @@ def simulate(
     instance seconds into ``BillableTimeInSeconds`` (see :mod:`.summary`). ``hosts`` > 1 runs one
     torchrun agent per simulated host (separate local dirs, one job); an interruption takes
     ``interrupt_hosts`` ("one" host, at random, or "all") away, as spot capacity does.
-    ``hard_kill_fraction``: that share of interruptions is a SIGKILL with no SIGTERM (every
-    host). ``interrupt_every_steps``: interruptions at training steps drawn for the seed, the same
-    steps and kinds whatever the trainer does (see :mod:`.schedule`); ``step_seconds``: the nominal
-    seconds per step that turn it into the rate the trainer is told. ``plot``: a PNG file to draw the job's timeline into (:mod:`.plot`; needs
-    matplotlib, else one line says how to get it and the simulation runs all the same). Raises
-    :class:`ConfigError` on bad input before anything is started.
+    ``hard_kill_fraction``: that share of interruptions is a SIGKILL with no SIGTERM (every host).
+    ``interrupt_every_steps``: interruptions at training steps drawn for the seed, the same steps
+    and kinds whatever the trainer does (see :mod:`.schedule`); ``step_seconds``: the nominal
+    seconds per step that turn it into the rate the trainer is told. ``plot``: a PNG file to draw
+    the job's timeline into (:mod:`.plot`; needs matplotlib, else one line says how to get it and
+    the simulation runs all the same). Raises :class:`ConfigError` on bad input before anything is
+    started.
     """
-    given = [name for name, v in (("--interruptions", interruptions), ("--interrupt-every", interrupt_every_seconds),
-                                  ("--interrupt-every-steps", interrupt_every_steps)) if v is not None]
+    modes = (("--interruptions", interruptions), ("--interrupt-every", interrupt_every_seconds),
+             ("--interrupt-every-steps", interrupt_every_steps))
+    given = [name for name, v in modes if v is not None]
     if len(given) > 1:
         raise ConfigError(f"{' and '.join(given)} conflict: give one of them")
     if not given:
         interruptions = DEFAULT_INTERRUPTIONS
-    if interrupt_every_steps is not None and (isinstance(interrupt_every_steps, bool)
-                                              or not isinstance(interrupt_every_steps, int) or interrupt_every_steps < 2):
+    n_steps = interrupt_every_steps
+    if n_steps is not None and (isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 2):
         raise ConfigError(f"--interrupt-every-steps must be an int >= 2, got {interrupt_every_steps!r}")
     if step_seconds is not None and interrupt_every_steps is None:
         raise ConfigError("--step-seconds only goes with --interrupt-every-steps (it turns steps into a rate)")
