@@ -31,22 +31,23 @@ total interruption rate, ignoring notice: the interval a user would pick from th
 
 Compared: the policy-dependent waste, **checkpoint stalls + lost work**, summed over all runs of a
 policy (the same interruptions for every policy: a sum is the waste of that set of interruptions; a
-median of per-run figures would throw away the runs' different numbers of failures). "instances ran"
-(the time the trainer processes ran, restarts included) is beside it: it also holds what the stalls
-miss -- training slowed by saves persisting and uploading in the background -- but varies with the
-machine's load far more than the policies differ, so only a quiet machine makes it comparable.
-Restart + restore is the same for every policy (the same interruptions, a restore of the same size)
-and dominated by the trainer's start (Python and torch imports) -- reported, not compared. The
-standard error of a sum is estimated from its failures (interruptions that lost work): ``sqrt(k) *
-sd(lost seconds per failure)`` -- the lost work of a failure depends on where it falls between two
-saves, the stalls barely vary; a ratio's from both sums'. Before the runs the benchmark prints the
-expected number of failures per policy and the relative standard error they allow (``0.6 / sqrt(k)``
-for the lost work: lost work per failure is about uniform over an interval, plus the time to
-durable; about half that for stalls + lost work). Checks: every policy met the same interruptions; 0
-noticed interruptions lost work while the trainer's grace budget said the final save fits; in
-``unfit``, the budget said "does not fit" (the trainer warned) before the first interruption. And
-the per-step cost of ``maybe_save`` with ``auto`` against ``every_steps=500`` (in-process, no save
-due).
+median of per-run figures would throw away the runs' different numbers of failures). "lost steps"
+counts the lost work in training steps: at the same interruption steps it depends only on where each
+policy's saves fell, not on how slow the machine was at that moment. "instances ran" (the time the
+trainer processes ran, restarts included) is beside it: it also holds what the stalls miss --
+training slowed by saves persisting and uploading in the background -- but varies with the machine's
+load far more than the policies differ, so only a quiet machine makes it comparable. Restart +
+restore is the same for every policy (the same interruptions, a restore of the same size) and
+dominated by the trainer's start (Python and torch imports) -- reported, not compared. The standard
+error of a sum is estimated from its failures (interruptions that lost work): ``sqrt(k) * sd(lost
+seconds per failure)`` -- the lost work of a failure depends on where it falls between two saves,
+the stalls barely vary; a ratio's from both sums'. Before the runs the benchmark prints the expected
+number of failures per policy and the relative standard error they allow (``0.6 / sqrt(k)`` for the
+lost work: lost work per failure is about uniform over an interval, plus the time to durable; about
+half that for stalls + lost work). Checks: every policy met the same interruptions; 0 noticed
+interruptions lost work while the trainer's grace budget said the final save fits; in ``unfit``, the
+budget said "does not fit" (the trainer warned) before the first interruption. And the per-step cost
+of ``maybe_save`` with ``auto`` against ``every_steps=500`` (in-process, no save due).
 
 Writes benchmarks/out/autopilot.json (every run's figures and interruptions) and prints a
 markdown table.
@@ -139,6 +140,7 @@ def run_one(schedule: str, policy: str, seed: int, args: argparse.Namespace, ste
         "schedule": schedule, "policy": policy, "seed": seed, "steps": steps, "outcome": doc["outcome"],
         "wall_s": round(wall, 2), "interruptions": len(its), "without_notice": doc["interruptions_without_notice"],
         "stalls_s": w["checkpoint_stalls"], "lost_s": w["lost_work"], "restart_s": w["restart_restore"],
+        "lost_steps": doc["lost_steps_total"],
         "instance_s": doc["instance_seconds"], "wasted_s": w["total"],
         "policy_wasted_s": round(w["checkpoint_stalls"] + w["lost_work"], 3),
         # every interruption that lost work, and where each one landed (the same for every policy)
@@ -274,9 +276,9 @@ def same_interruptions(rs: list[dict]) -> str:
 
 
 def table(runs: list[dict], schedules: list[str], policies: dict[str, list[str]]) -> str:
-    lines = ["| schedule | policy | stalls + lost work, s (sum +- SE) | stalls, s | lost work, s | failures | "
-             "interruptions (no notice) | restart + restore, s | instances ran, s | misses |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| schedule | policy | stalls + lost work, s (sum +- SE) | stalls, s | lost work, s | lost steps | "
+             "failures | interruptions (no notice) | restart + restore, s | instances ran, s | misses |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for sc in schedules:
         tot: dict[str, tuple[float, float]] = {}
@@ -287,6 +289,7 @@ def table(runs: list[dict], schedules: list[str], policies: dict[str, list[str]]
             tot[pol] = _sum_se(rs)
             lines.append(f"| {sc} | {pol} | {tot[pol][0]:.2f} +- {tot[pol][1]:.2f} | "
                          f"{sum(r['stalls_s'] for r in rs):.2f} | {sum(r['lost_s'] for r in rs):.2f} | "
+                         f"{sum(r.get('lost_steps', 0) for r in rs)} | "
                          f"{sum(len(r['failures_lost_s']) for r in rs)} | "
                          f"{sum(r['interruptions'] for r in rs)} ({sum(r['without_notice'] for r in rs)}) | "
                          f"{sum(r['restart_s'] for r in rs):.1f} | {sum(r['instance_s'] for r in rs):.1f} | "

@@ -23,7 +23,7 @@ def _run(policy: str, seed: int, stalls: float, lost: list[float], at: list[list
     return {"schedule": "noticed", "policy": policy, "seed": seed, "stalls_s": stalls, "lost_s": sum(lost),
             "policy_wasted_s": round(stalls + sum(lost), 3), "failures_lost_s": lost, "at": at,
             "interruptions": len(at), "without_notice": sum(1 for _, k in at if not k), "restart_s": 2.0,
-            "instance_s": 30.0, "misses_fits_busy": 0, "warned_before_first": None}
+            "instance_s": 30.0, "lost_steps": 3, "misses_fits_busy": 0, "warned_before_first": None}
 
 
 def test_grid_option_per_schedule_or_for_all() -> None:
