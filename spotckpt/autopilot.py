@@ -12,8 +12,9 @@ Parts (one :class:`Autopilot` per :class:`~spotckpt.CheckpointManager`, whatever
   bytes, and save to in-S3). Each figure keeps its last :data:`WINDOW` samples; the process's
   first sample is dropped as soon as another exists (the first save allocates the staging buffers
   and opens the S3 connections), and a figure recorded by the run before (see history) counts as
-  another. The planner uses the median; the grace budget the slowest sample (throughput: the
-  lowest).
+  another. The planner uses the median -- but the *mean* stall as the checkpoint cost (Young/Daly
+  needs the expected cost, and stalls have a slow tail: saves that meet the previous upload); the
+  grace budget the slowest sample (throughput: the lowest).
 - **the grace budget** (``event=grace_budget``, ``mgr.stats.grace_*``), published when a save's
   last event arrived (in S3, or committed locally without S3) and at restore when the costs come
   from history::
@@ -243,6 +244,11 @@ class Robust:
         return statistics.median(s) if s else None
 
     @property
+    def mean(self) -> float | None:
+        s = self._samples()
+        return statistics.fmean(s) if s else None
+
+    @property
     def high(self) -> float | None:
         s = self._samples()
         return max(s) if s else None
@@ -257,7 +263,7 @@ class Robust:
 class Costs:
     """A snapshot of the measured costs (seconds; ``None``: not measured yet)."""
 
-    stall_s: float | None
+    stall_s: float | None  # median
     write_s: float | None  # save() to committed locally (stall included), median
     write_high_s: float | None
     upload_bps: float | None  # bytes per second of a step's upload (manifest included), median
@@ -266,6 +272,7 @@ class Costs:
     to_durable_s: float | None  # save() to durable (in S3 with S3, else committed), median
     step_s: float | None  # training seconds per step, between saves
     restore_s: float | None
+    stall_mean_s: float | None = None  # the planner's checkpoint cost: Young/Daly needs the expected stall
 
 
 @dataclass(frozen=True)
@@ -408,7 +415,8 @@ class Autopilot:
         with self._lock:
             return Costs(stall_s=self.stall.typical, write_s=self.write.typical, write_high_s=self.write.high,
                          upload_bps=self.bps.typical, upload_low_bps=self.bps.low, bytes=self.bytes,
-                         to_durable_s=self.durable.typical, step_s=self.step_s.typical, restore_s=self.restore_s)
+                         to_durable_s=self.durable.typical, step_s=self.step_s.typical, restore_s=self.restore_s,
+                         stall_mean_s=self.stall.mean)
 
     def compute_budget(self) -> Budget | None:
         """What a final save would take now (see the module docstring); None before measurements."""
@@ -474,7 +482,8 @@ class Autopilot:
         """What ``save()`` adds to a manifest's extras: ``final_save`` on the preemption save, and
         ``autopilot`` (the history and the measured costs)."""
         c = self.costs()
-        costs = {k: v for k, v in (("stall_s", c.stall_s), ("write_s", c.write_s), ("upload_bps", c.upload_bps),
+        stall = c.stall_mean_s if c.stall_mean_s is not None else c.stall_s  # the next run's checkpoint cost
+        costs = {k: v for k, v in (("stall_s", stall), ("write_s", c.write_s), ("upload_bps", c.upload_bps),
                                    ("to_durable_s", c.to_durable_s), ("step_s", c.step_s), ("bytes", c.bytes))
                  if v is not None}
         out: dict[str, Any] = {"autopilot": {"v": 1, "instances": self.history.rows(now=self._wall(), final=self._final),

@@ -239,14 +239,15 @@ class AutoInterval:
             return None
         c = pilot.costs()
         b = pilot.budget
-        if c.stall_s is None or c.to_durable_s is None or b is None:
+        cost = c.stall_mean_s if c.stall_mean_s is not None else c.stall_s
+        if cost is None or c.to_durable_s is None or b is None:
             return None
         hard, notice, source = self.current_rates()
         if self.notice_aware:
-            p = plan_interval(cost_s=c.stall_s, to_durable_s=c.to_durable_s, hard_per_s=hard, notice_per_s=notice,
+            p = plan_interval(cost_s=cost, to_durable_s=c.to_durable_s, hard_per_s=hard, notice_per_s=notice,
                               fits=b.fits, fits_busy=b.fits_busy, min_s=self.min_s, max_s=self.max_s)
         else:
-            p = plan_interval(cost_s=c.stall_s, to_durable_s=c.to_durable_s, hard_per_s=hard + notice,
+            p = plan_interval(cost_s=cost, to_durable_s=c.to_durable_s, hard_per_s=hard + notice,
                               notice_per_s=0.0, fits=True, fits_busy=True, min_s=self.min_s, max_s=self.max_s)
         old = self.interval_s
         self.plan = p

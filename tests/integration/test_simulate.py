@@ -188,9 +188,43 @@ def test_hard_kill_fraction_kills_without_notice_and_splits_the_wasted_time(trai
     assert "no notice" in doc["events"][3]["message"] or "without notice" in doc["events"][3]["message"]
 
 
+def test_interrupt_every_steps_meets_two_save_intervals_with_the_same_interruptions(trainer: Path) -> None:
+    # Two trainers that save every 5 and every 25 steps: the same seed interrupts both at the same
+    # training steps (the simulator polls, so at the target step or a little after), with the same
+    # kinds, however much work each one lost.
+    from spotckpt.tools.simulate.schedule import Scheduler
+
+    docs = []
+    for save_every in ("5", "25"):
+        out = io.StringIO()
+        rc = simulate([sys.executable, str(trainer), "120", "0.01", save_every, "honour"], interrupt_every_steps=30,
+                      step_seconds=0.01, total_steps=120, seed=3, hard_kill_fraction=0.5, grace_seconds=30,
+                      restart_delay_seconds=0.0, json_output=True, stream=out)
+        doc = json.loads(out.getvalue())
+        assert rc == 0 and doc["outcome"] == "Completed", doc
+        assert_interruptions_during_training(doc, 120)
+        docs.append(doc)
+    sch = Scheduler(interruptions=None, every_seconds=None, every_steps=30, seed=3, total_steps=120,
+                    hard_kill_fraction=0.5)
+    planned = [(t.at_step, t.notice) for t in (sch.plan(n, []) for n in range(1, 10)) if t is not None]
+    assert len(planned) >= 2 and any(not k for _, k in planned), planned
+    for doc in docs:
+        its = doc["interruptions"]
+        assert [i["notice"] for i in its] == [k for _, k in planned]
+        for it, (at, _) in zip(its, planned):
+            assert at <= it["step_at_interruption"] <= at + 15, (it, at)
+        assert doc["interrupt_every_steps"] == 30 and doc["interrupt_every_seconds"] is None
+    lost = [sum(i["lost_steps"] for i in d["interruptions"] if not i["notice"]) for d in docs]
+    assert lost[0] < lost[1]  # saving every 25 steps lost more at the same kills
+
+
 def test_conflicting_flags() -> None:
     with pytest.raises(ConfigError, match="conflict"):
         simulate([sys.executable, "-c", "pass"], interruptions=1, interrupt_every_seconds=5.0)
+    with pytest.raises(ConfigError, match="conflict"):
+        simulate([sys.executable, "-c", "pass"], interrupt_every_steps=10, interrupt_every_seconds=5.0)
+    with pytest.raises(ConfigError, match="only goes with"):
+        simulate([sys.executable, "-c", "pass"], interrupt_every_seconds=5.0, step_seconds=0.1)
 
 
 @pytest.mark.parametrize("cmd", [["no-such-command-spotckpt-xyz"], ["/nonexistent/train.py"], []])
@@ -202,6 +236,7 @@ def test_command_not_found(cmd: list[str]) -> None:
 @pytest.mark.parametrize("kw", [{"interruptions": -1}, {"interrupt_every_seconds": 0.0},
                                 {"grace_seconds": 0.0}, {"max_wait_seconds": -5.0}, {"total_steps": 0},
                                 {"spot_price_ratio": 0.0}, {"spot_price_ratio": 1.5}, {"hard_kill_fraction": 1.5},
+                                {"interrupt_every_steps": 1}, {"interrupt_every_steps": 10, "step_seconds": 0.0},
                                 {"s3_uri": "s3://Not_A_Bucket/x"}])
 def test_bad_numbers(kw: dict) -> None:
     with pytest.raises(ConfigError):

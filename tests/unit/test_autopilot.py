@@ -3,8 +3,10 @@ the grace budget from measured times -- pure, no threads, no S3."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 
@@ -150,6 +152,50 @@ def test_auto_interval_probes_then_plans_and_replans() -> None:
     naive = AutoInterval(interruptions_per_hour=360.0, hard_fraction=0.5, notice_aware=False)
     naive.bind(pilot)
     assert naive.replan() is not None and naive.plan.rate_eff_per_s == pytest.approx(0.1)
+
+
+def test_a_restart_plans_from_the_recorded_costs_at_once_and_saves_an_interval_after_the_restore(tmp_path: Path) -> None:
+    # The benchmark's "noticed" schedule: one interruption per 3 s, 10 % without notice (M = 30 s),
+    # a 2 ms stall: Young/Daly ~0.35 s. A restarted run takes the recorded costs: no probe, no save
+    # right after the restore, and its own first (slower) save does not move the plan.
+    costs = {"stall_s": 0.002, "write_s": 0.012, "upload_bps": 1e8, "to_durable_s": 0.06, "step_s": 0.015,
+             "bytes": 3 * 10**6}
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"final_save": True, "autopilot": {"v": 1, "instances": [[0.0, 50.0, None]], "costs": costs}}))
+    bus = EventBus()
+    pilot = Autopilot(bus, grace_seconds=5.0, uploads=True)
+    policy = AutoInterval(interruptions_per_hour=1200.0, hard_fraction=0.1)
+    policy.bind(pilot)
+    pilot.restored(262, tmp_path, 0.08)
+    want = daly_interval(0.002, 30.0)
+    assert policy.plan is not None and policy.plan.why == "daly" and 0.3 < want < 0.4
+    assert policy.interval_s == pytest.approx(want)
+    ctx = lambda step, secs: SaveContext(step=step, seconds_since_last_save=secs, last_saved_step=262)  # noqa: E731
+    assert not policy.should_save(ctx(263, 0.01)) and not policy.should_save(ctx(270, want * 0.99))
+    assert policy.should_save(ctx(285, want))
+    _feed(bus, 285, stall=0.013, write=0.2, up=0.1, nbytes=3 * 10**6)  # this process's first save: slow
+    assert pilot.costs().stall_s == pytest.approx(0.002) and policy.interval_s == pytest.approx(want)
+    naive = AutoInterval(interruptions_per_hour=1200.0, hard_fraction=0.1, notice_aware=False)
+    naive.bind(pilot)
+    naive.replan()
+    assert naive.interval_s == pytest.approx(max(daly_interval(0.002, 3.0), ABSORB * 0.06))  # ~3x shorter
+
+
+def test_the_checkpoint_cost_is_the_mean_stall_with_its_slow_tail() -> None:
+    # Young/Daly needs the expected cost of a checkpoint: stalls of 2 ms with one in four at 20 ms
+    # (a save that met the previous upload) cost 6.5 ms on average, not the median's 2 ms.
+    bus = EventBus()
+    pilot = Autopilot(bus, grace_seconds=5.0, uploads=True)
+    policy = AutoInterval(interruptions_per_hour=1200.0, hard_fraction=0.1)
+    policy.bind(pilot)
+    _feed(bus, 10, stall=0.5, write=0.01, up=0.05, nbytes=10**6)  # the first save: dropped
+    for step, stall in zip(range(20, 100, 10), [0.002, 0.002, 0.002, 0.02, 0.002, 0.002, 0.002, 0.02]):
+        _feed(bus, step, stall=stall, write=0.01, up=0.05, nbytes=10**6)
+    c = pilot.costs()
+    assert c.stall_s == pytest.approx(0.002) and c.stall_mean_s == pytest.approx(0.0065)
+    assert policy.plan is not None and policy.plan.cost_s == pytest.approx(0.0065)
+    assert policy.interval_s == pytest.approx(daly_interval(0.0065, 30.0))
+    assert pilot.manifest_extra()["autopilot"]["costs"]["stall_s"] == pytest.approx(0.0065)  # the next run's C
 
 
 def test_auto_interval_rejects_bad_arguments() -> None:

@@ -216,3 +216,33 @@ def test_hard_kills_are_drawn_apart_from_the_times_and_the_rate_reaches_the_trai
     assert all(t.notice for t in a) and 5 < sum(not t.notice for t in b) < 35
     assert hard.trainer_env() == {"SPOTCKPT_INTERRUPTIONS": "per_hour=1200,hard_fraction=0.5"}
     assert Scheduler(interruptions=2, every_seconds=None, seed=0).trainer_env() == {}
+
+
+def test_every_steps_draws_the_same_steps_and_kinds_for_a_seed_whatever_the_trainer_does() -> None:
+    def draws(seed: int, resumed: list[int | None]) -> list[tuple[int | None, bool]]:
+        sch = Scheduler(interruptions=None, every_seconds=None, every_steps=50, seed=seed, total_steps=5000,
+                        hard_kill_fraction=0.3, step_seconds=0.01)
+        out = []
+        for n in range(1, 200):
+            t = sch.plan(n, resumed[: n - 1])
+            if t is None:
+                break
+            out.append((t.at_step, t.notice))
+        return out
+
+    a = draws(7, list(range(0, 5000, 40)))  # resumed from newer steps every time
+    b = draws(7, [r - 13 for r in range(0, 5000, 40)])  # a policy that lost 13 steps each time
+    assert a == b and a != draws(8, list(range(0, 5000, 40)))
+    steps = [s for s, _ in a]
+    assert all(s is not None and 0 < s < 5000 for s in steps)
+    assert all(y - x >= 2 for x, y in zip(steps, steps[1:]))  # strictly increasing, never adjacent
+    assert 80 <= len(steps) <= 120  # about every 50 steps of 5000
+    assert 10 < sum(not k for _, k in a) < 50  # ~30 % without notice
+    sch = Scheduler(interruptions=None, every_seconds=None, every_steps=50, seed=7, total_steps=5000,
+                    hard_kill_fraction=0.3, step_seconds=0.01)
+    assert sch.trainer_env() == {"SPOTCKPT_INTERRUPTIONS": "per_hour=7200,hard_fraction=0.3"}  # one per 0.5 s
+    assert sch.notes == []
+    untold = Scheduler(interruptions=None, every_seconds=None, every_steps=50, seed=7)
+    assert untold.trainer_env() == {} and "--step-seconds" in untold.notes[0]
+    assert untold.plan(1, []) is not None  # no total: interrupted for as long as the job runs
+    assert untold.plan(5, [0, 0, 0, 0]) is None  # a trainer that never saves: the same give-up rule

@@ -16,8 +16,9 @@ CMD's environment: ``SPOTCKPT_LOCAL_DIR`` (the fresh dir), ``SPOTCKPT_S3_URI``
 (``s3://<bucket>/<job>``), ``SPOTCKPT_EVENTS_FILE`` (the manager appends its events there as JSON
 lines: the simulator follows the trainer through them only, not through its output),
 ``SPOTCKPT_GRACE_SECONDS`` (``--grace``: the trainer budgets its final save with the grace it
-really gets), ``SPOTCKPT_INTERRUPTIONS`` (with ``--interrupt-every``: the schedule's rates, as a
-user would give them to ``AutoInterval``; see :mod:`.schedule`), ``TRAINING_JOB_NAME``,
+really gets), ``SPOTCKPT_INTERRUPTIONS`` (with ``--interrupt-every``, or ``--interrupt-every-steps``
+with ``--step-seconds``: the schedule's rates, as a user would give them to ``AutoInterval``; see
+:mod:`.schedule`), ``TRAINING_JOB_NAME``,
 ``PYTHONUNBUFFERED=1``, with the embedded S3 server ``AWS_ENDPOINT_URL`` and dummy credentials,
 and for ``torchrun --nproc_per_node N`` (N > 1) ``OMP_NUM_THREADS=1`` unless it is set
 (torchrun's own default, without its banner per start).
@@ -94,6 +95,8 @@ def simulate(
     interrupt_hosts: str = "one",
     plot: str | os.PathLike[str] | None = None,
     hard_kill_fraction: float = 0.0,
+    interrupt_every_steps: int | None = None,
+    step_seconds: float | None = None,
     stream: TextIO = sys.stdout,
 ) -> int:
     """Run ``cmd`` through a simulated managed-spot lifecycle; returns the exit status.
@@ -104,15 +107,28 @@ def simulate(
     instance seconds into ``BillableTimeInSeconds`` (see :mod:`.summary`). ``hosts`` > 1 runs one
     torchrun agent per simulated host (separate local dirs, one job); an interruption takes
     ``interrupt_hosts`` ("one" host, at random, or "all") away, as spot capacity does.
-    ``hard_kill_fraction``: that share of interruptions is a SIGKILL with no SIGTERM (every
-    host). ``plot``: a PNG file to draw the job's timeline into (:mod:`.plot`; needs
-    matplotlib, else one line says how to get it and the simulation runs all the same). Raises
-    :class:`ConfigError` on bad input before anything is started.
+    ``hard_kill_fraction``: that share of interruptions is a SIGKILL with no SIGTERM (every host).
+    ``interrupt_every_steps``: interruptions at training steps drawn for the seed, the same steps
+    and kinds whatever the trainer does (see :mod:`.schedule`); ``step_seconds``: the nominal
+    seconds per step that turn it into the rate the trainer is told. ``plot``: a PNG file to draw
+    the job's timeline into (:mod:`.plot`; needs matplotlib, else one line says how to get it and
+    the simulation runs all the same). Raises :class:`ConfigError` on bad input before anything is
+    started.
     """
-    if interruptions is not None and interrupt_every_seconds is not None:
-        raise ConfigError("--interruptions and --interrupt-every conflict: give one of them")
-    if interruptions is None and interrupt_every_seconds is None:
+    modes = (("--interruptions", interruptions), ("--interrupt-every", interrupt_every_seconds),
+             ("--interrupt-every-steps", interrupt_every_steps))
+    given = [name for name, v in modes if v is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} conflict: give one of them")
+    if not given:
         interruptions = DEFAULT_INTERRUPTIONS
+    n_steps = interrupt_every_steps
+    if n_steps is not None and (isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 2):
+        raise ConfigError(f"--interrupt-every-steps must be an int >= 2, got {interrupt_every_steps!r}")
+    if step_seconds is not None and interrupt_every_steps is None:
+        raise ConfigError("--step-seconds only goes with --interrupt-every-steps (it turns steps into a rate)")
+    if step_seconds is not None and not step_seconds > 0:
+        raise ConfigError(f"--step-seconds must be > 0, got {step_seconds!r}")
     if interruptions is not None and (isinstance(interruptions, bool) or interruptions < 0):
         raise ConfigError(f"--interruptions must be >= 0, got {interruptions!r}")
     if interrupt_every_seconds is not None and not interrupt_every_seconds > 0:
@@ -136,7 +152,8 @@ def simulate(
     cmd = _resolve_cmd(cmd)
     host_commands(cmd, hosts, port=0)  # refuse a command that cannot run on several hosts, now
     scheduler = Scheduler(interruptions=interruptions, every_seconds=interrupt_every_seconds, seed=seed,
-                          total_steps=total_steps, hard_kill_fraction=hard_kill_fraction)
+                          total_steps=total_steps, hard_kill_fraction=hard_kill_fraction,
+                          every_steps=interrupt_every_steps, step_seconds=step_seconds)
     sim = Simulation(cmd, scheduler=scheduler, s3_uri=s3_uri, grace_s=grace_seconds, max_wait_s=max_wait_seconds,
                      restart_delay_s=restart_delay_seconds, spot_price_ratio=spot_price_ratio, seed=seed,
                      json_output=json_output, stream=stream, hosts=hosts, interrupt_hosts=interrupt_hosts)
@@ -188,6 +205,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a step inside the run with --total-steps, else 0.5-2 s after first progress")
     parser.add_argument("--interrupt-every", type=float, default=None, metavar="S", dest="interrupt_every",
                         help="interrupt every instance about every S seconds of training (U(0.5, 1.5) * S)")
+    parser.add_argument("--interrupt-every-steps", type=int, default=None, metavar="N", dest="interrupt_every_steps",
+                        help="interrupt at training steps drawn for the seed, about every N steps (U(0.5, 1.5) * N "
+                             "apart): the same steps and kinds whatever the trainer does, so runs with the same "
+                             "seed meet the same interruptions")
+    parser.add_argument("--step-seconds", type=float, default=None, metavar="T", dest="step_seconds",
+                        help="with --interrupt-every-steps: the nominal seconds per step; the trainer is told "
+                             "SPOTCKPT_INTERRUPTIONS=per_hour=3600/(N*T) (without it: no rate)")
     parser.add_argument("--total-steps", type=int, default=None, metavar="N", dest="total_steps",
                         help="the trainer's final step, if known: interruptions land inside the run, never "
                              "at or after step N")
@@ -235,7 +259,8 @@ def main_from_args(args: argparse.Namespace) -> int:
                     max_wait_seconds=args.max_wait, json_output=args.json, s3_uri=args.s3,
                     restart_delay_seconds=args.restart_delay, spot_price_ratio=args.spot_price_ratio,
                     hosts=args.hosts, interrupt_hosts=args.interrupt_hosts,
-                    hard_kill_fraction=args.hard_kill_fraction, plot=args.plot)
+                    hard_kill_fraction=args.hard_kill_fraction, plot=args.plot,
+                    interrupt_every_steps=args.interrupt_every_steps, step_seconds=args.step_seconds)
 
 
 def _main(argv: list[str] | None = None) -> int:

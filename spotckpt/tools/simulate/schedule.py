@@ -16,6 +16,14 @@ before its interruption is due is simply not interrupted (the summary reports fe
 - ``interrupt_every_seconds=S``: every instance, ``U(0.5, 1.5) * S`` seconds after its first
   progress, for as long as the job runs -- stopping after 3 restarts in a row that resumed from no
   newer step (the trainer saves nothing: it would loop forever).
+- ``interrupt_every_steps=N``: interruptions at *training steps* drawn once for the seed, the same
+  whatever the trainer does: step ``s_k = s_(k-1) + max(2, round(U(0.5, 1.5) * N))`` from
+  ``s_0 = 0``; instance k is interrupted once it reports step ``s_k`` (or later: the simulator
+  polls), and never at or past ``total_steps``. A trainer that loses work replays steps and meets
+  interruption k+1 at the same absolute step as one that lost none, so checkpoint policies run
+  with the same seed meet the same interruptions, of the same kinds, at the same steps (a
+  time-based schedule gives a policy that wastes more time more interruptions). The same
+  give-up rule as above.
 
 ``hard_kill_fraction=F``: each interruption is, with probability F, a host lost without notice
 (SIGKILL, no SIGTERM: ``Trigger.notice`` False), drawn from a generator of its own
@@ -23,8 +31,11 @@ before its interruption is due is simply not interrupted (the summary reports fe
 
 :meth:`Scheduler.trainer_env` is how the trainer learns the schedule's rates, as a user would
 configure them: ``SPOTCKPT_INTERRUPTIONS=per_hour=3600/S,hard_fraction=F`` with
-``interrupt_every_seconds`` (one interruption per S seconds of training, on average); nothing
-with ``interruptions=N`` (a count, not a rate). See :mod:`spotckpt.autopilot`.
+``interrupt_every_seconds`` (one interruption per S seconds of training, on average); with
+``interrupt_every_steps=N``, ``per_hour=3600/(N*T)`` for the *nominal* step time ``T``
+(``step_seconds``, ``--step-seconds``: the same for every run, so every policy is told the same
+rate), and nothing without one; nothing with ``interruptions=N`` (a count, not a rate). See
+:mod:`spotckpt.autopilot`.
 
 Used from the simulator's thread only.
 """
@@ -39,6 +50,7 @@ __all__ = ["Trigger", "Observation", "Scheduler"]
 
 DEMO_DELAY_SECONDS = (0.5, 2.0)
 EVERY_JITTER = (0.5, 1.5)
+MIN_STEP_GAP = 2
 NO_PROGRESS_RESTARTS = 3
 WINDOW = (0.1, 0.9)
 
@@ -66,19 +78,27 @@ class Observation:
 
 class Scheduler:
     def __init__(self, *, interruptions: int | None, every_seconds: float | None, seed: int,
-                 total_steps: int | None = None, hard_kill_fraction: float = 0.0) -> None:
+                 total_steps: int | None = None, hard_kill_fraction: float = 0.0, every_steps: int | None = None,
+                 step_seconds: float | None = None) -> None:
         self.interruptions = interruptions
         self.every_seconds = every_seconds
+        self.every_steps = every_steps
+        self.step_seconds = step_seconds
         self.total_steps = total_steps
         self.hard_kill_fraction = hard_kill_fraction
         self.rng = random.Random(seed)
         self._hard_rng = random.Random(f"hard-{seed}")
         self.notes: list[str] = []
         self._step_targets = self._draw_step_targets()
+        self._every_targets: list[int] = []
+        self._gave_up = False
+        if every_steps is not None and step_seconds is None:
+            self.notes.append("the trainer was told no interruption rate: --interrupt-every-steps needs "
+                              "--step-seconds to turn steps into a rate (SPOTCKPT_INTERRUPTIONS)")
 
     def _draw_step_targets(self) -> list[int]:
         n, total = self.interruptions, self.total_steps
-        if not n or total is None or self.every_seconds is not None:
+        if not n or total is None or self.every_seconds is not None or self.every_steps is not None:
             return []
         lo = max(1, math.floor(WINDOW[0] * total))
         hi = max(lo + 1, math.floor(WINDOW[1] * total))
@@ -89,11 +109,24 @@ class Scheduler:
             targets.append(self.rng.randint(a, b))
         return targets
 
+    def step_target(self, k: int) -> int:
+        """``interrupt_every_steps``: the absolute step of interruption ``k`` (1-based)."""
+        assert self.every_steps is not None
+        while len(self._every_targets) < k:
+            prev = self._every_targets[-1] if self._every_targets else 0
+            gap = round(self.rng.uniform(*EVERY_JITTER) * self.every_steps)
+            self._every_targets.append(prev + max(MIN_STEP_GAP, gap))
+        return self._every_targets[k - 1]
+
     def trainer_env(self) -> dict[str, str]:
         """What the trainer is told of the schedule (see the module docstring)."""
-        if self.every_seconds is None:
+        if self.every_seconds is not None:
+            every = self.every_seconds
+        elif self.every_steps is not None and self.step_seconds is not None:
+            every = self.every_steps * self.step_seconds
+        else:
             return {}
-        return {"SPOTCKPT_INTERRUPTIONS": f"per_hour={3600.0 / self.every_seconds:.6g},"
+        return {"SPOTCKPT_INTERRUPTIONS": f"per_hour={3600.0 / every:.6g},"
                                           f"hard_fraction={self.hard_kill_fraction:g}"}
 
     def plan(self, number: int, resumed_from: list[int | None]) -> Trigger | None:
@@ -105,12 +138,17 @@ class Scheduler:
         return replace(trigger, notice=self._hard_rng.random() >= self.hard_kill_fraction)
 
     def _plan(self, number: int, resumed_from: list[int | None]) -> Trigger | None:
-        if self.every_seconds is not None:
+        if self.every_seconds is not None or self.every_steps is not None:
             if _stalled_restarts(resumed_from) >= NO_PROGRESS_RESTARTS:
-                if not self.notes:
+                if not self._gave_up:
+                    self._gave_up = True
                     self.notes.append(f"stopped interrupting: {NO_PROGRESS_RESTARTS} restarts in a row resumed "
                                       "from no newer step (is the trainer saving?)")
                 return None
+            if self.every_steps is not None:
+                at = self.step_target(number)
+                return None if self.total_steps is not None and at >= self.total_steps else Trigger(at_step=at)
+            assert self.every_seconds is not None
             return Trigger(after_seconds=self.rng.uniform(*EVERY_JITTER) * self.every_seconds)
         if self.interruptions is None or number > self.interruptions:
             return None

@@ -132,6 +132,7 @@ class JobRecord:
     instances: tuple[InstanceRecord, ...]
     interruptions_planned: int | None = None
     interrupt_every_seconds: float | None = None
+    interrupt_every_steps: int | None = None
     hard_kill_fraction: float = 0.0
     total_steps: int | None = None
     notes: tuple[str, ...] = field(default=())
@@ -246,6 +247,7 @@ def summary(job: JobRecord) -> dict[str, Any]:
         "instances": len(instances),
         "interruptions_planned": planned,
         "interrupt_every_seconds": job.interrupt_every_seconds,
+        "interrupt_every_steps": job.interrupt_every_steps,
         "total_steps": job.total_steps,
         "interruptions": interruptions,
         "lost_steps_total": sum(i["lost_steps"] or 0 for i in interruptions),

@@ -1,0 +1,50 @@
+"""``benchmarks/bench_autopilot.py``'s bookkeeping on made-up runs (the runs themselves are
+simulate's, tested in tests/integration/test_simulate.py): the grid option, the sums and their
+standard errors, the check that every policy met the same interruptions."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_autopilot.py"
+_spec = importlib.util.spec_from_file_location("bench_autopilot", _PATH)
+assert _spec is not None and _spec.loader is not None
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def _run(policy: str, seed: int, stalls: float, lost: list[float], at: list[list[int]]) -> dict:
+    return {"schedule": "noticed", "policy": policy, "seed": seed, "stalls_s": stalls, "lost_s": sum(lost),
+            "policy_wasted_s": round(stalls + sum(lost), 3), "failures_lost_s": lost, "at": at,
+            "interruptions": len(at), "without_notice": sum(1 for _, k in at if not k), "restart_s": 2.0,
+            "instance_s": 30.0, "lost_steps": 3, "misses_fits_busy": 0, "warned_before_first": None}
+
+
+def test_grid_option_per_schedule_or_for_all() -> None:
+    ns = lambda grid: argparse.Namespace(grid=grid)  # noqa: E731
+    assert bench.policies_of("noticed", ns(None))[:3] == ["every:8", "every:16", "every:32"]
+    assert bench.policies_of("hard30", ns("7,9"))[:-2] == ["every:7", "every:9"]
+    both = ns("noticed=4,40;hard30=3")
+    assert bench.policies_of("noticed", both) == ["every:4", "every:40", "auto", "young-daly"]
+    assert bench.policies_of("hard30", both)[0] == "every:3"
+    assert bench.policies_of("unfit", both)[:3] == ["every:12", "every:25", "every:50"]
+
+
+def test_sums_standard_errors_and_the_same_interruptions_check() -> None:
+    at = [[120, 1], [230, 0], [310, 1]]
+    runs = [_run("every:16", 0, 0.10, [0.2, 0.1], at), _run("every:16", 1, 0.12, [0.3], at),
+            _run("auto", 0, 0.08, [0.1, 0.1], [[121, 1], [233, 0], [310, 1]]), _run("auto", 1, 0.07, [0.2], at)]
+    total, se = bench._sum_se([r for r in runs if r["policy"] == "every:16"])
+    assert total == pytest.approx(0.82) and se == pytest.approx(math.sqrt(3) * statistics.stdev([0.2, 0.1, 0.3]))
+    text = bench.table(runs, ["noticed"], {"noticed": ["every:16", "auto"]})
+    assert "same interruptions for every policy: yes (steps differ by <= 3)" in text
+    assert "best fixed in hindsight every:16 (0.82 s); auto 0.55 s = 0.67x" in text
+    runs[2]["at"] = [[121, 1], [233, 1], [310, 1]]  # a different kind: not the same interruptions
+    text = bench.table(runs, ["noticed"], {"noticed": ["every:16", "auto"]})
+    assert "same interruptions for every policy: NO" in text
