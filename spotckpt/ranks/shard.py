@@ -22,7 +22,8 @@ import functools
 import json
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from spotckpt.format import FileEntry, SafetensorsFile, crc32c_b64, crc32c_updat
 from spotckpt.format.safetensors import _DTYPE_TO_ST, _ST_TO_DTYPE
 
 __all__ = ["SHARDS_KEY", "ShardInfo", "ShardIndex", "LocalChunk", "RemoteChunk", "is_dtensor", "local_shard",
-           "load_boxes", "init_optimizer_state", "recording_shards"]
+           "load_boxes", "init_optimizer_state", "recording_shards", "fetch_chunks"]
 
 #: The safetensors ``__metadata__`` key holding the sharding information of a file's shards.
 SHARDS_KEY = "spotckpt.shards"
@@ -271,6 +272,23 @@ class RemoteChunk:
 
     def release(self) -> None:
         self._data = None
+
+
+def fetch_chunks(chunks: Iterable[RemoteChunk], threads: int = 8) -> None:
+    """Fetch and verify each of ``chunks`` (once; those fetched already are kept), ``threads``
+    ranged reads at a time; returns once every fetch has ended, raising the first error
+    (CheckpointCorruptError for a chunk that does not verify)."""
+    todo = list({id(c): c for c in chunks if c._data is None}.values())
+    if len(todo) <= 1 or threads <= 1:
+        for c in todo:
+            c._fetch()
+        return
+    with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="spotckpt-fetch") as pool:
+        futs = [pool.submit(c._fetch) for c in todo]
+        for f in futs:
+            f.exception()
+        for f in futs:
+            f.result()
 
 
 class ShardIndex:
