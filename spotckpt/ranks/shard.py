@@ -251,17 +251,30 @@ class RemoteChunk:
             raise ValueError(f"shard {name!r}: its byte range does not match its shape")
         self._data: torch.Tensor | None = None
 
+    def _verify(self, raw: Any) -> None:
+        got = crc32c_b64(crc32c_update(0, raw))
+        if got != self.crc32c:
+            raise CheckpointCorruptError(
+                f"{self.source.uri}: bytes {self.start}-{self.end - 1} of {self.file} (shard {self.name!r}) have "
+                f"CRC32C {got}, its writer recorded {self.crc32c}; the checkpoint is damaged -- an older step "
+                "will be used", path=self.file)
+
+    def _keep(self, buf: bytearray, offset: int) -> None:
+        """Keep the (verified) bytes at ``offset`` of ``buf`` as this chunk's tensor, a view
+        where they are aligned for its dtype, else a copy."""
+        n = self.end - self.start
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        if n == 0:
+            self._data = torch.empty(self.shape, dtype=self.dtype)
+        elif offset % itemsize == 0:
+            self._data = torch.frombuffer(buf, dtype=self.dtype, count=n // itemsize, offset=offset).reshape(self.shape)
+        else:
+            self._data = torch.frombuffer(bytearray(buf[offset : offset + n]), dtype=self.dtype).reshape(self.shape)
+
     def _fetch(self) -> torch.Tensor:
         if self._data is None:
-            raw = self.source.read_range(self.step, self.file, self.start, self.end)
-            got = crc32c_b64(crc32c_update(0, raw))
-            if got != self.crc32c:
-                raise CheckpointCorruptError(
-                    f"{self.source.uri}: bytes {self.start}-{self.end - 1} of {self.file} (shard {self.name!r}) have "
-                    f"CRC32C {got}, its writer recorded {self.crc32c}; the checkpoint is damaged -- an older step "
-                    "will be used", path=self.file)
-            self._data = torch.frombuffer(bytearray(raw), dtype=self.dtype).reshape(self.shape) if raw else \
-                torch.empty(self.shape, dtype=self.dtype)
+            fetch_chunks([self], threads=1)
+        assert self._data is not None
         return self._data
 
     def read_box(self, offsets: tuple[int, ...], lengths: tuple[int, ...], dest: torch.Tensor) -> None:
@@ -274,17 +287,68 @@ class RemoteChunk:
         self._data = None
 
 
+#: Chunks of one file at most this far apart are fetched by one ranged read (the gap too).
+FETCH_GAP_BYTES = 256 * 1024
+#: One ranged read fetches at most this much; a longer run of chunks is cut into such pieces,
+#: fetched in parallel into one buffer.
+FETCH_PIECE_BYTES = 16 * 1024 * 1024
+
+
 def fetch_chunks(chunks: Iterable[RemoteChunk], threads: int = 8) -> None:
-    """Fetch and verify each of ``chunks`` (once; those fetched already are kept), ``threads``
-    ranged reads at a time; returns once every fetch has ended, raising the first error
-    (CheckpointCorruptError for a chunk that does not verify)."""
+    """Fetch and verify each of ``chunks`` not fetched yet, then keep its bytes. Chunks that lie
+    (nearly) next to each other in one file are fetched as one run of ranged reads of at most
+    :data:`FETCH_PIECE_BYTES`, ``threads`` reads at a time, read straight into one buffer per
+    run (the source's ``read_range_into`` when it has one); each chunk is then checked against
+    its own recorded CRC32C. Returns once every read has ended, raising the first error
+    (CheckpointCorruptError for a chunk that does not verify) with no chunk kept from a run
+    that failed."""
     todo = list({id(c): c for c in chunks if c._data is None}.values())
-    if len(todo) <= 1 or threads <= 1:
-        for c in todo:
-            c._fetch()
+    if not todo:
         return
-    with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="spotckpt-fetch") as pool:
-        futs = [pool.submit(c._fetch) for c in todo]
+    todo.sort(key=lambda c: (id(c.source), c.step, c.file, c.start))
+    runs: list[list[RemoteChunk]] = []
+    for c in todo:
+        last = runs[-1][-1] if runs else None
+        if (last is not None and (last.source, last.step, last.file) == (c.source, c.step, c.file)
+                and 0 <= c.start - last.end <= FETCH_GAP_BYTES):
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    bufs = [bytearray(run[-1].end - run[0].start) for run in runs]
+    pieces = [(run, buf, off, min(FETCH_PIECE_BYTES, len(buf) - off))
+              for run, buf in zip(runs, bufs) for off in range(0, len(buf), FETCH_PIECE_BYTES)]
+
+    def fetch(run: list[RemoteChunk], buf: bytearray, off: int, n: int) -> None:
+        c = run[0]
+        with memoryview(buf) as mv, mv[off : off + n] as out:
+            into = getattr(c.source, "read_range_into", None)
+            if into is not None:
+                into(c.step, c.file, c.start + off, out)
+            else:
+                out[:] = c.source.read_range(c.step, c.file, c.start + off, c.start + off + n)
+
+    def check(run: list[RemoteChunk], buf: bytearray) -> None:
+        with memoryview(buf) as mv:
+            for c in run:
+                with mv[c.start - run[0].start : c.end - run[0].start] as part:
+                    c._verify(part)
+
+    _run_all(fetch, pieces, threads)
+    _run_all(check, list(zip(runs, bufs)), threads)
+    for run, buf in zip(runs, bufs):
+        for c in run:
+            c._keep(buf, c.start - run[0].start)
+
+
+def _run_all(fn: Callable[..., Any], args: list[tuple[Any, ...]], threads: int) -> None:
+    """``fn(*a)`` for each of ``args``, ``threads`` at a time; every call has ended before the
+    first error is raised."""
+    if len(args) <= 1 or threads <= 1:
+        for a in args:
+            fn(*a)
+        return
+    with ThreadPoolExecutor(min(threads, len(args)), thread_name_prefix="spotckpt-fetch") as pool:
+        futs = [pool.submit(fn, *a) for a in args]
         for f in futs:
             f.exception()
         for f in futs:
@@ -380,9 +444,7 @@ def plan_boxes(targets: Mapping[str, torch.Tensor], index: ShardIndex) -> Callab
             raise CheckpointCorruptError(f"no stored chunk for {item.storage_index}; the checkpoint is damaged")
         jobs.append((loc, item))
     # Remote chunks are fetched and verified before the first byte lands in a live tensor.
-    for loc, _ in jobs:
-        if isinstance(loc, RemoteChunk):
-            loc._fetch()
+    fetch_chunks(loc for loc, _ in jobs if isinstance(loc, RemoteChunk))
 
     def run() -> int:
         try:
