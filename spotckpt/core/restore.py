@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from spotckpt.ranks.dist import Coordinator
-from spotckpt.errors import AllStepsCorruptError, CheckpointCorruptError, ConfigError, NoCheckpointError
+from spotckpt.errors import AllStepsCorruptError, CheckpointCorruptError, ConfigError, NoCheckpointError, StorageError
 from spotckpt.format import MAX_JSON_BYTES, FileEntry, Manifest, SafetensorsFile, crc32c_b64, crc32c_update, data_file_names, fsync_dir, parse_tree_json
 from spotckpt.core.layouts import CHUNK_CRCS, STATE, layout_of, saved_world_size, tensor_files
 from spotckpt.core.local import DAMAGED, LocalStore, verify_files
@@ -551,7 +551,12 @@ class _AgreedRestore:
                             local_files=needed_files(manifest, self.rank, self.world, ranged=self.ranged))
         except CheckpointCorruptError as exc:
             problem = str(exc)
+        except StorageError as exc:  # S3 failed mid-load (after its retries): every rank raises, none waits
+            problem = f"{_FATAL}{exc}"
         loaded = self.coord.exchange(f"restore: load {s}", problem)
+        fatal = next((i for i, p in enumerate(loaded) if p and p.startswith(_FATAL)), None)
+        if fatal is not None:
+            raise StorageError(f"rank {fatal}: {loaded[fatal].removeprefix(_FATAL)}; nothing was loaded")
         if any(loaded):
             bad = next(i for i, p in enumerate(loaded) if p)
             log.warning("spotckpt: step %d did not load on rank %d (%s); trying an older step on every rank",
@@ -565,6 +570,9 @@ class _AgreedRestore:
             self.local.mark_verified(s)
         source = "local" if s in self.own or self.remote is None else self.remote.uri
         return RestoreResult(s, source, time.perf_counter() - self.t0, manifest.total_bytes, self.local.step_path(s))
+
+
+_FATAL = "fatal: "  # a load problem that is not the step's damage
 
 
 def _other_world(step: int, saved: int, world: int, what: str) -> ConfigError:
