@@ -83,9 +83,9 @@ from spotckpt.format import FORMAT, Manifest, SafetensorsFile, data_file_names, 
 from spotckpt.format import parse_step_dirname, parse_tree_json, write_safetensors
 from spotckpt.core.layouts import CHUNK_CRCS, DCP, tensor_files
 from spotckpt.core.metrics import progress_logger
-from spotckpt.core.restore import RestoreOptions, read_tree
+from spotckpt.core.restore import RestoreOptions
 from spotckpt.ranks.shard import (RemoteChunk, ShardIndex, ShardInfo, check_coverage, fetch_chunks, read_item,
-                                  recording_shards, shards_metadata)
+                                  read_tree, recording_shards, shards_metadata)
 
 if TYPE_CHECKING:
     from spotckpt.manager import CheckpointManager

@@ -26,14 +26,14 @@ import torch
 
 from spotckpt.ranks.dist import Coordinator
 from spotckpt.errors import AllStepsCorruptError, CheckpointCorruptError, ConfigError, NoCheckpointError, StorageError
-from spotckpt.format import MAX_JSON_BYTES, FileEntry, Manifest, SafetensorsFile, crc32c_b64, crc32c_update, data_file_names, fsync_dir, parse_tree_json
+from spotckpt.format import FileEntry, Manifest, SafetensorsFile, crc32c_b64, crc32c_update, data_file_names, fsync_dir, parse_tree_json
 from spotckpt.core.layouts import CHUNK_CRCS, STATE, layout_of, saved_world_size, tensor_files
 from spotckpt.core.local import DAMAGED, LocalStore, verify_files
-from spotckpt.ranks.shard import ShardIndex
+from spotckpt.ranks.shard import ShardIndex, read_tree
 from spotckpt.core.protocols import RemoteStore
 from spotckpt.core.torch_state import LoadPlan, prepare_load
 
-__all__ = ["RestoreOptions", "RestoreResult", "load_step", "read_tree", "restore_newest", "restore_agreed", "raise_if_all_bad"]
+__all__ = ["RestoreOptions", "RestoreResult", "load_step", "restore_newest", "restore_agreed", "raise_if_all_bad"]
 
 log = logging.getLogger(__name__)
 
@@ -181,25 +181,6 @@ def _prepare_files(
         index = ShardIndex(readers, ranged)
     return prepare_load(state, tree, reader, allow_pickle=allow_pickle, bounce=bounce, source=str(tree_path),
                         keys=keys, shards=index)
-
-
-def read_tree(step_dir: Path, manifest: Manifest, st_name: str, remote: Any,
-             local_files: Collection[str] | None) -> dict[str, Any]:
-    """The tree of the rank that wrote ``st_name``: the local copy when verified (in
-    ``local_files``), else fetched from ``remote`` and checked against the manifest."""
-    tree_name = st_name.removesuffix(".safetensors") + ".tree.json"
-    entry = manifest.files.get(tree_name)
-    if entry is None:
-        raise CheckpointCorruptError(f"{step_dir}: manifest lists {st_name} but no {tree_name}", path=step_dir)
-    if (step_dir / tree_name).exists() and local_files is not None and tree_name in local_files:
-        return parse_tree_json((step_dir / tree_name).read_bytes(), str(step_dir / tree_name))
-    if entry.size > MAX_JSON_BYTES:
-        raise CheckpointCorruptError(f"{tree_name}: tree file is too large", path=tree_name)
-    raw = remote.read_range(manifest.step, tree_name, 0, entry.size)
-    if FileEntry(len(raw), crc32c_b64(crc32c_update(0, raw))) != entry:
-        raise CheckpointCorruptError(f"{remote.uri}: {tree_name} of step {manifest.step} does not match the "
-                                     "manifest; the checkpoint is damaged", path=tree_name)
-    return parse_tree_json(raw, f"{remote.uri}: {tree_name}")
 
 
 def _note_reshard(step: int, manifest: Manifest, world: int, rank: int) -> None:

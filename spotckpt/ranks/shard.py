@@ -22,7 +22,7 @@ import functools
 import json
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +31,12 @@ import numpy as np
 import torch
 
 from spotckpt.errors import CheckpointCorruptError, StateError
-from spotckpt.format import FileEntry, SafetensorsFile, crc32c_b64, crc32c_update, tensor_byte_view
+from spotckpt.format import (MAX_JSON_BYTES, FileEntry, Manifest, SafetensorsFile, crc32c_b64, crc32c_update,
+                             parse_tree_json, tensor_byte_view)
 from spotckpt.format.safetensors import _DTYPE_TO_ST, _ST_TO_DTYPE
 
 __all__ = ["SHARDS_KEY", "ShardInfo", "ShardIndex", "LocalChunk", "RemoteChunk", "is_dtensor", "local_shard",
-           "load_boxes", "init_optimizer_state", "recording_shards", "fetch_chunks"]
+           "load_boxes", "init_optimizer_state", "recording_shards", "fetch_chunks", "read_tree"]
 
 #: The safetensors ``__metadata__`` key holding the sharding information of a file's shards.
 SHARDS_KEY = "spotckpt.shards"
@@ -359,6 +360,25 @@ def _run_all(fn: Callable[..., Any], args: list[tuple[Any, ...]], threads: int) 
             f.exception()
         for f in futs:
             f.result()
+
+
+def read_tree(step_dir: Any, manifest: Manifest, st_name: str, remote: Any,
+             local_files: Collection[str] | None) -> dict[str, Any]:
+    """The tree of the rank that wrote ``st_name``: the local copy when verified (in
+    ``local_files``), else fetched from ``remote`` and checked against the manifest."""
+    tree_name = st_name.removesuffix(".safetensors") + ".tree.json"
+    entry = manifest.files.get(tree_name)
+    if entry is None:
+        raise CheckpointCorruptError(f"{step_dir}: manifest lists {st_name} but no {tree_name}", path=step_dir)
+    if (step_dir / tree_name).exists() and local_files is not None and tree_name in local_files:
+        return parse_tree_json((step_dir / tree_name).read_bytes(), str(step_dir / tree_name))
+    if entry.size > MAX_JSON_BYTES:
+        raise CheckpointCorruptError(f"{tree_name}: tree file is too large", path=tree_name)
+    raw = remote.read_range(manifest.step, tree_name, 0, entry.size)
+    if FileEntry(len(raw), crc32c_b64(crc32c_update(0, raw))) != entry:
+        raise CheckpointCorruptError(f"{remote.uri}: {tree_name} of step {manifest.step} does not match the "
+                                     "manifest; the checkpoint is damaged", path=tree_name)
+    return parse_tree_json(raw, f"{remote.uri}: {tree_name}")
 
 
 class ShardIndex:
