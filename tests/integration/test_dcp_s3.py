@@ -86,6 +86,19 @@ def test_a_corrupt_chunk_in_s3_moves_the_load_to_the_older_step(tmp_path: Path, 
         assert torch.equal(got["model"][k], v), k
 
 
+def test_a_data_object_missing_in_s3_moves_the_load_to_the_older_step(tmp_path: Path, bucket: str) -> None:
+    uri = f"s3://{bucket}/dcp"
+    saved = _saved(tmp_path, uri, {5: 1, 6: 2})
+    boto3.client("s3").delete_object(Bucket=bucket, Key=f"dcp/{step_dirname(6)}/rank-00000.safetensors")
+    got = _fresh()
+    with _mgr(tmp_path / "new", uri) as mgr:
+        reader = StorageReader(mgr)
+        dcp.load(got, storage_reader=reader)
+    assert reader.loaded_step == 5
+    for k, v in saved[5]["model"].items():
+        assert torch.equal(got["model"][k], v), k
+
+
 class _CorruptedAfterMetadata(StorageReader):
     """Damage appears in S3 after read_metadata fetched the chunks: read_data fetches them
     again (as it does for chunks of other ranks' files) and must refuse before any copy."""

@@ -136,7 +136,8 @@ class S3Store:
     def read_range_into(self, step: int, rel: str, start: int, out: memoryview) -> None:
         """Fill ``out`` with bytes ``[start, start + len(out))`` of file ``rel`` of ``step``: one
         ranged GET read straight into ``out`` (no intermediate copy), retried; the caller
-        verifies them. DownloadError when the object is missing or shorter."""
+        verifies them. CheckpointCorruptError when the object is missing or shorter (the step
+        is damaged), DownloadError when S3 fails."""
         key = self.step_key(step, rel)
         n = len(out)
         if n == 0:
@@ -160,9 +161,11 @@ class S3Store:
             return got
 
         got = self.requests.retry(get, key, DownloadError)
-        if got != n:
-            raise DownloadError(f"{self.requests.url(key)}: bytes {start}-{start + n - 1} could not be read "
-                                f"({'missing' if got < 0 else f'{got} bytes came back'})", key=key)
+        if got != n:  # what the manifest lists is not there: the step in S3 is damaged, not S3 down
+            raise CheckpointCorruptError(
+                f"{self.requests.url(key)}: bytes {start}-{start + n - 1} could not be read "
+                f"({'the object is missing' if got < 0 else f'{got} bytes came back'}); step {step} in S3 is "
+                "incomplete -- an older step will be used", path=self.requests.url(key))
 
     def read_manifest(self, step: int) -> Manifest:
         """The S3 manifest of ``step``, strictly validated; CheckpointCorruptError if bad,
