@@ -25,7 +25,10 @@ ranks exchange their file entries over spotckpt's own gloo group, each host's le
 step into place, and only then does ``write_data`` return -- so DCP's ``finish`` has nothing
 left to do, and no rank sees the step before every rank's files are durable. A failure on any
 rank commits nothing anywhere. Loading picks the newest step every rank can verify (local, else
-S3), checks the CRC32C of every file it reads before the planner touches a live tensor, and
+S3), checks the CRC32C of every file it reads before the planner touches a live tensor -- or,
+for a step only in S3, of every chunk it fetches by ranged reads (each rank its own file's in
+``read_metadata``, the rest of its plan in ``read_data``, against the CRC32C each chunk's writer
+recorded in the manifest-verified tree; nothing downloaded or committed locally) -- and
 checks the whole read plan on every rank (chunks, shapes, coverage, non-tensor items) before
 the first copy, so a refused load changes nothing. Targets may be plain tensors, DTensors or
 ShardedTensors (FSDP1's ``SHARDED_STATE_DICT``), resharded as DCP plans; a dtype other than the
