@@ -25,7 +25,10 @@ ranks exchange their file entries over spotckpt's own gloo group, each host's le
 step into place, and only then does ``write_data`` return -- so DCP's ``finish`` has nothing
 left to do, and no rank sees the step before every rank's files are durable. A failure on any
 rank commits nothing anywhere. Loading picks the newest step every rank can verify (local, else
-S3), checks the CRC32C of every file it reads before the planner touches a live tensor, and
+S3), checks the CRC32C of every file it reads before the planner touches a live tensor -- or,
+for a step only in S3, of every chunk it fetches by ranged reads (each rank its own file's in
+``read_metadata``, the rest of its plan in ``read_data``, against the CRC32C each chunk's writer
+recorded in the manifest-verified tree; nothing downloaded or committed locally) -- and
 checks the whole read plan on every rank (chunks, shapes, coverage, non-tensor items) before
 the first copy, so a refused load changes nothing. Targets may be plain tensors, DTensors or
 ShardedTensors (FSDP1's ``SHARDED_STATE_DICT``), resharded as DCP plans; a dtype other than the
@@ -81,10 +84,11 @@ from torch.distributed.checkpoint.storage import WriteResult
 from spotckpt.errors import CheckpointCorruptError, ConfigError, NoCheckpointError, StateError
 from spotckpt.format import FORMAT, Manifest, SafetensorsFile, data_file_names, decode_tree, encode_tree
 from spotckpt.format import parse_step_dirname, parse_tree_json, write_safetensors
-from spotckpt.core.layouts import DCP, tensor_files
+from spotckpt.core.layouts import CHUNK_CRCS, DCP, tensor_files
 from spotckpt.core.metrics import progress_logger
 from spotckpt.core.restore import RestoreOptions
-from spotckpt.ranks.shard import ShardIndex, ShardInfo, check_coverage, read_item, shards_metadata
+from spotckpt.ranks.shard import (RemoteChunk, ShardIndex, ShardInfo, check_coverage, fetch_chunks, read_item,
+                                  read_tree, recording_shards, shards_metadata)
 
 if TYPE_CHECKING:
     from spotckpt.manager import CheckpointManager
@@ -189,9 +193,12 @@ class StorageWriter(_StepStorage, _DcpWriter):
             mapping = _planner_data_json(plan.planner_data)
             if mapping is not None:
                 tree["planner_data"] = mapping
-            extra = pipe.stamp(layout=LAYOUT)
-            pipe.commit(step, lambda: pipe.write_files(step, tree, lambda p: write_safetensors(p, tensors, meta), extra),
-                        t0=t0, nbytes=nbytes, blocking=True)
+            # each chunk's byte range and CRC32C recorded in the (verified) tree, from the write's
+            # own pass: a load from S3 then fetches just the chunks its plan reads, each verified
+            extra = pipe.stamp(layout=LAYOUT, **{CHUNK_CRCS: True})
+            write = recording_shards(tree, shards, tensors,
+                                     lambda p, ranges=None: write_safetensors(p, tensors, meta, ranges=ranges))
+            pipe.commit(step, lambda: pipe.write_files(step, tree, write, extra), t0=t0, nbytes=nbytes, blocking=True)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
@@ -280,7 +287,8 @@ class StorageReader(_StepStorage, _DcpReader):
         mgr.check_open()
         self._stack.close()
         res = mgr.pipeline.restore(None, RestoreOptions(step=self.step, verify=mgr.verify_on_restore,
-                                                        progress=progress_logger(), loader=self._open_step))
+                                                        progress=progress_logger(), loader=self._open_step,
+                                                        ranged_loader=self._open_ranged))
         if res is None or self._index is None:
             raise NoCheckpointError(f"no checkpoint in {mgr.local_dir}" + (f" or {mgr.s3_uri}" if mgr.s3_uri else "")
                                     + "; start fresh instead of calling dcp.load")
@@ -295,24 +303,63 @@ class StorageReader(_StepStorage, _DcpReader):
 
     def _open_step(self, step_dir: Path, manifest: Manifest, rank: int) -> None:
         """restore's loader: open the chosen (verified) step's files and index them."""
+        self._open(step_dir, manifest, None, frozenset(manifest.files))
+
+    def _open_ranged(self, step_dir: Path, manifest: Manifest, rank: int, remote: Any,
+                     local_files: frozenset[str]) -> None:
+        """restore's loader for a step in S3 that records its chunks' CRC32C: the trees (verified
+        against the manifest) and the chunks of the files this rank is assigned -- its own, with
+        the saved number of ranks -- are fetched and verified now, so that damage found there
+        moves every rank to an older step; the files in ``local_files`` are read locally. Other
+        chunks the plan reads are fetched, verified, by :meth:`read_data` before any copy."""
+        self._open(step_dir, manifest, remote, local_files)
+        assert self._index is not None
+        world = max(1, int(getattr(self.manager, "world_size", 1)))
+        files = tensor_files(manifest)
+        mine = {f for i, f in enumerate(files) if i % world == rank % world}
+        try:
+            fetch_chunks(c for c in self._index.where.values() if isinstance(c, RemoteChunk) and c.file in mine)
+        except BaseException:
+            self._index.release()
+            self._stack.close()
+            self._index = None
+            raise
+
+    def _open(self, step_dir: Path, manifest: Manifest, remote: Any, local_files: frozenset[str]) -> None:
+        """Index the step: headers of the files in ``local_files`` (verified), chunk records of
+        the trees of the others (from ``remote``, verified against the manifest)."""
         DCP.require(manifest, step_dir)
         stack = ExitStack()
         try:
-            readers = {f: stack.enter_context(SafetensorsFile(step_dir / f)) for f in tensor_files(manifest)}
+            readers: dict[str, SafetensorsFile] = {}
+            ranged: list[tuple[Any, int, str, Any]] = []
+            docs: dict[str, Any] = {}
+            for f in tensor_files(manifest):
+                tree_name = f.removesuffix(".safetensors") + ".tree.json"
+                if f in local_files:
+                    readers[f] = stack.enter_context(SafetensorsFile(step_dir / f))
+                else:
+                    if remote is None:
+                        raise CheckpointCorruptError(f"{step_dir}: {f} is missing", path=step_dir / f)
+                    docs[tree_name] = doc = read_tree(step_dir, manifest, f, remote, local_files)
+                    ranged.append((remote, manifest.step, f, doc.get("shards") or {}))
             items: dict[str, Any] = {}
             planner_data: dict[str, tuple[str | int, ...]] = {}
             for f in sorted(manifest.files):
                 if f.startswith("rank-") and f.endswith(".tree.json"):
-                    doc = parse_tree_json((step_dir / f).read_bytes(), str(step_dir / f))
+                    where = str(step_dir / f) if f in local_files else f"{getattr(remote, 'uri', '?')}: {f}"
+                    doc = docs.get(f)
+                    if doc is None:
+                        doc = read_tree(step_dir, manifest, f.removesuffix(".tree.json") + ".safetensors", remote,
+                                        local_files)
                     try:
                         for fqn, enc in doc["items"].items():
-                            items[fqn] = (enc, str(step_dir / f))
+                            items[fqn] = (enc, where)
                     except (KeyError, TypeError, AttributeError) as exc:
-                        raise CheckpointCorruptError(f"{step_dir / f}: not a DCP item file ({exc})",
-                                                     path=step_dir / f) from exc
-                    for k, v in _planner_data_of(doc, str(step_dir / f)).items():
+                        raise CheckpointCorruptError(f"{where}: not a DCP item file ({exc})", path=where) from exc
+                    for k, v in _planner_data_of(doc, where).items():
                         planner_data.setdefault(k, v)  # the lowest rank's first, as DCP merges them
-            index = ShardIndex(readers)
+            index = ShardIndex(readers, ranged)
         except BaseException:
             stack.close()
             raise
@@ -350,6 +397,7 @@ class StorageReader(_StepStorage, _DcpReader):
             for loc, item, dest in jobs:
                 read_item(loc, item, planner, dest)
         finally:
+            self._index.release()
             self._stack.close()
         fut: Future[None] = Future()
         fut.set_result(None)
@@ -394,6 +442,13 @@ class StorageReader(_StepStorage, _DcpReader):
                 casts.append(f"{fqn} ({loc.dtype} -> {dest.dtype})")
             jobs.append((loc, item, dest))
         _check_coverage(plan, planner)
+        remote = [loc for loc, _, _ in jobs if isinstance(loc, RemoteChunk)]
+        try:  # what the plan reads from S3 beyond what read_metadata fetched: verified before any copy
+            fetch_chunks(remote)
+        except CheckpointCorruptError as exc:
+            why = str(exc).removesuffix(" -- an older step will be used")
+            raise CheckpointCorruptError(f"{why}; nothing was loaded -- load an older step (StorageReader(mgr, "
+                                         "step=...)) or repair this one", path=exc.path) from exc
         if casts:
             log.info("spotckpt: dcp.load casts %d saved tensor chunk(s) to the live dtype, e.g. %s",
                      len(casts), casts[0])

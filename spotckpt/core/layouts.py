@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from spotckpt.errors import ConfigError
 from spotckpt.format import DCP_LAYOUT, FOLDER_LAYOUT, Manifest, data_file_names
 
-__all__ = ["Layout", "STATE", "DCP", "FOLDER", "layout_of", "saved_world_size", "tensor_files"]
+__all__ = ["CHUNK_CRCS", "Layout", "STATE", "DCP", "FOLDER", "layout_of", "saved_world_size", "tensor_files"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,12 @@ class Layout:
         if got is not self:
             raise ConfigError(f"{where}: step {manifest.step} was written by {got.writer}; load it with "
                               f"{got.loader}, not {self.loader}")
+
+
+#: A manifest extra (true): every rank's tree records each tensor chunk's byte range in its file
+#: and CRC32C (``tree["shards"]``), so a loader may fetch just the chunks it reads from S3 --
+#: ranged reads, each verified -- instead of downloading whole files (DCP steps since it was added).
+CHUNK_CRCS = "chunk_crc32c"
 
 
 STATE = Layout("state", "CheckpointManager.save()", "CheckpointManager.restore(state)", every_file=False)

@@ -10,7 +10,8 @@
                      everything the uploader, restore and the multi-host commit call --
                      upload_step (data first, manifest last; or one host's files without the
                      manifest), missing_objects + commit_manifest (the step counts once every
-                     host's files are in), read_range (shards of other ranks' files),
+                     host's files are in), read_range / read_range_into (shards of other ranks'
+                     files, DCP chunks),
                      uncommit_step / delete_step, cleanup_incomplete_uploads, check_access,
                      start_upload / discard_early (upload while writing,
                      :mod:`spotckpt.core.early_upload`; a store that cannot returns None and
@@ -79,6 +80,12 @@ class RemoteStore(StepSource, Protocol):
         """Bytes ``[start, end)`` of file ``rel`` of ``step``; the caller verifies them."""
         ...
 
+    def read_range_into(self, step: int, rel: str, start: int, out: memoryview) -> None:
+        """Fill ``out`` with bytes ``[start, start + len(out))`` of file ``rel`` of ``step``;
+        CheckpointCorruptError when the object is missing or shorter (the step is damaged). The
+        caller verifies the bytes."""
+        ...
+
     def uncommit_step(self, step: int) -> None:
         """Delete only the step's manifest (it stops counting); data objects may stay."""
         ...
@@ -111,5 +118,5 @@ class RemoteStore(StepSource, Protocol):
 
 #: Every method of :class:`RemoteStore`, for stores that forward calls (and their tests).
 REMOTE_STORE_METHODS = ("list_steps", "read_manifest", "download_step", "upload_step", "missing_objects",
-                        "commit_manifest", "read_range", "uncommit_step", "delete_step",
+                        "commit_manifest", "read_range", "read_range_into", "uncommit_step", "delete_step",
                         "cleanup_incomplete_uploads", "check_access", "start_upload", "discard_early", "close")

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from spotckpt.ranks.dist import Coordinator
-from spotckpt.errors import AllStepsCorruptError, CheckpointCorruptError, ConfigError, NoCheckpointError
-from spotckpt.format import MAX_JSON_BYTES, FileEntry, Manifest, SafetensorsFile, crc32c_b64, crc32c_update, data_file_names, fsync_dir, parse_tree_json
-from spotckpt.core.layouts import STATE, layout_of, saved_world_size, tensor_files
+from spotckpt.errors import AllStepsCorruptError, CheckpointCorruptError, ConfigError, NoCheckpointError, StorageError
+from spotckpt.format import FileEntry, Manifest, SafetensorsFile, crc32c_b64, crc32c_update, data_file_names, fsync_dir, parse_tree_json
+from spotckpt.core.layouts import CHUNK_CRCS, STATE, layout_of, saved_world_size, tensor_files
 from spotckpt.core.local import DAMAGED, LocalStore, verify_files
-from spotckpt.ranks.shard import ShardIndex
+from spotckpt.ranks.shard import ShardIndex, read_tree
 from spotckpt.core.protocols import RemoteStore
 from spotckpt.core.torch_state import LoadPlan, prepare_load
 
@@ -43,12 +43,20 @@ log = logging.getLogger(__name__)
 #: a CheckpointCorruptError moves on to an older step.
 StepLoader = Callable[[Path, Manifest, int], None]
 
+#: ``ranged_loader(step_dir, manifest, rank, remote, local_files)``: a loader that reads what
+#: ``local_files`` (the files of ``step_dir`` verified on this host; no other local file may be
+#: read) lacks straight from ``remote``, as ranged reads each checked against the CRC32C the
+#: step's verified trees record (:data:`~spotckpt.core.layouts.CHUNK_CRCS`) before any byte is
+#: used. Used instead of downloading a step that records them; nothing is committed locally.
+RangedLoader = Callable[[Path, Manifest, int, RemoteStore, frozenset[str]], None]
+
 
 @dataclass(frozen=True)
 class RestoreOptions:
     """How a restore runs: ``step`` (None: the newest that verifies), ``verify`` (CRC32C of
     every file before loading), ``allow_pickle``, ``bounce`` (pinned memory for device
-    tensors), ``progress`` (bytes downloaded), ``loader`` (instead of loading into a state)."""
+    tensors), ``progress`` (bytes downloaded), ``loader`` (instead of loading into a state),
+    ``ranged_loader`` (with ``loader``: for a step in S3 that records its chunks' CRC32C)."""
 
     step: int | None = None
     verify: bool = True
@@ -56,6 +64,7 @@ class RestoreOptions:
     bounce: torch.Tensor | None = None
     progress: Callable[[int], None] | None = None
     loader: StepLoader | None = None
+    ranged_loader: RangedLoader | None = None
 
 
 @dataclass(frozen=True)
@@ -167,30 +176,11 @@ def _prepare_files(
             if (step_dir / name).exists() and (local_files is None or name in local_files):
                 readers[name] = stack.enter_context(SafetensorsFile(step_dir / name, expect=expect(name)))
             elif remote is not None:
-                doc = _tree_of(step_dir, manifest, name, remote, local_files)
+                doc = read_tree(step_dir, manifest, name, remote, local_files)
                 ranged.append((remote, manifest.step, name, doc.get("shards") or {}))
         index = ShardIndex(readers, ranged)
     return prepare_load(state, tree, reader, allow_pickle=allow_pickle, bounce=bounce, source=str(tree_path),
                         keys=keys, shards=index)
-
-
-def _tree_of(step_dir: Path, manifest: Manifest, st_name: str, remote: Any,
-             local_files: Collection[str] | None) -> dict[str, Any]:
-    """The tree of the rank that wrote ``st_name``: the local copy when verified, else fetched
-    from ``remote`` and checked against the manifest."""
-    tree_name = st_name.removesuffix(".safetensors") + ".tree.json"
-    entry = manifest.files.get(tree_name)
-    if entry is None:
-        raise CheckpointCorruptError(f"{step_dir}: manifest lists {st_name} but no {tree_name}", path=step_dir)
-    if (step_dir / tree_name).exists() and local_files is not None and tree_name in local_files:
-        return parse_tree_json((step_dir / tree_name).read_bytes(), str(step_dir / tree_name))
-    if entry.size > MAX_JSON_BYTES:
-        raise CheckpointCorruptError(f"{tree_name}: tree file is too large", path=tree_name)
-    raw = remote.read_range(manifest.step, tree_name, 0, entry.size)
-    if FileEntry(len(raw), crc32c_b64(crc32c_update(0, raw))) != entry:
-        raise CheckpointCorruptError(f"{remote.uri}: {tree_name} of step {manifest.step} does not match the "
-                                     "manifest; the checkpoint is damaged", path=tree_name)
-    return parse_tree_json(raw, f"{remote.uri}: {tree_name}")
 
 
 def _note_reshard(step: int, manifest: Manifest, world: int, rank: int) -> None:
@@ -240,6 +230,12 @@ def restore_newest(state: MutableMapping[str, Any] | None, local: LocalStore, re
                 problems[s] = "local: " + "; ".join(check.problems)
         if s in remote_steps and remote is not None:
             try:
+                ranged = _ranged_manifest(remote, s, opts)
+                if ranged is not None:  # read from S3 by the loader, chunk by verified chunk
+                    assert opts.ranged_loader is not None
+                    opts.ranged_loader(local.step_path(s), ranged, rank, remote, frozenset())
+                    return RestoreResult(s, remote.uri, time.perf_counter() - t0, ranged.total_bytes,
+                                         local.step_path(s))
                 # verified as it lands and committed locally before loading: the step loaded is
                 # also one the uploader sees (already in S3) and the next restart finds locally
                 path, manifest = local.import_step(remote, s, replace=s in local_steps, progress=opts.progress)
@@ -255,6 +251,15 @@ def restore_newest(state: MutableMapping[str, Any] | None, local: LocalStore, re
                                 f"{problems.get(opts.step, '?')}", step=opts.step)
     raise_if_all_bad(problems, local)
     return None
+
+
+def _ranged_manifest(remote: RemoteStore, s: int, opts: RestoreOptions) -> Manifest | None:
+    """Step ``s``'s manifest from ``remote`` when ``opts.ranged_loader`` reads it (the step
+    records its chunks' CRC32C), else None (the step is downloaded and committed first)."""
+    if opts.ranged_loader is None:
+        return None
+    m = remote.read_manifest(s)
+    return m if m.extra.get(CHUNK_CRCS) is True else None
 
 
 def _load_one(state: MutableMapping[str, Any] | None, path: Path, manifest: Manifest, rank: int,
@@ -358,6 +363,7 @@ class _AgreedRestore:
         self.full: dict[int, Manifest] = {}  # steps this rank can load from this host's disk alone
         self.own: list[int] = []  # steps whose own files are here (rank 0's replicated ones may not be)
         self.unverified: set[int] = set()  # older local steps, size-checked only until one is chosen
+        self.local_ok: dict[int, frozenset[str]] = {}  # files of a step that passed the checks here
         self.problems: dict[int, str] = {}
         self.recs: list[dict[str, Any]] = []
 
@@ -384,6 +390,7 @@ class _AgreedRestore:
                 log.warning("spotckpt: rank %d cannot use local step %d: %s", rank, s, "; ".join(check.problems))
                 damaged[s] = "; ".join(check.problems)
                 continue
+            self.local_ok[s] = frozenset(present)
             if present == need:
                 self.full[s] = m
             elif not mine <= present:
@@ -462,7 +469,8 @@ class _AgreedRestore:
         lacking = [r for r in hosts.ranks_of(coord.host) if s not in recs[r]["local"]]
         loadable = manifest is not None and (saved_world_size(manifest) == self.world
                                              or layout_of(manifest).reshardable(manifest))
-        if problem is None and lacking and coord.host not in by_group and coord.is_host_leader and loadable:
+        if problem is None and lacking and coord.host not in by_group and coord.is_host_leader and loadable \
+                and not self.reads_ranged(manifest):
             assert manifest is not None
             need: set[str] = set()
             for r in hosts.ranks_of(coord.host):
@@ -475,6 +483,12 @@ class _AgreedRestore:
             except CheckpointCorruptError as exc:
                 problem = str(exc)
         return manifest, problem
+
+    def reads_ranged(self, manifest: Manifest | None) -> bool:
+        """Whether ``opts.ranged_loader`` loads this step: its files are not downloaded, the
+        loader fetches from S3 what this host lacks (the same answer on every rank)."""
+        return (self.opts.ranged_loader is not None and self.remote is not None and manifest is not None
+                and manifest.extra.get(CHUNK_CRCS) is True)
 
     def checked(self, s: int, manifest: Manifest | None, problem: str | None) -> bool:
         """Round 4: what was only size-checked is CRC-checked before any rank loads a byte;
@@ -504,7 +518,11 @@ class _AgreedRestore:
         rank drops the step on every rank."""
         problem: str | None = None
         try:
-            if self.opts.loader is not None:
+            if self.reads_ranged(manifest):
+                assert self.opts.ranged_loader is not None and self.remote is not None
+                self.opts.ranged_loader(self.local.step_path(s), manifest, self.rank, self.remote,
+                                        self.local_ok.get(s, frozenset()))
+            elif self.opts.loader is not None:
                 self.opts.loader(self.local.step_path(s), manifest, self.rank)
             else:
                 assert self.state is not None
@@ -514,7 +532,12 @@ class _AgreedRestore:
                             local_files=needed_files(manifest, self.rank, self.world, ranged=self.ranged))
         except CheckpointCorruptError as exc:
             problem = str(exc)
+        except StorageError as exc:  # S3 failed mid-load (after its retries): every rank raises, none waits
+            problem = f"{_FATAL}{exc}"
         loaded = self.coord.exchange(f"restore: load {s}", problem)
+        fatal = next((i for i, p in enumerate(loaded) if p and p.startswith(_FATAL)), None)
+        if fatal is not None:
+            raise StorageError(f"rank {fatal}: {loaded[fatal].removeprefix(_FATAL)}; nothing was loaded")
         if any(loaded):
             bad = next(i for i, p in enumerate(loaded) if p)
             log.warning("spotckpt: step %d did not load on rank %d (%s); trying an older step on every rank",
@@ -524,10 +547,13 @@ class _AgreedRestore:
         return True
 
     def result(self, s: int, manifest: Manifest) -> RestoreResult:
-        if self.opts.verify:
+        if self.opts.verify and self.local.is_committed(s):  # (a step read from S3 in ranges is not)
             self.local.mark_verified(s)
         source = "local" if s in self.own or self.remote is None else self.remote.uri
         return RestoreResult(s, source, time.perf_counter() - self.t0, manifest.total_bytes, self.local.step_path(s))
+
+
+_FATAL = "fatal: "  # a load problem that is not the step's damage
 
 
 def _other_world(step: int, saved: int, world: int, what: str) -> ConfigError:

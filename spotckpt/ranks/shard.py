@@ -22,18 +22,21 @@ import functools
 import json
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from spotckpt.errors import CheckpointCorruptError, StateError
-from spotckpt.format import FileEntry, SafetensorsFile, crc32c_b64, crc32c_update
+from spotckpt.format import (MAX_JSON_BYTES, FileEntry, Manifest, SafetensorsFile, crc32c_b64, crc32c_update,
+                             parse_tree_json, tensor_byte_view)
 from spotckpt.format.safetensors import _DTYPE_TO_ST, _ST_TO_DTYPE
 
 __all__ = ["SHARDS_KEY", "ShardInfo", "ShardIndex", "LocalChunk", "RemoteChunk", "is_dtensor", "local_shard",
-           "load_boxes", "init_optimizer_state", "recording_shards"]
+           "load_boxes", "init_optimizer_state", "recording_shards", "fetch_chunks", "read_tree"]
 
 #: The safetensors ``__metadata__`` key holding the sharding information of a file's shards.
 SHARDS_KEY = "spotckpt.shards"
@@ -250,27 +253,128 @@ class RemoteChunk:
             raise ValueError(f"shard {name!r}: its byte range does not match its shape")
         self._data: torch.Tensor | None = None
 
+    def _verify(self, raw: Any) -> None:
+        got = crc32c_b64(crc32c_update(0, raw))
+        if got != self.crc32c:
+            raise CheckpointCorruptError(
+                f"{self.source.uri}: bytes {self.start}-{self.end - 1} of {self.file} (shard {self.name!r}) have "
+                f"CRC32C {got}, its writer recorded {self.crc32c}; the checkpoint is damaged -- an older step "
+                "will be used", path=self.file)
+
+    def _keep(self, buf: bytearray, offset: int) -> None:
+        """Keep the (verified) bytes at ``offset`` of ``buf`` as this chunk's tensor, a view
+        where they are aligned for its dtype, else a copy."""
+        n = self.end - self.start
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        if n == 0:
+            self._data = torch.empty(self.shape, dtype=self.dtype)
+        elif offset % itemsize == 0:
+            self._data = torch.frombuffer(buf, dtype=self.dtype, count=n // itemsize, offset=offset).reshape(self.shape)
+        else:
+            self._data = torch.frombuffer(bytearray(buf[offset : offset + n]), dtype=self.dtype).reshape(self.shape)
+
     def _fetch(self) -> torch.Tensor:
         if self._data is None:
-            raw = self.source.read_range(self.step, self.file, self.start, self.end)
-            got = crc32c_b64(crc32c_update(0, raw))
-            if got != self.crc32c:
-                raise CheckpointCorruptError(
-                    f"{self.source.uri}: bytes {self.start}-{self.end - 1} of {self.file} (shard {self.name!r}) have "
-                    f"CRC32C {got}, its writer recorded {self.crc32c}; the checkpoint is damaged -- an older step "
-                    "will be used", path=self.file)
-            self._data = torch.frombuffer(bytearray(raw), dtype=self.dtype).reshape(self.shape) if raw else \
-                torch.empty(self.shape, dtype=self.dtype)
+            fetch_chunks([self], threads=1)
+        assert self._data is not None
         return self._data
 
     def read_box(self, offsets: tuple[int, ...], lengths: tuple[int, ...], dest: torch.Tensor) -> None:
         src = self._fetch()
         for dim, (o, n) in enumerate(zip(offsets, lengths)):
             src = src.narrow(dim, o, n)
-        dest.copy_(src)
+        if (dest.device.type == "cpu" and dest.dtype == src.dtype and dest.is_contiguous() and src.is_contiguous()
+                and dest.shape == src.shape):
+            # one memcpy on this thread (the GIL released), not torch's thread pool spinning beside it
+            np.copyto(tensor_byte_view(dest), tensor_byte_view(src))
+        else:
+            dest.copy_(src)
 
     def release(self) -> None:
         self._data = None
+
+
+#: Chunks of one file at most this far apart are fetched by one ranged read (the gap too).
+FETCH_GAP_BYTES = 256 * 1024
+#: One ranged read fetches at most this much; a longer run of chunks is cut into such pieces,
+#: fetched in parallel into one buffer.
+FETCH_PIECE_BYTES = 16 * 1024 * 1024
+
+
+def fetch_chunks(chunks: Iterable[RemoteChunk], threads: int = 8) -> None:
+    """Fetch and verify each of ``chunks`` not fetched yet, then keep its bytes. Chunks that lie
+    (nearly) next to each other in one file are fetched as one run of ranged reads of at most
+    :data:`FETCH_PIECE_BYTES`, ``threads`` reads at a time, read straight into one buffer per
+    run (the source's ``read_range_into``); each chunk is then checked against
+    its own recorded CRC32C. Returns once every read has ended, raising the first error
+    (CheckpointCorruptError for a chunk that does not verify) with no chunk kept from a run
+    that failed."""
+    todo = list({id(c): c for c in chunks if c._data is None}.values())
+    if not todo:
+        return
+    todo.sort(key=lambda c: (id(c.source), c.step, c.file, c.start))
+    runs: list[list[RemoteChunk]] = []
+    for c in todo:
+        last = runs[-1][-1] if runs else None
+        if (last is not None and (last.source, last.step, last.file) == (c.source, c.step, c.file)
+                and 0 <= c.start - last.end <= FETCH_GAP_BYTES):
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    bufs = [bytearray(run[-1].end - run[0].start) for run in runs]
+    pieces = [(run, buf, off, min(FETCH_PIECE_BYTES, len(buf) - off))
+              for run, buf in zip(runs, bufs) for off in range(0, len(buf), FETCH_PIECE_BYTES)]
+
+    def fetch(run: list[RemoteChunk], buf: bytearray, off: int, n: int) -> None:
+        c = run[0]
+        with memoryview(buf) as mv, mv[off : off + n] as out:
+            c.source.read_range_into(c.step, c.file, c.start + off, out)
+
+    def check(run: list[RemoteChunk], buf: bytearray) -> None:
+        with memoryview(buf) as mv:
+            for c in run:
+                with mv[c.start - run[0].start : c.end - run[0].start] as part:
+                    c._verify(part)
+
+    _run_all(fetch, pieces, threads)
+    _run_all(check, list(zip(runs, bufs)), threads)
+    for run, buf in zip(runs, bufs):
+        for c in run:
+            c._keep(buf, c.start - run[0].start)
+
+
+def _run_all(fn: Callable[..., Any], args: list[tuple[Any, ...]], threads: int) -> None:
+    """``fn(*a)`` for each of ``args``, ``threads`` at a time; every call has ended before the
+    first error is raised."""
+    if len(args) <= 1 or threads <= 1:
+        for a in args:
+            fn(*a)
+        return
+    with ThreadPoolExecutor(min(threads, len(args)), thread_name_prefix="spotckpt-fetch") as pool:
+        futs = [pool.submit(fn, *a) for a in args]
+        for f in futs:
+            f.exception()
+        for f in futs:
+            f.result()
+
+
+def read_tree(step_dir: Any, manifest: Manifest, st_name: str, remote: Any,
+             local_files: Collection[str] | None) -> dict[str, Any]:
+    """The tree of the rank that wrote ``st_name``: the local copy when verified (in
+    ``local_files``), else fetched from ``remote`` and checked against the manifest."""
+    tree_name = st_name.removesuffix(".safetensors") + ".tree.json"
+    entry = manifest.files.get(tree_name)
+    if entry is None:
+        raise CheckpointCorruptError(f"{step_dir}: manifest lists {st_name} but no {tree_name}", path=step_dir)
+    if (step_dir / tree_name).exists() and local_files is not None and tree_name in local_files:
+        return parse_tree_json((step_dir / tree_name).read_bytes(), str(step_dir / tree_name))
+    if entry.size > MAX_JSON_BYTES:
+        raise CheckpointCorruptError(f"{tree_name}: tree file is too large", path=tree_name)
+    raw = remote.read_range(manifest.step, tree_name, 0, entry.size)
+    if FileEntry(len(raw), crc32c_b64(crc32c_update(0, raw))) != entry:
+        raise CheckpointCorruptError(f"{remote.uri}: {tree_name} of step {manifest.step} does not match the "
+                                     "manifest; the checkpoint is damaged", path=tree_name)
+    return parse_tree_json(raw, f"{remote.uri}: {tree_name}")
 
 
 class ShardIndex:
@@ -362,9 +466,7 @@ def plan_boxes(targets: Mapping[str, torch.Tensor], index: ShardIndex) -> Callab
             raise CheckpointCorruptError(f"no stored chunk for {item.storage_index}; the checkpoint is damaged")
         jobs.append((loc, item))
     # Remote chunks are fetched and verified before the first byte lands in a live tensor.
-    for loc, _ in jobs:
-        if isinstance(loc, RemoteChunk):
-            loc._fetch()
+    fetch_chunks(loc for loc, _ in jobs if isinstance(loc, RemoteChunk))
 
     def run() -> int:
         try:

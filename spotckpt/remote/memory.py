@@ -144,6 +144,13 @@ class MemoryStore:
                                 key=self._key(step, rel))
         return data[start:end]
 
+    def read_range_into(self, step: int, rel: str, start: int, out: memoryview) -> None:
+        data = self._get(self._key(step, rel))
+        if data is None or start + len(out) > len(data):
+            raise CheckpointCorruptError(f"{self.uri}: {rel} of step {step} is missing or shorter than bytes "
+                                         f"{start}-{start + len(out) - 1} (the step is damaged)")
+        out[:] = data[start : start + len(out)]
+
     def uncommit_step(self, step: int) -> None:
         with self._lock:
             self._objects.pop(self._key(step, MANIFEST_NAME), None)

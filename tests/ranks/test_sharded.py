@@ -116,8 +116,28 @@ def test_dcp_save_through_spotckpt_commits_uploads_and_loads_resharded_from_s3(t
     # a new machine, one process: fetched from S3, verified, resharded 2 -> 1 by DCP
     res = _run(0, "dcp-load", tmp_path / "b", tmp_path / "r1.st", env=env)
     assert res[0]["step"] == 4 and res[0]["train"] == {"step": 4, "note": "spot"}
-    assert (tmp_path / "b" / step_dirname(4) / MANIFEST_NAME).exists()
+    # read from S3 chunk by verified chunk (the step records each chunk's CRC32C), not downloaded whole
+    assert not (tmp_path / "b" / step_dirname(4) / MANIFEST_NAME).exists()
     _assert_same(tmp_path / "saved.st", tmp_path / "r1.st")
+
+
+def test_a_corrupt_chunk_in_s3_moves_a_two_rank_dcp_load_to_the_older_step_on_every_rank(tmp_path: Path,
+                                                                                          bucket: str) -> None:
+    """Each rank fetches and checks the chunks of its own file from S3 (no whole-step download):
+    a flipped byte in rank 1's file of step 5 is seen by rank 1 alone, and both load step 4."""
+    import boto3
+
+    env = {"S3_URI": f"s3://{bucket}/dcp"}
+    _run(2, "dcp-save", tmp_path / "a", tmp_path / "saved4.st", "4", env=env)
+    _run(2, "dcp-save", tmp_path / "a", tmp_path / "saved5.st", "5", env=env)
+    s3, key = boto3.client("s3"), f"dcp/{step_dirname(5)}/rank-00001.safetensors"
+    data = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[-5] ^= 0xFF  # a byte of rank 1's last chunk
+    s3.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    res = _run(2, "dcp-load", tmp_path / "b", tmp_path / "r.st", env=env)
+    assert [r["step"] for r in res] == [4, 4]
+    _assert_same(tmp_path / "saved4.st", tmp_path / "r.st")
+    assert not (tmp_path / "b" / step_dirname(5)).exists() and not (tmp_path / "b" / step_dirname(4)).exists()
 
 
 def test_resharding_from_s3_on_new_hosts_fetches_other_hosts_shards_as_verified_ranges(tmp_path: Path, bucket: str) -> None:

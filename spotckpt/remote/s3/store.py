@@ -34,7 +34,7 @@ from spotckpt.format import fsync_path as _fsync_path
 from spotckpt.format import write_file_durably
 
 from spotckpt.remote.s3.early import EarlyUpload, EarlyUploads
-from spotckpt.remote.s3.failures import _CONFLICT, _classify
+from spotckpt.remote.s3.failures import _CONFLICT, _NOT_FOUND, _classify
 from spotckpt.remote.s3.requests import S3Requests, Transfer
 from spotckpt.remote.s3.settings import (
     MiB,
@@ -134,6 +134,40 @@ class S3Store:
             raise DownloadError(f"{self.requests.url(key)}: bytes {start}-{end - 1} could not be read "
                                 f"({'missing' if data is None else f'{len(data)} bytes came back'})", key=key)
         return data
+
+    def read_range_into(self, step: int, rel: str, start: int, out: memoryview) -> None:
+        """Fill ``out`` with bytes ``[start, start + len(out))`` of file ``rel`` of ``step``: one
+        ranged GET read straight into ``out`` (no intermediate copy), retried; the caller
+        verifies them. CheckpointCorruptError when the object is missing or shorter (the step
+        is damaged), DownloadError when S3 fails."""
+        key = self.step_key(step, rel)
+        n = len(out)
+        if n == 0:
+            return
+
+        def get() -> int:
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=key,
+                                              Range=f"bytes={start}-{start + n - 1}")["Body"]
+            except bce.ClientError as exc:
+                if _classify(exc) is _NOT_FOUND:
+                    return -1
+                raise
+            got = 0
+            with body:
+                while got < n:
+                    k = body.readinto(out[got:])
+                    if not k:
+                        break
+                    got += k
+            return got
+
+        got = self.requests.retry(get, key, DownloadError)
+        if got != n:  # what the manifest lists is not there: the step in S3 is damaged, not S3 down
+            raise CheckpointCorruptError(
+                f"{self.requests.url(key)}: bytes {start}-{start + n - 1} could not be read "
+                f"({'the object is missing' if got < 0 else f'{got} bytes came back'}); step {step} in S3 is "
+                "incomplete -- an older step will be used", path=self.requests.url(key))
 
     def read_manifest(self, step: int) -> Manifest:
         """The S3 manifest of ``step``, strictly validated; CheckpointCorruptError if bad,
