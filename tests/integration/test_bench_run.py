@@ -130,7 +130,8 @@ def test_s3_peers_tiny_run_against_seaweedfs(tmp_path: Path, bucket: str, s3_ser
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((out / "s3peers.json").read_text())
     assert result["skipped"] == [] and set(result["cases"]) == {"one", "dcp"}
-    for case, peers in (("one", {"spotckpt", "s3torchconnector", "boto3"}), ("dcp", {"spotckpt", "s3torchconnector"})):
+    for case, peers in (("one", {"spotckpt", "spotckpt-after-commit", "s3torchconnector", "boto3"}),
+                        ("dcp", {"spotckpt", "s3torchconnector"})):
         res = result["cases"][case]
         assert "error" not in res, res
         for op in ("save", "restore"):
