@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Collection, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from spotckpt.format import (
     crc32c_b64,
     crc32c_update,
     file_crc32c,
+    file_crc32c_parallel,
     parse_step_dirname,
     safe_relpath,
     step_dirname,
@@ -437,18 +439,20 @@ class S3Store:
             jobs.append(Transfer(key, target, ent.size, {}))
         self.requests.transfer_all(jobs, download=True, progress=progress)
 
-        for rel, target in targets:
-            ent = manifest.files[rel]
-            size, crc = file_crc32c(target)
-            if size != ent.size or crc32c_b64(crc) != ent.crc32c:
-                target.unlink(missing_ok=True)
-                raise CheckpointCorruptError(
-                    f"{self.requests.url(self.step_key(step, rel))}: downloaded {size} bytes with CRC32C "
-                    f"{crc32c_b64(crc)}, the manifest says {ent.size} bytes / {ent.crc32c}; the "
-                    "object is corrupt -- an older step will be used",
-                    path=self.requests.url(self.step_key(step, rel)),
-                )
-            _fsync_path(target)
+        with ThreadPoolExecutor(1, thread_name_prefix="spotckpt-fsync") as flush:
+            for rel, target in targets:  # each file flushed to disk while its bytes are checked
+                ent = manifest.files[rel]
+                synced = flush.submit(_fsync_path, target)
+                size, crc = file_crc32c_parallel(target)
+                synced.result()
+                if size != ent.size or crc32c_b64(crc) != ent.crc32c:
+                    target.unlink(missing_ok=True)
+                    raise CheckpointCorruptError(
+                        f"{self.requests.url(self.step_key(step, rel))}: downloaded {size} bytes with CRC32C "
+                        f"{crc32c_b64(crc)}, the manifest says {ent.size} bytes / {ent.crc32c}; the "
+                        "object is corrupt -- an older step will be used",
+                        path=self.requests.url(self.step_key(step, rel)),
+                    )
         dirs = {t.parent for _, t in targets} | {root}
         man_path = root / MANIFEST_NAME
         write_file_durably(man_path, manifest.to_bytes())
