@@ -71,32 +71,31 @@ def test_a_step_only_in_s3_loads_chunk_by_verified_chunk_without_downloading_it(
     assert not (tmp_path / "new" / step_dirname(5)).exists()  # read from S3, not downloaded and committed
 
 
+def _assert_loads_step_5(tmp_path: Path, uri: str, saved: dict) -> None:
+    """A fresh manager's DCP load falls back to step 5, whose values land whole."""
+    got = _fresh()
+    with _mgr(tmp_path / "new", uri) as mgr:
+        reader = StorageReader(mgr)
+        dcp.load(got, storage_reader=reader)
+    assert reader.loaded_step == 5
+    for k, v in saved[5]["model"].items():
+        assert torch.equal(got["model"][k], v), k
+
+
 def test_a_corrupt_chunk_in_s3_moves_the_load_to_the_older_step(tmp_path: Path, bucket: str) -> None:
     uri = f"s3://{bucket}/dcp"
     saved = _saved(tmp_path, uri, {5: 1, 6: 2})
     tree = json.loads((tmp_path / "src" / step_dirname(6) / "rank-00000.tree.json").read_bytes())
     start, _ = tree["shards"]["model.2.weight"]["bytes"]
     _flip_byte_in_s3(bucket, f"dcp/{step_dirname(6)}/rank-00000.safetensors", start + 3)
-    got = _fresh()
-    with _mgr(tmp_path / "new", uri) as mgr:
-        reader = StorageReader(mgr)
-        dcp.load(got, storage_reader=reader)
-    assert reader.loaded_step == 5
-    for k, v in saved[5]["model"].items():
-        assert torch.equal(got["model"][k], v), k
+    _assert_loads_step_5(tmp_path, uri, saved)
 
 
 def test_a_data_object_missing_in_s3_moves_the_load_to_the_older_step(tmp_path: Path, bucket: str) -> None:
     uri = f"s3://{bucket}/dcp"
     saved = _saved(tmp_path, uri, {5: 1, 6: 2})
     boto3.client("s3").delete_object(Bucket=bucket, Key=f"dcp/{step_dirname(6)}/rank-00000.safetensors")
-    got = _fresh()
-    with _mgr(tmp_path / "new", uri) as mgr:
-        reader = StorageReader(mgr)
-        dcp.load(got, storage_reader=reader)
-    assert reader.loaded_step == 5
-    for k, v in saved[5]["model"].items():
-        assert torch.equal(got["model"][k], v), k
+    _assert_loads_step_5(tmp_path, uri, saved)
 
 
 class _CorruptedAfterMetadata(StorageReader):
