@@ -482,8 +482,8 @@ class Autopilot:
         """What ``save()`` adds to a manifest's extras: ``final_save`` on the preemption save, and
         ``autopilot`` (the history and the measured costs)."""
         c = self.costs()
-        stall = c.stall_mean_s if c.stall_mean_s is not None else c.stall_s  # the next run's checkpoint cost
-        costs = {k: v for k, v in (("stall_s", stall), ("write_s", c.write_s), ("upload_bps", c.upload_bps),
+        # the mean stall: the next run's checkpoint cost
+        costs = {k: v for k, v in (("stall_s", c.stall_mean_s), ("write_s", c.write_s), ("upload_bps", c.upload_bps),
                                    ("to_durable_s", c.to_durable_s), ("step_s", c.step_s), ("bytes", c.bytes))
                  if v is not None}
         out: dict[str, Any] = {"autopilot": {"v": 1, "instances": self.history.rows(now=self._wall(), final=self._final),

@@ -239,7 +239,7 @@ class AutoInterval:
             return None
         c = pilot.costs()
         b = pilot.budget
-        cost = c.stall_mean_s if c.stall_mean_s is not None else c.stall_s
+        cost = c.stall_mean_s
         if cost is None or c.to_durable_s is None or b is None:
             return None
         hard, notice, source = self.current_rates()

@@ -102,8 +102,7 @@ class RemoteStore(StepSource, Protocol):
         """A StorageError that says what to do when the store cannot be used."""
         ...
 
-    def start_upload(self, step: int, rel: str, chunks: Any, *,
-                     ready: Callable[[], None] | None = None) -> Any:
+    def start_upload(self, step: int, rel: str, chunks: Any) -> Any:
         """Start uploading file ``rel`` of ``step`` from ``chunks`` (its bytes in memory) while
         the caller writes it locally; a handle (``committed(path)`` / ``abort()``) that
         :meth:`upload_step` finishes, or None when this store uploads after the commit only."""

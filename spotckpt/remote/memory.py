@@ -168,7 +168,7 @@ class MemoryStore:
     def check_access(self) -> None:
         pass
 
-    def start_upload(self, step: int, rel: str, chunks: Any, *, ready: Any = None) -> None:
+    def start_upload(self, step: int, rel: str, chunks: Any) -> None:
         return None  # objects land whole, after the commit
 
     def discard_early(self, step: int) -> None:

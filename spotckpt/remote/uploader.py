@@ -327,8 +327,8 @@ class Uploader:
                 self._remote = remote
                 self._skipped.update(skipped)
                 self._cond.notify_all()
-            for s in skipped:
-                self._discard_early(s)
+            for s in skipped:  # abort what their saves uploaded while writing
+                self.store.discard_early(s)
             if not missing or self._above_ceiling(missing[0]):
                 break
             with self._upload_lock:
@@ -363,7 +363,7 @@ class Uploader:
             if isinstance(exc, CheckpointCorruptError):
                 # A damaged local step must not block the others (nor ever reach S3).
                 log.error("local step %s does not verify and is not uploaded: %s", step, exc)
-                self._discard_early(step)
+                self.store.discard_early(step)
                 with self._cond:
                     self._bad[step] = exc
                     self._cond.notify_all()
@@ -417,13 +417,9 @@ class Uploader:
             self._stop.wait(_AWAIT_MANIFEST_SECONDS)
         return None
 
-    def _discard_early(self, step: int) -> None:
-        """A step that will not be uploaded: abort what its save uploaded while writing."""
-        self.store.discard_early(step)
-
     def _drop_orphan(self, step: int) -> None:
         """Delete data objects a vanished step left behind, unless its manifest made it."""
-        self._discard_early(step)
+        self.store.discard_early(step)
         if step in self.store.list_steps():
             with self._cond:
                 self._remote.add(step)

@@ -25,7 +25,7 @@ Files up to the multipart threshold go up in one PUT (with their CRC32C) as soon
 are read. Parts are copied out of the memory (so no request holds it) and checksummed once.
 
 Threads: ``start``/``committed``/``abort`` come from the thread that saves (training or persist
-thread), ``finish``/``discard`` from the uploader's; the work runs on the
+thread), ``finish``/``abort`` from the uploader's; the work runs on the
 ``spotckpt-s3-early`` pool (as many threads as the store's transfer concurrency).
 """
 
@@ -156,7 +156,7 @@ class EarlyUpload:
     """One file of one step on its way to S3 while it is written locally (see the module doc)."""
 
     def __init__(self, requests: Any, pool: ThreadPoolExecutor, key: str, man_key: str, chunks: Sequence[Any], *,
-                 part_size: int, threshold: int, buffers: _Buffers, ready: Callable[[], None] | None = None,
+                 part_size: int, threshold: int, buffers: _Buffers,
                  on_settled: Callable[[EarlyUpload], None] | None = None) -> None:
         self._req = requests
         self._buffers = buffers
@@ -166,7 +166,6 @@ class EarlyUpload:
         self._man_key = man_key
         self._src = _Bytes(chunks)
         self.size = self._src.size
-        self._ready = ready
         if self.size > threshold:
             starts = range(0, self.size, part_size)
             self._parts = [(i + 1, s, min(s + part_size, self.size)) for i, s in enumerate(starts)]
@@ -192,8 +191,9 @@ class EarlyUpload:
         self._src.to_file(Path(path))
 
     def abort(self) -> None:
-        """The local write failed: stop, and remove what reached S3 (returns once the memory is
-        no longer read and the multipart upload is aborted)."""
+        """The local write failed, or nobody will finish this upload (the step was superseded or
+        dropped): stop, and remove what reached S3 (returns once the memory is no longer read and
+        the multipart upload is aborted)."""
         with self._cond:
             self._stop = True
         self._src.close()
@@ -231,19 +231,9 @@ class EarlyUpload:
         self._clean_up()
         return False
 
-    def discard(self) -> None:
-        """Nobody will finish this upload (the step was superseded or dropped): abort it."""
-        with self._cond:
-            self._stop = True
-        self._src.close()
-        self._wait_tasks()
-        self._clean_up()
-
     # -- the pool ---------------------------------------------------------------------------
     def _begin(self) -> None:
         try:
-            if self._ready is not None:
-                self._ready()
             with self._cond:
                 if self._stop:
                     return
@@ -405,8 +395,7 @@ class EarlyUploads:
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
 
-    def start(self, step: int, rel: str, key: str, man_key: str, chunks: Sequence[Any], *,
-              ready: Callable[[], None] | None = None) -> EarlyUpload | None:
+    def start(self, step: int, rel: str, key: str, man_key: str, chunks: Sequence[Any]) -> EarlyUpload | None:
         cfg = self._req.config
         with self._lock:
             if self._closed:
@@ -415,12 +404,12 @@ class EarlyUploads:
                 self._pool = ThreadPoolExecutor(max(1, int(cfg.max_concurrency)), thread_name_prefix="spotckpt-s3-early")
             old = self._uploads.pop((step, rel), None)
             up = EarlyUpload(self._req, self._pool, key, man_key, chunks, part_size=int(cfg.multipart_chunksize),
-                             threshold=int(cfg.multipart_threshold), buffers=self._buffers, ready=ready,
+                             threshold=int(cfg.multipart_threshold), buffers=self._buffers,
                              on_settled=self._settled)
             self._uploads[(step, rel)] = up
             self._live[id(up)] = up
         if old is not None:
-            old.discard()
+            old.abort()
         up.start()
         return up
 
@@ -444,7 +433,7 @@ class EarlyUploads:
 
     def discard(self, step: int) -> None:
         for up in self.take(step).values():
-            up.discard()
+            up.abort()
 
     def close(self) -> None:
         """Abort every unfinished early upload; stop the pool."""
@@ -453,6 +442,6 @@ class EarlyUploads:
             left, self._uploads = list(self._uploads.values()), {}
             pool, self._pool = self._pool, None
         for up in left:
-            up.discard()
+            up.abort()
         if pool is not None:
             pool.shutdown(wait=True)

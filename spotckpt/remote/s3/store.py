@@ -189,16 +189,14 @@ class S3Store:
 
     # ----------------------------------------------------------------------------- upload
 
-    def start_upload(self, step: int, rel: str, chunks: Any, *,
-                     ready: Callable[[], None] | None = None) -> EarlyUpload | None:
+    def start_upload(self, step: int, rel: str, chunks: Any) -> EarlyUpload | None:
         """Upload while writing (:mod:`spotckpt.remote.s3.early`): start uploading file ``rel``
-        of ``step`` from ``chunks`` (its bytes in memory, in order; ``ready()`` first waits
-        until they are there) while the caller writes the same bytes locally. The caller then
+        of ``step`` from ``chunks`` (its bytes in memory, in order) while the caller writes the
+        same bytes locally. The caller then
         calls ``committed(path)`` once the local step is committed, or ``abort()`` when its
         write failed; :meth:`upload_step` finishes the object and writes the manifest last."""
         safe_relpath(rel, source="start_upload")
-        return self.early.start(step, rel, self.step_key(step, rel), self.step_key(step, MANIFEST_NAME), chunks,
-                                ready=ready)
+        return self.early.start(step, rel, self.step_key(step, rel), self.step_key(step, MANIFEST_NAME), chunks)
 
     def discard_early(self, step: int) -> None:
         """Abort the uploads while writing of ``step`` nobody will finish (superseded, dropped)."""
@@ -252,7 +250,7 @@ class S3Store:
             self.requests.transfer_all(late, download=False)  # those that did not finish while writing
         finally:
             for up in early.values():  # not listed, or an error came first
-                up.discard()
+                up.abort()
 
         if not src_dir.exists():
             raise LocalStepVanishedError(f"{src_dir} vanished during its upload; not committing it", key=man_key)
