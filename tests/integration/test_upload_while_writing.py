@@ -5,6 +5,10 @@ write leaves nothing in S3; a failed early upload falls back to the committed fi
 from __future__ import annotations
 
 import errno
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +24,13 @@ from spotckpt.core.local import LocalStore
 from spotckpt.errors import SaveError
 from spotckpt.format import FileEntry, crc32c_b64, crc32c_update
 from spotckpt.remote.s3 import S3Store
+from tests.helpers import assert_state_is_step, empty_state, step_state
 
 S3_SERVERS = ("moto", "seaweedfs")
 
 MiB = 1 << 20
 DATA = "rank-00000.safetensors"
+SAVER = Path(__file__).resolve().parents[1] / "fault" / "saver_child.py"
 NUMEL = 3 * MiB  # 12 MiB of fp32: three 5 MiB parts (S3's smallest part size)
 
 
@@ -194,3 +200,46 @@ def test_the_chunks_are_the_bytes_of_the_written_file(tmp_path: Path) -> None:
     assert chunks is not None
     assert b"".join(bytes(memoryview(c).cast("B")) for c in chunks) == (tmp_path / "f.safetensors").read_bytes()
     assert host_chunks({"t": torch.randn(4, 4).t()}, meta) is None  # not contiguous: no early upload
+
+
+def test_a_saver_killed_while_its_parts_upload_leaves_only_steps_that_verify(tmp_path: Path, bucket: str) -> None:
+    """SIGKILL while a save's multipart upload from memory is in flight (a real child saving
+    16 MiB steps in a loop, killed once S3 lists an open upload): every step S3 counts
+    verifies (there may be none yet), nothing half-sent counts, and a restart restores a step that verifies and saves
+    the next one into S3."""
+    uri = f"s3://{bucket}/kill"
+    numel = 1 << 20  # 4 tensors of 4 MiB: one multipart upload per save
+    env = {**os.environ, "SPOTCKPT_S3_URI": uri, "SPOTCKPT_METRICS": "0"}
+    proc = subprocess.Popen([sys.executable, str(SAVER), str(tmp_path / "d"), "sync", "--numel", str(numel)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:  # the first step is committed (and its upload under way)
+            if line.strip() == "saved 1":
+                break
+        assert proc.poll() is None, "the saver exited"
+        client = S3Store(uri).client
+        seen = False
+        for _ in range(10_000):  # almost always open: a save is uploaded while the next is written
+            seen = bool(client.list_multipart_uploads(Bucket=bucket, Prefix="kill/").get("Uploads"))
+            if seen:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert seen, "no multipart upload was ever open while the saver ran"
+    with S3Store(uri) as store:
+        in_s3 = store.list_steps()  # may be none yet: the saver commits locally first
+        assert all(store.verify_step(s) == [] for s in in_s3), in_s3
+    state = empty_state(numel=numel)
+    with CheckpointManager(tmp_path / "d", uri, metrics=False, install_signal_handlers=False) as mgr:
+        got = mgr.restore(state)
+        assert got is not None and got >= 1
+        assert_state_is_step(state, got, numel=numel)
+        mgr.save(got + 1, step_state(got + 1, numel=numel), blocking=True)
+        assert mgr.wait(timeout=None)
+    with S3Store(uri) as store:
+        assert got + 1 in store.list_steps() and store.verify_step(got + 1) == []
