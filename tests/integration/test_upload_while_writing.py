@@ -205,8 +205,8 @@ def test_the_chunks_are_the_bytes_of_the_written_file(tmp_path: Path) -> None:
 def test_a_saver_killed_while_its_parts_upload_leaves_only_steps_that_verify(tmp_path: Path, bucket: str) -> None:
     """SIGKILL while a save's multipart upload from memory is in flight (a real child saving
     16 MiB steps in a loop, killed once S3 lists an open upload): every step S3 counts
-    verifies (there may be none yet), nothing half-sent counts, and a restart restores a step that verifies and saves
-    the next one into S3."""
+    verifies (there may be none yet), nothing half-sent counts, and a restart restores a step
+    that verifies and saves the next one into S3."""
     uri = f"s3://{bucket}/kill"
     numel = 1 << 20  # 4 tensors of 4 MiB: one multipart upload per save
     env = {**os.environ, "SPOTCKPT_S3_URI": uri, "SPOTCKPT_METRICS": "0"}
