@@ -248,3 +248,23 @@ def test_s3server_kills_a_process_that_ignores_sigterm(tmp_path: Path) -> None:
         time.sleep(0.01)
     _terminate(proc, 0.2)
     assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("s3_server", ["seaweedfs"], indirect=True)  # a server that checks CRC32C headers
+def test_uploads_are_checked_by_crc32c_not_hashed_with_sha256(bucket: str) -> None:
+    """spotckpt's client sends payloads unsigned (no SHA256 of every byte, even over http://):
+    the signed CRC32C header is what protects the body, and the server refuses a body that
+    does not match it."""
+    from spotckpt.format import crc32c_b64, crc32c_update
+
+    store = S3Store(f"s3://{bucket}/sig")
+    sent: list[dict[str, str]] = []
+    store.client.meta.events.register("before-send.s3", lambda request, **_: sent.append(dict(request.headers)))
+    body = os.urandom(MiB)
+    crc = crc32c_b64(crc32c_update(0, body))
+    store.client.put_object(Bucket=bucket, Key="sig/ok", Body=body, ChecksumCRC32C=crc)
+    assert sent[-1]["X-Amz-Content-SHA256"] in (b"UNSIGNED-PAYLOAD", "UNSIGNED-PAYLOAD")
+    with pytest.raises(ClientError, match="BadDigest|Checksum|checksum"):
+        store.client.put_object(Bucket=bucket, Key="sig/bad", Body=body[:-1] + b"?", ChecksumCRC32C=crc)
+    assert store.client.get_object(Bucket=bucket, Key="sig/ok")["Body"].read() == body
+    store.close()

@@ -129,7 +129,13 @@ def make_client(*, max_pool_connections: int | None = None, max_attempts: int = 
     """A boto3 S3 client from the standard chain (credentials, region, ``AWS_ENDPOINT_URL``,
     profiles), with botocore's ``standard`` retry mode and a pool that covers the concurrency.
 
-    The CRT transfer path is deliberately not used: it ignores custom endpoints.
+    Payloads are not SHA256-signed (``s3={"payload_signing_enabled": False}``): every object
+    and part spotckpt sends carries its CRC32C in a signed header, which S3 checks before it
+    stores anything, and the manifest is checked again on download. botocore itself skips the
+    SHA256 over HTTPS when a checksum is present; over ``http://`` (a local S3-compatible
+    server) it would hash every byte, ~0.6 client CPU-s per GiB on the 2-core VM
+    (benchmarks/README.md, "Payload signing"). The CRT transfer path is deliberately not
+    used: it ignores custom endpoints.
     """
     session = boto3.session.Session()  # sessions are not thread-safe: one per client
     cfg = Config(
@@ -138,6 +144,7 @@ def make_client(*, max_pool_connections: int | None = None, max_attempts: int = 
         connect_timeout=10,
         read_timeout=60,
         tcp_keepalive=True,
+        s3={"payload_signing_enabled": False},
     )
     try:
         return session.client("s3", config=cfg)
