@@ -2,8 +2,11 @@
 
 Order of candidates: every committed step, local or remote, newest first. A local step is used
 when it verifies (sizes and CRC32C of every file by default); otherwise -- or when it exists only
-in S3 -- the S3 copy is downloaded into staging, verified, committed locally and loaded. A step that
-fails anywhere is skipped with a warning naming the file, and the next older one is tried.
+in S3 -- the S3 copy is read into memory, verified piece by piece, loaded, and committed locally
+afterwards off the training thread (:mod:`spotckpt.core.fetch`); a step too large for memory, or
+going to another loader, or chosen by several ranks, is downloaded into staging, verified,
+committed locally and then loaded. A step that fails anywhere is skipped with a warning naming the
+file, and the next older one is tried.
 
 Verification ends before anything is loaded, so a damaged step never leaves the live state
 half-overwritten. A local step loaded into a state is verified while it is read (the tensor file
@@ -15,10 +18,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Collection, MutableMapping
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from spotckpt.ranks.dist import Coordinator
 from spotckpt.errors import AllStepsCorruptError, CheckpointCorruptError, ConfigError, NoCheckpointError, StorageError
 from spotckpt.format import FileEntry, Manifest, SafetensorsFile, crc32c_b64, crc32c_update, data_file_names, fsync_dir, parse_tree_json
 from spotckpt.core.layouts import CHUNK_CRCS, STATE, layout_of, saved_world_size, tensor_files
+from spotckpt.core.fetch import fetch_to_memory, memory_budget
 from spotckpt.core.local import DAMAGED, LocalStore, verify_files
 from spotckpt.ranks.shard import ShardIndex, read_tree
 from spotckpt.core.protocols import RemoteStore
@@ -69,11 +74,16 @@ class RestoreOptions:
 
 @dataclass(frozen=True)
 class RestoreResult:
+    """``path``: the directory the step was loaded from. ``keep_local``: for a step loaded
+    from memory (:mod:`spotckpt.core.fetch`), the local copy still to make -- run it off the
+    training thread; it raises what a failed download would (the step stays in S3)."""
+
     step: int
     source: str  # "local" or the S3 URI
     seconds: float
     bytes: int
     path: Path
+    keep_local: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 def load_step(
@@ -236,6 +246,10 @@ def restore_newest(state: MutableMapping[str, Any] | None, local: LocalStore, re
                     opts.ranged_loader(local.step_path(s), ranged, rank, remote, frozenset())
                     return RestoreResult(s, remote.uri, time.perf_counter() - t0, ranged.total_bytes,
                                          local.step_path(s))
+                if state is not None and opts.loader is None:
+                    res = _load_from_memory(state, local, remote, s, rank, opts, replace=s in local_steps, t0=t0)
+                    if res is not None:
+                        return res
                 # verified as it lands and committed locally before loading: the step loaded is
                 # also one the uploader sees (already in S3) and the next restart finds locally
                 path, manifest = local.import_step(remote, s, replace=s in local_steps, progress=opts.progress)
@@ -251,6 +265,47 @@ def restore_newest(state: MutableMapping[str, Any] | None, local: LocalStore, re
                                 f"{problems.get(opts.step, '?')}", step=opts.step)
     raise_if_all_bad(problems, local)
     return None
+
+
+def _load_from_memory(state: MutableMapping[str, Any], local: LocalStore, remote: RemoteStore, s: int, rank: int,
+                      opts: RestoreOptions, *, replace: bool, t0: float) -> RestoreResult | None:
+    """Fetch step ``s`` into memory, verified (:mod:`spotckpt.core.fetch`), and load it; the
+    result's ``keep_local`` then commits the local copy from memory. None when the step does
+    not fit in memory (nothing was read)."""
+    manifest = remote.read_manifest(s)
+    if manifest.total_bytes > memory_budget():
+        return None
+    links = local.begin(s)  # a staging directory: removed by the next start if this process dies
+    try:
+        free = shutil.disk_usage(links).free
+        if free < manifest.total_bytes:  # fail now, as a download would, not at the first save
+            raise StorageError(
+                f"No space left for step {s} under {local.root}: it needs {manifest.total_bytes} bytes, "
+                f"{free} are free; nothing was loaded or committed -- free space there (or set local_dir "
+                "to a larger volume)", key=str(local.root))
+        fetched = fetch_to_memory(remote, s, links, manifest=manifest, progress=opts.progress, budget=manifest.total_bytes)
+        assert fetched is not None
+    except BaseException:
+        local.abort(links)
+        raise
+    try:
+        load_step(state, links, fetched.manifest, rank=rank, verify=False, allow_pickle=opts.allow_pickle,
+                  bounce=opts.bounce)
+    except BaseException:
+        fetched.close()
+        local.abort(links)
+        raise
+
+    def keep_local() -> None:
+        try:
+            local.import_step(fetched, s, replace=replace)
+            local.mark_verified(s)
+        finally:
+            fetched.close()
+            local.abort(links)
+
+    return RestoreResult(s, remote.uri, time.perf_counter() - t0, fetched.manifest.total_bytes, links,
+                         keep_local=keep_local)
 
 
 def _ranged_manifest(remote: RemoteStore, s: int, opts: RestoreOptions) -> Manifest | None:

@@ -402,6 +402,8 @@ class CommitPipeline:
             return None
         if res is not None:
             self.note_restore(res, explicit=opts.step is not None)
+            if res.keep_local is not None:  # loaded from memory: the local copy is made off this thread
+                self.persist.submit(CallJob(res.keep_local, f"keeping the restored step {res.step} locally"))
         return res
 
     def on_uploaded(self, step: int, seconds: float, nbytes: int) -> None:

@@ -1,0 +1,191 @@
+"""Fetch a step from S3 into memory, verified as it lands, for a restore that loads it at once.
+
+A restore from S3 into a state does not need the step on disk before it loads: each file is
+read with ranged GETs (:data:`PIECE_BYTES` each, :data:`THREADS` at a time) straight into an
+anonymous in-memory file (``memfd_create``), and each piece is CRC32C'd as soon as it has
+landed; the pieces' CRCs are combined and compared with the manifest before anything is loaded,
+so a restore stays all or nothing. The load then reads the memory files like a step directory
+(:attr:`FetchedStep.dir`, links to them beside a copy of the manifest), through the same mapped
+reads as a local step. The local copy -- staging, fsync, commit by rename, the guarantees of a
+download -- is made from memory afterwards (:meth:`FetchedStep.download_step` is a source for
+``LocalStore.import_step``), on the persist thread: training resumes when the state is loaded,
+not when the disk has the copy; the step is durable in S3 all along.
+
+Used for one process loading into a state, on Linux, when the step's files fit in
+:func:`memory_budget`; otherwise (another loader, several ranks, a step too large for memory)
+the step is downloaded into staging and committed first, as before.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from spotckpt.errors import CheckpointCorruptError, StorageError
+from spotckpt.format import (MANIFEST_NAME, Manifest, crc32c_b64, crc32c_combine, crc32c_update, safe_relpath,
+                             write_chunks_durably)
+
+__all__ = ["FetchedStep", "fetch_to_memory", "memory_budget", "PIECE_BYTES", "THREADS"]
+
+log = logging.getLogger(__name__)
+
+#: One ranged GET reads at most this much (AWS's guidance for byte-range GETs: 8-16 MB).
+PIECE_BYTES = 16 * 1024 * 1024
+#: Ranged GETs in flight. On the 2-core VM against SeaweedFS, 1 GiB: 8 x 16 MiB took 0.93 s,
+#: 16 x 8 MiB 1.00 s, 4 x 32 MiB 1.13 s, boto3's ``download_file`` to a file 1.94 s.
+THREADS = 8
+
+
+def memory_budget() -> int:
+    """How many bytes a restore may hold in memory: half of ``MemAvailable`` (0 where
+    ``/proc/meminfo`` or ``memfd_create`` is missing: not Linux, so no memory fetch)."""
+    if not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
+        return 0
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class FetchedStep:
+    """A step held in memory: one verified memory file per data file of ``manifest``.
+    ``dir`` reads like the step's directory (it must be a fresh, empty directory of the
+    caller's, e.g. a staging directory; :meth:`close` empties it, the caller removes it).
+    :meth:`download_step` makes the local copy. Close once done with both."""
+
+    def __init__(self, uri: str, manifest: Manifest, dir: Path) -> None:
+        self.uri = uri
+        self.manifest = manifest
+        self.dir = Path(dir)
+        self._fds: dict[str, int] = {}
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def _open(self, rel: str, size: int) -> memoryview:
+        fd = os.memfd_create(f"spotckpt-step-{self.manifest.step}", os.MFD_CLOEXEC)
+        self._fds[rel] = fd
+        if size:
+            os.ftruncate(fd, size)
+            self._maps[rel] = mmap.mmap(fd, size)
+        link = self.dir / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(f"/proc/{os.getpid()}/fd/{fd}", link)
+        return memoryview(self._maps[rel]) if size else memoryview(b"")
+
+    def read_manifest(self, step: int) -> Manifest:
+        return self.manifest
+
+    def download_step(self, step: int, dest_dir: Path, manifest: Manifest | None = None, *,
+                      progress: Callable[[int], None] | None = None) -> Manifest:
+        """Write every file from memory into ``dest_dir`` (a staging directory), checksummed
+        in the same pass and fsynced (the source contract of ``LocalStore.import_step``)."""
+        m = manifest if manifest is not None else self.manifest
+        for rel, ent in m.files.items():
+            out = Path(dest_dir) / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            mm = self._maps.get(rel)
+            try:
+                with memoryview(mm if mm is not None else b"") as view:
+                    got = write_chunks_durably(out, (view,), stable=True)
+            except OSError as exc:
+                what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+                raise StorageError(f"writing the restored {rel} to {out} failed: {what}; nothing was committed "
+                                   "locally (the step stays in S3) -- free space there", key=str(out)) from exc
+            if got != ent:  # memory changed under us: never commit it
+                raise CheckpointCorruptError(f"{self.uri}: {rel} changed in memory after it verified "
+                                             f"({got.crc32c} != {ent.crc32c})", path=str(out))
+            if progress is not None:
+                progress(ent.size)
+        return m
+
+    def close(self) -> None:
+        """Free the memory and remove the links (idempotent)."""
+        for rel, mm in self._maps.items():
+            mm.close()
+        for rel, fd in self._fds.items():
+            os.close(fd)
+            (self.dir / rel).unlink(missing_ok=True)
+        (self.dir / MANIFEST_NAME).unlink(missing_ok=True)
+        self._maps.clear()
+        self._fds.clear()
+
+    def __enter__(self) -> FetchedStep:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def fetch_to_memory(remote: Any, step: int, dir: Path, *, manifest: Manifest | None = None,
+                    progress: Callable[[int], None] | None = None, budget: int | None = None) -> FetchedStep | None:
+    """Read every file of ``step`` from ``remote`` (a RemoteStore: ``read_manifest``,
+    ``read_range_into``) into memory, each piece checksummed as it lands, and verify every
+    file against the manifest. None (nothing read) when the step does not fit ``budget``
+    (default :func:`memory_budget`). CheckpointCorruptError when a file is short or does not
+    verify (nothing is kept), a StorageError when S3 fails."""
+    m = manifest if manifest is not None else remote.read_manifest(step)
+    if m.total_bytes > (memory_budget() if budget is None else budget):
+        return None
+    for rel in m.files:
+        safe_relpath(rel, source=f"{remote.uri} step {step}")
+    got = FetchedStep(remote.uri, m, dir)
+    try:
+        try:
+            _fill(remote, step, got, progress)
+        except OSError as exc:  # memory files, mappings, links
+            raise StorageError(f"cannot hold step {step} in memory under {dir}: {exc.strerror or exc}; nothing was "
+                               "loaded -- free memory or space on the checkpoint volume", key=str(dir)) from exc
+        try:
+            (Path(dir) / MANIFEST_NAME).write_bytes(m.to_bytes())  # what a step directory has (the autopilot reads it)
+        except OSError as exc:
+            raise StorageError(f"cannot write under {dir}: {exc.strerror or exc}; nothing was loaded -- free space "
+                               "on the checkpoint volume or check its permissions", key=str(dir)) from exc
+    except BaseException:
+        got.close()
+        raise
+    log.info("step %s fetched from %s into memory (%d bytes, verified)", step, remote.uri, m.total_bytes)
+    return got
+
+
+def _fill(remote: Any, step: int, got: FetchedStep, progress: Callable[[int], None] | None) -> None:
+    """Read ``got``'s files in pieces, :data:`THREADS` at a time, and check each file's CRC32C."""
+    m = got.manifest
+    views = {rel: got._open(rel, ent.size) for rel, ent in sorted(m.files.items())}
+    pieces = [(rel, off, min(PIECE_BYTES, m.files[rel].size - off))
+              for rel in views for off in range(0, m.files[rel].size, PIECE_BYTES)]
+
+    def fetch(rel: str, off: int, n: int) -> int:
+        with views[rel][off : off + n] as out:
+            remote.read_range_into(step, rel, off, out)
+            crc = crc32c_update(0, out)  # while the piece is still in cache
+        if progress is not None:
+            progress(n)
+        return crc
+
+    try:
+        with ThreadPoolExecutor(max(1, min(THREADS, len(pieces))), thread_name_prefix="spotckpt-fetch") as pool:
+            futs = [pool.submit(fetch, *p) for p in pieces]
+            for f in futs:
+                f.exception()  # every read has ended before the first error is raised
+            crcs = [f.result() for f in futs]
+    finally:
+        for v in views.values():
+            v.release()  # the mappings can be closed
+    whole: dict[str, int] = {}
+    for (rel, _, n), crc in zip(pieces, crcs):
+        whole[rel] = crc32c_combine(whole[rel], crc, n) if rel in whole else crc
+    for rel, ent in m.files.items():
+        have = crc32c_b64(whole.get(rel, 0))
+        if have != ent.crc32c:
+            raise CheckpointCorruptError(
+                f"{remote.uri}: {rel} of step {step} has CRC32C {have}, the manifest says {ent.crc32c}; the "
+                "object is corrupt -- an older step will be used", path=f"{remote.uri} {rel}")
