@@ -1,6 +1,6 @@
 """Checkpoint policies compared on the same interruptions: AutoInterval against fixed intervals.
 
-    python benchmarks/bench_autopilot.py [--seeds 1] [--every-steps 100] [--schedules noticed,hard30,unfit]
+    python benchmarks/bench_autopilot.py [--seeds 1] [--first-seed 0] [--every-steps 100] [--schedules noticed,hard30,unfit]
                                          [--grid 'noticed=8,16,32;hard30=5,10,20'] [--scale 1.0] [--dry]
 
 Each run is ``spotckpt simulate --json --interrupt-every-steps N --step-seconds T
@@ -201,6 +201,8 @@ def expected(schedule: str, args: argparse.Namespace) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1 (to add "
+                    "seeds to an earlier run: merge the JSONs with from_json)")
     ap.add_argument("--every-steps", type=int, default=100, help="mean training steps between interruptions")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every schedule's run length")
     ap.add_argument("--grid", default=None, help="fixed intervals (steps): 8,16,32 for every schedule, or "
@@ -226,7 +228,7 @@ def main() -> int:
     if args.dry:
         return 0
     runs = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for sc in schedules:
             for pol in policies_of(sc, args):
                 r = run_one(sc, pol, seed, args, step_s)
@@ -242,10 +244,13 @@ def main() -> int:
     return 0
 
 
-def from_json(path: str) -> str:
-    """The table of a saved run (``python -c 'import bench_autopilot as b; print(b.from_json(P))'``)."""
-    doc = json.loads(Path(path).read_text())
-    runs = doc["runs"]
+def from_json(*paths: str) -> str:
+    """The table of saved runs, merged (``python -c 'import bench_autopilot as b; print(b.from_json(P, ...))'``:
+    runs of other seeds with the same schedules and policies add failures to the same sums)."""
+    runs = [r for p in paths for r in json.loads(Path(p).read_text())["runs"]]
+    seeds = [(r["schedule"], r["policy"], r["seed"]) for r in runs]
+    if len(seeds) != len(set(seeds)):
+        raise SystemExit("from_json: the files share a seed; give each run its own --first-seed")
     schedules = list(dict.fromkeys(r["schedule"] for r in runs))
     return table(runs, schedules, {sc: list(dict.fromkeys(r["policy"] for r in runs if r["schedule"] == sc))
                                    for sc in schedules})

@@ -21,8 +21,9 @@ The committed step is then checked: it is the step the child reports as preempte
 ``S3Store.verify_step`` finds every object's size and full-object CRC32C right. After the
 repeat's first variant, the parent (the child gone) uploads the same bytes -- the step's files,
 read into memory first, untimed -- with plain boto3 ``upload_fileobj`` from a ``BytesIO``: with
-boto3's default ``TransferConfig`` and with spotckpt's part size and concurrency; the faster of the
-two is the repeat's "plain upload from memory", and ``to_manifest_s`` is also given as a ratio
+boto3's default ``TransferConfig``, with spotckpt's part size and concurrency, and the latter through
+a client configured as spotckpt's (payload signing off); the fastest of the three is the repeat's
+"plain upload from memory", and ``to_manifest_s`` is also given as a ratio
 to it (target: at most 1.1). Writes benchmarks/out/preempt.json.
 """
 
@@ -77,18 +78,21 @@ def plain_uploads(s3: object, bucket: str, prefix: str, files: list[bytes]) -> d
     after the other: boto3's default TransferConfig, and spotckpt's part size and concurrency."""
     from boto3.s3.transfer import TransferConfig
 
-    from spotckpt.remote.s3 import default_transfer_config
+    from spotckpt.remote.s3 import default_transfer_config, make_client
 
     ours = default_transfer_config()
     configs = {"boto3_default": TransferConfig(),
                "boto3_spotckpt_parts": TransferConfig(multipart_threshold=ours.multipart_threshold,
                                                       multipart_chunksize=ours.multipart_chunksize,
                                                       max_concurrency=ours.max_concurrency)}
+    # the same client with payload signing off, as spotckpt's (no SHA256 of every byte over http://)
+    unsigned = make_client()
     out = {}
-    for name, cfg in configs.items():
+    for name, cfg, client in [*((n, c, s3) for n, c in configs.items()),
+                              ("boto3_spotckpt_parts_unsigned", configs["boto3_spotckpt_parts"], unsigned)]:
         t0 = time.perf_counter()
         for i, data in enumerate(files):
-            s3.upload_fileobj(io.BytesIO(data), bucket, f"{prefix}/plain-{name}/{i}", Config=cfg)  # type: ignore[attr-defined]
+            client.upload_fileobj(io.BytesIO(data), bucket, f"{prefix}/plain-{name}/{i}", Config=cfg)  # type: ignore[attr-defined]
         out[name] = round(time.perf_counter() - t0, 3)
     return out
 
