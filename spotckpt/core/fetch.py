@@ -22,6 +22,7 @@ import errno
 import logging
 import mmap
 import os
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,6 +58,24 @@ def memory_budget() -> int:
     return 0
 
 
+#: Steps held in memory now. A process forked while one is held (a DataLoader worker started
+#: right after the restore) would keep its memory alive for as long as it runs: the child drops
+#: its inherited handles at once (:func:`_drop_in_child`).
+_LIVE: weakref.WeakSet[FetchedStep] = weakref.WeakSet()
+
+
+def _drop_in_child() -> None:
+    for f in list(_LIVE):
+        try:
+            f._release()
+        except (OSError, BufferError):  # pragma: no cover - nothing in the child uses them
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_in_child)
+
+
 class FetchedStep:
     """A step held in memory: one verified memory file per data file of ``manifest``.
     ``dir`` reads like the step's directory (it must be a fresh, empty directory of the
@@ -69,6 +88,7 @@ class FetchedStep:
         self.dir = Path(dir)
         self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap] = {}
+        _LIVE.add(self)
 
     def _open(self, rel: str, size: int) -> memoryview:
         fd = os.memfd_create(f"spotckpt-step-{self.manifest.step}", os.MFD_CLOEXEC)
@@ -109,12 +129,19 @@ class FetchedStep:
 
     def close(self) -> None:
         """Free the memory and remove the links (idempotent)."""
-        for rel, mm in self._maps.items():
-            mm.close()
-        for rel, fd in self._fds.items():
-            os.close(fd)
+        names = list(self._fds)
+        self._release()
+        for rel in names:
             (self.dir / rel).unlink(missing_ok=True)
         (self.dir / MANIFEST_NAME).unlink(missing_ok=True)
+
+    def _release(self) -> None:
+        """Unmap and close this process's handles on the memory (not the links)."""
+        _LIVE.discard(self)
+        for mm in self._maps.values():
+            mm.close()
+        for fd in self._fds.values():
+            os.close(fd)
         self._maps.clear()
         self._fds.clear()
 

@@ -169,3 +169,30 @@ def test_a_restore_from_memory_into_a_live_model_is_all_or_nothing(tmp_path: Pat
         assert _staging_left(mgr) == [] and mgr.local.committed_steps() == []
     assert torch.equal(live["t"], torch.zeros(8))
     assert all(torch.equal(before[k], v) for k, v in live["m"].state_dict().items())
+
+
+def test_a_process_forked_while_a_step_is_in_memory_does_not_keep_it(tmp_path: Path) -> None:
+    """A DataLoader worker forked right after a restore from memory drops the inherited memory
+    files at once (else they would live as long as the worker)."""
+    store, local = _memory_step(tmp_path)
+    fetched = fetch_to_memory(store, 7, local.begin(7))
+    assert fetched is not None
+
+    def memfds() -> list[str]:
+        out = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                out.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        return [t for t in out if "spotckpt-step-7" in t]
+
+    assert memfds()  # the parent holds them
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        os._exit(10 + len(memfds()))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 10  # none inherited
+    assert memfds()  # the parent still holds them
+    fetched.close()
+    assert not memfds()
