@@ -57,6 +57,15 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_SECONDS = 600.0
 
 
+def _how_it_failed(exc: BaseException, timeout_seconds: float) -> str:
+    """``within N s`` when the collective timed out; else the peer's connection broke (gloo
+    reports a rank that died as a reset or closed connection at once, not after the timeout)."""
+    text = str(exc).lower()
+    if "timed out" in text or "timeout" in text:
+        return f"within {timeout_seconds:.0f} s"
+    return "because the connection to another rank broke"
+
+
 @dataclass(frozen=True)
 class HostLayout:
     """Which ranks share a ``local_dir``."""
@@ -221,13 +230,10 @@ class Coordinator:
             outs = [torch.empty_like(big) for _ in range(self.world_size)]
             dist.all_gather(outs, big, group=pg)
         except (RuntimeError, ValueError) as exc:
-            raise CollectiveError(
-                f"{name}: rank {self.rank} could not exchange with the other ranks within "
-                f"{self.timeout_seconds:.0f} s ({type(exc).__name__}: {str(exc)[:300]}); a rank died "
-                "or stopped calling spotckpt in the same order -- nothing was committed for this "
-                "operation",
-                ranks=[],
-            ) from exc
+            raise CollectiveError(f"{name}: rank {self.rank} could not exchange with the other ranks "
+                                  f"{_how_it_failed(exc, self.timeout_seconds)} ({type(exc).__name__}: "
+                                  f"{str(exc)[:300]}); a rank died or stopped calling spotckpt in the same order "
+                                  "-- nothing was committed for this operation", ranks=[]) from exc
         return [o[:n].numpy().tobytes() for o, n in zip(outs, sizes)]
 
     def broadcast_file(self, name: str, src: Path | None, dst: Path | None, nbytes: int,
