@@ -119,11 +119,3 @@ def test_the_first_save_imports_nothing_on_the_training_thread(tmp_path: Path) -
     assert "TENSORS [] DTENSOR False" in out, out
     assert "STATEFUL []" in out, out
 
-
-def test_a_collective_error_says_whether_it_timed_out_or_a_rank_went_away() -> None:
-    from spotckpt.ranks.dist import _how_it_failed
-
-    reset = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:10149: Connection reset by peer")
-    timeout = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 10000ms for recv operation")
-    assert _how_it_failed(reset, 10.0) == "because the connection to another rank broke"
-    assert _how_it_failed(timeout, 10.0) == "within 10 s"
