@@ -118,4 +118,3 @@ def test_the_first_save_imports_nothing_on_the_training_thread(tmp_path: Path) -
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "TENSORS [] DTENSOR False" in out, out
     assert "STATEFUL []" in out, out
-
