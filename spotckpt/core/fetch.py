@@ -1,7 +1,8 @@
 """Fetch a step from S3 into memory, verified as it lands, for a restore that loads it at once.
 
 A restore from S3 into a state does not need the step on disk before it loads: each file is
-read with ranged GETs (:data:`PIECE_BYTES` each, :data:`THREADS` at a time) straight into an
+read with ranged GETs (:data:`PIECE_BYTES` each, as the ranged DCP loads; :data:`THREADS` at a
+time) straight into an
 anonymous in-memory file (``memfd_create``), and each piece is CRC32C'd as soon as it has
 landed; the pieces' CRCs are combined and compared with the manifest before anything is loaded,
 so a restore stays all or nothing. The load then reads the memory files like a step directory
@@ -11,8 +12,8 @@ download -- is made from memory afterwards (:meth:`FetchedStep.download_step` is
 ``LocalStore.import_step``), on the persist thread: training resumes when the state is loaded,
 not when the disk has the copy; the step is durable in S3 all along.
 
-Used for one process loading into a state, on Linux, when the step's files fit in
-:func:`memory_budget`; otherwise (another loader, several ranks, a step too large for memory)
+Used (by :func:`spotckpt.core.restore.restore_newest`) for one process loading into a state, on
+Linux, when the step's files fit in :func:`memory_budget`; otherwise (another loader, several ranks, a step too large for memory)
 the step is downloaded into staging and committed first, as before.
 """
 
@@ -24,20 +25,19 @@ import mmap
 import os
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from spotckpt.errors import CheckpointCorruptError, StorageError
 from spotckpt.format import (MANIFEST_NAME, Manifest, crc32c_b64, crc32c_combine, crc32c_update, safe_relpath,
                              write_chunks_durably)
+from spotckpt.ranks.shard import FETCH_PIECE_BYTES as PIECE_BYTES
+from spotckpt.ranks.shard import run_all
 
 __all__ = ["FetchedStep", "fetch_to_memory", "memory_budget", "PIECE_BYTES", "THREADS"]
 
 log = logging.getLogger(__name__)
 
-#: One ranged GET reads at most this much (AWS's guidance for byte-range GETs: 8-16 MB).
-PIECE_BYTES = 16 * 1024 * 1024
 #: Ranged GETs in flight. On the 2-core VM against SeaweedFS, 1 GiB: 8 x 16 MiB took 0.93 s,
 #: 16 x 8 MiB 1.00 s, 4 x 32 MiB 1.13 s, boto3's ``download_file`` to a file 1.94 s.
 THREADS = 8
@@ -145,37 +145,24 @@ class FetchedStep:
         self._maps.clear()
         self._fds.clear()
 
-    def __enter__(self) -> FetchedStep:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def fetch_to_memory(remote: Any, step: int, dir: Path, *, manifest: Manifest | None = None,
-                    progress: Callable[[int], None] | None = None, budget: int | None = None) -> FetchedStep | None:
-    """Read every file of ``step`` from ``remote`` (a RemoteStore: ``read_manifest``,
-    ``read_range_into``) into memory, each piece checksummed as it lands, and verify every
-    file against the manifest. None (nothing read) when the step does not fit ``budget``
-    (default :func:`memory_budget`). CheckpointCorruptError when a file is short or does not
-    verify (nothing is kept), a StorageError when S3 fails."""
-    m = manifest if manifest is not None else remote.read_manifest(step)
-    if m.total_bytes > (memory_budget() if budget is None else budget):
-        return None
+def fetch_to_memory(remote: Any, step: int, dir: Path, m: Manifest, *,
+                    progress: Callable[[int], None] | None = None) -> FetchedStep:
+    """Read every file of ``m`` (``step``'s manifest, which the caller found fits
+    :func:`memory_budget`) from ``remote`` (a RemoteStore: ``read_range_into``) into memory,
+    each piece checksummed as it lands, and verify every file against ``m``.
+    CheckpointCorruptError when a file is short or does not verify (nothing is kept), a
+    StorageError when S3 fails."""
     for rel in m.files:
         safe_relpath(rel, source=f"{remote.uri} step {step}")
     got = FetchedStep(remote.uri, m, dir)
     try:
         try:
             _fill(remote, step, got, progress)
-        except OSError as exc:  # memory files, mappings, links
+            (Path(dir) / MANIFEST_NAME).write_bytes(m.to_bytes())  # what a step directory has (the autopilot reads it)
+        except OSError as exc:  # memory files, mappings, links, the manifest's copy
             raise StorageError(f"cannot hold step {step} in memory under {dir}: {exc.strerror or exc}; nothing was "
                                "loaded -- free memory or space on the checkpoint volume", key=str(dir)) from exc
-        try:
-            (Path(dir) / MANIFEST_NAME).write_bytes(m.to_bytes())  # what a step directory has (the autopilot reads it)
-        except OSError as exc:
-            raise StorageError(f"cannot write under {dir}: {exc.strerror or exc}; nothing was loaded -- free space "
-                               "on the checkpoint volume or check its permissions", key=str(dir)) from exc
     except BaseException:
         got.close()
         raise
@@ -199,11 +186,7 @@ def _fill(remote: Any, step: int, got: FetchedStep, progress: Callable[[int], No
         return crc
 
     try:
-        with ThreadPoolExecutor(max(1, min(THREADS, len(pieces))), thread_name_prefix="spotckpt-fetch") as pool:
-            futs = [pool.submit(fetch, *p) for p in pieces]
-            for f in futs:
-                f.exception()  # every read has ended before the first error is raised
-            crcs = [f.result() for f in futs]
+        crcs = run_all(fetch, pieces, THREADS)
     finally:
         for v in views.values():
             v.release()  # the mappings can be closed

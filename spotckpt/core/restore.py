@@ -283,8 +283,7 @@ def _load_from_memory(state: MutableMapping[str, Any], local: LocalStore, remote
                 f"No space left for step {s} under {local.root}: it needs {manifest.total_bytes} bytes, "
                 f"{free} are free; nothing was loaded or committed -- free space there (or set local_dir "
                 "to a larger volume)", key=str(local.root))
-        fetched = fetch_to_memory(remote, s, links, manifest=manifest, progress=opts.progress, budget=manifest.total_bytes)
-        assert fetched is not None
+        fetched = fetch_to_memory(remote, s, links, manifest, progress=opts.progress)
     except BaseException:
         local.abort(links)
         raise

@@ -336,26 +336,23 @@ def fetch_chunks(chunks: Iterable[RemoteChunk], threads: int = 8) -> None:
                 with mv[c.start - run[0].start : c.end - run[0].start] as part:
                     c._verify(part)
 
-    _run_all(fetch, pieces, threads)
-    _run_all(check, list(zip(runs, bufs)), threads)
+    run_all(fetch, pieces, threads)
+    run_all(check, list(zip(runs, bufs)), threads)
     for run, buf in zip(runs, bufs):
         for c in run:
             c._keep(buf, c.start - run[0].start)
 
 
-def _run_all(fn: Callable[..., Any], args: list[tuple[Any, ...]], threads: int) -> None:
-    """``fn(*a)`` for each of ``args``, ``threads`` at a time; every call has ended before the
-    first error is raised."""
+def run_all(fn: Callable[..., Any], args: list[tuple[Any, ...]], threads: int) -> list[Any]:
+    """``[fn(*a) for a in args]``, ``threads`` at a time; every call has ended before the first
+    error is raised."""
     if len(args) <= 1 or threads <= 1:
-        for a in args:
-            fn(*a)
-        return
+        return [fn(*a) for a in args]
     with ThreadPoolExecutor(min(threads, len(args)), thread_name_prefix="spotckpt-fetch") as pool:
         futs = [pool.submit(fn, *a) for a in args]
         for f in futs:
             f.exception()
-        for f in futs:
-            f.result()
+        return [f.result() for f in futs]
 
 
 def read_tree(step_dir: Any, manifest: Manifest, st_name: str, remote: Any,
