@@ -23,10 +23,11 @@ import errno
 import logging
 import mmap
 import os
+import shutil
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spotckpt.errors import CheckpointCorruptError, StorageError
 from spotckpt.format import (MANIFEST_NAME, Manifest, crc32c_b64, crc32c_combine, crc32c_update, safe_relpath,
@@ -34,7 +35,10 @@ from spotckpt.format import (MANIFEST_NAME, Manifest, crc32c_b64, crc32c_combine
 from spotckpt.ranks.shard import FETCH_PIECE_BYTES as PIECE_BYTES
 from spotckpt.ranks.shard import run_all
 
-__all__ = ["FetchedStep", "fetch_to_memory", "memory_budget", "PIECE_BYTES", "THREADS"]
+if TYPE_CHECKING:
+    from spotckpt.core.local import LocalStore
+
+__all__ = ["FetchedStep", "fetch_to_memory", "load_from_memory", "memory_budget", "PIECE_BYTES", "THREADS"]
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +148,49 @@ class FetchedStep:
             os.close(fd)
         self._maps.clear()
         self._fds.clear()
+
+
+def load_from_memory(local: LocalStore, remote: Any, s: int, load: Callable[[Path, Manifest], None], *,
+                     replace: bool, progress: Callable[[int], None] | None = None,
+                     ) -> tuple[Path, Manifest, Callable[[], None]] | None:
+    """Fetch step ``s`` of ``remote`` into memory, verified, and ``load(dir, manifest)`` it.
+    Returns the directory it was loaded from, the manifest and ``keep_local``: the local copy
+    still to make from memory (committed into ``local``, replacing a corrupt local copy of
+    ``s`` when ``replace``), to run off the training thread; it raises what a failed download
+    would (the step stays in S3). None when the step does not fit :func:`memory_budget`
+    (nothing was read). A local disk without room for the step fails here, as a download would,
+    not at the first save."""
+    manifest = remote.read_manifest(s)
+    if manifest.total_bytes > memory_budget():
+        return None
+    links = local.begin(s)  # a staging directory: removed by the next start if this process dies
+    try:
+        free = shutil.disk_usage(links).free
+        if free < manifest.total_bytes:
+            raise StorageError(
+                f"No space left for step {s} under {local.root}: it needs {manifest.total_bytes} bytes, "
+                f"{free} are free; nothing was loaded or committed -- free space there (or set local_dir "
+                "to a larger volume)", key=str(local.root))
+        fetched = fetch_to_memory(remote, s, links, manifest, progress=progress)
+    except BaseException:
+        local.abort(links)
+        raise
+    try:
+        load(links, manifest)
+    except BaseException:
+        fetched.close()
+        local.abort(links)
+        raise
+
+    def keep_local() -> None:
+        try:
+            local.import_step(fetched, s, replace=replace)
+            local.mark_verified(s)
+        finally:
+            fetched.close()
+            local.abort(links)
+
+    return links, manifest, keep_local
 
 
 def fetch_to_memory(remote: Any, step: int, dir: Path, m: Manifest, *,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Collection, MutableMapping
 from contextlib import ExitStack
@@ -32,7 +31,7 @@ from spotckpt.ranks.dist import Coordinator
 from spotckpt.errors import AllStepsCorruptError, CheckpointCorruptError, ConfigError, NoCheckpointError, StorageError
 from spotckpt.format import FileEntry, Manifest, SafetensorsFile, crc32c_b64, crc32c_update, data_file_names, fsync_dir, parse_tree_json
 from spotckpt.core.layouts import CHUNK_CRCS, STATE, layout_of, saved_world_size, tensor_files
-from spotckpt.core.fetch import fetch_to_memory, memory_budget
+from spotckpt.core.fetch import load_from_memory
 from spotckpt.core.local import DAMAGED, LocalStore, verify_files
 from spotckpt.ranks.shard import ShardIndex, read_tree
 from spotckpt.core.protocols import RemoteStore
@@ -247,9 +246,12 @@ def restore_newest(state: MutableMapping[str, Any] | None, local: LocalStore, re
                     return RestoreResult(s, remote.uri, time.perf_counter() - t0, ranged.total_bytes,
                                          local.step_path(s))
                 if state is not None and opts.loader is None:
-                    res = _load_from_memory(state, local, remote, s, rank, opts, replace=s in local_steps, t0=t0)
-                    if res is not None:
-                        return res
+                    got = load_from_memory(local, remote, s, _loader_of(state, rank, opts), replace=s in local_steps,
+                                           progress=opts.progress)
+                    if got is not None:
+                        path, manifest, keep = got
+                        return RestoreResult(s, remote.uri, time.perf_counter() - t0, manifest.total_bytes, path,
+                                             keep_local=keep)
                 # verified as it lands and committed locally before loading: the step loaded is
                 # also one the uploader sees (already in S3) and the next restart finds locally
                 path, manifest = local.import_step(remote, s, replace=s in local_steps, progress=opts.progress)
@@ -267,46 +269,6 @@ def restore_newest(state: MutableMapping[str, Any] | None, local: LocalStore, re
     return None
 
 
-def _load_from_memory(state: MutableMapping[str, Any], local: LocalStore, remote: RemoteStore, s: int, rank: int,
-                      opts: RestoreOptions, *, replace: bool, t0: float) -> RestoreResult | None:
-    """Fetch step ``s`` into memory, verified (:mod:`spotckpt.core.fetch`), and load it; the
-    result's ``keep_local`` then commits the local copy from memory. None when the step does
-    not fit in memory (nothing was read)."""
-    manifest = remote.read_manifest(s)
-    if manifest.total_bytes > memory_budget():
-        return None
-    links = local.begin(s)  # a staging directory: removed by the next start if this process dies
-    try:
-        free = shutil.disk_usage(links).free
-        if free < manifest.total_bytes:  # fail now, as a download would, not at the first save
-            raise StorageError(
-                f"No space left for step {s} under {local.root}: it needs {manifest.total_bytes} bytes, "
-                f"{free} are free; nothing was loaded or committed -- free space there (or set local_dir "
-                "to a larger volume)", key=str(local.root))
-        fetched = fetch_to_memory(remote, s, links, manifest, progress=opts.progress)
-    except BaseException:
-        local.abort(links)
-        raise
-    try:
-        load_step(state, links, fetched.manifest, rank=rank, verify=False, allow_pickle=opts.allow_pickle,
-                  bounce=opts.bounce)
-    except BaseException:
-        fetched.close()
-        local.abort(links)
-        raise
-
-    def keep_local() -> None:
-        try:
-            local.import_step(fetched, s, replace=replace)
-            local.mark_verified(s)
-        finally:
-            fetched.close()
-            local.abort(links)
-
-    return RestoreResult(s, remote.uri, time.perf_counter() - t0, fetched.manifest.total_bytes, links,
-                         keep_local=keep_local)
-
-
 def _ranged_manifest(remote: RemoteStore, s: int, opts: RestoreOptions) -> Manifest | None:
     """Step ``s``'s manifest from ``remote`` when ``opts.ranged_loader`` reads it (the step
     records its chunks' CRC32C), else None (the step is downloaded and committed first)."""
@@ -314,6 +276,12 @@ def _ranged_manifest(remote: RemoteStore, s: int, opts: RestoreOptions) -> Manif
         return None
     m = remote.read_manifest(s)
     return m if m.extra.get(CHUNK_CRCS) is True else None
+
+
+def _loader_of(state: MutableMapping[str, Any], rank: int, opts: RestoreOptions) -> Callable[[Path, Manifest], None]:
+    """Load a step that verified already (from memory) into ``state``."""
+    return lambda path, m: load_step(state, path, m, rank=rank, verify=False, allow_pickle=opts.allow_pickle,
+                                     bounce=opts.bounce)
 
 
 def _load_one(state: MutableMapping[str, Any] | None, path: Path, manifest: Manifest, rank: int,

@@ -13,13 +13,11 @@ import torch
 
 from spotckpt import CheckpointManager
 from spotckpt.core import fetch as fetch_mod
-from spotckpt.core import restore as restore_mod
 from spotckpt.core.fetch import FetchedStep, fetch_to_memory
 from spotckpt.core.local import LocalStore
 from spotckpt.errors import CheckpointCorruptError, StateError, StorageError
 from spotckpt.format import step_dirname
 from spotckpt.remote.memory import MemoryStore
-from spotckpt.remote.s3 import S3Store
 from tests.helpers import assert_state_is_step, empty_state, step_state
 
 S3_SERVERS = ("moto", "seaweedfs")
@@ -82,7 +80,7 @@ def test_a_step_larger_than_the_memory_budget_is_downloaded_first(tmp_path: Path
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     uri = f"s3://{bucket}/big"
     _save(tmp_path / "a", uri, (1,))
-    monkeypatch.setattr(restore_mod, "memory_budget", lambda: 1024)
+    monkeypatch.setattr(fetch_mod, "memory_budget", lambda: 1024)
     target = empty_state(numel=NUMEL)
     with CheckpointManager(tmp_path / "fresh", uri, metrics=False, install_signal_handlers=False) as mgr:
         assert mgr.restore(target) == 1
