@@ -145,6 +145,7 @@ def run_one(schedule: str, policy: str, seed: int, args: argparse.Namespace, ste
         "policy_wasted_s": round(w["checkpoint_stalls"] + w["lost_work"], 3),
         # every interruption that lost work, and where each one landed (the same for every policy)
         "failures_lost_s": [i["lost_seconds"] or 0.0 for i in its if (i["lost_seconds"] or 0) > 0 or not i["notice"]],
+        "failures_lost_steps": [i["lost_steps"] or 0 for i in its if (i["lost_seconds"] or 0) > 0 or not i["notice"]],
         "at": [[i["step_at_interruption"], int(i["notice"])] for i in its],
         "misses_fits_busy": sum(1 for i in noticed if i["grace_budget_fits_busy"] and (i["lost_steps"] or 0) > 0),
         "misses_fits_idle": sum(1 for i in noticed if i["grace_budget_fits"] and (i["lost_steps"] or 0) > 0),
