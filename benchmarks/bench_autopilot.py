@@ -49,7 +49,7 @@ interruptions lost work while the trainer's grace budget said the final save fit
 budget said "does not fit" (the trainer warned) before the first interruption. And the per-step cost
 of ``maybe_save`` with ``auto`` against ``every_steps=500`` (in-process, no save due).
 
-Writes benchmarks/out/autopilot.json (every run's figures and interruptions) and prints a
+Writes benchmarks/out/autopilot.json after every seed (every run's figures and interruptions; a run cut short keeps its complete seeds) and prints a
 markdown table.
 """
 
@@ -228,19 +228,20 @@ def main() -> int:
         print(optimum_steps(sc, args, step_s, stall_s), flush=True)
     if args.dry:
         return 0
-    runs = []
+    runs: list[dict] = []
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for sc in schedules:
             for pol in policies_of(sc, args):
                 r = run_one(sc, pol, seed, args, step_s)
                 runs.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k not in ("at", "failures_lost_s")}), flush=True)
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-               "loadavg": os.getloadavg()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine, "hot_path_s": hp, "step_seconds": step_s,
-                                          "calibration_stall_s": stall_s, "runs": runs,
-                                          "schedules": SCHEDULES, "args": vars(args)}, indent=1))
+        # after every seed: a run cut short keeps its complete seeds (a stop that does not depend on the results)
+        Path(args.out).write_text(json.dumps({"machine": dict(machine, loadavg=os.getloadavg()), "hot_path_s": hp,
+                                              "step_seconds": step_s, "calibration_stall_s": stall_s, "runs": runs,
+                                              "seeds_done": sorted({r["seed"] for r in runs}),
+                                              "schedules": SCHEDULES, "args": vars(args)}, indent=1))
     print(table(runs, schedules, {sc: policies_of(sc, args) for sc in schedules}))
     return 0
 
