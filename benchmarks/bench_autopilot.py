@@ -49,8 +49,8 @@ interruptions lost work while the trainer's grace budget said the final save fit
 budget said "does not fit" (the trainer warned) before the first interruption. And the per-step cost
 of ``maybe_save`` with ``auto`` against ``every_steps=500`` (in-process, no save due).
 
-Writes benchmarks/out/autopilot.json after every seed (every run's figures and interruptions; a run cut short keeps its complete seeds) and prints a
-markdown table.
+Writes benchmarks/out/autopilot.json after every seed (every run's figures and interruptions; a run
+cut short keeps its complete seeds) and prints a markdown table.
 """
 
 from __future__ import annotations

@@ -48,3 +48,37 @@ def test_sums_standard_errors_and_the_same_interruptions_check() -> None:
     runs[2]["at"] = [[121, 1], [233, 1], [310, 1]]  # a different kind: not the same interruptions
     text = bench.table(runs, ["noticed"], {"noticed": ["every:16", "auto"]})
     assert "same interruptions for every policy: NO" in text
+
+
+_MODEL = Path(__file__).resolve().parents[2] / "benchmarks" / "model_autopilot.py"
+_mspec = importlib.util.spec_from_file_location("model_autopilot", _MODEL)
+assert _mspec is not None and _mspec.loader is not None
+model = importlib.util.module_from_spec(_mspec)
+_mspec.loader.exec_module(model)
+
+
+def test_model_accounts_stalls_and_lost_work_like_the_benchmark() -> None:
+    a = model.parser().parse_args(["--hard", "0", "--hiccup-p", "0", "--steps", "1000"])
+    stalls, lost = model.run(("every", 10), 0, a)
+    assert lost == 0.0  # every interruption noticed: its final save fits, nothing is lost
+    restarts = len(model.interruptions(0, a.every_steps, 0.0, a.steps))
+    saves = round(stalls / (a.stall_ms / 1000))
+    assert 1000 // 10 - restarts <= saves <= 1000 // 10  # multiples of 10, minus those a restart landed on
+
+    a = model.parser().parse_args(["--hard", "1", "--hiccup-p", "0", "--durable-ms", "0", "--steps", "1000"])
+    failures = model.interruptions(0, a.every_steps, 1.0, a.steps)
+    _, lost = model.run(("every", 10), 0, a)
+    step_s = a.step_ms / 1000 + a.stall_ms / 1000
+    assert 0 < lost <= len(failures) * 9 * step_s + 1e-9  # at most 9 steps since the last multiple of 10
+    # the steps since the multiple of 10 it goes back to (and that save's stall, once per failure at most)
+    since = sum(at % 10 for at, _ in failures) * a.step_ms / 1000
+    assert since <= lost <= since + len(failures) * a.stall_ms / 1000 + 1e-9
+
+
+def test_model_plans_auto_with_the_autopilots_own_formula() -> None:
+    from spotckpt.autopilot import daly_interval
+
+    a = model.parser().parse_args([])
+    interval, mtbf = model.auto_interval(a)
+    assert mtbf == pytest.approx(a.every_steps * a.step_ms / 1000 / a.hard)
+    assert interval == pytest.approx(daly_interval(a.stall_ms / 1000, mtbf))
