@@ -164,8 +164,10 @@ class AutoInterval:
     ``interruptions_per_hour`` (per instance) or ``frequency_bucket`` (AWS Spot Advisor's, e.g.
     ``"5-10%"``), ``hard_fraction`` (share without notice, default 0.05) and ``instances``: the
     rates; without them ``$SPOTCKPT_INTERRUPTIONS``, else the job's own history. The interval is
-    clamped to ``[max(min_interval_seconds, 1.5 x save-to-durable), max_interval_seconds]``. The
-    first save of a run with no recorded costs comes after ``probe_steps`` steps, to measure them.
+    clamped to ``[max(min_interval_seconds, 1.5 x save-to-durable), max_interval_seconds]``, and
+    counted in steps once the step time is known (taken in each interval's second half, away
+    from the previous save's background work), with a wall-clock ceiling of twice the interval.
+    The first save of a run with no recorded costs comes after ``probe_steps`` steps, to measure them.
     ``notice_aware=False`` plans from the total interruption rate (the classical Young/Daly that
     ignores notice; a baseline for benchmarks). The choice is logged (INFO, one line) and
     published as ``event=autopilot`` whenever it moves by more than 10 %.
@@ -188,7 +190,13 @@ class AutoInterval:
         self.max_s = float(max_interval_seconds)
         self.probe_steps = probe_steps
         self.notice_aware = notice_aware
-        self.interval_s: float | None = None  # read every step; None until the costs are known
+        self.interval_s: float | None = None  # None until the costs are known
+        # The plan counted in steps of undisturbed training (None until a step time is known: count
+        # seconds); a save is also due once ``_cap_s`` seconds passed (steps turned slow).
+        self.interval_steps: int | None = None
+        self._cap_s = 0.0
+        self._half_at = -1  # steps into an interval where its second half starts (the step time is taken there)
+        self._half: tuple[float, int] | None = None  # (seconds since the last save, step) at that point
         self.plan: Plan | None = None
         self._pilot: Autopilot | None = None
         self._started = False
@@ -201,6 +209,16 @@ class AutoInterval:
         pilot.on_update(self.replan)
 
     def should_save(self, ctx: SaveContext) -> bool:
+        n = self.interval_steps
+        if n is not None and ctx.last_saved_step is not None:
+            done = ctx.step - ctx.last_saved_step
+            if done < n:
+                if done == self._half_at:
+                    self._half = (ctx.seconds_since_last_save, ctx.step)
+                if ctx.seconds_since_last_save < self._cap_s:
+                    return False
+            self._note_step_time(ctx)
+            return True
         iv = self.interval_s
         if iv is not None:
             if ctx.seconds_since_last_save < iv:
@@ -215,11 +233,18 @@ class AutoInterval:
         return ctx.step - self._start_step >= self.probe_steps
 
     def _note_step_time(self, ctx: SaveContext) -> None:
-        last = ctx.last_saved_step
+        """The step time, from the second half of the interval that ends here when it was seen:
+        the steps right after a save run slower while it persists and uploads in the background
+        (on a busy machine), and that slowdown is not what a failure throws away per step."""
+        last, half = ctx.last_saved_step, self._half
+        self._half = None
         if self._pilot is None or last is None or last == self._timed or ctx.step <= last:
             return
         self._timed = last
-        self._pilot.note_step_time(ctx.seconds_since_last_save / (ctx.step - last))
+        if half is not None and last < half[1] < ctx.step:
+            self._pilot.note_step_time((ctx.seconds_since_last_save - half[0]) / (ctx.step - half[1]))
+        else:
+            self._pilot.note_step_time(ctx.seconds_since_last_save / (ctx.step - last))
 
     def current_rates(self) -> tuple[float, float, str]:
         """(per second: failures without notice, noticed interruptions, where the rates come from)."""
@@ -249,13 +274,18 @@ class AutoInterval:
         else:
             p = plan_interval(cost_s=cost, to_durable_s=c.to_durable_s, hard_per_s=hard + notice,
                               notice_per_s=0.0, fits=True, fits_busy=True, min_s=self.min_s, max_s=self.max_s)
-        old = self.interval_s
+        old, old_steps = self.interval_s, self.interval_steps
+        steps = max(1, int(round(p.interval_s / c.step_s))) if c.step_s else 0
         self.plan = p
         self.interval_s = p.interval_s
-        if old is None or abs(p.interval_s - old) > 0.1 * old:
-            steps = int(round(p.interval_s / c.step_s)) if c.step_s else 0
+        self._cap_s = 2 * p.interval_s  # steps that turned slow: save by the clock after twice the plan
+        self._half_at = steps // 2 if steps >= 2 else -1
+        self.interval_steps = steps or None
+        if old is None or abs(p.interval_s - old) > 0.1 * old or (old_steps or 0) != steps and (
+                not old_steps or abs(steps - old_steps) > 0.1 * old_steps):
             log.info("spotckpt: autopilot%s: %s; rates from %s; %s", "" if self.notice_aware else " (ignoring notice)",
-                     p.text, source, f"about {steps} steps at {c.step_s:.4g} s/step" if steps else "step time not yet measured")
+                     p.text, source, f"every {steps} steps at {c.step_s:.4g} s/step" if steps
+                     else "step time not yet measured: counting seconds")
             pilot.events.emit(AutopilotEvent(step=step, interval_s=p.interval_s, steps=steps,
                                              rate_per_h=p.rate_eff_per_s * 3600, cost_s=p.cost_s, why=p.why))
         return p

@@ -227,3 +227,32 @@ def test_no_extra_log_noise_without_auto(caplog: pytest.LogCaptureFixture) -> No
     bus.emit(SaveEvent(step=1, stall_s=0.01, bytes=10, blocking=True))
     bus.emit(DurableLocalEvent(step=1, seconds=0.02, bytes=10))
     assert not [r for r in caplog.records if r.name == "spotckpt.autopilot"]  # fits: no warning, no plan line
+
+
+def test_the_interval_is_counted_in_steps_of_undisturbed_training(tmp_path: Path) -> None:
+    # On a busy machine the steps right after a save run slower while it persists and uploads.
+    # Counting wall seconds, a 0.3 s interval of 15 ms steps would then end after fewer than its
+    # 20 steps; counted in steps (the step time taken in each interval's second half) it does not,
+    # and a wall-clock ceiling of twice the interval still saves when the steps turn slow for good.
+    costs = {"stall_s": 0.002, "write_s": 0.012, "upload_bps": 1e8, "to_durable_s": 0.06, "step_s": 0.015,
+             "bytes": 3 * 10**6}
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"final_save": True, "autopilot": {"v": 1, "instances": [[0.0, 50.0, None]], "costs": costs}}))
+    bus = EventBus()
+    pilot = Autopilot(bus, grace_seconds=5.0, uploads=True)
+    policy = AutoInterval(interruptions_per_hour=1200.0, hard_fraction=0.1)
+    policy.bind(pilot)
+    pilot.restored(100, tmp_path, 0.08)
+    want = daly_interval(0.002, 30.0)
+    n = round(want / 0.015)
+    assert policy.interval_steps == n and n > 10
+    ctx = lambda step, secs, last=100: SaveContext(step=step, seconds_since_last_save=secs, last_saved_step=last)  # noqa: E731
+    slow_start = 0.06  # the first steps after the restore (or a save): 4 x 15 ms slower
+    half = 100 + n // 2
+    assert not policy.should_save(ctx(half, slow_start + (n // 2) * 0.015))  # halfway: seen, not due
+    assert not policy.should_save(ctx(100 + n - 1, want + 0.01))  # the interval's seconds passed, its steps not
+    assert policy.should_save(ctx(100 + n, slow_start + n * 0.015))
+    assert pilot.costs().step_s == pytest.approx(0.015)  # the second half's step time, not the slowed mean
+    assert not policy.should_save(ctx(100 + n + 3, 2 * want * 0.99, 100 + n))
+    assert policy.should_save(ctx(100 + n + 3, 2 * want, 100 + n))  # slow steps: the clock's ceiling
+
