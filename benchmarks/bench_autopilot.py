@@ -185,7 +185,9 @@ def policies_of(schedule: str, args: argparse.Namespace) -> list[str]:
         name, _, values = part.rpartition("=")
         if values and name in ("", schedule):
             grid = tuple(int(x) for x in values.split(","))
-    return [f"every:{n}" for n in grid] + ["auto", "young-daly"]
+    every = [f"every:{n}" for n in grid] + ["auto", "young-daly"]
+    only = getattr(args, "policies", None)
+    return [p for p in every if not only or p in only.split(",")]
 
 
 def expected(schedule: str, args: argparse.Namespace) -> str:
@@ -209,6 +211,8 @@ def main() -> int:
     ap.add_argument("--grid", default=None, help="fixed intervals (steps): 8,16,32 for every schedule, or "
                     "noticed=8,16,32;hard30=5,10,20 (default: per schedule, see SCHEDULES)")
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument("--policies", default=None, help="run only these (e.g. auto: a changed AutoInterval on the seeds "
+                    "of an earlier run, merged with from_json(..., renamed=...))")
     ap.add_argument("--step-sleep", type=float, default=0.01)
     ap.add_argument("--step-seconds", type=float, default=None, help="the nominal step time (default: measured)")
     ap.add_argument("--dry", action="store_true", help="calibrate and print what the runs would be, run nothing")
@@ -246,10 +250,13 @@ def main() -> int:
     return 0
 
 
-def from_json(*paths: str) -> str:
+def from_json(*paths: str, renamed: dict[str, dict[str, str]] | None = None) -> str:
     """The table of saved runs, merged (``python -c 'import bench_autopilot as b; print(b.from_json(P, ...))'``:
-    runs of other seeds with the same schedules and policies add failures to the same sums)."""
-    runs = [r for p in paths for r in json.loads(Path(p).read_text())["runs"]]
+    runs of other seeds with the same schedules and policies add failures to the same sums).
+    ``renamed``: per file, policies to show under another name -- e.g. ``{P: {"auto": "auto-seconds"}}``
+    for the runs of an earlier AutoInterval, beside a file of ``--policies auto`` runs of the same seeds."""
+    runs = [dict(r, policy=(renamed or {}).get(p, {}).get(r["policy"], r["policy"]))
+            for p in paths for r in json.loads(Path(p).read_text())["runs"]]
     seeds = [(r["schedule"], r["policy"], r["seed"]) for r in runs]
     if len(seeds) != len(set(seeds)):
         raise SystemExit("from_json: the files share a seed; give each run its own --first-seed")
@@ -304,12 +311,13 @@ def table(runs: list[dict], schedules: list[str], policies: dict[str, list[str]]
         errors = [r for r in runs if r["schedule"] == sc and "error" in r]
         fixed = {p: v for p, v in tot.items() if p.startswith("every:")}
         note = f"{sc}: {same_interruptions([r for r in runs if r['schedule'] == sc and 'error' not in r])}"
-        if fixed and "auto" in tot:
+        if fixed:
             best = min(fixed, key=lambda p: fixed[p][0])
-            note += (f"; best fixed in hindsight {best} ({fixed[best][0]:.2f} s); auto {tot['auto'][0]:.2f} s = "
-                     f"{_ratio(tot['auto'], fixed[best])} best")
-            if "young-daly" in tot:
-                note += f", {_ratio(tot['auto'], tot['young-daly'])} young-daly ({tot['young-daly'][0]:.2f} s)"
+            note += f"; best fixed in hindsight {best} ({fixed[best][0]:.2f} s)"
+            for auto in (p for p in tot if p.startswith("auto")):  # auto, and an earlier version's (renamed)
+                note += f"; {auto} {tot[auto][0]:.2f} s = {_ratio(tot[auto], fixed[best])} best"
+                if "young-daly" in tot:
+                    note += f", {_ratio(tot[auto], tot['young-daly'])} young-daly ({tot['young-daly'][0]:.2f} s)"
         if sc == "unfit":
             warned = [r["warned_before_first"] for r in runs if r["schedule"] == sc
                       and r.get("warned_before_first") is not None]

@@ -34,6 +34,7 @@ def test_grid_option_per_schedule_or_for_all() -> None:
     assert bench.policies_of("noticed", both) == ["every:4", "every:40", "auto", "young-daly"]
     assert bench.policies_of("hard30", both)[0] == "every:3"
     assert bench.policies_of("unfit", both)[:3] == ["every:12", "every:25", "every:50"]
+    assert bench.policies_of("noticed", argparse.Namespace(grid=None, policies="auto")) == ["auto"]
 
 
 def test_sums_standard_errors_and_the_same_interruptions_check() -> None:
@@ -50,6 +51,21 @@ def test_sums_standard_errors_and_the_same_interruptions_check() -> None:
     assert "same interruptions for every policy: NO" in text
 
 
+def test_a_changed_auto_is_merged_beside_the_earlier_one(tmp_path: Path) -> None:
+    import json
+
+    at = [[120, 1], [230, 0], [310, 1]]
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"runs": [_run("every:16", 0, 0.10, [0.2, 0.1], at), _run("auto", 0, 0.2, [0.4], at)]}))
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps({"runs": [_run("auto", 0, 0.08, [0.1, 0.1], at)]}))
+    with pytest.raises(SystemExit, match="share a seed"):
+        bench.from_json(str(earlier), str(again))
+    text = bench.from_json(str(earlier), str(again), renamed={str(earlier): {"auto": "auto-seconds"}})
+    assert "| noticed | auto-seconds | 0.60 +- " in text and "| noticed | auto | 0.28 +- " in text
+    assert "every:16 (0.40 s); auto-seconds 0.60 s = 1.50x" in text and "; auto 0.28 s = 0.70x" in text
+
+
 _MODEL = Path(__file__).resolve().parents[2] / "benchmarks" / "model_autopilot.py"
 _mspec = importlib.util.spec_from_file_location("model_autopilot", _MODEL)
 assert _mspec is not None and _mspec.loader is not None
@@ -58,14 +74,15 @@ _mspec.loader.exec_module(model)
 
 
 def test_model_accounts_stalls_and_lost_work_like_the_benchmark() -> None:
-    a = model.parser().parse_args(["--hard", "0", "--hiccup-p", "0", "--steps", "1000"])
+    a = model.parser().parse_args(["--hard", "0", "--hiccup-p", "0", "--slow-after-save-ms", "0", "--steps", "1000"])
     stalls, lost = model.run(("every", 10), 0, a)
     assert lost == 0.0  # every interruption noticed: its final save fits, nothing is lost
     restarts = len(model.interruptions(0, a.every_steps, 0.0, a.steps))
     saves = round(stalls / (a.stall_ms / 1000))
     assert 1000 // 10 - restarts <= saves <= 1000 // 10  # multiples of 10, minus those a restart landed on
 
-    a = model.parser().parse_args(["--hard", "1", "--hiccup-p", "0", "--durable-ms", "0", "--steps", "1000"])
+    a = model.parser().parse_args(["--hard", "1", "--hiccup-p", "0", "--slow-after-save-ms", "0", "--durable-ms", "0",
+                                   "--steps", "1000"])
     failures = model.interruptions(0, a.every_steps, 1.0, a.steps)
     _, lost = model.run(("every", 10), 0, a)
     step_s = a.step_ms / 1000 + a.stall_ms / 1000
