@@ -165,8 +165,9 @@ class AutoInterval:
     ``"5-10%"``), ``hard_fraction`` (share without notice, default 0.05) and ``instances``: the
     rates; without them ``$SPOTCKPT_INTERRUPTIONS``, else the job's own history. The interval is
     clamped to ``[max(min_interval_seconds, 1.5 x save-to-durable), max_interval_seconds]``, and
-    counted in steps once the step time is known (taken in each interval's second half, away
-    from the previous save's background work), with a wall-clock ceiling of twice the interval.
+    when it is Young/Daly's (not a bound) counted in steps once the step time is known (taken in
+    each interval's second half, away from the previous save's background work), with a
+    wall-clock ceiling of twice the interval.
     The first save of a run with no recorded costs comes after ``probe_steps`` steps, to measure them.
     ``notice_aware=False`` plans from the total interruption rate (the classical Young/Daly that
     ignores notice; a baseline for benchmarks). The choice is logged (INFO, one line) and
@@ -275,7 +276,9 @@ class AutoInterval:
             p = plan_interval(cost_s=cost, to_durable_s=c.to_durable_s, hard_per_s=hard + notice,
                               notice_per_s=0.0, fits=True, fits_busy=True, min_s=self.min_s, max_s=self.max_s)
         old, old_steps = self.interval_s, self.interval_steps
-        steps = max(1, int(round(p.interval_s / c.step_s))) if c.step_s else 0
+        # Daly's optimum trades stalls against lost work: counted in steps. A bound (the pipeline's
+        # 1.5 x time to durable, min, max) is a wall-clock limit: counted in seconds.
+        steps = max(1, int(round(p.interval_s / c.step_s))) if c.step_s and p.why.startswith("daly") else 0
         self.plan = p
         self.interval_s = p.interval_s
         self._cap_s = 2 * p.interval_s  # steps that turned slow: save by the clock after twice the plan
@@ -283,9 +286,14 @@ class AutoInterval:
         self.interval_steps = steps or None
         if old is None or abs(p.interval_s - old) > 0.1 * old or (old_steps or 0) != steps and (
                 not old_steps or abs(steps - old_steps) > 0.1 * old_steps):
+            if steps:
+                counted = f"every {steps} steps at {c.step_s:.4g} s/step"
+            elif not p.why.startswith("daly"):
+                counted = f"counted in seconds (a {p.why} bound)"
+            else:
+                counted = "counted in seconds until the step time is measured"
             log.info("spotckpt: autopilot%s: %s; rates from %s; %s", "" if self.notice_aware else " (ignoring notice)",
-                     p.text, source, f"every {steps} steps at {c.step_s:.4g} s/step" if steps
-                     else "step time not yet measured: counting seconds")
+                     p.text, source, counted)
             pilot.events.emit(AutopilotEvent(step=step, interval_s=p.interval_s, steps=steps,
                                              rate_per_h=p.rate_eff_per_s * 3600, cost_s=p.cost_s, why=p.why))
         return p

@@ -256,3 +256,21 @@ def test_the_interval_is_counted_in_steps_of_undisturbed_training(tmp_path: Path
     assert not policy.should_save(ctx(100 + n + 3, 2 * want * 0.99, 100 + n))
     assert policy.should_save(ctx(100 + n + 3, 2 * want, 100 + n))  # slow steps: the clock's ceiling
 
+
+
+def test_a_bound_is_counted_in_seconds() -> None:
+    # The pipeline bound (1.5 x time to durable) is about wall time -- how fast saves can
+    # persist and upload -- so an interval set by it is counted in seconds, not steps.
+    bus = EventBus()
+    pilot = Autopilot(bus, grace_seconds=5.0, uploads=True)
+    policy = AutoInterval(interruptions_per_hour=1200.0, hard_fraction=0.1)
+    policy.bind(pilot)
+    _feed(bus, 10, stall=0.002, write=0.01, up=0.05, nbytes=10**6)
+    pilot.note_step_time(0.015)
+    _feed(bus, 30, stall=0.002, write=0.01, up=0.05, nbytes=10**6)
+    assert policy.plan is not None and policy.plan.why == "daly" and policy.interval_steps is not None
+    _feed(bus, 50, stall=0.002, write=0.01, up=5.0, nbytes=10**6)  # uploads slow down: 1.5 x ~5 s to durable
+    _feed(bus, 70, stall=0.002, write=0.01, up=5.0, nbytes=10**6)
+    assert policy.plan.why == "pipeline" and policy.interval_steps is None
+    ctx = lambda step, secs: SaveContext(step=step, seconds_since_last_save=secs, last_saved_step=70)  # noqa: E731
+    assert not policy.should_save(ctx(5000, policy.interval_s * 0.99)) and policy.should_save(ctx(71, policy.interval_s))
