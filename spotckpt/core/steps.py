@@ -40,7 +40,8 @@ from spotckpt.format import FileEntry, Manifest, data_file_names, utc_now_iso, w
 from spotckpt.core.local import LocalStore
 from spotckpt.core.persist import CallJob, PersistWorker, PruneJob, SaveJob
 from spotckpt.policy import KeepAll, RetentionPolicy
-from spotckpt.core.restore import RestoreOptions, RestoreResult, restore_agreed, restore_newest
+from spotckpt.core.restore import RestoreOptions, RestoreResult, restore_newest
+from spotckpt.core.restore_ranks import restore_agreed
 from spotckpt.ranks.shard import recording_shards, shards_metadata
 from spotckpt.core.stage import Stager
 from spotckpt.core import early_upload
