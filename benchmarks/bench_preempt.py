@@ -1,7 +1,7 @@
 """SIGTERM -> final checkpoint committed in S3: how long it takes for a 1 GiB fp32 state, with and
 without upload while writing, against the fastest plain upload of the same bytes from memory.
 
-    python benchmarks/bench_preempt.py [--mb 1024] [--repeats 3] [--variants on,off] [--server seaweedfs|moto]
+    python benchmarks/bench_preempt.py [--mb 1024] [--repeats 3] [--variants on,off] [--server seaweedfs|moto] [--server-dir DIR]
 
 Starts a local S3 server on 127.0.0.1 in its own process (SeaweedFS, which verifies every
 CRC32C, by default; ``--server moto`` for moto rows, labelled as such), then, per repeat and per
@@ -108,6 +108,9 @@ def main() -> int:
     ap.add_argument("--max-step", type=int, default=40)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--server", choices=("seaweedfs", "moto"), default="seaweedfs")
+    ap.add_argument("--server-dir", default=None, metavar="DIR",
+                    help="where the server keeps its data (default: beside the trainer's local dir, on the same "
+                         "disk); e.g. /dev/shm to see how much of the time is the two sharing one disk")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "preempt.json"))
     ap.add_argument("--child", nargs=2, metavar=("LOCAL_DIR", "S3_URI"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -121,7 +124,9 @@ def main() -> int:
     from spotckpt.tools.s3server import S3Server
 
     work = Path(tempfile.mkdtemp(prefix="bench-preempt-"))
-    srv = S3Server.start(args.server, work / "server", buckets=["bench"])
+    server_dir = Path(tempfile.mkdtemp(prefix="bench-preempt-server-", dir=args.server_dir)) if args.server_dir \
+        else work / "server"
+    srv = S3Server.start(args.server, server_dir, buckets=["bench"])
     env = srv.apply_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     os.environ.update(srv.apply_env())
@@ -203,6 +208,8 @@ def main() -> int:
     finally:
         srv.stop()
         shutil.rmtree(work, ignore_errors=True)
+        if args.server_dir:
+            shutil.rmtree(server_dir, ignore_errors=True)
 
     summary: dict[str, object] = {"plain_upload_s": {name: _stats([p[name] for p in plain]) for name in plain[0]}}
     print()
@@ -231,7 +238,8 @@ def main() -> int:
         "spotckpt_part_size_bytes": PART_SIZE_BYTES, "spotckpt_concurrency": MAX_CONCURRENCY,
         "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
                     "python": platform.python_version(), "loadavg_end": list(os.getloadavg())},
-        "server": f"{args.server} on 127.0.0.1, its own process" + (" (moto: not a performance reference)" if args.server == "moto" else ""),
+        "server": f"{args.server} on 127.0.0.1, its own process" + (" (moto: not a performance reference)" if args.server == "moto" else "")
+                  + (f", its data under {args.server_dir}" if args.server_dir else ", its data on the trainer's disk"),
     }, indent=1))
     print(f"wrote {out}")
     return 0
