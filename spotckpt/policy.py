@@ -278,7 +278,8 @@ class AutoInterval:
         old, old_steps = self.interval_s, self.interval_steps
         # Daly's optimum trades stalls against lost work: counted in steps. A bound (the pipeline's
         # 1.5 x time to durable, min, max) is a wall-clock limit: counted in seconds.
-        steps = max(1, int(round(p.interval_s / c.step_s))) if c.step_s and p.why.startswith("daly") else 0
+        about = max(1, int(round(p.interval_s / c.step_s))) if c.step_s else 0
+        steps = about if p.why.startswith("daly") else 0
         self.plan = p
         self.interval_s = p.interval_s
         self._cap_s = 2 * p.interval_s  # steps that turned slow: save by the clock after twice the plan
@@ -289,11 +290,12 @@ class AutoInterval:
             if steps:
                 counted = f"every {steps} steps at {c.step_s:.4g} s/step"
             elif not p.why.startswith("daly"):
-                counted = f"counted in seconds (a {p.why} bound)"
+                counted = f"counted in seconds (a {p.why} bound)" + (
+                    f", about {about} steps at {c.step_s:.4g} s/step" if about else "")
             else:
                 counted = "counted in seconds until the step time is measured"
             log.info("spotckpt: autopilot%s: %s; rates from %s; %s", "" if self.notice_aware else " (ignoring notice)",
                      p.text, source, counted)
-            pilot.events.emit(AutopilotEvent(step=step, interval_s=p.interval_s, steps=steps,
+            pilot.events.emit(AutopilotEvent(step=step, interval_s=p.interval_s, steps=about,
                                              rate_per_h=p.rate_eff_per_s * 3600, cost_s=p.cost_s, why=p.why))
         return p

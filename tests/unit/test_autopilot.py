@@ -158,15 +158,7 @@ def test_a_restart_plans_from_the_recorded_costs_at_once_and_saves_an_interval_a
     # The benchmark's "noticed" schedule: one interruption per 3 s, 10 % without notice (M = 30 s),
     # a 2 ms stall: Young/Daly ~0.35 s. A restarted run takes the recorded costs: no probe, no save
     # right after the restore, and its own first (slower) save does not move the plan.
-    costs = {"stall_s": 0.002, "write_s": 0.012, "upload_bps": 1e8, "to_durable_s": 0.06, "step_s": 0.015,
-             "bytes": 3 * 10**6}
-    (tmp_path / "manifest.json").write_text(json.dumps(
-        {"final_save": True, "autopilot": {"v": 1, "instances": [[0.0, 50.0, None]], "costs": costs}}))
-    bus = EventBus()
-    pilot = Autopilot(bus, grace_seconds=5.0, uploads=True)
-    policy = AutoInterval(interruptions_per_hour=1200.0, hard_fraction=0.1)
-    policy.bind(pilot)
-    pilot.restored(262, tmp_path, 0.08)
+    bus, pilot, policy = _restarted_on_noticed(tmp_path, 262)
     want = daly_interval(0.002, 30.0)
     assert policy.plan is not None and policy.plan.why == "daly" and 0.3 < want < 0.4
     assert policy.interval_s == pytest.approx(want)
@@ -234,15 +226,7 @@ def test_the_interval_is_counted_in_steps_of_undisturbed_training(tmp_path: Path
     # Counting wall seconds, a 0.3 s interval of 15 ms steps would then end after fewer than its
     # 20 steps; counted in steps (the step time taken in each interval's second half) it does not,
     # and a wall-clock ceiling of twice the interval still saves when the steps turn slow for good.
-    costs = {"stall_s": 0.002, "write_s": 0.012, "upload_bps": 1e8, "to_durable_s": 0.06, "step_s": 0.015,
-             "bytes": 3 * 10**6}
-    (tmp_path / "manifest.json").write_text(json.dumps(
-        {"final_save": True, "autopilot": {"v": 1, "instances": [[0.0, 50.0, None]], "costs": costs}}))
-    bus = EventBus()
-    pilot = Autopilot(bus, grace_seconds=5.0, uploads=True)
-    policy = AutoInterval(interruptions_per_hour=1200.0, hard_fraction=0.1)
-    policy.bind(pilot)
-    pilot.restored(100, tmp_path, 0.08)
+    bus, pilot, policy = _restarted_on_noticed(tmp_path, 100)
     want = daly_interval(0.002, 30.0)
     n = round(want / 0.015)
     assert policy.interval_steps == n and n > 10
@@ -274,3 +258,18 @@ def test_a_bound_is_counted_in_seconds() -> None:
     assert policy.plan.why == "pipeline" and policy.interval_steps is None
     ctx = lambda step, secs: SaveContext(step=step, seconds_since_last_save=secs, last_saved_step=70)  # noqa: E731
     assert not policy.should_save(ctx(5000, policy.interval_s * 0.99)) and policy.should_save(ctx(71, policy.interval_s))
+
+
+def _restarted_on_noticed(tmp_path: Path, step: int) -> tuple[EventBus, Autopilot, AutoInterval]:
+    """A run restarted at ``step`` of the benchmark's "noticed" schedule (one interruption per 3 s,
+    10 % without notice), from a step whose manifest recorded a 2 ms stall and 15 ms steps."""
+    costs = {"stall_s": 0.002, "write_s": 0.012, "upload_bps": 1e8, "to_durable_s": 0.06, "step_s": 0.015,
+             "bytes": 3 * 10**6}
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"final_save": True, "autopilot": {"v": 1, "instances": [[0.0, 50.0, None]], "costs": costs}}))
+    bus = EventBus()
+    pilot = Autopilot(bus, grace_seconds=5.0, uploads=True)
+    policy = AutoInterval(interruptions_per_hour=1200.0, hard_fraction=0.1)
+    policy.bind(pilot)
+    pilot.restored(step, tmp_path, 0.08)
+    return bus, pilot, policy
