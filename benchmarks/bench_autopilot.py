@@ -134,6 +134,7 @@ def run_one(schedule: str, policy: str, seed: int, args: argparse.Namespace, ste
     w = doc["wasted_seconds"]
     its = doc["interruptions"]
     noticed = [i for i in its if i["notice"]]
+    failures = [i for i in its if (i["lost_seconds"] or 0) > 0 or not i["notice"]]
     first = its[0]["elapsed_seconds"] if its else None
     unfit_at = doc.get("grace_budget_unfit_elapsed_seconds")
     return {
@@ -144,8 +145,8 @@ def run_one(schedule: str, policy: str, seed: int, args: argparse.Namespace, ste
         "instance_s": doc["instance_seconds"], "wasted_s": w["total"],
         "policy_wasted_s": round(w["checkpoint_stalls"] + w["lost_work"], 3),
         # every interruption that lost work, and where each one landed (the same for every policy)
-        "failures_lost_s": [i["lost_seconds"] or 0.0 for i in its if (i["lost_seconds"] or 0) > 0 or not i["notice"]],
-        "failures_lost_steps": [i["lost_steps"] or 0 for i in its if (i["lost_seconds"] or 0) > 0 or not i["notice"]],
+        "failures_lost_s": [i["lost_seconds"] or 0.0 for i in failures],
+        "failures_lost_steps": [i["lost_steps"] or 0 for i in failures],
         "at": [[i["step_at_interruption"], int(i["notice"])] for i in its],
         "misses_fits_busy": sum(1 for i in noticed if i["grace_budget_fits_busy"] and (i["lost_steps"] or 0) > 0),
         "misses_fits_idle": sum(1 for i in noticed if i["grace_budget_fits"] and (i["lost_steps"] or 0) > 0),
@@ -156,18 +157,27 @@ def run_one(schedule: str, policy: str, seed: int, args: argparse.Namespace, ste
 
 
 def hot_path(n: int = 50000) -> dict:
-    """Seconds per maybe_save() call when no save is due: every_steps=500 against auto."""
+    """Seconds per maybe_save() call when no save is due: every_steps=500 against auto, counting
+    seconds (its step time not measured yet) and counting steps (the usual case once it is)."""
     import torch
 
     from spotckpt import CheckpointManager
+    from spotckpt.policy import AutoInterval
 
     out = {}
     state = {"w": torch.zeros(1024)}
-    for name, kw in (("every_steps=500", {"every_steps": 500}), ("auto", {"every_steps": "auto"}),
-                     ("every_steps=500 (again)", {"every_steps": 500}), ("auto (again)", {"every_steps": "auto"})):
+    for name in ("every_steps=500", "auto, counting seconds", "auto, counting steps", "every_steps=500 (again)",
+                 "auto, counting seconds (again)", "auto, counting steps (again)"):
+        policy = AutoInterval() if name.startswith("auto") else None
+        kw = {"save_policy": policy} if policy is not None else {"every_steps": 500}
         with tempfile.TemporaryDirectory() as d:
             with CheckpointManager(d, None, metrics=False, install_signal_handlers=False, **kw) as mgr:
                 mgr.save(1, state, blocking=True)  # auto: costs measured, interval planned (hours: never due)
+                if policy is not None and "steps" in name:
+                    assert policy._pilot is not None  # bound by the manager
+                    policy._pilot.note_step_time(1e-4)  # as a due save would: now the plan is counted in steps
+                    policy.replan()
+                    assert policy.interval_steps is not None
                 mgr.maybe_save(2, state)
                 t0 = time.perf_counter()
                 for step in range(3, n + 3):

@@ -2,9 +2,8 @@
 
 A restore from S3 into a state does not need the step on disk before it loads: each file is
 read with ranged GETs (:data:`PIECE_BYTES` each, as the ranged DCP loads; :data:`THREADS` at a
-time) straight into an
-anonymous in-memory file (``memfd_create``), and each piece is CRC32C'd as soon as it has
-landed; the pieces' CRCs are combined and compared with the manifest before anything is loaded,
+time) straight into an anonymous in-memory file (``memfd_create``), and each piece is CRC32C'd
+as soon as it has landed; the pieces' CRCs are combined and compared with the manifest before anything is loaded,
 so a restore stays all or nothing. The load then reads the memory files like a step directory
 (:attr:`FetchedStep.dir`, links to them beside a copy of the manifest), through the same mapped
 reads as a local step. The local copy -- staging, fsync, commit by rename, the guarantees of a
@@ -12,9 +11,10 @@ download -- is made from memory afterwards (:meth:`FetchedStep.download_step` is
 ``LocalStore.import_step``), on the persist thread: training resumes when the state is loaded,
 not when the disk has the copy; the step is durable in S3 all along.
 
-Used (by :func:`spotckpt.core.restore.restore_newest`) for one process loading into a state, on
-Linux, when the step's files fit in :func:`memory_budget`; otherwise (another loader, several ranks, a step too large for memory)
-the step is downloaded into staging and committed first, as before.
+Used (by :func:`spotckpt.core.restore.restore_newest`, through :func:`load_from_memory`) for one
+process loading into a state, on Linux, when the step's files fit in :func:`memory_budget`;
+otherwise (another loader, several ranks, a step too large for memory) the step is downloaded
+into staging and committed first, as before.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def load_step(
     note_reshard(manifest.step, manifest, 1, rank)
     with ExitStack() as stack:
         prepare_files(state, step_dir, manifest, stack, rank=rank, keys=None, allow_pickle=allow_pickle,
-                       bounce=bounce, verify=verify).run(state)
+                      bounce=bounce, verify=verify).run(state)
 
 
 def _files_read(step_dir: Path, manifest: Manifest, rank: int) -> set[str]:
