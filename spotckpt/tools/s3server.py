@@ -54,6 +54,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -428,8 +429,10 @@ def _terminate(proc: subprocess.Popen[Any], grace: float) -> None:
                 f.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m spotckpt.tools.s3server``: a local S3 server to try the CLI against, until Ctrl-C."""
+def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> int:
+    """``python -m spotckpt.tools.s3server``: a local S3 server to try the CLI against, until Ctrl-C.
+    ``restore_signals=False`` (the command): once the server is stopped, Ctrl-C is ignored while
+    the process exits (pressed again meanwhile, it would kill the interpreter mid-exit)."""
     import argparse
     import shlex
 
@@ -444,20 +447,32 @@ def main(argv: list[str] | None = None) -> int:
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    stop = threading.Event()
+
+    def on_stop(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_term) for sig in (signal.SIGTERM,)}
+    previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
     srv = None
     try:
         srv = S3Server.start(args.kind, buckets=[args.bucket])
+        # From here on Ctrl-C (and SIGTERM) only sets a flag that the loop below reads: an
+        # exception raised wherever the signal lands could interrupt Popen.poll() between taking
+        # its lock and releasing it, and stop()'s wait for the server would then never return.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_stop)
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in srv.env().items())
         print(f"{args.kind} S3 server on {srv.endpoint_url}, bucket {args.bucket}. In another shell:\n"
               f"  export {exports}\n"
               f"  spotckpt run --s3 s3://{args.bucket}/job --local /tmp/ckpt -- python train.py\n"
               f"  spotckpt ls s3://{args.bucket}/job\n"
               "Ctrl-C stops the server; its data goes with it.", flush=True)
-        while srv.alive:
-            time.sleep(0.5)
-        print(f"the {args.kind} S3 server exited on its own (log: {srv.log_path})", file=sys.stderr)
-        return 1
+        while not stop.wait(0.5):
+            if not srv.alive:
+                print(f"the {args.kind} S3 server exited on its own (log: {srv.log_path})", file=sys.stderr)
+                return 1
+        return 0
     except KeyboardInterrupt:
         return 0
     except S3ServerError as exc:
@@ -467,8 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         if srv is not None:
             srv.stop()
             print("S3 server stopped; its data is gone.", flush=True)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():  # the command: the server is gone, the process exits
+            signal.signal(sig, handler if restore_signals or srv is None else signal.SIG_IGN)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(restore_signals=False))
