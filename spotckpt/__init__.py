@@ -34,21 +34,26 @@ if _TYPE_CHECKING:  # pragma: no cover
 # command line (``spotckpt ls``, ``verify``, ``sync``, ``run``) and other torch-free users of the
 # package start in a fraction of a second.
 _LAZY = {"CheckpointManager": "manager", "RNGState": "core.torch_state"}
+# The public modules, the same way: ``spotckpt.policy.AutoInterval(...)`` works after a bare
+# ``import spotckpt``, without importing the ones nobody uses.
+_MODULES = ("autopilot", "data", "dcp", "events", "integrations", "policy")
 
 
 def __getattr__(name: str) -> object:
+    import importlib
+
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'spotckpt' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f".{mod}", __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_MODULES))
 
 
 __all__ = [

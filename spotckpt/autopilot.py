@@ -118,18 +118,27 @@ class Rates:
         return self.per_hour / 3600.0
 
 
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check_rates(per_hour: float | None, bucket: str | None, hard: float | None, instances: int | None,
                  where: str) -> None:
     if per_hour is not None and bucket is not None:
         raise ConfigError(f"{where}: give interruptions per hour or a frequency bucket, not both")
-    if per_hour is not None and (isinstance(per_hour, bool) or not per_hour >= 0):
-        raise ConfigError(f"{where}: interruptions per hour must be >= 0, got {per_hour!r}")
+    if per_hour is not None and not (_number(per_hour) and 0 <= per_hour < math.inf):
+        raise ConfigError(f"{where}: interruptions per hour must be a finite number >= 0 (e.g. 0.05: about one a "
+                          f"day), got {per_hour!r}")
     if bucket is not None and bucket not in BUCKETS:
         raise ConfigError(f"{where}: the frequency bucket is one of {', '.join(BUCKETS)}, got {bucket!r}")
-    if hard is not None and not 0 <= hard <= 1:
-        raise ConfigError(f"{where}: the share without notice (hard_fraction) is in [0, 1], got {hard!r}")
+    if hard is not None and not (_number(hard) and 0 <= hard <= 1):
+        raise ConfigError(f"{where}: the share without notice (hard_fraction) is a number in [0, 1], got {hard!r}")
     if instances is not None and (isinstance(instances, bool) or not isinstance(instances, int) or instances < 1):
         raise ConfigError(f"{where}: instances must be an int >= 1, got {instances!r}")
+    if per_hour is None and bucket is None and (hard is not None or instances is not None):
+        given = " and ".join(n for n, v in (("hard_fraction", hard), ("instances", instances)) if v is not None)
+        raise ConfigError(f"{where}: {given} qualify a rate you give; add the rate (interruptions per hour or a "
+                          "frequency bucket), or drop them to let the job's recorded history set both")
 
 
 def user_rates(*, per_hour: float | None, bucket: str | None, hard_fraction: float | None,
@@ -155,12 +164,18 @@ def parse_rates(text: str | None) -> Rates | None:
             raise ConfigError(f"${ENV_VAR}={text!r}: expected per_hour=R or bucket=B, optionally hard_fraction=F "
                               "and instances=N, comma-separated")
         kv[k] = v.strip()
-    try:
-        per_hour = float(kv["per_hour"]) if "per_hour" in kv else None
-        hard = float(kv["hard_fraction"]) if "hard_fraction" in kv else None
-        inst = int(kv["instances"]) if "instances" in kv else None
-    except ValueError as exc:
-        raise ConfigError(f"${ENV_VAR}={text!r}: {exc}") from exc
+    def num(key: str, kind: type, what: str) -> Any:
+        if key not in kv:
+            return None
+        try:
+            return kind(kv[key])
+        except ValueError:
+            raise ConfigError(f"${ENV_VAR}={text!r}: {key} must be {what}, got {kv[key]!r} (keys are "
+                              "comma-separated, e.g. per_hour=0.05,hard_fraction=0.1,instances=4)") from None
+
+    per_hour = num("per_hour", float, "a number of interruptions per hour")
+    hard = num("hard_fraction", float, "a number in [0, 1]")
+    inst = num("instances", int, "a whole number >= 1")
     return user_rates(per_hour=per_hour, bucket=kv.get("bucket"), hard_fraction=hard, instances=inst, source="env")
 
 

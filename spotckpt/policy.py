@@ -71,7 +71,8 @@ class EveryNSteps:
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
-            raise ConfigError(f"every_steps must be a positive int or None, got {self.n!r}")
+            raise ConfigError(f"every_steps must be a positive int, \"auto\" (the autopilot chooses the interval) "
+                              f"or None, got {self.n!r}")
 
     def should_save(self, ctx: SaveContext) -> bool:
         return ctx.step % self.n == 0
@@ -255,8 +256,13 @@ class AutoInterval:
             return lam * self.rates.hard_fraction, lam * (1 - self.rates.hard_fraction), self.rates.source
         if pilot is None:
             return 0.0, 0.0, "none"
-        unsaved, saved = pilot.history.rates(time.time())
-        return unsaved, saved, "history"
+        now = time.time()
+        unsaved, saved = pilot.history.rates(now)
+        seen = sum(pilot.history.counts(now)[:2])
+        if not seen:  # a new job: the prior alone
+            return unsaved, saved, (f"the prior (no interruption recorded yet: about one a day; tell it the rate with "
+                                    f"{ENV_VAR}=per_hour=R or AutoInterval(interruptions_per_hour=R))")
+        return unsaved, saved, f"history ({seen} interruption{'s' if seen > 1 else ''} recorded)"
 
     def replan(self, step: int | None = None) -> Plan | None:
         """Plan from the current measurements (the manager's events call this after each save)."""

@@ -33,7 +33,7 @@ class SaveSchedule:
 
     def __init__(self, watcher: PreemptionWatcher, *, every_steps: int | str | None, every_seconds: float | None,
                  save_policy: SavePolicy | None, clock: Callable[[], float]) -> None:
-        if every_steps == "auto":  # the autopilot chooses the interval (spotckpt.autopilot)
+        if isinstance(every_steps, str) and every_steps.strip().lower() == "auto":  # the autopilot (spotckpt.autopilot)
             if save_policy is not None or every_seconds is not None:
                 raise ConfigError("every_steps='auto' chooses the interval itself; drop every_seconds/save_policy")
             save_policy, every_steps = AutoInterval(), None

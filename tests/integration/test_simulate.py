@@ -203,6 +203,10 @@ def test_interrupt_every_steps_meets_two_save_intervals_with_the_same_interrupti
         doc = json.loads(out.getvalue())
         assert rc == 0 and doc["outcome"] == "Completed", doc
         assert_interruptions_during_training(doc, 120)
+        starting = [e["message"] for e in doc["events"] if e["status"] == "Starting"]
+        # what the trainer is told (3600 s / (30 steps x 0.01 s)), said once, at the first instance
+        assert "the trainer is told SPOTCKPT_INTERRUPTIONS=per_hour=12000,hard_fraction=0.5" in starting[0]
+        assert not any("SPOTCKPT_INTERRUPTIONS" in m for m in starting[1:])
         docs.append(doc)
     sch = Scheduler(interruptions=None, every_seconds=None, every_steps=30, seed=3, total_steps=120,
                     hard_kill_fraction=0.5)

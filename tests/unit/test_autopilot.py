@@ -77,6 +77,43 @@ def test_rates_from_the_user_a_bucket_and_the_environment() -> None:
             parse_rates(bad)
 
 
+@pytest.mark.parametrize("text, says", [
+    ("per_hour=", "per_hour must be a number of interruptions per hour, got ''"),
+    ("per_hour=1;hard_fraction=0.1", "comma-separated"),
+    ("per_hour=1,instances=1.5", "instances must be a whole number"),
+    ("per_hour=inf", "finite number"),
+    ("per_hour=1e400", "finite number"),
+    ("hard_fraction=0.1", "add the rate"),
+    ("instances=4", "add the rate"),
+])
+def test_careless_rates_in_the_environment_say_what_to_do(text: str, says: str) -> None:
+    with pytest.raises(ConfigError, match="SPOTCKPT_INTERRUPTIONS") as err:
+        parse_rates(text)
+    assert says in str(err.value)
+
+
+@pytest.mark.parametrize("kw, says", [
+    ({"interruptions_per_hour": "0.05"}, "finite number >= 0"),
+    ({"interruptions_per_hour": math.inf}, "finite number >= 0"),
+    ({"interruptions_per_hour": math.nan}, "finite number >= 0"),
+    ({"hard_fraction": 0.3}, "hard_fraction qualify a rate you give"),
+    ({"instances": 4, "hard_fraction": 0.3}, "hard_fraction and instances qualify"),
+    ({"interruptions_per_hour": 1.0, "hard_fraction": "0.3"}, "a number in [0, 1]"),
+])
+def test_careless_auto_interval_arguments_are_config_errors(kw: dict[str, object], says: str) -> None:
+    with pytest.raises(ConfigError, match="AutoInterval") as err:
+        AutoInterval(**kw)  # type: ignore[arg-type]
+    assert says in str(err.value)
+
+
+def test_a_new_job_says_its_rates_are_the_prior_and_how_to_give_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPOTCKPT_INTERRUPTIONS", raising=False)
+    p = AutoInterval()
+    p.bind(Autopilot(EventBus(), grace_seconds=120.0, uploads=False))
+    source = p.current_rates()[2]
+    assert source.startswith("the prior (no interruption recorded yet") and "SPOTCKPT_INTERRUPTIONS" in source
+
+
 def test_auto_interval_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPOTCKPT_INTERRUPTIONS", "per_hour=3600,hard_fraction=0.25")
     p = AutoInterval()
@@ -273,3 +310,33 @@ def _restarted_on_noticed(tmp_path: Path, step: int) -> tuple[EventBus, Autopilo
     policy.bind(pilot)
     pilot.restored(step, tmp_path, 0.08)
     return bus, pilot, policy
+
+
+@pytest.mark.parametrize("spelled", ["auto", "Auto", " AUTO ", "auto\n"])
+def test_every_steps_auto_is_read_however_it_is_spelled(spelled: str) -> None:
+    from spotckpt.core.preemption import PreemptionWatcher
+    from spotckpt.core.schedule import SaveSchedule
+
+    sched = SaveSchedule(PreemptionWatcher(), every_steps=spelled, every_seconds=None, save_policy=None,
+                         clock=lambda: 0.0)
+    assert isinstance(sched.policy, AutoInterval)
+
+
+@pytest.mark.parametrize("bad", ["autos", "500", 2.5, True, 0, -5])
+def test_a_wrong_every_steps_names_auto_among_the_choices(bad: object) -> None:
+    from spotckpt.core.preemption import PreemptionWatcher
+    from spotckpt.core.schedule import SaveSchedule
+
+    with pytest.raises(ConfigError, match=r'positive int, "auto" \(the autopilot chooses the interval\) or None'):
+        SaveSchedule(PreemptionWatcher(), every_steps=bad, every_seconds=None, save_policy=None,  # type: ignore[arg-type]
+                     clock=lambda: 0.0)
+
+
+def test_the_public_modules_are_attributes_of_a_bare_import() -> None:
+    import subprocess
+    import sys
+
+    code = ("import spotckpt; p = spotckpt.policy.AutoInterval(interruptions_per_hour=0.05); "
+            "print(type(p).__name__, spotckpt.events.EventBus.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["AutoInterval", "EventBus"]

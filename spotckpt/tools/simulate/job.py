@@ -164,7 +164,10 @@ class Simulation:
         inst = InstanceTracker(n, started_s=self.clock.now(), from_wall=self.clock.from_wall)
         self.trackers.append(inst)
         where = ", ".join(str(d / "checkpoints") for d in host_dirs)
-        self.status("Starting", f"instance {n}: fresh empty local dir{'s' if self.hosts > 1 else ''} {where}")
+        told = self.scheduler.trainer_env() if n == 1 else {}
+        self.status("Starting", f"instance {n}: fresh empty local dir{'s' if self.hosts > 1 else ''} {where}"
+                    + "".join(f"; the trainer is told {k}={v} (the schedule's rates, for every_steps='auto')"
+                              for k, v in told.items()))
         trigger = self.scheduler.plan(n, resumed)
         tail = MultiTail([d / "events.jsonl" for d in host_dirs])
         procs: list[TrainerProcess] = []
