@@ -11,9 +11,10 @@ weights under ``CheckpointManager(local_dir, s3_uri=..., every_steps=10**9)`` th
 ``maybe_save`` every step (so no policy save happens: the only checkpoint is the preemption one).
 At a random step the parent sends SIGTERM and measures, from the moment of the signal:
 
-- ``to_manifest_s``: until the final step's ``manifest.json`` exists in S3 (the parent polls
-  ``list_objects_v2``; a step counts in S3 only once its manifest does);
-- ``to_local_commit_s``: until the step is committed under the local dir;
+- ``to_manifest_s``: until the final step's ``manifest.json`` exists in S3 (a step counts in S3
+  only once its manifest does): the time of the trainer's ``durable_s3`` event, which it emits
+  when the manifest's PUT has returned (``SPOTCKPT_EVENTS_FILE``; wall clock, one machine);
+- ``to_local_commit_s``: until the step is committed under the local dir (its ``durable_local``);
 - ``to_exit_s``: until the child has exited (it must exit 0 after ``maybe_save`` returns with
   ``preempted`` set).
 
@@ -25,6 +26,11 @@ boto3's default ``TransferConfig``, with spotckpt's part size and concurrency, a
 a client configured as spotckpt's (payload signing off); the fastest of the three is the repeat's
 "plain upload from memory", and ``to_manifest_s`` is also given as a ratio
 to it (target: at most 1.1). Writes benchmarks/out/preempt.json.
+
+Nothing is polled while the trainer works, so the measurement takes no CPU from the upload it
+measures: ``--poll 0.02`` measures as the runs before 2026-12-07 22:30 did, listing the bucket and
+the local dir every 20 ms (on the 2-core VM the two ways gave the same figures within their
+spread: ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -111,6 +117,9 @@ def main() -> int:
     ap.add_argument("--server-dir", default=None, metavar="DIR",
                     help="where the server keeps its data (default: beside the trainer's local dir, on the same "
                          "disk); e.g. /dev/shm to see how much of the time is the two sharing one disk")
+    ap.add_argument("--poll", type=float, default=0.0, metavar="SECONDS",
+                    help="measure by polling S3 (list_objects_v2) and the local dir every SECONDS, as before; "
+                         "default 0: from the trainer's own durable_local / durable_s3 events, nothing polled")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "preempt.json"))
     ap.add_argument("--child", nargs=2, metavar=("LOCAL_DIR", "S3_URI"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -144,8 +153,10 @@ def main() -> int:
                 prefix = f"run{r}-{variant}"
                 local = work / f"local{r}-{variant}"
                 log_path = work / f"child{r}-{variant}.log"
+                events_path = work / f"events{r}-{variant}.jsonl"
                 target = rng.randint(args.min_step, args.max_step)
-                cenv = dict(env, SPOTCKPT_UPLOAD_WHILE_WRITING="1" if variant == "on" else "0")
+                cenv = dict(env, SPOTCKPT_UPLOAD_WHILE_WRITING="1" if variant == "on" else "0",
+                            SPOTCKPT_EVENTS_FILE=str(events_path))
                 with open(log_path, "wb") as log_f:
                     proc = subprocess.Popen(
                         [sys.executable, __file__, "--mb", str(args.mb), "--step-seconds", str(args.step_seconds),
@@ -158,11 +169,12 @@ def main() -> int:
                         line = proc.stdout.readline().strip()
                         if not line and proc.poll() is not None:
                             raise SystemExit(f"trainer exited early ({proc.returncode}); see {log_path}:\n{log_path.read_text()}")
+                    wall0 = time.time()
                     proc.send_signal(signal.SIGTERM)
                     t0 = time.perf_counter()
                     t_manifest = t_local = None
                     man_key = None
-                    while t_manifest is None:
+                    while args.poll and t_manifest is None:
                         if t_local is None and local.is_dir() and any(p.name.startswith("step-") for p in local.iterdir()):
                             t_local = time.perf_counter() - t0  # committed locally
                         for o in s3.list_objects_v2(Bucket="bench", Prefix=f"{prefix}/").get("Contents", []):
@@ -172,9 +184,16 @@ def main() -> int:
                         if t_manifest is None:
                             if proc.poll() is not None:
                                 break
-                            time.sleep(0.02)
+                            time.sleep(args.poll)
                     out, _ = proc.communicate(timeout=300)
                     t_exit = time.perf_counter() - t0
+                if not args.poll:  # the trainer's own events: when its final step committed locally, and in S3
+                    evs = [json.loads(x) for x in events_path.read_text().splitlines() if x.strip()]
+                    t_local = max((e["time"] - wall0 for e in evs if e["event"] == "durable_local"), default=None)
+                    s3_done = [e for e in evs if e["event"] == "durable_s3"]
+                    if s3_done:
+                        t_manifest = s3_done[-1]["time"] - wall0
+                        man_key = f"{prefix}/{step_dirname(int(s3_done[-1]['step']))}/{MANIFEST_NAME}"
                 preempted = [int(x.split()[1]) for x in out.splitlines() if x.startswith("preempted ")]
                 if proc.returncode != 0 or not preempted or man_key is None:
                     raise SystemExit(f"run {r} ({variant}): exit {proc.returncode}, preempted {preempted}, manifest {man_key}; see {log_path}:\n{log_path.read_text()[-4000:]}")
