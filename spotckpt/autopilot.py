@@ -136,9 +136,10 @@ def _check_rates(per_hour: float | None, bucket: str | None, hard: float | None,
     if instances is not None and (isinstance(instances, bool) or not isinstance(instances, int) or instances < 1):
         raise ConfigError(f"{where}: instances must be an int >= 1, got {instances!r}")
     if per_hour is None and bucket is None and (hard is not None or instances is not None):
-        given = " and ".join(n for n, v in (("hard_fraction", hard), ("instances", instances)) if v is not None)
-        raise ConfigError(f"{where}: {given} qualify a rate you give; add the rate (interruptions per hour or a "
-                          "frequency bucket), or drop them to let the job's recorded history set both")
+        given = [n for n, v in (("hard_fraction", hard), ("instances", instances)) if v is not None]
+        raise ConfigError(f"{where}: {' and '.join(given)} {'qualify' if len(given) > 1 else 'qualifies'} a rate you "
+                          "give; add the rate (interruptions per hour or a frequency bucket), or drop "
+                          f"{'them' if len(given) > 1 else 'it'} to let the job's recorded history set the rates")
 
 
 def user_rates(*, per_hour: float | None, bucket: str | None, hard_fraction: float | None,
@@ -164,6 +165,7 @@ def parse_rates(text: str | None) -> Rates | None:
             raise ConfigError(f"${ENV_VAR}={text!r}: expected per_hour=R or bucket=B, optionally hard_fraction=F "
                               "and instances=N, comma-separated")
         kv[k] = v.strip()
+
     def num(key: str, kind: type, what: str) -> Any:
         if key not in kv:
             return None

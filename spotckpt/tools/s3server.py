@@ -452,8 +452,7 @@ def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> int:
     def on_stop(signum: int, frame: Any) -> None:
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_term) for sig in (signal.SIGTERM,)}
-    previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_term), signal.SIGINT: signal.getsignal(signal.SIGINT)}
     srv = None
     try:
         srv = S3Server.start(args.kind, buckets=[args.bucket])

@@ -96,7 +96,7 @@ def test_careless_rates_in_the_environment_say_what_to_do(text: str, says: str) 
     ({"interruptions_per_hour": "0.05"}, "finite number >= 0"),
     ({"interruptions_per_hour": math.inf}, "finite number >= 0"),
     ({"interruptions_per_hour": math.nan}, "finite number >= 0"),
-    ({"hard_fraction": 0.3}, "hard_fraction qualify a rate you give"),
+    ({"hard_fraction": 0.3}, "hard_fraction qualifies a rate you give"),
     ({"instances": 4, "hard_fraction": 0.3}, "hard_fraction and instances qualify"),
     ({"interruptions_per_hour": 1.0, "hard_fraction": "0.3"}, "a number in [0, 1]"),
 ])
