@@ -3,8 +3,8 @@
 A restore from S3 into a state does not need the step on disk before it loads: each file is
 read with ranged GETs (:data:`PIECE_BYTES` each, as the ranged DCP loads; :data:`THREADS` at a
 time) straight into an anonymous in-memory file (``memfd_create``), and each piece is CRC32C'd
-as soon as it has landed; the pieces' CRCs are combined and compared with the manifest before anything is loaded,
-so a restore stays all or nothing. The load then reads the memory files like a step directory
+as soon as it has landed; the pieces' CRCs are combined and compared with the manifest before
+anything is loaded, so a restore stays all or nothing. The load then reads the memory files like a step directory
 (:attr:`FetchedStep.dir`, links to them beside a copy of the manifest), through the same mapped
 reads as a local step. The local copy -- staging, fsync, commit by rename, the guarantees of a
 download -- is made from memory afterwards (:meth:`FetchedStep.download_step` is a source for
