@@ -2,6 +2,7 @@
 without upload while writing, against the fastest plain upload of the same bytes from memory.
 
     python benchmarks/bench_preempt.py [--mb 1024] [--repeats 3] [--variants on,off] [--server seaweedfs|moto] [--server-dir DIR]
+                                       [--server-cpus CPUS]
 
 Starts a local S3 server on 127.0.0.1 in its own process (SeaweedFS, which verifies every
 CRC32C, by default; ``--server moto`` for moto rows, labelled as such), then, per repeat and per
@@ -26,6 +27,10 @@ boto3's default ``TransferConfig``, with spotckpt's part size and concurrency, a
 a client configured as spotckpt's (payload signing off); the fastest of the three is the repeat's
 "plain upload from memory", and ``to_manifest_s`` is also given as a ratio
 to it (target: at most 1.1). Writes benchmarks/out/preempt.json.
+
+``--server-cpus 1`` runs the server on CPU 1 and everything else on the other CPUs: S3 runs on
+machines of its own, and on a 2-core machine a local server otherwise takes most of the CPU
+the trainer's local write needs (SeaweedFS spends about 7 CPU-seconds per GiB it receives).
 
 Nothing is polled while the trainer works, so the measurement takes no CPU from the upload it
 measures: ``--poll 0.02`` measures as the runs before 2026-12-07 22:30 did, listing the bucket and
@@ -117,6 +122,9 @@ def main() -> int:
     ap.add_argument("--server-dir", default=None, metavar="DIR",
                     help="where the server keeps its data (default: beside the trainer's local dir, on the same "
                          "disk); e.g. /dev/shm to see how much of the time is the two sharing one disk")
+    ap.add_argument("--server-cpus", default=None, metavar="CPUS",
+                    help="run the server on these CPUs (e.g. 1) and the trainer and the plain uploads on the others, "
+                         "as S3 runs on machines of its own; default: all share every CPU")
     ap.add_argument("--poll", type=float, default=0.0, metavar="SECONDS",
                     help="measure by polling S3 (list_objects_v2) and the local dir every SECONDS, as before; "
                          "default 0: from the trainer's own durable_local / durable_s3 events, nothing polled")
@@ -130,12 +138,20 @@ def main() -> int:
         ap.error("--variants: a list of on, off")
 
     rng = random.Random(args.seed)
+    from spotckpt.tools.bench import split_cpus
     from spotckpt.tools.s3server import S3Server
+
+    server_cpus = client_cpus = None
+    if args.server_cpus:
+        try:
+            server_cpus, client_cpus = split_cpus(args.server_cpus)
+        except ValueError as exc:
+            ap.error(str(exc))
 
     work = Path(tempfile.mkdtemp(prefix="bench-preempt-"))
     server_dir = Path(tempfile.mkdtemp(prefix="bench-preempt-server-", dir=args.server_dir)) if args.server_dir \
         else work / "server"
-    srv = S3Server.start(args.server, server_dir, buckets=["bench"])
+    srv = S3Server.start(args.server, server_dir, buckets=["bench"], cpus=server_cpus)
     env = srv.apply_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     os.environ.update(srv.apply_env())
@@ -258,7 +274,9 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
                     "python": platform.python_version(), "loadavg_end": list(os.getloadavg())},
         "server": f"{args.server} on 127.0.0.1, its own process" + (" (moto: not a performance reference)" if args.server == "moto" else "")
-                  + (f", its data under {args.server_dir}" if args.server_dir else ", its data on the trainer's disk"),
+                  + (f", its data under {args.server_dir}" if args.server_dir else ", its data on the trainer's disk")
+                  + (f"; the server on CPUs {sorted(server_cpus)}, the trainer and the plain uploads on {sorted(client_cpus)}"
+                     if server_cpus else "; all sharing every CPU"),
     }, indent=1))
     print(f"wrote {out}")
     return 0

@@ -56,7 +56,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,17 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
+
+
+def _child_setup(cpus: frozenset[int] | None) -> Callable[[], None]:
+    """The ``preexec_fn`` of a server: :func:`_die_with_parent`, and pinned to ``cpus`` if given."""
+
+    def setup() -> None:
+        _die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
 
 
 def _port_free(port: int) -> bool:
@@ -187,11 +198,14 @@ class S3Server:
         ready_timeout_seconds: float = 60.0,
         stop_grace_seconds: float = 5.0,
         extra_args: Iterable[str] = (),
+        cpus: Iterable[int] | None = None,
     ) -> S3Server:
         """Start a server of ``kind`` (``"moto"`` or ``"seaweedfs"``) and wait until it answers
         an authenticated ``ListBuckets``; create ``buckets``. ``workdir`` holds SeaweedFS's data
         and each server's log (a temporary directory, removed by ``stop()``, when None).
-        ``extra_args`` go to ``weed mini`` (e.g. ``["-filer.maxMB=16"]``); moto takes none."""
+        ``extra_args`` go to ``weed mini`` (e.g. ``["-filer.maxMB=16"]``); moto takes none.
+        ``cpus``: run the server on these CPUs only (Linux; benchmarks give it cores of its own, as
+        S3 runs on machines of its own)."""
         if kind not in KINDS:
             raise S3ServerError(f"unknown S3 server kind {kind!r}; use one of {', '.join(KINDS)}", key=str(kind))
         owns = workdir is None
@@ -199,11 +213,12 @@ class S3Server:
         wd.mkdir(parents=True, exist_ok=True)
         common = dict(access_key=access_key, secret_key=secret_key, region=region,
                       stop_grace_seconds=stop_grace_seconds, owns_workdir=owns)
+        setup = _child_setup(frozenset(cpus) if cpus is not None else None)
         try:
             if kind == "moto":
-                srv = cls._start_moto(wd, ready_timeout_seconds, common)
+                srv = cls._start_moto(wd, ready_timeout_seconds, common, setup)
             else:
-                srv = cls._start_seaweedfs(wd, ready_timeout_seconds, common, list(extra_args))
+                srv = cls._start_seaweedfs(wd, ready_timeout_seconds, common, list(extra_args), setup)
         except BaseException:
             if owns:
                 shutil.rmtree(wd, ignore_errors=True)
@@ -218,12 +233,12 @@ class S3Server:
         return srv
 
     @classmethod
-    def _start_moto(cls, wd: Path, timeout: float, common: dict[str, Any]) -> S3Server:
+    def _start_moto(cls, wd: Path, timeout: float, common: dict[str, Any], setup: Callable[[], None]) -> S3Server:
         log_path = wd / "moto.log"
         with open(log_path, "ab") as log_f:
             proc = subprocess.Popen(
                 [sys.executable, "-c", _MOTO_CHILD], stdout=subprocess.PIPE, stderr=log_f,
-                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=setup,
             )
         assert proc.stdout is not None
         end = time.monotonic() + timeout
@@ -249,7 +264,8 @@ class S3Server:
         return srv
 
     @classmethod
-    def _start_seaweedfs(cls, wd: Path, timeout: float, common: dict[str, Any], extra: list[str]) -> S3Server:
+    def _start_seaweedfs(cls, wd: Path, timeout: float, common: dict[str, Any], extra: list[str],
+                         setup: Callable[[], None]) -> S3Server:
         weed = find_weed()
         if weed is None:
             raise S3ServerError(
@@ -280,7 +296,7 @@ class S3Server:
             with open(log_path, "ab") as log_f:
                 proc = subprocess.Popen(
                     args, stdout=log_f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                    cwd=data, start_new_session=True, preexec_fn=_die_with_parent,
+                    cwd=data, start_new_session=True, preexec_fn=setup,
                 )
             ports = [p for q in (s3, master, volume, filer, admin) for p in (q, q + _GRPC_OFFSET)]
             srv = cls("seaweedfs", proc, endpoint_url=f"http://{HOST}:{s3}", workdir=wd,

@@ -7,6 +7,7 @@ No timing is asserted. The run against SeaweedFS is in tests/integration/test_be
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -84,8 +85,41 @@ def test_a_broken_dcp_part_skips_only_the_dcp_peer(monkeypatch: pytest.MonkeyPat
 
 def test_bad_arguments_are_refused(tmp_path) -> None:
     for argv in (["--cases", "nope"], ["--peers", "boto3"], ["--reps", "0"], ["--peers", "spotckpt,x"],
-                 ["--warmup", "-1"]):
+                 ["--warmup", "-1"], ["--server-cpus", "one"], ["--server-cpus", "1", "--s3-uri", "s3://b/p"],
+                 ["--server-cpus", ",".join(map(str, os.sched_getaffinity(0)))]):
         assert s3peers.main([*argv, "--out", str(tmp_path)]) == 2, argv
+    assert not list(tmp_path.iterdir())  # refused before anything ran
+
+
+def _in_a_thread(fn):  # split_cpus pins its calling thread: not the test's
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            out.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out[0]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to split")
+def test_split_cpus_gives_the_server_the_named_cpus_and_pins_the_caller_to_the_rest() -> None:
+    mine = sorted(os.sched_getaffinity(0))
+    got = _in_a_thread(lambda: (bench.split_cpus(str(mine[-1])), os.sched_getaffinity(0)))
+    (server, client), pinned = got
+    assert server == {mine[-1]} and client == set(mine[:-1]) and pinned == set(mine[:-1])
+    assert sorted(os.sched_getaffinity(0)) == mine  # this thread untouched
+    if len(mine) >= 3:
+        (server, _), _ = _in_a_thread(lambda: (bench.split_cpus(f"{mine[1]}-{mine[2]}"), None))
+        assert server == {mine[1], mine[2]}
+    for spec, words in (("x", "expected CPU numbers"), ("1-", "expected CPU numbers"),
+                        (",".join(map(str, mine)), "some, not all"), (str(max(mine) + 1000), "some, not all")):
+        err = _in_a_thread(lambda spec=spec: bench.split_cpus(spec))
+        assert isinstance(err, ValueError) and words in str(err), (spec, err)
 
 
 def test_cpu_readings() -> None:

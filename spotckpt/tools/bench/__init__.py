@@ -79,6 +79,28 @@ def cpu_model() -> str:
     return model
 
 
+def split_cpus(spec: str) -> tuple[frozenset[int], frozenset[int]]:
+    """``--server-cpus``: the CPUs that ``spec`` names (``"1"``, ``"2,3"``, ``"2-3"``) for a local
+    S3 server, and the rest of this process's CPUs for the client, as S3 runs on machines of its
+    own. Pins the calling thread -- and so the threads and processes it starts afterwards -- to the
+    rest; call it before starting any. ValueError when ``spec`` is malformed, names a CPU this
+    process may not use, or leaves the client none."""
+    mine = frozenset(os.sched_getaffinity(0))
+    server: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, dash, hi = part.strip().partition("-")
+            server.update(range(int(lo), int(hi if dash else lo) + 1))
+    except ValueError:
+        raise ValueError(f"--server-cpus {spec!r}: expected CPU numbers like 1, 2,3 or 2-3") from None
+    if not server or not server <= mine or server == mine:
+        raise ValueError(f"--server-cpus {spec!r}: name some, not all, of the CPUs this process may use "
+                         f"({', '.join(map(str, sorted(mine)))})")
+    client = mine - server
+    os.sched_setaffinity(0, client)
+    return frozenset(server), client
+
+
 def machine_info(base_dir: str) -> dict[str, Any]:
     """CPU model, cores, RAM, OS, Python, torch, GPU and the filesystem of the data directory."""
     info: dict[str, Any] = {"hostname": platform.node(), "platform": platform.platform(),

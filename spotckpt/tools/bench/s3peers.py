@@ -24,7 +24,9 @@ the process; on several ranks the ranks' sum) and the server's. s3torchconnector
 By default a SeaweedFS server (``weed mini``, the dev extra) is started on 127.0.0.1 for the run
 and stopped after it; ``--s3-uri`` uses an existing bucket instead, with the endpoint and
 credentials of the environment (``AWS_ENDPOINT_URL`` for a local server; ``--server-pid`` names
-its process so its CPU is reported). Writes ``s3peers.json`` and ``s3peers.md`` to ``--out``.
+its process so its CPU is reported). ``--server-cpus 1`` gives the started server CPU 1 and the
+peers the others: on a 2-core machine SeaweedFS otherwise takes most of both cores (about 7
+CPU-seconds per GiB it receives). Writes ``s3peers.json`` and ``s3peers.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -299,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="thread_count of S3StorageWriter (default: %(default)s, as in its README)")
     p.add_argument("--server", choices=("seaweedfs", "moto"), default="seaweedfs",
                    help="the local S3 server to start for the run (default: %(default)s)")
+    p.add_argument("--server-cpus", default=None, metavar="CPUS",
+                   help="run the started server on these CPUs (e.g. 1) and the peers on the others, as S3 "
+                        "runs on machines of its own (default: they share every CPU)")
     p.add_argument("--s3-uri", default=None,
                    help="use this existing bucket/prefix instead of starting a server; endpoint and "
                         "credentials from the environment")
@@ -345,6 +350,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{case}: {', '.join(plan[case])}")
         return 0
 
+    server_cpus: frozenset[int] | None = None
+    client_cpus: frozenset[int] = frozenset()
+    if args.server_cpus:
+        if args.s3_uri:
+            print("spotckpt bench s3: --server-cpus pins the server this run starts; with --s3-uri there is "
+                  "none (pin yours with taskset)", file=sys.stderr)
+            return 2
+        from spotckpt.tools.bench import split_cpus
+
+        try:
+            server_cpus, client_cpus = split_cpus(args.server_cpus)
+        except ValueError as exc:
+            print(f"spotckpt bench s3: {exc}", file=sys.stderr)
+            return 2
+
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # unwinds through the workers' kill, the server's stop, the temp dir
 
@@ -373,11 +393,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from spotckpt.tools.s3server import S3Server
 
             print(f"spotckpt bench s3: starting {args.server} on 127.0.0.1", flush=True)
-            srv = S3Server.start(args.server, work / "server", buckets=["bench"])
+            srv = S3Server.start(args.server, work / "server", buckets=["bench"], cpus=server_cpus)
             os.environ.update(srv.apply_env())
             base, endpoint, server_pid = "s3://bench/run", srv.endpoint_url, srv.process.pid
             result["server"] = f"{args.server} on 127.0.0.1, its own process" + (
-                " (moto: no place to measure)" if args.server == "moto" else "")
+                " (moto: no place to measure)" if args.server == "moto" else "") + (
+                f", on CPUs {sorted(server_cpus)}; the peers on {sorted(client_cpus)}" if server_cpus else "")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         for case in cases:
             peers = plan[case]
