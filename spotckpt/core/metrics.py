@@ -16,7 +16,7 @@ so SageMaker ``MetricDefinitions`` can scrape them, e.g.
 part of the public contract: new keys may be added at the end, existing ones never change.
 Progress events are not printed. With several ranks every line ends with ``rank=R``.
 
-Lines go to the logger ``spotckpt.core.metrics`` (INFO) and, when enabled, straight to stderr, because
+Lines go to the logger ``spotckpt.metrics`` (INFO) and, when enabled, straight to stderr, because
 SageMaker scrapes the container's output and the library must not configure logging handlers.
 
 :class:`Stats` (``mgr.stats``) keeps the same figures as counters; it is a listener too.

@@ -347,7 +347,7 @@ def _main(argv: list[str], early: _EarlySignals | None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("botocore").setLevel(logging.WARNING)
-    logging.getLogger("spotckpt.core.metrics").setLevel(logging.WARNING)  # already on stderr
+    logging.getLogger("spotckpt.metrics").setLevel(logging.WARNING)  # the metric lines: already on stderr
     if args.command in _QUIET_COMMANDS and not args.verbose:
         logging.getLogger("spotckpt").setLevel(logging.WARNING)
     try:

@@ -38,3 +38,13 @@ def test_s3_inspection_restore_once_and_sync_without_torch(bucket: str, tmp_path
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "TORCH False RC 0" in res.stdout, (res.stdout, res.stderr)
+
+
+def test_sync_prints_each_metric_line_once(bucket: str, tmp_path: Path) -> None:
+    # the CLI logs at INFO; the metric line goes to stderr itself and must not come again as a log record
+    with CheckpointManager(tmp_path / "ckpt", metrics=False) as mgr:
+        mgr.save(7, step_state(7, numel=64), blocking=True)
+    res = _cli("sync", "--once", "--local", str(tmp_path / "ckpt"), "--s3", f"s3://{bucket}/job")
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if "event=durable_s3" in ln]
+    assert len(lines) == 1 and lines[0].startswith("spotckpt event=durable_s3 step=7 "), res.stderr
