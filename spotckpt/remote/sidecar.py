@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -180,6 +181,20 @@ def _default_local_dir(local_dir: str | Path | None) -> Path:
     return resolve_local_dir(local_dir)
 
 
+def _checked_local_dir(local_dir: str | Path | None, *, must_exist: bool) -> Path:
+    """:func:`_default_local_dir`, refused (ConfigError) when it is a file, or when it does not
+    exist and ``must_exist`` (a one-off upload of a mistyped directory would otherwise upload
+    nothing and succeed)."""
+    local = _default_local_dir(local_dir)
+    if local.exists() and not local.is_dir():
+        raise ConfigError(f"--local {local} is a file, not a directory: pass the checkpoint directory "
+                          "(the trainer's local_dir)")
+    if must_exist and not local.exists():
+        raise ConfigError(f"--local {local} does not exist: nothing to upload; pass the checkpoint directory "
+                          "(the trainer's local_dir)")
+    return local
+
+
 def _durable_s3_line(step: int, seconds: float, nbytes: int) -> None:
     """The ``event=durable_s3`` metric line of a step this process committed in S3 -- the same
     line a trainer's manager prints (``$SPOTCKPT_METRICS=0``: none), so a MetricDefinition
@@ -212,11 +227,19 @@ def run_sync(
     (for at most ``grace_seconds``) and return 0 (1 if the final flush did not complete).
     ``once``: one reconcile pass, then return."""
     if once:
-        uploader = _make_uploader(_default_local_dir(local_dir), s3_uri, keep_last)
+        from spotckpt.core.local import scan_committed_steps
+
+        local = _checked_local_dir(local_dir, must_exist=True)
+        uploader = _make_uploader(local, s3_uri, keep_last)
         try:
             uploader.sync_once()
+            in_s3 = set(uploader.uploaded_steps())
         finally:
             uploader.store.close()
+        committed = scan_committed_steps(local, require_manifest=True)
+        print(f"spotckpt sync: {local} holds {len(committed)} committed step(s)"
+              + (f" (newest {committed[-1]})" if committed else "") + f"; {s3_uri} holds "
+              + (f"{len(in_s3)} (newest {max(in_s3)})" if in_s3 else "none"), file=sys.stderr, flush=True)
         return 0
     stop = threading.Event()
     got: list[int] = []
@@ -229,7 +252,11 @@ def run_sync(
     previous = {s: signal.signal(s, on_signal) for s in _FORWARDED}
     uploader = None
     try:
-        uploader = _make_uploader(_default_local_dir(local_dir), s3_uri, keep_last)
+        local = _checked_local_dir(local_dir, must_exist=False)
+        if not local.exists():
+            log.warning("spotckpt sync: %s does not exist yet; creating it and watching it for the trainer's "
+                        "checkpoints (if that is a typo, stop this and pass the right --local)", local)
+        uploader = _make_uploader(local, s3_uri, keep_last)
         uploader.start()
         log.info("spotckpt sync: watching %s -> %s", uploader.local_dir, s3_uri)
         while not stop.wait(1.0):
@@ -376,7 +403,7 @@ def run_command(
             raise ConfigError(f"--grace-seconds must be > 0, got {grace_seconds!r}")
         if keep_last is not None and keep_last < 1:
             raise ConfigError(f"--keep-last must be >= 1, got {keep_last!r}")
-        local = _default_local_dir(local_dir)
+        local = _checked_local_dir(local_dir, must_exist=False)
         env = trainer_env(local, s3_uri, grace_seconds)
         if s3_uri:
             from spotckpt.remote.s3 import S3Store

@@ -48,3 +48,31 @@ def test_sync_prints_each_metric_line_once(bucket: str, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if "event=durable_s3" in ln]
     assert len(lines) == 1 and lines[0].startswith("spotckpt event=durable_s3 step=7 "), res.stderr
+
+
+def test_sync_and_run_refuse_a_local_dir_that_is_missing_or_a_file(bucket: str, tmp_path: Path) -> None:
+    uri = f"s3://{bucket}/job"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    res = _cli("sync", "--once", "--local", str(tmp_path / "typo"), "--s3", uri)
+    assert res.returncode == 2 and "does not exist: nothing to upload" in res.stderr, res.stderr
+    for args in (["sync", "--once", "--local", str(a_file), "--s3", uri],
+                 ["sync", "--local", str(a_file), "--s3", uri],
+                 ["run", "--local", str(a_file), "--s3", uri, "--", sys.executable, "-c", "print('TRAINER RAN')"]):
+        res = _cli(*args)
+        assert res.returncode == 2 and "is a file, not a directory" in res.stderr, (args, res.stderr)
+        assert "Traceback" not in res.stderr and "TRAINER RAN" not in res.stdout, (args, res.stderr)
+    assert not (tmp_path / "typo").exists()  # nothing created for a one-off upload
+
+
+def test_sync_once_says_what_it_found(bucket: str, tmp_path: Path) -> None:
+    uri = f"s3://{bucket}/job"
+    (tmp_path / "empty").mkdir()
+    res = _cli("sync", "--once", "--local", str(tmp_path / "empty"), "--s3", uri)
+    assert res.returncode == 0 and "holds 0 committed step(s); " + uri + " holds none" in res.stderr, res.stderr
+    with CheckpointManager(tmp_path / "ckpt", metrics=False) as mgr:
+        mgr.save(3, step_state(3, numel=64), blocking=True)
+    for _ in range(2):  # the second pass has nothing to upload and says so too
+        res = _cli("sync", "--once", "--local", str(tmp_path / "ckpt"), "--s3", uri)
+        assert res.returncode == 0 and "holds 1 committed step(s) (newest 3); " + uri + " holds 1 (newest 3)" \
+            in res.stderr, res.stderr
