@@ -166,6 +166,16 @@ def _open_source(src: str) -> Any:
     return LocalStore(Path(src), read_only=True)
 
 
+def _note_newer(dest: Any, step: int) -> None:
+    """Say so when ``dest`` holds committed steps newer than ``step``: a manager resuming from it
+    would pick the newest, not the step just restored."""
+    newer = [s for s in dest.committed_steps() if s > step]
+    if newer:
+        print(f"note: {dest.root} also holds newer step(s) {', '.join(map(str, newer))}: a CheckpointManager "
+              f"resuming from it restores step {newer[-1]}, not {step}; to resume from step {step}, restore into "
+              "an empty directory", file=sys.stderr)
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     """Copy the newest valid (or ``--step``) step of SRC into ``--to``, verified, committed there
     atomically (:meth:`spotckpt.core.local.LocalStore.import_step`). The source is only read. What this
@@ -201,6 +211,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         for s in steps:
             if dest.is_committed(s) and dest.verify_step(s).ok:
                 print(f"step {s} is already in {dest.root}")
+                _note_newer(dest, s)
                 return 0
             bar = _progress_bar(f"step {s}")
             try:
@@ -214,6 +225,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 if bar is not None:
                     bar.close()
             print(f"restored step {s} from {src} into {dest.step_path(s)}")
+            _note_newer(dest, s)
             return 0
         print(f"no valid step in {src}: every committed step failed to verify (see above)", file=sys.stderr)
         return 1

@@ -77,3 +77,16 @@ def test_bench_options_reach_the_benchmark_parser(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit) as ei:
         main(["ls", "/tmp", "--sizes", "1"])  # options of one command are refused by the others
     assert ei.value.code == 2
+
+
+def test_restoring_an_older_step_beside_a_newer_one_says_which_a_resume_picks(
+        ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "dest"
+    assert main(["restore", str(ckpt), "--to", str(dest)]) == 0  # step 30
+    assert "note:" not in capsys.readouterr().err
+    for _ in range(2):  # restored, then already there: the same note
+        assert main(["restore", str(ckpt), "--to", str(dest), "--step", "10"]) == 0
+        err = capsys.readouterr().err
+        assert "also holds newer step(s) 30" in err and "restores step 30, not 10" in err, err
+    with CheckpointManager(dest, metrics=False) as mgr:  # what the note says
+        assert mgr.restore(empty_state(numel=256)) == 30
