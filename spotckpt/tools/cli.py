@@ -64,7 +64,11 @@ def _local_rows(root: Path, *, checksums: bool) -> list[StepRow]:
     from spotckpt.core.local import LocalStore
 
     if not root.is_dir():
-        raise ConfigError(f"{root} is not a directory; pass the checkpoint directory (e.g. /opt/ml/checkpoints)")
+        what = "is not a directory" if root.exists() else "does not exist"
+        hint = (f" (an S3 URI is written s3://{str(root)[3:].lstrip('/')})"
+                if str(root).lower().startswith("s3/") else "")
+        raise ConfigError(f"{root} {what}; pass the checkpoint directory (e.g. /opt/ml/checkpoints) or an S3 "
+                          f"URI{hint}")
     store = LocalStore(root, read_only=True)
     rows = []
     for s in store.committed_steps():

@@ -61,7 +61,12 @@ def test_restore_copies_newest_valid_step(ckpt: Path, tmp_path: Path, capsys: py
 
 def test_bad_input_gives_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ls", str(tmp_path / "missing")]) == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert "missing does not exist; pass the checkpoint directory" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert main(["ls", str(tmp_path / "a-file")]) == 2
+    assert "a-file is not a directory" in capsys.readouterr().err
+    assert main(["verify", "s3//bucket/job"]) == 2  # a slash short of an S3 URI
+    assert "an S3 URI is written s3://bucket/job" in capsys.readouterr().err
     with pytest.raises(SystemExit) as ei:
         main(["ls"])
     assert ei.value.code == 2
