@@ -117,7 +117,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not m:
         raise ConfigError(
             f"malformed S3 URI {uri!r}: expected 's3://bucket/prefix' (lower-case bucket name, "
-            "3-63 characters); set --s3 / s3_uri / SPOTCKPT_S3_URI accordingly"
+            "3-63 characters); fix it where it was given (a command's argument, --s3, s3_uri= or SPOTCKPT_S3_URI)"
         )
     bucket, prefix = m.group(1), (m.group(2) or "").strip("/")
     if "//" in prefix or any(p in (".", "..") for p in prefix.split("/") if prefix):
