@@ -520,6 +520,8 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     uri = resolve_s3_uri(args.s3)
     if uri is None:
         raise ConfigError("spotckpt sync needs --s3 s3://bucket/prefix or SPOTCKPT_S3_URI")
+    if args.keep_last is not None and args.keep_last < 1:
+        raise ConfigError(f"--keep-last must be >= 1, got {args.keep_last!r}")
     return run_sync(_default_local_dir(args.local), uri, keep_last=args.keep_last, once=args.once)
 
 

@@ -192,6 +192,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
                           "locally and run `spotckpt sync --once`")
     if to.exists() and not to.is_dir():
         raise ConfigError(f"--to {args.to} is an existing file; pass a directory (it is created if missing)")
+    above = next((p for p in to.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"--to {args.to}: {above} is a file, so nothing can be created under it; pass a "
+                          "directory (it is created if missing)")
     source = _open_source(src)
     created = [p for p in (to, *to.parents) if not p.exists()]
     staging_sibling = to.parent / f".{to.name}.spotckpt-staging"
@@ -353,8 +357,10 @@ def _main(argv: list[str], early: _EarlySignals | None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":
         args.bench_args = extra  # everything after `bench` belongs to the benchmark's own parser
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:  # the subcommand's usage, not the top level's
+        sub = next((a.choices.get(args.command) for a in parser._actions
+                    if isinstance(a, argparse._SubParsersAction)), None)
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if early is not None:
         args.early_signals = early.signals
     logging.basicConfig(

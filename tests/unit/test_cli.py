@@ -72,6 +72,15 @@ def test_bad_input_gives_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     assert ei.value.code == 2
     with pytest.raises(SystemExit):
         main(["no-such-command"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ei:
+        main(["ls", "--bogus", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert ei.value.code == 2 and "usage: spotckpt ls " in err and "unrecognized arguments: --bogus" in err, err
+    assert main(["restore", str(tmp_path), "--to", str(tmp_path / "a-file" / "sub")]) == 2
+    assert "a-file is a file, so nothing can be created under it" in capsys.readouterr().err
+    assert main(["sync", "--once", "--keep-last", "0", "--s3", "s3://bucket/job", "--local", str(tmp_path)]) == 2
+    assert "--keep-last must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_bench_options_reach_the_benchmark_parser(capsys: pytest.CaptureFixture[str]) -> None:
