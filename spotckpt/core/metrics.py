@@ -16,8 +16,10 @@ so SageMaker ``MetricDefinitions`` can scrape them, e.g.
 part of the public contract: new keys may be added at the end, existing ones never change.
 Progress events are not printed. With several ranks every line ends with ``rank=R``.
 
-Lines go to the logger ``spotckpt.metrics`` (INFO) and, when enabled, straight to stderr, because
-SageMaker scrapes the container's output and the library must not configure logging handlers.
+Lines go straight to stderr when enabled, because SageMaker scrapes the container's output and
+the library must not configure logging handlers; the logger ``spotckpt.metrics`` gets a copy at
+DEBUG then (a script that logs at INFO sees each line once), and at INFO when the lines are off
+(``metrics=False``, ``SPOTCKPT_METRICS=0``), for whoever wants them in their own logs.
 
 :class:`Stats` (``mgr.stats``) keeps the same figures as counters; it is a listener too.
 """
@@ -78,7 +80,8 @@ class MetricsListener:
         if self.rank is not None:
             fields["rank"] = self.rank
         line = format_line(event.name, **fields)
-        log.info("%s", line)
+        # printed below: the logger's copy at DEBUG, so a script logging at INFO does not show it twice
+        log.log(logging.DEBUG if self.enabled else logging.INFO, "%s", line)
         if self.enabled:
             stream = self._stream or sys.stderr
             with self._lock:

@@ -396,6 +396,24 @@ def test_metric_lines_end_with_the_rank_when_there_are_several() -> None:
     assert second == "spotckpt event=save step=7 stall_s=0.5000 bytes=10 blocking=1"
 
 
+def test_a_metric_line_reaches_a_script_logging_at_info_once(caplog: pytest.LogCaptureFixture) -> None:
+    import io
+
+    from spotckpt.core.metrics import MetricsListener
+    from spotckpt.events import SaveEvent
+
+    ev = SaveEvent(step=7, stall_s=0.5, bytes=10, blocking=True)
+    buf = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="spotckpt.metrics"):
+        MetricsListener(stream=buf)(ev)  # printed: no INFO copy
+        assert buf.getvalue().startswith("spotckpt event=save step=7") and not caplog.records
+        MetricsListener(stream=buf, enabled=False)(ev)  # off: the logger has it at INFO
+        assert [r.getMessage() for r in caplog.records] == [buf.getvalue().strip()]
+    with caplog.at_level(logging.DEBUG, logger="spotckpt.metrics"):
+        MetricsListener(stream=io.StringIO())(ev)
+        assert caplog.records[-1].levelno == logging.DEBUG
+
+
 def test_rank_without_a_process_group_creates_nothing(tmp_path: Path) -> None:
     d = tmp_path / "ckpt"
     with pytest.raises(ConfigError, match="init_process_group"):
