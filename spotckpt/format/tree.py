@@ -68,6 +68,12 @@ def encode_tree(
             return obj
         return {"__float__": repr(obj)}
     if isinstance(obj, torch.Tensor):
+        if obj.device.type == "meta":
+            raise StateError(
+                f"{path}: a tensor on the meta device has no data: nothing to save, nowhere to restore "
+                "into; materialize it first (e.g. module.to_empty(device='cpu'), then initialize or restore it)",
+                key_path=path,
+            )
         if obj.is_sparse or obj.layout != torch.strided:
             raise StateError(
                 f"{path}: sparse/quantized tensor layouts are not supported; convert with "

@@ -459,3 +459,16 @@ def test_a_failing_preparation_on_the_persist_thread_is_logged_and_saves_go_on(t
             mgr.wait()
     assert "reserving the staging buffer failed: cannot allocate" in caplog.text
     assert assert_all_steps_verify(tmp_path) == [1]
+
+
+def test_tensors_on_the_meta_device_are_refused_on_save_and_restore(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, metrics=False) as mgr:
+        with pytest.raises(StateError, match="meta device has no data"):
+            mgr.save(1, {"t": torch.empty(3, device="meta")}, blocking=True)
+        assert mgr.all_steps() == []
+        mgr.save(2, {"model": nn.Linear(4, 4), "t": torch.ones(3)}, blocking=True)
+    with CheckpointManager(tmp_path, metrics=False) as mgr:  # restoring into meta would copy into nothing
+        live_t = torch.zeros(3)
+        with pytest.raises(StateError, match=r"model/weight: a tensor on the meta device .* to_empty"):
+            mgr.restore({"model": nn.Linear(4, 4, device="meta"), "t": live_t})
+        assert torch.equal(live_t, torch.zeros(3))  # nothing landed
