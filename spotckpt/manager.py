@@ -16,10 +16,13 @@ Errors of background threads are kept and raised, chained, from the next ``save(
 
 from __future__ import annotations
 
+import atexit
 import logging
 import operator
 import os
+import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, MutableMapping
 from pathlib import Path
 from types import TracebackType
@@ -196,6 +199,8 @@ class CheckpointManager:
                 self._start_imds()
             if install_signal_handlers:
                 self._watcher.install()  # last: nothing after it can fail
+            self._pid = os.getpid()
+            _OPEN.add(self)
         except BaseException as exc:
             if self._coord is not None and not isinstance(exc, CollectiveError):
                 try:  # tell the other ranks, so they raise now instead of at a later timeout
@@ -473,6 +478,7 @@ class CheckpointManager:
         if self._closed:
             return
         self._closed = True
+        _OPEN.discard(self)
         err: BaseException | None = None
         try:
             err = self._pipe.close(flush=not self._abandoned, timeout=timeout)
@@ -485,6 +491,24 @@ class CheckpointManager:
         self._pipe.raise_kept()
         if err is not None:
             raise err
+
+    def _close_at_exit(self) -> None:
+        """A manager still open when the interpreter exits (no ``with``, no ``close()``): its
+        save in flight would die with the process's threads. It is closed here, said so, as
+        leaving a ``with`` block by an exception closes: the local save finishes, nothing waits
+        for S3 and nothing is collective -- the next run's uploader or restore picks a committed
+        step up."""
+        if self._closed or os.getpid() != getattr(self, "_pid", None):
+            return
+        pending = self.pipeline.pending if self.pipeline is not None else None
+        busy = pending is not None and not pending.done.is_set()
+        log.warning("spotckpt: the CheckpointManager of %s was not closed; closing it at exit%s (use `with "
+                    "CheckpointManager(...)` or call close(), which also waits for the upload)", self.local_dir,
+                    f" so that step {pending.step} is committed locally" if busy else "")
+        try:
+            self.close(abandon=True)
+        except Exception as exc:  # noqa: BLE001 - at exit: said, not raised
+            log.error("spotckpt: closing at exit failed: %s", exc)
 
     def _teardown(self) -> None:
         """Stop whatever was started, in reverse order (construction failures and close())."""
@@ -556,3 +580,22 @@ class CheckpointManager:
         opts = RestoreOptions(step=None if step is None else as_step(step), verify=self.verify_on_restore,
                               progress=progress_logger(), loader=lambda path, manifest, rank: FOLDER.require(manifest, path))
         return restore_folder(self._pipe, opts, start_fresh_if_corrupt=start_fresh_if_corrupt)
+
+
+#: Managers constructed and not closed yet (see :meth:`CheckpointManager._close_at_exit`).
+_OPEN: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
+
+
+def _close_open_managers() -> None:
+    for mgr in list(_OPEN):
+        mgr._close_at_exit()
+
+
+# At the interpreter's threading shutdown, before concurrent.futures' own hook (hooks run in
+# reverse order of registration, and spotckpt imported concurrent.futures before this line):
+# the save still has its thread pools then. atexit would run after them, too late.
+_register = getattr(threading, "_register_atexit", None)
+if _register is not None:
+    _register(_close_open_managers)
+else:  # pragma: no cover - Python without the hook
+    atexit.register(_close_open_managers)

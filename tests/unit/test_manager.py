@@ -472,3 +472,35 @@ def test_tensors_on_the_meta_device_are_refused_on_save_and_restore(tmp_path: Pa
         with pytest.raises(StateError, match=r"model/weight: a tensor on the meta device .*to_empty"):
             mgr.restore({"model": nn.Linear(4, 4, device="meta"), "t": live_t})
         assert torch.equal(live_t, torch.zeros(3))  # nothing landed
+
+
+_UNCLOSED = """
+import os, sys, time, torch
+_fsync = os.fsync
+def slow_fsync(fd):  # the save is surely still in flight when the script ends
+    time.sleep(0.5)
+    _fsync(fd)
+os.fsync = slow_fsync
+from spotckpt import CheckpointManager
+mgr = CheckpointManager(sys.argv[1], metrics=False)
+mgr.save(11, {"w": torch.ones(1000)})
+print("script ends", flush=True)
+"""
+
+
+def test_a_manager_left_open_keeps_its_last_save_at_exit(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", _UNCLOSED, str(tmp_path / "ck")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "script ends" in res.stdout, res.stderr
+    assert "was not closed; closing it at exit so that step 11 is committed locally" in res.stderr, res.stderr
+    with CheckpointManager(tmp_path / "ck", metrics=False) as mgr:
+        assert mgr.all_steps() == [11]
+    res = subprocess.run([sys.executable, "-c", _UNCLOSED.replace("print(", "mgr.close(); print("),
+                          str(tmp_path / "ck2")], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "not closed" not in res.stderr, res.stderr  # closed: nothing to say
