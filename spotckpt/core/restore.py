@@ -219,6 +219,8 @@ def restore_newest(state: MutableMapping[str, Any] | None, local: LocalStore, re
                 step=opts.step,
             )
         candidates = [opts.step]
+    else:
+        _say_uncommitted(local, max(candidates, default=-1))
     problems: dict[int, str] = {}
     for s in candidates:
         if s in local_steps:
@@ -271,6 +273,18 @@ def restore_newest(state: MutableMapping[str, Any] | None, local: LocalStore, re
     return None
 
 
+def _say_uncommitted(local: LocalStore, newest: int) -> None:
+    """A warning for each ``step-*`` entry newer than the newest committed step that is not a
+    resume point: a save that never finished (no manifest) or a damaged manifest."""
+    for s, status in sorted(local.uncommitted_entries().items(), reverse=True):
+        if s > newest:
+            why = ("its manifest.json is damaged" if status == DAMAGED
+                   else "it has no manifest.json: a save that did not finish")
+            log.warning("spotckpt: %s is not a committed step (%s); it is not a resume point -- %s",
+                        local.step_path(s), why,
+                        f"the newest committed step is {newest}" if newest >= 0 else "there is no committed step")
+
+
 def _ranged_manifest(remote: RemoteStore, s: int, opts: RestoreOptions) -> Manifest | None:
     """Step ``s``'s manifest from ``remote`` when ``opts.ranged_loader`` reads it (the step
     records its chunks' CRC32C), else None (the step is downloaded and committed first)."""
@@ -307,7 +321,9 @@ def raise_if_all_bad(problems: dict[int, str], local: LocalStore, *, scan_local:
                 problems[s] = f"local: {exc}"
     if not problems:
         return
-    lines = "\n".join(f"  step {s}: {why}" for s, why in sorted(problems.items(), reverse=True))
+    # each step's own message ends "-- an older step will be used": not so when none verifies
+    lines = "\n".join(f"  step {s}: {why.replace(' -- an older step will be used', '')}"
+                      for s, why in sorted(problems.items(), reverse=True))
     raise AllStepsCorruptError(
         f"{len(problems)} checkpoint step(s) exist under {local.root} or in S3 and none verifies:\n{lines}\n"
         "Nothing was loaded and nothing was deleted. Repair or restore a good copy (e.g. from S3 with "

@@ -504,3 +504,20 @@ def test_a_manager_left_open_keeps_its_last_save_at_exit(tmp_path: Path) -> None
     res = subprocess.run([sys.executable, "-c", _UNCLOSED.replace("print(", "mgr.close(); print("),
                           str(tmp_path / "ck2")], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "not closed" not in res.stderr, res.stderr  # closed: nothing to say
+
+
+def test_a_newer_step_that_is_not_committed_is_named_when_restore_passes_it_by(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with CheckpointManager(tmp_path, keep_last=None, metrics=False) as mgr:
+        for s in (10, 20):
+            mgr.save(s, step_state(s, numel=16), blocking=True)
+    (tmp_path / "step-000000000020" / "manifest.json").unlink()  # a save that did not finish
+    with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path, metrics=False) as mgr:
+        assert mgr.restore(empty_state(numel=16)) == 10
+    said = [r.getMessage() for r in caplog.records if "step-000000000020" in r.getMessage()]
+    assert len(said) == 1 and "no manifest.json: a save that did not finish" in said[0] \
+        and "the newest committed step is 10" in said[0], said
+    (tmp_path / "step-000000000010" / "manifest.json").write_text("garbage")
+    with CheckpointManager(tmp_path, metrics=False) as mgr, pytest.raises(spotckpt.AllStepsCorruptError) as ei:
+        mgr.restore(empty_state(numel=16))
+    assert "not valid JSON" in str(ei.value) and "an older step will be used" not in str(ei.value)
