@@ -394,6 +394,7 @@ def _check_optimizer(key: str, live: torch.optim.Optimizer, sd: Any) -> None:
             "-- nothing was loaded", key_path=key)
     if not type(live).__module__.startswith("torch.optim"):
         return
+    _check_optimizer_kind(key, live, saved_groups)
     params = {}
     for sg, g in zip(saved_groups, groups):
         params.update(zip(sg["params"], g["params"]))
@@ -407,6 +408,32 @@ def _check_optimizer(key: str, live: torch.optim.Optimizer, sd: Any) -> None:
                     f"{key}: state {name!r} of parameter {pid} is {list(v.shape)} in the checkpoint, the live "
                     f"parameter is {list(p.shape)}; build the model and optimizer as when it was saved -- "
                     "nothing was loaded", key_path=key)
+
+
+def _check_optimizer_kind(key: str, live: torch.optim.Optimizer, saved_groups: list[Any]) -> None:
+    """Before anything lands: the checkpoint's optimizer is of the live one's kind. An Adam
+    checkpoint loads into SGD without a word and the next ``step()`` fails (``KeyError:
+    'momentum'``). The saved groups are completed as the live class's ``load_state_dict`` would
+    (its ``__setstate__`` fills in what newer torch versions added); refused when they then
+    still lack hyperparameters the live class needs *and* hold ones it does not know."""
+    cls = type(live)
+    try:
+        probe = cls.__new__(cls)
+        probe.defaults = dict(live.defaults)
+        probe.__setstate__({"state": {}, "param_groups": [dict(g) for g in saved_groups]})
+        loaded = probe.param_groups
+    except Exception:  # noqa: BLE001 - cannot tell: load_state_dict will judge
+        return
+    # and the keys torch's LR schedulers add to the groups
+    known = set(live.defaults) | {"params", "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum",
+                                  "max_momentum"}
+    lacking = sorted({k for g in loaded for k in live.defaults if k not in g})
+    foreign = sorted({k for g in loaded for k in g if k not in known and not k.startswith("_")})
+    if lacking and foreign:
+        raise StateError(
+            f"{key}: the checkpoint's optimizer has hyperparameters {foreign} and lacks {lacking} that the live "
+            f"{cls.__name__} needs: it was saved from another kind of optimizer; build the same optimizer as "
+            "when it was saved -- nothing was loaded", key_path=key)
 
 
 def _reshard_targets(key: str, live: Any, refs: set[str]) -> dict[str, torch.Tensor]:

@@ -521,3 +521,23 @@ def test_a_newer_step_that_is_not_committed_is_named_when_restore_passes_it_by(
     with CheckpointManager(tmp_path, metrics=False) as mgr, pytest.raises(spotckpt.AllStepsCorruptError) as ei:
         mgr.restore(empty_state(numel=16))
     assert "not valid JSON" in str(ei.value) and "an older step will be used" not in str(ei.value)
+
+
+def test_an_optimizer_of_another_kind_is_refused_before_anything_lands(tmp_path: Path) -> None:
+    model = nn.Linear(4, 4)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    adam.step()
+    torch.optim.lr_scheduler.OneCycleLR(adam, max_lr=1e-2, total_steps=10)  # adds its keys to the groups
+    with CheckpointManager(tmp_path, metrics=False) as mgr:
+        mgr.save(10, {"model": model, "opt": adam}, blocking=True)
+    live = nn.Linear(4, 4)
+    before = [p.detach().clone() for p in live.parameters()]
+    sgd = torch.optim.SGD(live.parameters(), lr=0.1)
+    with CheckpointManager(tmp_path, metrics=False) as mgr:
+        with pytest.raises(StateError, match=r"opt: .*lacks \['dampening', 'momentum'\] that the live SGD needs"):
+            mgr.restore({"model": live, "opt": sgd})
+        assert all(torch.equal(a, b) for a, b in zip(before, live.parameters()))  # nothing landed
+        assert sgd.param_groups[0]["momentum"] == 0 and not sgd.state
+        again = torch.optim.AdamW(live.parameters(), lr=1e-3)  # the same kind of groups: loads
+        assert mgr.restore({"model": live, "opt": again}) == 10 and again.state
