@@ -236,6 +236,10 @@ class LocalStore:
         """Committed steps, ascending (see :func:`step_status`)."""
         return scan_committed_steps(self.root)
 
+    def step_entries(self) -> dict[int, str]:
+        """Every ``step-*`` entry: step -> COMMITTED, DAMAGED or INCOMPLETE (one scan)."""
+        return scan_step_entries(self.root)
+
     def uncommitted_entries(self) -> dict[int, str]:
         """``step-*`` entries that are not committed: step -> DAMAGED or INCOMPLETE."""
         return {s: st for s, st in scan_step_entries(self.root).items() if st != COMMITTED}

@@ -33,7 +33,7 @@ from spotckpt.errors import AllStepsCorruptError, CheckpointCorruptError, Config
 from spotckpt.format import FileEntry, Manifest, SafetensorsFile, crc32c_b64, crc32c_update, data_file_names, parse_tree_json
 from spotckpt.core.layouts import CHUNK_CRCS, STATE, layout_of, saved_world_size, tensor_files
 from spotckpt.core.fetch import load_from_memory
-from spotckpt.core.local import DAMAGED, LocalStore, verify_files
+from spotckpt.core.local import COMMITTED, DAMAGED, LocalStore, verify_files
 from spotckpt.ranks.shard import ShardIndex, read_tree
 from spotckpt.core.protocols import RemoteStore
 from spotckpt.core.torch_state import LoadPlan, prepare_load
@@ -207,7 +207,8 @@ def restore_newest(state: MutableMapping[str, Any] | None, local: LocalStore, re
     """One process: load the newest valid step (or exactly ``opts.step``) into ``state`` (or
     hand it to ``opts.loader``); None when there is none."""
     t0 = time.perf_counter()
-    local_steps = set(local.committed_steps())
+    entries = local.step_entries()
+    local_steps = {s for s, st in entries.items() if st == COMMITTED}
     remote_steps: set[int] = set(remote.list_steps()) if remote is not None else set()
     candidates = sorted(local_steps | remote_steps, reverse=True)
     if opts.step is not None:
@@ -220,7 +221,7 @@ def restore_newest(state: MutableMapping[str, Any] | None, local: LocalStore, re
             )
         candidates = [opts.step]
     else:
-        _say_uncommitted(local, max(candidates, default=-1))
+        _say_uncommitted(local, entries, max(candidates, default=-1))
     problems: dict[int, str] = {}
     for s in candidates:
         if s in local_steps:
@@ -273,11 +274,11 @@ def restore_newest(state: MutableMapping[str, Any] | None, local: LocalStore, re
     return None
 
 
-def _say_uncommitted(local: LocalStore, newest: int) -> None:
+def _say_uncommitted(local: LocalStore, entries: dict[int, str], newest: int) -> None:
     """A warning for each ``step-*`` entry newer than the newest committed step that is not a
     resume point: a save that never finished (no manifest) or a damaged manifest."""
-    for s, status in sorted(local.uncommitted_entries().items(), reverse=True):
-        if s > newest:
+    for s, status in sorted(entries.items(), reverse=True):
+        if s > newest and status != COMMITTED:
             why = ("its manifest.json is damaged" if status == DAMAGED
                    else "it has no manifest.json: a save that did not finish")
             log.warning("spotckpt: %s is not a committed step (%s); it is not a resume point -- %s",
