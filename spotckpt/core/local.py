@@ -242,7 +242,7 @@ class LocalStore:
 
     def uncommitted_entries(self) -> dict[int, str]:
         """``step-*`` entries that are not committed: step -> DAMAGED or INCOMPLETE."""
-        return {s: st for s, st in scan_step_entries(self.root).items() if st != COMMITTED}
+        return {s: st for s, st in self.step_entries().items() if st != COMMITTED}
 
     def quarantine(self, step: int, why: str) -> Path | None:
         """Move the ``step-*`` entry of ``step`` out of ``root`` (into the staging area, under a
